@@ -1,0 +1,315 @@
+"""Reference codec in PyTorch: the executable specification of kvcomp's compressed block format.
+
+The Triton kernels (kvcomp_hf.kernels) must produce and read exactly these bytes.
+
+Pipeline for one block of `block_size` = 64 tokens of one sequence (K and V of all KV heads):
+
+1. Quantise (per token, or per token and KV head: `granularity`). For each group of values x
+   with minimum m and maximum M (computed in the model dtype, so m is exact):
+       step = bf16_round_toward_zero(rel * (M - m))        # rel*(M-m) computed in float32
+       q    = clamp(round_half_even((x - m) / step), 0, 2**bits - 1)    # float32 arithmetic
+       x̂    = m + step * q                                  # |x - x̂| <= step / 2 <= rel*(M-m)/2
+   step == 0 (a constant group) gives q = 0 and x̂ = m exactly. `bits` depends only on rel:
+   bits_for_rel(rel). The group's m is stored in the model dtype, step as bfloat16.
+
+2. Repack ("median"): one permutation of the 64 tokens, shared by K and V and all heads, sorts
+   tokens by the lower median of their quantised V integers (over all heads and channels),
+   descending, ties broken by ascending original index. perm[j] = original in-block index of the
+   token stored at position j. "none" stores the identity. Attention is invariant to a joint
+   permutation of K and V rows (K is post-RoPE), and the mask follows the tokens through perm.
+
+3. Bit-pack, separately for each (block, K|V, KV head): a *segment*. With D = head_dim and
+   P = pack_size, the permuted 64 x D integers form n_packs = (64 / P) * D packs of P tokens x 1
+   channel; pack i = p * D + c covers tokens p*P .. p*P+P-1 of channel c. For each pack:
+       pmin = min(values), L = bit_length(max - pmin)   (0 <= L <= bits; L = 0: no payload)
+   Segment layout (all bit streams little-endian: field bit k sits at stream bit (offset + k),
+   stream bit n is bit (n % 8) of byte (n // 8)):
+       [pack mins  : n_packs fields of `bits` bits, pack order]
+       [pack widths: n_packs fields of width_bits(bits) = bit_length(bits) bits, pack order]
+       [payload    : pack after pack in pack order; value j of pack i (token p*P + j) is an
+                     L_i-bit field at payload bit (P * sum_{i' < i} L_i' + j * L_i)]
+       [zero padding up to a multiple of 4 bytes]
+   n_packs is a multiple of 8 (head_dim % 8 == 0), so both metadata sections end on a byte.
+
+4. Storage of a batch of n blocks (EncodedBlocks): the segments back to back in `data` in the
+   order (block, K then V, head), each starting at a 4-byte-aligned offset; `seg_offset` and
+   `seg_bytes` [n, 2, H] int64; `token_min` [n, 2, 64, G] in the model dtype and `token_step`
+   [n, 2, 64, G] bfloat16 in permuted token order (G = 1 for "token", H for "token_head");
+   `perm` [n, 64] uint8.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .config import KVCompConfig
+
+BLOCK_SIZE = 64
+MAX_BITS = 16  # fields are read through 3-byte windows: offset-in-byte (<= 7) + bits <= 24
+
+
+def bits_for_rel(rel: float) -> int:
+    """Bits that hold every integer the quantiser can produce at this rel.
+
+    q <= (M - m) / step with step >= rel * (M - m) * (1 - 2**-7) after rounding to bf16, so
+    q <= 1 / rel * (1 + 2**-6) for all practical float32 rounding."""
+    q_max = math.floor(1.0 / rel * (1.0 + 2.0**-6) + 0.5)
+    bits = max(1, q_max.bit_length())
+    if bits > MAX_BITS:
+        raise ValueError(f"rel={rel} needs {bits} bits per value; at most {MAX_BITS} are supported")
+    return bits
+
+
+def width_bits(bits: int) -> int:
+    """Bits of a pack's width field, which holds 0..bits."""
+    return bits.bit_length()
+
+
+@dataclass(frozen=True)
+class BlockFormat:
+    """Everything needed to read and size a segment, besides the bytes themselves."""
+
+    num_heads: int
+    head_dim: int
+    pack_size: int
+    bits_k: int
+    bits_v: int
+    granularity: str
+    repack: str
+
+    @classmethod
+    def from_config(cls, config: KVCompConfig, num_heads: int, head_dim: int) -> BlockFormat:
+        if head_dim % 8 != 0:
+            raise ValueError(f"head_dim must be a multiple of 8 for kvcomp, got {head_dim}")
+        return cls(num_heads=num_heads, head_dim=head_dim, pack_size=config.pack_size,
+                   bits_k=bits_for_rel(config.rel_k), bits_v=bits_for_rel(config.rel_v),
+                   granularity=config.granularity, repack=config.repack)
+
+    @property
+    def groups(self) -> int:
+        return 1 if self.granularity == "token" else self.num_heads
+
+    @property
+    def n_packs(self) -> int:
+        return BLOCK_SIZE // self.pack_size * self.head_dim
+
+    def bits(self, kv: int) -> int:
+        return (self.bits_k, self.bits_v)[kv]
+
+    def meta_bytes(self, kv: int) -> int:
+        b = self.bits(kv)
+        return self.n_packs * (b + width_bits(b)) // 8
+
+    def max_segment_bytes(self, kv: int) -> int:
+        return _round_up4(self.meta_bytes(kv) + BLOCK_SIZE * self.head_dim * self.bits(kv) // 8)
+
+
+def _round_up4(n):
+    return (n + 3) // 4 * 4
+
+
+@dataclass
+class EncodedBlocks:
+    data: torch.Tensor        # uint8 [total bytes]
+    seg_offset: torch.Tensor  # int64 [n, 2, H]
+    seg_bytes: torch.Tensor   # int64 [n, 2, H]
+    token_min: torch.Tensor   # model dtype [n, 2, 64, G]
+    token_step: torch.Tensor  # bfloat16 [n, 2, 64, G]
+    perm: torch.Tensor        # uint8 [n, 64]
+
+    @property
+    def num_blocks(self) -> int:
+        return self.perm.shape[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Quantisation
+
+
+def round_step_to_bf16(step: torch.Tensor) -> torch.Tensor:
+    """float32 -> bfloat16 rounding toward zero (step >= 0), so the stored step never exceeds
+    rel * (M - m) and the error bound holds with the stored value."""
+    bits = step.float().contiguous().view(torch.int32) & ~0xFFFF
+    return bits.view(torch.float32).to(torch.bfloat16)
+
+
+def quantize(x: torch.Tensor, rel: float, bits: int, granularity: str):
+    """x: [n, H, T, D] in the model dtype -> (q int32 [n, H, T, D], token_min [n, T, G], token_step bf16 [n, T, G])."""
+    n, h, t, d = x.shape
+    groups = x.permute(0, 2, 1, 3)  # [n, T, H, D]
+    groups = groups.reshape(n, t, 1, h * d) if granularity == "token" else groups
+    lo = groups.amin(-1)  # [n, T, G], exact in the model dtype
+    hi = groups.amax(-1)
+    step = round_step_to_bf16(torch.tensor(rel, dtype=torch.float32) * (hi.float() - lo.float()))
+    step32 = step.float()
+    safe = torch.where(step32 > 0, step32, torch.ones_like(step32))
+    q = torch.round((groups.float() - lo.float()[..., None]) / safe[..., None])
+    q = torch.where(step32[..., None] > 0, q, torch.zeros_like(q)).clamp_(0, (1 << bits) - 1)
+    q = q.to(torch.int32).reshape(n, t, h, d).permute(0, 2, 1, 3)
+    return q, lo, step
+
+
+def dequantize(q: torch.Tensor, token_min: torch.Tensor, token_step: torch.Tensor) -> torch.Tensor:
+    """q [n, H, T, D], token_min/step [n, T, G] -> float32 [n, H, T, D]."""
+    lo = token_min.float().permute(0, 2, 1)[..., None]   # [n, G, T, 1]; G = 1 broadcasts over heads
+    step = token_step.float().permute(0, 2, 1)[..., None]
+    return lo + step * q.float()
+
+
+def median_order(v_q: torch.Tensor) -> torch.Tensor:
+    """v_q [n, H, 64, D] -> perm [n, 64] int64: tokens by descending lower median of their V ints."""
+    n, h, t, d = v_q.shape
+    med = v_q.permute(0, 2, 1, 3).reshape(n, t, h * d).median(dim=-1).values.long()
+    key = med * t + (t - 1 - torch.arange(t, device=v_q.device))  # unique: ties by ascending index
+    return key.argsort(dim=-1, descending=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bit streams
+
+
+def bit_length(x: torch.Tensor) -> torch.Tensor:
+    """Exact bit length of non-negative ints < 2**MAX_BITS."""
+    out = torch.zeros_like(x)
+    for k in range(MAX_BITS):
+        out += (x >= (1 << k)).to(x.dtype)
+    return out
+
+
+def _write_fields(stream_bits: torch.Tensor, values: torch.Tensor, nbits: torch.Tensor, offsets: torch.Tensor):
+    """Set field values (int64) of nbits bits at stream bit offsets; stream_bits is uint8 0/1 per bit."""
+    for k in range(int(nbits.max()) if nbits.numel() else 0):
+        sel = nbits > k
+        stream_bits[offsets[sel] + k] = ((values[sel] >> k) & 1).to(torch.uint8)
+
+
+def _read_fields(data: torch.Tensor, nbits: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Read fields of nbits (<= 16) bits at stream bit offsets from a uint8 byte tensor."""
+    byte = offsets >> 3
+    padded = torch.cat([data, data.new_zeros(3)]).long()
+    window = padded[byte] | (padded[byte + 1] << 8) | (padded[byte + 2] << 16)
+    return (window >> (offsets & 7)) & ((torch.ones_like(nbits) << nbits) - 1)
+
+
+def _bits_to_bytes(stream_bits: torch.Tensor) -> torch.Tensor:
+    weights = (1 << torch.arange(8, device=stream_bits.device)).to(torch.int32)
+    return (stream_bits.view(-1, 8).to(torch.int32) * weights).sum(-1).to(torch.uint8)
+
+
+def _segment_layout(q: torch.Tensor, fmt: BlockFormat, kv: int):
+    """q [n, H, 64, D] (permuted) -> per segment the fields to write, in pack order."""
+    n, h, t, d = q.shape
+    p = fmt.pack_size
+    packs = q.reshape(n, h, t // p, p, d)
+    pmin = packs.amin(3)                               # [n, H, 64/P, D]
+    width = bit_length(packs.amax(3) - pmin)           # [n, H, 64/P, D]
+    residual = packs - pmin[:, :, :, None, :]          # [n, H, 64/P, P, D]
+    payload_bits = p * width.sum(dim=(2, 3))           # [n, H]
+    seg_bytes = _round_up4(fmt.meta_bytes(kv) + (payload_bits + 7) // 8)
+    return pmin.reshape(n, h, -1), width.reshape(n, h, -1), residual, seg_bytes
+
+
+def encode_blocks(k: torch.Tensor, v: torch.Tensor, config: KVCompConfig) -> tuple[EncodedBlocks, BlockFormat]:
+    """Compress n blocks. k, v: [n, H, 64, D] in the model dtype (one block of one sequence each)."""
+    if k.shape != v.shape or k.dim() != 4 or k.shape[2] != BLOCK_SIZE:
+        raise ValueError(f"k and v must both be [n, H, {BLOCK_SIZE}, D], got {tuple(k.shape)} and {tuple(v.shape)}")
+    n, h, t, d = k.shape
+    fmt = BlockFormat.from_config(config, h, d)
+    qk, k_min, k_step = quantize(k, config.rel_k, fmt.bits_k, config.granularity)
+    qv, v_min, v_step = quantize(v, config.rel_v, fmt.bits_v, config.granularity)
+    if config.repack == "median":
+        perm = median_order(qv)
+    else:
+        perm = torch.arange(t, device=k.device).expand(n, t)
+    gather_q = perm[:, None, :, None].expand(n, h, t, d)
+    qk, qv = qk.gather(2, gather_q), qv.gather(2, gather_q)
+    gather_g = perm[:, :, None].expand(n, t, k_min.shape[-1])
+    token_min = torch.stack([k_min.gather(1, gather_g), v_min.gather(1, gather_g)], 1)
+    token_step = torch.stack([k_step.gather(1, gather_g), v_step.gather(1, gather_g)], 1)
+
+    layouts = [_segment_layout(qk, fmt, 0), _segment_layout(qv, fmt, 1)]
+    seg_bytes = torch.stack([lay[3] for lay in layouts], 1)            # [n, 2, H]
+    ends = seg_bytes.flatten().cumsum(0)
+    seg_offset = (ends - seg_bytes.flatten()).view(n, 2, h)
+    total = int(ends[-1]) if ends.numel() else 0
+    stream = torch.zeros(total * 8, dtype=torch.uint8, device=k.device)
+
+    for kv, (pmin, width, residual, _) in enumerate(layouts):
+        b = fmt.bits(kv)
+        wb = width_bits(b)
+        base = seg_offset[:, kv, :, None] * 8                          # [n, H, 1] bit offset
+        idx = torch.arange(fmt.n_packs, device=k.device)
+        _write_fields(stream, pmin.flatten().long(), torch.full((pmin.numel(),), b, device=k.device),
+                      (base + idx * b).flatten())
+        _write_fields(stream, width.flatten().long(), torch.full((width.numel(),), wb, device=k.device),
+                      (base + fmt.n_packs * b + idx * wb).flatten())
+        pack_start = base + fmt.meta_bytes(kv) * 8 + fmt.pack_size * (width.cumsum(-1) - width)  # [n,H,np]
+        # residual [n, H, 64/P, P, D] -> pack order (p, c) then value j: [n, H, np, P]
+        vals = residual.permute(0, 1, 2, 4, 3).reshape(n, h, fmt.n_packs, fmt.pack_size)
+        j = torch.arange(fmt.pack_size, device=k.device)
+        offsets = pack_start[..., None] + j * width[..., None]
+        nbits = width[..., None].expand_as(vals)
+        _write_fields(stream, vals.flatten().long(), nbits.flatten(), offsets.flatten())
+
+    enc = EncodedBlocks(data=_bits_to_bytes(stream), seg_offset=seg_offset, seg_bytes=seg_bytes,
+                        token_min=token_min, token_step=token_step, perm=perm.to(torch.uint8))
+    return enc, fmt
+
+
+def decode_segments(data: torch.Tensor, seg_offset: torch.Tensor, fmt: BlockFormat, kv: int) -> torch.Tensor:
+    """Read the integers of segments at byte offsets seg_offset [...] -> int64 [..., 64, D] (permuted order)."""
+    shape = seg_offset.shape
+    base = seg_offset.reshape(-1, 1) * 8
+    b, wb, p, d = fmt.bits(kv), width_bits(fmt.bits(kv)), fmt.pack_size, fmt.head_dim
+    idx = torch.arange(fmt.n_packs, device=data.device)
+    pmin = _read_fields(data, torch.full_like(idx, b), base + idx * b)
+    width = _read_fields(data, torch.full_like(idx, wb), base + fmt.n_packs * b + idx * wb)
+    pack_start = base + fmt.meta_bytes(kv) * 8 + p * (width.cumsum(-1) - width)   # [S, np]
+    j = torch.arange(p, device=data.device)
+    vals = _read_fields(data, width[..., None].expand(-1, -1, p), pack_start[..., None] + j * width[..., None])
+    q = (vals + pmin[..., None])                                   # [S, np, P], np = (64/P) * D in (p, c) order
+    q = q.view(-1, BLOCK_SIZE // p, d, p).permute(0, 1, 3, 2).reshape(-1, BLOCK_SIZE, d)
+    return q.view(*shape, BLOCK_SIZE, d)
+
+
+def decode_blocks(enc: EncodedBlocks, fmt: BlockFormat, original_order: bool = True):
+    """-> (k_hat, v_hat) float32 [n, H, 64, D]; in arrival order unless original_order=False."""
+    out = []
+    for kv in (0, 1):
+        q = decode_segments(enc.data, enc.seg_offset[:, kv], fmt, kv)     # [n, H, 64, D]
+        x = dequantize(q, enc.token_min[:, kv], enc.token_step[:, kv])
+        if original_order:
+            x = unpermute(x, enc.perm)
+        out.append(x)
+    return out[0], out[1]
+
+
+def unpermute(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """Undo the in-block permutation along dim 2 of [n, H, 64, D]."""
+    n, h, t, d = x.shape
+    inverse = perm.long().argsort(dim=-1)
+    return x.gather(2, inverse[:, None, :, None].expand(n, h, t, d))
+
+
+# ---------------------------------------------------------------------------------------------
+# Byte accounting
+
+
+def metadata_bytes_per_block(fmt: BlockFormat, dtype: torch.dtype) -> dict[str, int]:
+    """Fixed bytes the cache stores per block besides the segments, per K and V."""
+    per_kv = {
+        "token_min": BLOCK_SIZE * fmt.groups * torch.empty((), dtype=dtype).element_size(),
+        "token_step": BLOCK_SIZE * fmt.groups * 2,
+        "seg_offset": fmt.num_heads * 8,
+    }
+    return per_kv
+
+
+def segment_breakdown(seg_bytes: torch.Tensor, fmt: BlockFormat, kv: int) -> dict[str, int]:
+    """Split stored segment bytes [any] of K (kv=0) or V (kv=1) into pack metadata and payload (+padding)."""
+    total = int(seg_bytes.sum())
+    meta = fmt.meta_bytes(kv) * seg_bytes.numel()
+    return {"pack_meta": meta, "payload": total - meta}

@@ -1,0 +1,138 @@
+"""The one configuration object of kvcomp, and the per-model presets in configs/*.yaml."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+PACK_SIZES = (4, 8, 16)
+REPACK_METHODS = ("none", "median")
+GRANULARITIES = ("token", "token_head")
+MIN_RESIDUAL = 128
+MIN_REL = 1e-4  # keeps the quantised integers within 14 bits (see codec.bits_for_rel)
+MAX_REL = 1.0
+
+# A source checkout reads <repo>/configs; an installed wheel carries the same files as kvcomp_hf.configs.
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass(frozen=True)
+class KVCompConfig:
+    """How the KV cache is compressed.
+
+    rel_k, rel_v: relative quantisation step: step = rel * (max - min) of a token's values (per
+        token, or per token and KV head), so every value is reconstructed within step / 2.
+    block_size: tokens per compressed block (repacking and the block table work in these units).
+    residual_length: the most recent tokens kept uncompressed in the model dtype.
+    pack_size: tokens per bit-packing pack (one channel): each pack stores its own min and width.
+    repack: token order inside a block before bit-packing ("none" keeps arrival order,
+        "median" sorts tokens by the median of their quantised V values).
+    granularity: "token" = one (min, step) per token across all KV heads (PackKV);
+        "token_head" = one per token and KV head (no coupling between heads).
+    """
+
+    rel_k: float = 0.1
+    rel_v: float = 0.2
+    block_size: int = 64
+    residual_length: int = 128
+    pack_size: int = 16
+    repack: str = "median"
+    granularity: str = "token"
+
+    def __post_init__(self):
+        for name in ("rel_k", "rel_v"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a number in [{MIN_REL}, {MAX_REL}], got {value!r}")
+            if not MIN_REL <= value <= MAX_REL:
+                raise ValueError(f"{name} must be in [{MIN_REL}, {MAX_REL}], got {value!r}")
+            object.__setattr__(self, name, float(value))
+        if self.block_size != 64 or isinstance(self.block_size, bool):
+            raise ValueError(f"block_size must be 64 (the only block size the kernels support), got {self.block_size!r}")
+        if isinstance(self.residual_length, bool) or not isinstance(self.residual_length, int) \
+                or self.residual_length < MIN_RESIDUAL:
+            raise ValueError(f"residual_length must be an int >= {MIN_RESIDUAL}, got {self.residual_length!r}")
+        if self.pack_size not in PACK_SIZES or isinstance(self.pack_size, bool):
+            raise ValueError(f"pack_size must be one of {PACK_SIZES}, got {self.pack_size!r}")
+        if self.repack not in REPACK_METHODS:
+            raise ValueError(f"repack must be one of {REPACK_METHODS}, got {self.repack!r}")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> KVCompConfig:
+        """Build from a dict; a "preset" key loads that preset first and lets the other keys override it."""
+        if not isinstance(values, dict):
+            raise ValueError(f"cache_config must be a dict of KVCompConfig fields, got {type(values).__name__}")
+        values = dict(values)
+        base = load_preset(values.pop("preset")) if "preset" in values else cls()
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown KVCompConfig field(s) {unknown}; allowed: {sorted(known)} and 'preset'")
+        return dataclasses.replace(base, **values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _preset_dirs() -> list[Path]:
+    dirs = [CONFIGS_DIR]
+    try:
+        from importlib.resources import files
+
+        dirs.append(Path(str(files("kvcomp_hf.configs"))))
+    except (ModuleNotFoundError, TypeError):
+        pass
+    return [d for d in dirs if d.is_dir()]
+
+
+def available_presets() -> list[str]:
+    return sorted({p.stem for d in _preset_dirs() for p in d.glob("*.yaml")})
+
+
+def load_preset(name: str) -> KVCompConfig:
+    """Read configs/<name>.yaml (safe YAML). Its `config:` mapping holds KVCompConfig fields;
+    everything else in the file (provenance, measurements) is documentation."""
+    if not isinstance(name, str) or not name or "/" in name or "\\" in name or name.startswith("."):
+        raise ValueError(f"preset must be a preset name such as 'default', got {name!r}; "
+                         f"available: {available_presets()}")
+    path = next((d / f"{name}.yaml" for d in _preset_dirs() if (d / f"{name}.yaml").is_file()), None)
+    if path is None:
+        raise ValueError(f"unknown preset {name!r}; available: {available_presets()}")
+    return load_preset_file(path)
+
+
+def load_preset_file(path: str | Path) -> KVCompConfig:
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ValueError(f"preset file {path} is not valid YAML: {err}") from err
+    if not isinstance(data, dict) or not isinstance(data.get("config"), dict):
+        raise ValueError(f"preset file {path} must be a mapping with a 'config:' mapping of KVCompConfig fields")
+    try:
+        return KVCompConfig.from_dict(data["config"])
+    except ValueError as err:
+        raise ValueError(f"preset file {path}: {err}") from err
+
+
+def preset(name: str) -> dict[str, Any]:
+    """The preset as a cache_config dict, for generate(cache_config=kvcomp_hf.preset(name))."""
+    return load_preset(name).to_dict()
+
+
+def resolve_config(config: KVCompConfig | dict | str | None = None, **overrides) -> KVCompConfig:
+    """Accept a KVCompConfig, a dict (optionally with "preset"), a preset name, or None (defaults)."""
+    if config is None:
+        config = {}
+    if isinstance(config, str):
+        config = {"preset": config}
+    if isinstance(config, KVCompConfig):
+        return dataclasses.replace(config, **overrides) if overrides else config
+    return KVCompConfig.from_dict({**config, **overrides})
