@@ -1,0 +1,366 @@
+"""KVCompCache: a transformers Cache whose layers keep old tokens as immutable compressed blocks.
+
+Per layer: a tail buffer of the most recent tokens in the model dtype, and a BlockStore of
+compressed 64-token blocks (a byte pool + per-block metadata), addressed per sequence through a
+block table [batch, blocks]. Beam reorder and batch selection permute table rows (blocks are
+shared, never copied); crop drops blocks and re-opens a partial one into the tail.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from . import codec
+from .codec import BLOCK_SIZE, BlockFormat, EncodedBlocks
+from .config import KVCompConfig, resolve_config
+
+ATTN_IMPLEMENTATION = "kvcomp"
+
+
+def _text_config(model_config):
+    return model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+
+
+def check_supported(model_config) -> None:
+    """Raise a clear error for models whose attention kvcomp cannot serve correctly."""
+    cfg = _text_config(model_config)
+    name = getattr(cfg, "model_type", type(cfg).__name__)
+    if getattr(model_config, "is_encoder_decoder", False):
+        raise ValueError(f"kvcomp supports decoder-only models; {name} is encoder-decoder")
+    if getattr(cfg, "kv_lora_rank", None) or getattr(cfg, "q_lora_rank", None):
+        raise ValueError(f"kvcomp does not support MLA attention ({name} has kv_lora_rank/q_lora_rank); "
+                         "use the default DynamicCache for this model")
+    layer_types = getattr(cfg, "layer_types", None)
+    if layer_types is not None:
+        other = sorted({t for t in layer_types if t != "full_attention"})
+        if other:
+            raise ValueError(f"kvcomp supports only full-attention layers; {name} has layer types {other}. "
+                             "Sliding-window, chunked and linear-attention layers would break the mask "
+                             "through repacking; use the default DynamicCache for this model")
+    if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
+        raise ValueError(f"kvcomp does not support sliding-window attention ({name}: sliding_window="
+                         f"{cfg.sliding_window}); use the default DynamicCache for this model")
+    if getattr(cfg, "attention_chunk_size", None):
+        raise ValueError(f"kvcomp does not support chunked attention ({name}: attention_chunk_size="
+                         f"{cfg.attention_chunk_size})")
+
+
+@dataclass
+class CompressedKV:
+    """What KVCompLayer.update returns in place of a dense K or V tensor.
+
+    It has the logical shape [B, H_kv, kv_len, D] of the dense tensor; the "kvcomp" attention
+    function reads the layer behind it. `dense` holds the new tokens when the cache was empty
+    (prefill attends over them exactly)."""
+
+    layer: KVCompLayer
+    kind: str  # "k" or "v"
+    shape: torch.Size
+    dtype: torch.dtype
+    device: torch.device
+    dense: torch.Tensor | None = None
+
+    def size(self, dim=None):
+        return self.shape if dim is None else self.shape[dim]
+
+    def dim(self):
+        return len(self.shape)
+
+
+class BlockStore:
+    """Immutable compressed blocks of one layer: byte pool + per-block (slot) metadata."""
+
+    def __init__(self, fmt: BlockFormat, dtype: torch.dtype, device: torch.device):
+        self.fmt = fmt
+        self.dtype = dtype
+        self.device = device
+        h, g = fmt.num_heads, fmt.groups
+        self.pool = torch.zeros(0, dtype=torch.uint8, device=device)
+        self.used = 0  # bytes of pool in use (segments are 4-byte aligned, so is this)
+        self.n_slots = 0
+        self.seg_offset = torch.zeros(0, 2, h, dtype=torch.int64, device=device)
+        self.seg_bytes = torch.zeros(0, 2, h, dtype=torch.int64, device=device)
+        self.token_min = torch.zeros(0, 2, BLOCK_SIZE, g, dtype=dtype, device=device)
+        self.token_step = torch.zeros(0, 2, BLOCK_SIZE, g, dtype=torch.bfloat16, device=device)
+        self.perm = torch.zeros(0, BLOCK_SIZE, dtype=torch.uint8, device=device)
+
+    @staticmethod
+    def _grown(t: torch.Tensor, needed: int) -> torch.Tensor:
+        if t.shape[0] >= needed:
+            return t
+        out = torch.zeros((max(needed, 2 * t.shape[0]),) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
+        out[: t.shape[0]] = t
+        return out
+
+    def add(self, enc: EncodedBlocks) -> torch.Tensor:
+        """Append encoded blocks; returns their slot ids (int32 [n])."""
+        n = enc.num_blocks
+        nbytes = enc.data.numel()
+        self.pool = self._grown(self.pool, self.used + nbytes)
+        self.pool[self.used: self.used + nbytes] = enc.data
+        s0, s1 = self.n_slots, self.n_slots + n
+        for name in ("seg_offset", "seg_bytes", "token_min", "token_step", "perm"):
+            setattr(self, name, self._grown(getattr(self, name), s1))
+        self.seg_offset[s0:s1] = enc.seg_offset + self.used
+        self.seg_bytes[s0:s1] = enc.seg_bytes
+        self.token_min[s0:s1] = enc.token_min
+        self.token_step[s0:s1] = enc.token_step
+        self.perm[s0:s1] = enc.perm
+        self.used += nbytes
+        self.n_slots = s1
+        return torch.arange(s0, s1, dtype=torch.int32, device=self.device)
+
+    def decode(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dequantise blocks (any shape of slot ids) -> float32 K, V [*slots.shape, H, 64, D] in arrival order."""
+        flat = slots.reshape(-1).long()
+        enc = EncodedBlocks(data=self.pool[: self.used], seg_offset=self.seg_offset[flat],
+                            seg_bytes=self.seg_bytes[flat], token_min=self.token_min[flat],
+                            token_step=self.token_step[flat], perm=self.perm[flat])
+        k, v = codec.decode_blocks(enc, self.fmt)
+        tail = tuple(k.shape[1:])
+        return k.view(*slots.shape, *tail), v.view(*slots.shape, *tail)
+
+    def bytes_of(self, slots: torch.Tensor) -> dict[str, dict[str, int]]:
+        """Bytes held for the given unique slots, split by kind, for K and V."""
+        fmt = self.fmt
+        n = slots.numel()
+        seg = self.seg_bytes[slots.long()]
+        meta = codec.metadata_bytes_per_block(fmt, self.dtype)
+        out = {}
+        for kv, name in ((0, "k"), (1, "v")):
+            parts = codec.segment_breakdown(seg[:, kv], fmt, kv)
+            parts.update({key: value * n for key, value in meta.items()})
+            out[name] = parts
+        out["shared"] = {"perm": BLOCK_SIZE * n}
+        return out
+
+
+class KVCompLayer(CacheLayerMixin):
+    """One layer: tail buffer (model dtype) + compressed blocks + block table."""
+
+    is_compileable = False
+    is_croppable = True
+
+    def __init__(self, config: KVCompConfig, model_config=None):
+        super().__init__()
+        self.config = config
+        self.model_config = model_config
+        self._clear()
+
+    def _clear(self):
+        self.keys = self.values = None  # the tail buffer, [B, H, T, D]
+        self.store: BlockStore | None = None
+        self.block_table: torch.Tensor | None = None  # int32 [B, n_blocks]
+        self.is_initialized = False
+
+    # -- transformers layer contract ------------------------------------------------------------
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        b, h, _, d = key_states.shape
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.fmt = BlockFormat.from_config(self.config, h, d)
+        self.store = BlockStore(self.fmt, self.dtype, self.device)
+        self.keys = key_states.new_zeros(b, h, 0, d)
+        self.values = value_states.new_zeros(b, h, 0, d)
+        self.block_table = torch.zeros(b, 0, dtype=torch.int32, device=self.device)
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        self._check_attention_implementation()
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if key_states.shape[0] != self.keys.shape[0] or key_states.shape[1] != self.keys.shape[1] \
+                or key_states.shape[3] != self.keys.shape[3] or value_states.shape != key_states.shape:
+            raise ValueError(f"key/value states of shape {tuple(key_states.shape)}/{tuple(value_states.shape)} do not "
+                             f"match the cache's [batch={self.keys.shape[0]}, kv_heads={self.keys.shape[1]}, *, "
+                             f"head_dim={self.keys.shape[3]}]")
+        was_empty = self.get_seq_length() == 0
+        self.keys = torch.cat([self.keys, key_states.to(self.dtype)], dim=2)
+        self.values = torch.cat([self.values, value_states.to(self.dtype)], dim=2)
+        self._compress_full_blocks()
+        shape = torch.Size((self.keys.shape[0], self.keys.shape[1], self.get_seq_length(), self.keys.shape[3]))
+        dense_k, dense_v = (key_states, value_states) if was_empty else (None, None)
+        return (CompressedKV(self, "k", shape, self.dtype, self.device, dense_k),
+                CompressedKV(self, "v", shape, self.dtype, self.device, dense_v))
+
+    def get_seq_length(self) -> int:
+        if not self.is_initialized:
+            return 0
+        return self.block_table.shape[1] * BLOCK_SIZE + self.keys.shape[2]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self._clear()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.batch_select_indices(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if not self.is_initialized:
+            return
+        idx = indices.to(self.device)
+        self.keys, self.values = self.keys[idx], self.values[idx]
+        self.block_table = self.block_table[idx]
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if not self.is_initialized:
+            return
+        self.keys = self.keys.repeat_interleave(repeats, dim=0)
+        self.values = self.values.repeat_interleave(repeats, dim=0)
+        self.block_table = self.block_table.repeat_interleave(repeats, dim=0)
+
+    def crop(self, max_length: int) -> None:
+        """Keep the first max_length tokens (a negative value removes that many from the end).
+        Blocks past the cut are dropped; a block the cut falls inside is decompressed into the tail."""
+        if not self.is_initialized:
+            return
+        length = self.get_seq_length()
+        new_length = length + max_length if max_length < 0 else min(max_length, length)
+        new_length = max(new_length, 0)
+        if new_length == length:
+            return
+        n_blocks = self.block_table.shape[1]
+        if new_length >= n_blocks * BLOCK_SIZE:
+            keep = new_length - n_blocks * BLOCK_SIZE
+            self.keys, self.values = self.keys[:, :, :keep], self.values[:, :, :keep]
+            return
+        keep_blocks = new_length // BLOCK_SIZE
+        k, v = self.store.decode(self.block_table[:, keep_blocks:])      # [B, nb', H, 64, D]
+        b, nb, h, _, d = k.shape
+        k = torch.cat([k.permute(0, 2, 1, 3, 4).reshape(b, h, nb * BLOCK_SIZE, d).to(self.dtype), self.keys], 2)
+        v = torch.cat([v.permute(0, 2, 1, 3, 4).reshape(b, h, nb * BLOCK_SIZE, d).to(self.dtype), self.values], 2)
+        keep = new_length - keep_blocks * BLOCK_SIZE
+        self.keys, self.values = k[:, :, :keep].contiguous(), v[:, :, :keep].contiguous()
+        self.block_table = self.block_table[:, :keep_blocks]
+
+    def offload(self):
+        raise NotImplementedError("kvcomp does not support cache offloading (it already compresses the cache)")
+
+    def prefetch(self):
+        raise NotImplementedError("kvcomp does not support cache offloading (it already compresses the cache)")
+
+    # -- compression ----------------------------------------------------------------------------
+
+    def _compress_full_blocks(self) -> None:
+        tail = self.keys.shape[2]
+        n_blocks = (tail - self.config.residual_length) // BLOCK_SIZE
+        if n_blocks <= 0:
+            return
+        b, h, _, d = self.keys.shape
+        n_tokens = n_blocks * BLOCK_SIZE
+
+        def blocks(x):  # [B, H, n*64, D] -> [B*n, H, 64, D], block index = b * n + i
+            return x[:, :, :n_tokens].reshape(b, h, n_blocks, BLOCK_SIZE, d).permute(0, 2, 1, 3, 4).reshape(
+                b * n_blocks, h, BLOCK_SIZE, d)
+
+        enc, _ = codec.encode_blocks(blocks(self.keys), blocks(self.values), self.config)
+        slots = self.store.add(enc).view(b, n_blocks)
+        self.block_table = torch.cat([self.block_table, slots], dim=1)
+        # clone so the compressed tokens' dense copy is freed
+        self.keys = self.keys[:, :, n_tokens:].clone()
+        self.values = self.values[:, :, n_tokens:].clone()
+
+    # -- reading --------------------------------------------------------------------------------
+
+    def dense_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole cache dequantised to the model dtype in arrival order: [B, H, kv_len, D] each."""
+        if self.block_table.shape[1] == 0:
+            return self.keys, self.values
+        k, v = self.store.decode(self.block_table)                       # [B, nb, H, 64, D]
+        b, nb, h, _, d = k.shape
+        k = k.permute(0, 2, 1, 3, 4).reshape(b, h, nb * BLOCK_SIZE, d).to(self.dtype)
+        v = v.permute(0, 2, 1, 3, 4).reshape(b, h, nb * BLOCK_SIZE, d).to(self.dtype)
+        return torch.cat([k, self.keys], 2), torch.cat([v, self.values], 2)
+
+    def _check_attention_implementation(self) -> None:
+        if self.model_config is None:
+            return
+        impl = getattr(_text_config(self.model_config), "_attn_implementation", None)
+        if impl != ATTN_IMPLEMENTATION:
+            raise ValueError(
+                f"KVCompCache needs the model's attention implementation to be {ATTN_IMPLEMENTATION!r}, "
+                f"got {impl!r}: load the model with attn_implementation={ATTN_IMPLEMENTATION!r} or call "
+                f"model.set_attn_implementation({ATTN_IMPLEMENTATION!r}) (after `import kvcomp_hf`)")
+
+    def memory_report(self) -> dict:
+        """Bytes this layer holds, by part, for K and V (tail included), and the dense equivalent."""
+        parts = {"k": {}, "v": {}, "shared": {}}
+        if not self.is_initialized:
+            return {"tokens": 0, "dense_bytes": {"k": 0, "v": 0}, "parts": parts}
+        slots = torch.unique(self.block_table)
+        parts = self.store.bytes_of(slots)
+        parts["k"]["tail"] = self.keys.numel() * self.keys.element_size()
+        parts["v"]["tail"] = self.values.numel() * self.values.element_size()
+        parts["shared"]["block_table"] = self.block_table.numel() * self.block_table.element_size()
+        b, h, _, d = self.keys.shape
+        dense = b * h * self.get_seq_length() * d * self.keys.element_size()
+        return {"tokens": self.get_seq_length(), "dense_bytes": {"k": dense, "v": dense}, "parts": parts}
+
+
+class KVCompCache(Cache):
+    """A transformers Cache that stores K/V compressed (kvcomp).
+
+    KVCompCache(model.config)                              # default config
+    KVCompCache(model.config, KVCompConfig(rel_k=0.1))     # explicit config
+    KVCompCache(model.config, {"preset": "smollm2-135m-instruct", "rel_v": 0.25})
+    KVCompCache(model.config, "smollm2-135m-instruct")     # a preset by name
+    Use a fresh cache for every generate() call: a cache passed in is continued, not reset."""
+
+    def __init__(self, config=None, kvcomp_config: KVCompConfig | dict | str | None = None, **overrides):
+        if config is None:
+            raise ValueError("KVCompCache needs the model config: KVCompCache(model.config, KVCompConfig(...))")
+        if isinstance(config, (KVCompConfig, dict, str)):
+            raise ValueError("KVCompCache's first argument is the model config (model.config); "
+                             "pass the KVCompConfig, preset name or dict second")
+        check_supported(config)
+        self.kvcomp_config = resolve_config(kvcomp_config, **overrides)
+        n_layers = _text_config(config).num_hidden_layers
+        super().__init__(layers=[KVCompLayer(self.kvcomp_config, config) for _ in range(n_layers)])
+
+    def memory_report(self) -> dict:
+        """Bytes the cache holds against what a DynamicCache would hold, for K, V and both.
+
+        compressed_bytes counts everything: bit-packed payload, pack minimums and widths (and
+        alignment padding), per-token min and step, segment offsets, repacking permutations,
+        block tables and the uncompressed tail buffer."""
+        reports = [layer.memory_report() for layer in self.layers]
+        out = {"tokens": max((r["tokens"] for r in reports), default=0), "layers": len(reports)}
+        parts_total: dict[str, dict[str, int]] = {"k": {}, "v": {}, "shared": {}}
+        for r in reports:
+            for group, parts in r["parts"].items():
+                for key, value in parts.items():
+                    parts_total[group][key] = parts_total[group].get(key, 0) + value
+        shared = sum(parts_total["shared"].values())
+        elem = _element_size(self)
+        for name in ("k", "v"):
+            dense = sum(r["dense_bytes"][name] for r in reports)
+            held = sum(parts_total[name].values()) + shared / 2  # block tables and perms serve K and V alike
+            out[name] = _ratios(dense, held, elem)
+            out[name]["parts"] = parts_total[name]
+        out.update(_ratios(out["k"]["dense_bytes"] + out["v"]["dense_bytes"],
+                           out["k"]["compressed_bytes"] + out["v"]["compressed_bytes"], elem))
+        out["shared_parts"] = parts_total["shared"]
+        out["config"] = self.kvcomp_config.to_dict()
+        return out
+
+
+def _ratios(dense: int, held: float, element_size: int) -> dict:
+    n_values = dense // element_size if element_size else 0
+    return {"dense_bytes": dense, "compressed_bytes": held,
+            "bits_per_value": 8 * held / n_values if n_values else 0.0,
+            "compression_ratio": dense / held if held else 0.0}
+
+
+def _element_size(cache: KVCompCache) -> int:
+    for layer in cache.layers:
+        if layer.is_initialized:
+            return layer.keys.element_size()
+    return 0
