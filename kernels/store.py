@@ -1,0 +1,399 @@
+"""Triton store kernels: compress whole 64-token blocks of K and V into the byte pool.
+
+The byte format is the one of kvcomp_hf/codec.py (the executable specification); these kernels
+produce bit-identical segments, token_min/token_step and perm.
+
+Three launches per call, no host synchronisation:
+  1. `_stats_kernel`, one program per block: per-token min/step of K and V (granularity "token":
+     over all heads), the median repack permutation (binary search on the value of the lower
+     median, `bits_v` passes over V), token_min/token_step/perm written to the slot arrays, and
+     the byte size of each of the block's 2*H segments (quantise in permuted order, pack min and
+     width) into a scratch vector.
+  2. `_offsets_kernel`, one program: exclusive scan of the segment sizes in (block, K|V, head)
+     order starting at pool_used, written to seg_offset; pool_used += total.
+  3. `_pack_kernel`, one program per (block, head), K and V: quantise again (from the stored
+     min/step, so the integers are identical), zero the segment's words, then OR the fields in
+     through 32-bit atomics on the int32 view of the pool. Fields are first combined into 64-bit
+     chunks in registers (8 metadata fields, or one pack's P payload values, per chunk group), so
+     each chunk costs at most three atomics.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kvcomp_hf.codec import BLOCK_SIZE, BlockFormat, EncodedBlocks, width_bits
+
+
+# ---------------------------------------------------------------------------------------------
+# Device helpers
+
+
+@triton.jit
+def _rne(y):
+    """Round half to even of y >= 0 (float32), exactly as torch.round; y is capped at 2**16."""
+    y = tl.minimum(y, 65536.0)
+    r = tl.floor(y)
+    f = y - r  # exact for y < 2**23
+    odd = (r.to(tl.int32) & 1) == 1
+    up = (f > 0.5) | ((f == 0.5) & odd)
+    return r.to(tl.int32) + up.to(tl.int32)
+
+
+@triton.jit
+def _step_of(lo, hi, rel):
+    """bf16_round_toward_zero(rel * (hi - lo)) as float32 (lo, hi float32)."""
+    step = rel * (hi - lo)
+    bits = step.to(tl.int32, bitcast=True) & -65536
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _quant(x, lo, step, MAXV: tl.constexpr):
+    """x [64, D] float32, lo/step [64] float32 -> int32 [64, D]."""
+    pos = step > 0
+    safe = tl.where(pos, step, 1.0)
+    y = tl.math.div_rn(x - lo[:, None], safe[:, None])
+    q = _rne(y)
+    q = tl.where(pos[:, None], q, 0)
+    return tl.minimum(tl.maximum(q, 0), MAXV)
+
+
+@triton.jit
+def _bitlen(x, BITS: tl.constexpr):
+    """Bit length of 0 <= x < 2**BITS."""
+    n = tl.zeros_like(x)
+    for k in tl.static_range(BITS):
+        n += (x >= (1 << k)).to(x.dtype)
+    return n
+
+
+@triton.jit
+def _load_tile(ptr, base, rows, st, sd, D: tl.constexpr):
+    cols = tl.arange(0, D)
+    offs = base + rows.to(tl.int64)[:, None] * st + cols[None, :].to(tl.int64) * sd
+    return tl.load(ptr + offs).to(tl.float32)
+
+
+@triton.jit
+def _or_fields(pool32, start, vals, L, F: tl.constexpr, NC: tl.constexpr):
+    """OR fields into the int32 pool. vals [A, F, B] int32 (field f of group (a, b) has L bits at
+    group bit f * L), L broadcastable to [A, B] int32, start [A, B] int64 absolute bit offset of
+    each group. A group spans at most NC 64-bit chunks; each chunk costs up to 3 atomics."""
+    f = tl.arange(0, F)[None, :, None]
+    L3 = L[:, None, :]
+    pos = f * L3
+    v = vals.to(tl.uint64)
+    for c in tl.static_range(NC):
+        sh = pos - 64 * c
+        left = (sh >= 0) & (sh < 64)
+        right = (sh < 0) & (sh + L3 > 0)
+        shl = tl.where(left, sh, 0).to(tl.uint64)
+        shr = tl.where(right, -sh, 0).to(tl.uint64)
+        contrib = tl.where(left, v << shl, tl.where(right, v >> shr, tl.zeros_like(v)))
+        chunk = tl.sum(contrib, axis=1)  # disjoint bits: sum == or
+        o = start + 64 * c
+        w = o >> 5
+        s = (o & 31).to(tl.uint64)
+        lo32 = chunk & 0xFFFFFFFF
+        hi32 = chunk >> 32
+        a = lo32 << s
+        b = (hi32 << s) | (a >> 32)
+        w0 = (a & 0xFFFFFFFF).to(tl.uint32).to(tl.int32, bitcast=True)
+        w1 = (b & 0xFFFFFFFF).to(tl.uint32).to(tl.int32, bitcast=True)
+        w2 = (b >> 32).to(tl.uint32).to(tl.int32, bitcast=True)
+        tl.atomic_or(pool32 + w, w0, mask=w0 != 0, sem="relaxed")
+        tl.atomic_or(pool32 + w + 1, w1, mask=w1 != 0, sem="relaxed")
+        tl.atomic_or(pool32 + w + 2, w2, mask=w2 != 0, sem="relaxed")
+
+
+@triton.jit
+def _pack_geometry(q, P: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr):
+    R: tl.constexpr = 64 // P
+    q3 = tl.reshape(q, (R, P, D))
+    pmin = tl.min(q3, axis=1)
+    pmax = tl.max(q3, axis=1)
+    width = _bitlen(pmax - pmin, BITS)
+    return q3, pmin, width
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernel 1: statistics, permutation, segment sizes
+
+
+@triton.jit
+def _stats_kernel(k_ptr, v_ptr, ks_b, ks_h, ks_t, ks_d, vs_b, vs_h, vs_t, vs_d,
+                  nb, H,
+                  tmin_ptr, tstep_ptr, tm_s, tm_kv, tm_t, ts_s, ts_kv, ts_t,
+                  perm_ptr, pm_s, slot_start, segbytes_ptr,
+                  rel_k, rel_v,
+                  D: tl.constexpr, P: tl.constexpr, BITS_K: tl.constexpr, BITS_V: tl.constexpr,
+                  META_K: tl.constexpr, META_V: tl.constexpr,
+                  TOKEN_GRAN: tl.constexpr, MEDIAN: tl.constexpr):
+    n = tl.program_id(0)
+    b = n // nb
+    i = n % nb
+    slot = (slot_start + n).to(tl.int64)
+    idx = tl.arange(0, 64)
+    rows = i * 64 + idx
+    kbase = b.to(tl.int64) * ks_b
+    vbase = b.to(tl.int64) * vs_b
+    MAXK: tl.constexpr = (1 << BITS_K) - 1
+    MAXV: tl.constexpr = (1 << BITS_V) - 1
+
+    # token statistics over all heads (granularity "token"), original order
+    klo = tl.full([64], float("inf"), tl.float32)
+    khi = tl.full([64], float("-inf"), tl.float32)
+    vlo = tl.full([64], float("inf"), tl.float32)
+    vhi = tl.full([64], float("-inf"), tl.float32)
+    if TOKEN_GRAN:
+        for h in range(H):
+            kx = _load_tile(k_ptr, kbase + h * ks_h, rows, ks_t, ks_d, D)
+            vx = _load_tile(v_ptr, vbase + h * vs_h, rows, vs_t, vs_d, D)
+            klo = tl.minimum(klo, tl.min(kx, axis=1))
+            khi = tl.maximum(khi, tl.max(kx, axis=1))
+            vlo = tl.minimum(vlo, tl.min(vx, axis=1))
+            vhi = tl.maximum(vhi, tl.max(vx, axis=1))
+    kstep = _step_of(klo, khi, rel_k)
+    vstep = _step_of(vlo, vhi, rel_v)
+
+    # median repack: lower median of the H*D V integers of each token
+    if MEDIAN:
+        target = (H * D - 1) // 2 + 1  # smallest t with count(q <= t) >= target is the median
+        lo_m = tl.zeros([64], tl.int32)
+        hi_m = tl.full([64], MAXV, tl.int32)
+        for _it in tl.static_range(BITS_V):
+            mid = (lo_m + hi_m) // 2
+            cnt = tl.zeros([64], tl.int32)
+            for h in range(H):
+                vx = _load_tile(v_ptr, vbase + h * vs_h, rows, vs_t, vs_d, D)
+                if TOKEN_GRAN:
+                    qv = _quant(vx, vlo, vstep, MAXV)
+                else:
+                    hlo = tl.min(vx, axis=1)
+                    qv = _quant(vx, hlo, _step_of(hlo, tl.max(vx, axis=1), rel_v), MAXV)
+                cnt += tl.sum((qv <= mid[:, None]).to(tl.int32), axis=1)
+            ok = cnt >= target
+            hi_m = tl.where(ok, mid, hi_m)
+            lo_m = tl.where(ok, lo_m, mid + 1)
+        key = lo_m * 64 + 63 - idx
+        rank = tl.sum((key[None, :] > key[:, None]).to(tl.int32), axis=1)  # rank[j]: stored position of token j
+        onehot = rank[None, :] == idx[:, None]                             # [r, j]
+        src = tl.sum(tl.where(onehot, idx[None, :], 0), axis=1)            # src[r] = perm[r]
+        # permute the token statistics (one nonzero term per row: exact)
+        klo = tl.sum(tl.where(onehot, klo[None, :], 0.0), axis=1)
+        kstep = tl.sum(tl.where(onehot, kstep[None, :], 0.0), axis=1)
+        vlo = tl.sum(tl.where(onehot, vlo[None, :], 0.0), axis=1)
+        vstep = tl.sum(tl.where(onehot, vstep[None, :], 0.0), axis=1)
+    else:
+        src = idx
+    tl.store(perm_ptr + slot * pm_s + idx, src.to(tl.uint8))
+    prow = i * 64 + src
+
+    if TOKEN_GRAN:
+        tl.store(tmin_ptr + slot * tm_s + idx * tm_t, klo.to(tmin_ptr.dtype.element_ty))
+        tl.store(tmin_ptr + slot * tm_s + tm_kv + idx * tm_t, vlo.to(tmin_ptr.dtype.element_ty))
+        tl.store(tstep_ptr + slot * ts_s + idx * ts_t, kstep.to(tl.bfloat16))
+        tl.store(tstep_ptr + slot * ts_s + ts_kv + idx * ts_t, vstep.to(tl.bfloat16))
+
+    # segment sizes, in permuted order
+    for h in range(H):
+        kx = _load_tile(k_ptr, kbase + h * ks_h, prow, ks_t, ks_d, D)
+        vx = _load_tile(v_ptr, vbase + h * vs_h, prow, vs_t, vs_d, D)
+        if TOKEN_GRAN:
+            qk = _quant(kx, klo, kstep, MAXK)
+            qv = _quant(vx, vlo, vstep, MAXV)
+        else:
+            hklo = tl.min(kx, axis=1)
+            hkst = _step_of(hklo, tl.max(kx, axis=1), rel_k)
+            hvlo = tl.min(vx, axis=1)
+            hvst = _step_of(hvlo, tl.max(vx, axis=1), rel_v)
+            qk = _quant(kx, hklo, hkst, MAXK)
+            qv = _quant(vx, hvlo, hvst, MAXV)
+            tl.store(tmin_ptr + slot * tm_s + idx * tm_t + h, hklo.to(tmin_ptr.dtype.element_ty))
+            tl.store(tmin_ptr + slot * tm_s + tm_kv + idx * tm_t + h, hvlo.to(tmin_ptr.dtype.element_ty))
+            tl.store(tstep_ptr + slot * ts_s + idx * ts_t + h, hkst.to(tl.bfloat16))
+            tl.store(tstep_ptr + slot * ts_s + ts_kv + idx * ts_t + h, hvst.to(tl.bfloat16))
+        _q3, _pm, wk = _pack_geometry(qk, P, D, BITS_K)
+        _q3, _pm, wv = _pack_geometry(qv, P, D, BITS_V)
+        bk = (META_K + (P * tl.sum(tl.sum(wk, axis=1), axis=0) + 7) // 8 + 3) // 4 * 4
+        bv = (META_V + (P * tl.sum(tl.sum(wv, axis=1), axis=0) + 7) // 8 + 3) // 4 * 4
+        tl.store(segbytes_ptr + (n * 2) * H + h, bk)
+        tl.store(segbytes_ptr + (n * 2 + 1) * H + h, bv)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernel 2: offsets
+
+
+@triton.jit
+def _offsets_kernel(segbytes_ptr, total, pool_used_ptr, so_ptr, so_s, slot_start, H,
+                    BLOCK: tl.constexpr):
+    base = tl.load(pool_used_ptr)
+    for start in range(0, total, BLOCK):
+        idx = start + tl.arange(0, BLOCK)
+        m = idx < total
+        sb = tl.load(segbytes_ptr + idx, mask=m, other=0).to(tl.int64)
+        inc = tl.cumsum(sb, axis=0)
+        blk = idx // (2 * H)
+        inner = idx % (2 * H)  # kv * H + h; seg_offset is [S, 2, H] with contiguous (2, H)
+        tl.store(so_ptr + (slot_start + blk).to(tl.int64) * so_s + inner, base + inc - sb, mask=m)
+        base += tl.sum(sb, axis=0)
+    tl.store(pool_used_ptr, base)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernel 3: bit packing
+
+
+@triton.jit
+def _pack_one(pool32, x, lo, step, seg_off, P: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
+              WB: tl.constexpr, META: tl.constexpr, ZBLOCK: tl.constexpr):
+    R: tl.constexpr = 64 // P
+    NP: tl.constexpr = R * D
+    MAXV: tl.constexpr = (1 << BITS) - 1
+    q = _quant(x, lo, step, MAXV)
+    q3, pmin, width = _pack_geometry(q, P, D, BITS)
+    res = q3 - pmin[:, None, :]
+    rowsum = tl.sum(width, axis=1)
+    total = tl.sum(rowsum, axis=0)
+    nbytes = (META + (P * total + 7) // 8 + 3) // 4 * 4
+    # zero the segment (the pool past pool_used may hold old bytes)
+    w0 = seg_off // 4
+    for z in range(0, nbytes // 4, ZBLOCK):
+        zi = z + tl.arange(0, ZBLOCK)
+        tl.store(pool32 + w0 + zi, tl.zeros([ZBLOCK], tl.int32), mask=zi < nbytes // 4)
+    tl.debug_barrier()
+    base = seg_off * 8
+    g8 = tl.arange(0, NP // 8)
+    # pack mins: groups of 8 fields of BITS bits
+    _or_fields(pool32, (base + g8 * (8 * BITS))[:, None], tl.reshape(pmin, (NP // 8, 8))[:, :, None],
+               tl.full([NP // 8, 1], BITS, tl.int32), 8, (8 * BITS + 63) // 64)
+    # widths: groups of 8 fields of WB bits
+    _or_fields(pool32, (base + NP * BITS + g8 * (8 * WB))[:, None], tl.reshape(width, (NP // 8, 8))[:, :, None],
+               tl.full([NP // 8, 1], WB, tl.int32), 8, (8 * WB + 63) // 64)
+    # payload: pack (r, c) starts at P * (exclusive prefix of widths in pack order r * D + c)
+    rowoff = tl.cumsum(rowsum, axis=0) - rowsum
+    excl = rowoff[:, None] + tl.cumsum(width, axis=1) - width
+    start = base + META * 8 + P * excl.to(tl.int64)
+    _or_fields(pool32, start, res, width, P, (P * BITS + 63) // 64)
+
+
+@triton.jit
+def _pack_kernel(k_ptr, v_ptr, ks_b, ks_h, ks_t, ks_d, vs_b, vs_h, vs_t, vs_d, nb,
+                 tmin_ptr, tstep_ptr, tm_s, tm_kv, tm_t, ts_s, ts_kv, ts_t,
+                 perm_ptr, pm_s, so_ptr, so_s, so_kv, slot_start, pool32,
+                 D: tl.constexpr, P: tl.constexpr, BITS_K: tl.constexpr, BITS_V: tl.constexpr,
+                 META_K: tl.constexpr, META_V: tl.constexpr, TOKEN_GRAN: tl.constexpr,
+                 WB_K: tl.constexpr, WB_V: tl.constexpr, ZBLOCK: tl.constexpr):
+    n = tl.program_id(0)
+    h = tl.program_id(1)
+    b = n // nb
+    i = n % nb
+    slot = (slot_start + n).to(tl.int64)
+    idx = tl.arange(0, 64)
+    src = tl.load(perm_ptr + slot * pm_s + idx).to(tl.int32)
+    prow = i * 64 + src
+    if TOKEN_GRAN:
+        g = 0
+    else:
+        g = h
+    kx = _load_tile(k_ptr, b.to(tl.int64) * ks_b + h * ks_h, prow, ks_t, ks_d, D)
+    klo = tl.load(tmin_ptr + slot * tm_s + idx * tm_t + g).to(tl.float32)
+    kst = tl.load(tstep_ptr + slot * ts_s + idx * ts_t + g).to(tl.float32)
+    k_off = tl.load(so_ptr + slot * so_s + h)
+    _pack_one(pool32, kx, klo, kst, k_off, P, D, BITS_K, WB_K, META_K, ZBLOCK)
+    vx = _load_tile(v_ptr, b.to(tl.int64) * vs_b + h * vs_h, prow, vs_t, vs_d, D)
+    vlo = tl.load(tmin_ptr + slot * tm_s + tm_kv + idx * tm_t + g).to(tl.float32)
+    vst = tl.load(tstep_ptr + slot * ts_s + ts_kv + idx * ts_t + g).to(tl.float32)
+    v_off = tl.load(so_ptr + slot * so_s + so_kv + h)
+    _pack_one(pool32, vx, vlo, vst, v_off, P, D, BITS_V, WB_V, META_V, ZBLOCK)
+
+
+# ---------------------------------------------------------------------------------------------
+# Host side
+
+
+def _pool_words(pool: torch.Tensor) -> torch.Tensor:
+    if pool.dtype != torch.uint8 or pool.dim() != 1 or not pool.is_contiguous():
+        raise ValueError("pool must be a contiguous 1-D uint8 tensor")
+    if pool.data_ptr() % 4 != 0:
+        raise ValueError("pool must start at a 4-byte aligned address")
+    return pool[: pool.numel() // 4 * 4].view(torch.int32)
+
+
+def _check_inputs(k: torch.Tensor, v: torch.Tensor, fmt: BlockFormat):
+    if k.shape != v.shape or k.dim() != 4 or k.shape[2] % BLOCK_SIZE != 0:
+        raise ValueError(f"k and v must both be [B, H, nb*64, D], got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[1] != fmt.num_heads or k.shape[3] != fmt.head_dim:
+        raise ValueError(f"k shape {tuple(k.shape)} does not match the format ({fmt.num_heads} heads, D={fmt.head_dim})")
+    if fmt.head_dim & (fmt.head_dim - 1) or fmt.head_dim < 16:
+        raise ValueError(f"the Triton kernels need a power-of-two head_dim >= 16, got {fmt.head_dim}")
+    if k.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"unsupported dtype {k.dtype}")
+
+
+def store_blocks(k, v, config, fmt, pool, pool_used, seg_offset, token_min, token_step, perm, slot_start,
+                 _segbytes_out=None):
+    """Compress k, v [B, H, nb*64, D] (block n = b*nb + i goes to slot slot_start + n).
+
+    Segments are appended at pool_used in (block, K then V, head) order, seg_offset/token_min/
+    token_step/perm of the slots are written, and pool_used (int64 [1], on device) is advanced.
+    No host synchronisation. The caller guarantees pool capacity and slot capacity."""
+    _check_inputs(k, v, fmt)
+    B, H, Tk, D = k.shape
+    nb = Tk // BLOCK_SIZE
+    n = B * nb
+    if n == 0:
+        return
+    if seg_offset.stride(2) != 1 or seg_offset.stride(1) != H:
+        raise ValueError("seg_offset must be [S, 2, H] with contiguous (2, H) dims")
+    pool32 = _pool_words(pool)
+    segbytes = _segbytes_out if _segbytes_out is not None else torch.empty(n * 2 * H, dtype=torch.int32, device=k.device)
+    token_gran = fmt.granularity == "token"
+    common = dict(D=D, P=fmt.pack_size, BITS_K=fmt.bits_k, BITS_V=fmt.bits_v,
+                  META_K=fmt.meta_bytes(0), META_V=fmt.meta_bytes(1), TOKEN_GRAN=token_gran)
+    if (fmt.groups > 1 and (token_min.stride(3) != 1 or token_step.stride(3) != 1)) or perm.stride(1) != 1:
+        raise ValueError("token_min/token_step/perm must have a contiguous last dim")
+    nw = 4 if D <= 64 else 8
+    _stats_kernel[(n,)](
+        k, v, *k.stride(), *v.stride(), nb, H,
+        token_min, token_step, token_min.stride(0), token_min.stride(1), token_min.stride(2),
+        token_step.stride(0), token_step.stride(1), token_step.stride(2),
+        perm, perm.stride(0), slot_start, segbytes, float(config.rel_k), float(config.rel_v),
+        MEDIAN=fmt.repack == "median", num_warps=nw, **common)
+    _offsets_kernel[(1,)](segbytes, n * 2 * H, pool_used, seg_offset, seg_offset.stride(0), slot_start, H,
+                          BLOCK=1024, num_warps=4)
+    _pack_kernel[(n, H)](
+        k, v, *k.stride(), *v.stride(), nb,
+        token_min, token_step, token_min.stride(0), token_min.stride(1), token_min.stride(2),
+        token_step.stride(0), token_step.stride(1), token_step.stride(2),
+        perm, perm.stride(0), seg_offset, seg_offset.stride(0), seg_offset.stride(1), slot_start, pool32,
+        WB_K=width_bits(fmt.bits_k), WB_V=width_bits(fmt.bits_v), ZBLOCK=256, num_warps=nw, **common)
+
+
+def encode_blocks_triton(k: torch.Tensor, v: torch.Tensor, config) -> tuple[EncodedBlocks, BlockFormat]:
+    """Same result as codec.encode_blocks for k, v [n, H, 64, D] (allocates its own pool)."""
+    if k.shape != v.shape or k.dim() != 4 or k.shape[2] != BLOCK_SIZE:
+        raise ValueError(f"k and v must both be [n, H, {BLOCK_SIZE}, D], got {tuple(k.shape)} and {tuple(v.shape)}")
+    n, H, _, D = k.shape
+    fmt = BlockFormat.from_config(config, H, D)
+    dev = k.device
+    cap = n * H * (fmt.max_segment_bytes(0) + fmt.max_segment_bytes(1))
+    pool = torch.empty(max(cap, 4), dtype=torch.uint8, device=dev)
+    pool_used = torch.zeros(1, dtype=torch.int64, device=dev)
+    seg_offset = torch.empty(n, 2, H, dtype=torch.int64, device=dev)
+    token_min = torch.empty(n, 2, BLOCK_SIZE, fmt.groups, dtype=k.dtype, device=dev)
+    token_step = torch.empty(n, 2, BLOCK_SIZE, fmt.groups, dtype=torch.bfloat16, device=dev)
+    perm = torch.empty(n, BLOCK_SIZE, dtype=torch.uint8, device=dev)
+    segbytes = torch.empty(n * 2 * H, dtype=torch.int32, device=dev)
+    # [n, H, 64, D] is the [B=n, H, nb*64, D] layout with nb = 1
+    store_blocks(k, v, config, fmt, pool, pool_used, seg_offset, token_min, token_step, perm, 0,
+                 _segbytes_out=segbytes)
+    total = int(pool_used.item())
+    enc = EncodedBlocks(data=pool[:total].clone(), seg_offset=seg_offset,
+                        seg_bytes=segbytes.view(n, 2, H).to(torch.int64),
+                        token_min=token_min, token_step=token_step, perm=perm)
+    return enc, fmt
