@@ -218,9 +218,11 @@ class KVCompLayer(CacheLayerMixin):
         self.block_table = self.block_table.repeat_interleave(repeats, dim=0)
 
     def crop(self, max_length: int) -> None:
-        """Keep the first max_length tokens (a negative value removes that many from the end).
+        """A negative value removes that many tokens from the end; a positive one keeps the first
+        max_length tokens (transformers' deprecated form); 0 does nothing (as DynamicLayer).
         Blocks past the cut are dropped; a block the cut falls inside is decompressed into the tail."""
-        if not self.is_initialized:
+        max_length = int(max_length)
+        if not self.is_initialized or max_length == 0:
             return
         length = self.get_seq_length()
         new_length = length + max_length if max_length < 0 else min(max_length, length)

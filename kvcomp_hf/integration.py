@@ -43,7 +43,8 @@ def _patched_prepare_cache(original):
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         if generation_config.cache_implementation != CACHE_IMPLEMENTATION:
             return original(self, generation_config, model_kwargs, *args, **kwargs)
-        if model_kwargs.get("past_key_values") is not None:
+        user_cache = model_kwargs.get("past_key_values")
+        if user_cache is not None and not isinstance(user_cache, KVCompCache):
             raise ValueError("cache_implementation='kvcomp' and past_key_values are mutually exclusive: "
                              "pass one or the other")
         if generation_config.use_cache is False:
@@ -51,7 +52,10 @@ def _patched_prepare_cache(original):
         previous = use_kvcomp_attention(self)
         if previous is not None:
             self._kvcomp_restore_attention = previous
-        model_kwargs["past_key_values"] = _new_cache(self, generation_config.cache_config)
+        if user_cache is not None:  # continuing a kvcomp cache (an assistant model's, between its calls)
+            user_cache._is_user_defined = True
+        else:
+            model_kwargs["past_key_values"] = _new_cache(self, generation_config.cache_config)
         return None
 
     _prepare_cache_for_generation._kvcomp_patched = True

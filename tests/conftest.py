@@ -1,0 +1,30 @@
+import os
+
+import pytest
+import torch
+
+# Kernels run under Triton's interpreter when there is no GPU; set before anything imports triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import kvcomp_hf  # noqa: E402,F401  (registers "kvcomp" with transformers)
+from helpers import tiny_llama_config  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def tiny_llama():
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config()).eval()
+    model.set_attn_implementation("kvcomp")
+    return model

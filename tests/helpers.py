@@ -1,0 +1,11 @@
+"""Shared test helpers (importable as `helpers`: pytest puts tests/ on sys.path)."""
+
+
+def tiny_llama_config(**overrides):
+    from transformers import LlamaConfig
+
+    values = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, max_position_embeddings=4096, pad_token_id=0, bos_token_id=1,
+                  eos_token_id=2)
+    values.update(overrides)
+    return LlamaConfig(**values)

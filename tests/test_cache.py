@@ -1,0 +1,256 @@
+"""KVCompCache semantics against DynamicCache on a tiny random Llama (no download)."""
+
+import pytest
+import torch
+from transformers import DynamicCache, LlamaForCausalLM
+from transformers.cache_utils import DynamicLayer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+import kvcomp_hf
+from kvcomp_hf import KVCompCache, KVCompConfig
+from kvcomp_hf.attention import kvcomp_attention_forward
+from kvcomp_hf.cache import KVCompLayer
+
+from helpers import tiny_llama_config
+
+NEAR_LOSSLESS = KVCompConfig(rel_k=1e-3, rel_v=1e-3)
+
+
+class FakeAttention(torch.nn.Module):
+    def __init__(self, groups):
+        super().__init__()
+        self.num_key_value_groups = groups
+        self.is_causal = True
+        self.training = False
+
+
+def rel_err(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def test_seq_lengths_mask_sizes_and_attention_match_dynamic_cache(tiny_llama):
+    """Prefill + 200 decode steps crossing several block boundaries."""
+    config = tiny_llama.config
+    ours, ref = KVCompCache(config, NEAR_LOSSLESS), DynamicCache(config=config)
+    attn_out = []
+    hooks = [layer.self_attn.register_forward_hook(lambda mod, args, out: attn_out.append(out[0]))
+             for layer in tiny_llama.model.layers]
+    torch.manual_seed(1)
+    ids = torch.randint(3, 256, (2, 150))
+    with torch.no_grad():
+        out_ours = tiny_llama(ids, past_key_values=ours, use_cache=True)
+        out_ref = tiny_llama(ids, past_key_values=ref, use_cache=True)
+        for step in range(200):
+            for layer in range(config.num_hidden_layers):
+                assert ours.get_seq_length(layer) == ref.get_seq_length(layer)
+                assert ours.get_mask_sizes(1, layer) == ref.get_mask_sizes(1, layer)
+            nxt = out_ref.logits[:, -1:].argmax(-1)
+            attn_out.clear()
+            out_ours = tiny_llama(nxt, past_key_values=ours, use_cache=True)
+            out_ref = tiny_llama(nxt, past_key_values=ref, use_cache=True)
+            assert rel_err(out_ours.logits, out_ref.logits) < 1e-3
+            n = config.num_hidden_layers  # attention-module outputs, layer by layer: ours then dense
+            for got, want in zip(attn_out[:n], attn_out[n:]):
+                assert rel_err(got, want) < 1e-3
+    for hook in hooks:
+        hook.remove()
+    assert ours.get_seq_length() == 350
+    assert ours.layers[0].block_table.shape[1] >= 3  # several blocks compressed along the way
+    assert 128 <= ours.layers[0].keys.shape[2] < 128 + 64
+
+
+@pytest.mark.parametrize("rel,bound", [(1e-4, 1e-3), (1e-3, 1e-2)])
+def test_attention_over_compressed_cache_matches_sdpa_on_dense(rel, bound):
+    """Same Gaussian K/V stream into a KVCompLayer and a DynamicLayer, with causal chunks of several
+    lengths: attention outputs agree. (Uniform quantisation error on Gaussian data gives a relative
+    output error of about rel * range / (2 * sqrt(3) * std), several times rel with K's 8x channel spread.)"""
+    torch.manual_seed(2)
+    dtype = torch.float32
+    b, h, hq, d = 3, 2, 4, 16
+    ours, ref = KVCompLayer(KVCompConfig(rel_k=rel, rel_v=rel)), DynamicLayer()
+    module = FakeAttention(hq // h)
+    for q_len in [300, 1, 1, 64, 1] + [1] * 70 + [17]:
+        k = torch.randn(b, h, q_len, d, dtype=dtype) * torch.linspace(0.5, 4, d)
+        v = torch.randn(b, h, q_len, d, dtype=dtype)
+        hk, hv = ours.update(k, v)
+        dk, dv = ref.update(k, v)
+        assert hk.shape == dk.shape
+        q = torch.randn(b, hq, q_len, d, dtype=dtype)
+        kv_len = dk.shape[2]
+        mask = torch.ones(q_len, kv_len, dtype=torch.bool).tril(kv_len - q_len)[None, None].expand(b, 1, -1, -1)
+        got, _ = kvcomp_attention_forward(module, q, hk, hv, mask, scaling=d**-0.5)
+        want, _ = sdpa_attention_forward(module, q, dk, dv, mask, scaling=d**-0.5)
+        assert rel_err(got, want) < bound
+
+
+def test_left_padded_batch_equals_rows_alone(tiny_llama):
+    torch.manual_seed(3)
+    lengths = [260, 200, 131]
+    rows = [torch.randint(3, 256, (n,)) for n in lengths]
+    width = max(lengths)
+    ids = torch.zeros(3, width, dtype=torch.long)
+    mask = torch.zeros(3, width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):] = row
+        mask[i, width - len(row):] = 1
+    cfg = {"rel_k": 1e-4, "rel_v": 1e-4}
+    batch = tiny_llama.generate(ids, attention_mask=mask, max_new_tokens=80, do_sample=False,
+                                cache_implementation="kvcomp", cache_config=cfg, output_logits=True,
+                                return_dict_in_generate=True)
+    for i, row in enumerate(rows):
+        alone = tiny_llama.generate(row[None], max_new_tokens=80, do_sample=False, cache_implementation="kvcomp",
+                                    cache_config=cfg, output_logits=True, return_dict_in_generate=True)
+        assert torch.equal(batch.sequences[i, width:], alone.sequences[0, len(row):])
+        got = torch.stack([step[i] for step in batch.logits])
+        want = torch.stack([step[0] for step in alone.logits])
+        assert rel_err(got, want) < 1e-3
+
+
+def test_beam_search_sampling_and_lengths(tiny_llama):
+    torch.manual_seed(4)
+    ids = torch.randint(3, 256, (2, 220))
+    beams_ref = tiny_llama.generate(ids, num_beams=3, max_new_tokens=70, do_sample=False)
+    cache = KVCompCache(tiny_llama.config, {"rel_k": 1e-4, "rel_v": 1e-4})
+    beams = tiny_llama.generate(ids, num_beams=3, max_new_tokens=70, do_sample=False, past_key_values=cache,
+                                return_dict_in_generate=True)
+    assert torch.equal(beams.sequences, beams_ref)
+    assert cache.get_seq_length() == beams.sequences.shape[1] - 1
+    assert cache.layers[0].block_table.shape[0] == 6  # 2 prompts x 3 beams, blocks shared between beams
+
+    sampled = tiny_llama.generate(ids, do_sample=True, top_k=20, max_new_tokens=70, cache_implementation="kvcomp",
+                                  return_dict_in_generate=True)
+    assert sampled.past_key_values.get_seq_length() == sampled.sequences.shape[1] - 1
+
+
+def test_assisted_decoding_crops_consistently(tiny_llama):
+    torch.manual_seed(5)
+    assistant = LlamaForCausalLM(tiny_llama_config(num_hidden_layers=1)).eval()
+    ids = torch.randint(3, 256, (1, 200))
+    ref = tiny_llama.generate(ids, max_new_tokens=60, do_sample=False)
+    cache = KVCompCache(tiny_llama.config, {"rel_k": 1e-4, "rel_v": 1e-4})
+    out = tiny_llama.generate(ids, max_new_tokens=60, do_sample=False, assistant_model=assistant,
+                              past_key_values=cache, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, ref)
+    assert cache.get_seq_length() == out.sequences.shape[1] - 1
+
+
+def test_crop_into_compressed_blocks_reopens_them():
+    torch.manual_seed(6)
+    layer = KVCompLayer(KVCompConfig())
+    k, v = torch.randn(2, 2, 400, 16), torch.randn(2, 2, 400, 16)
+    layer.update(k, v)
+    dense_k, dense_v = layer.dense_kv()
+    assert layer.block_table.shape[1] == 4
+    layer.crop(-200)  # cut inside block 3 (tokens 192..255)
+    assert layer.get_seq_length() == 200
+    assert layer.block_table.shape[1] == 3
+    k2, v2 = layer.dense_kv()
+    assert torch.equal(k2, dense_k[:, :, :200]) and torch.equal(v2, dense_v[:, :, :200])
+    layer.crop(150)  # positive: absolute length
+    assert layer.get_seq_length() == 150 and torch.equal(layer.dense_kv()[0], dense_k[:, :, :150])
+    layer.update(k[:, :, :10], v[:, :, :10])
+    assert layer.get_seq_length() == 160
+
+
+def test_reorder_select_and_repeat_follow_rows():
+    torch.manual_seed(7)
+    layer = KVCompLayer(KVCompConfig())
+    layer.update(torch.randn(3, 2, 300, 16), torch.randn(3, 2, 300, 16))
+    k, v = layer.dense_kv()
+    layer.reorder_cache(torch.tensor([2, 2, 0]))
+    k2, _ = layer.dense_kv()
+    assert torch.equal(k2, k[[2, 2, 0]])
+    layer.batch_repeat_interleave(2)
+    assert torch.equal(layer.dense_kv()[0], k[[2, 2, 2, 2, 0, 0]])
+    layer.batch_select_indices(torch.tensor([4]))
+    assert torch.equal(layer.dense_kv()[1], v[[0]])
+
+
+def test_memory_report_counts_every_byte(tiny_llama):
+    cache = KVCompCache(tiny_llama.config)
+    ids = torch.randint(3, 256, (2, 500))
+    with torch.no_grad():
+        tiny_llama(ids, past_key_values=cache, use_cache=True)
+    report = cache.memory_report()
+    n_layers, b, h, d = 2, 2, 2, 16
+    assert report["tokens"] == 500
+    assert report["dense_bytes"] == 2 * n_layers * b * h * 500 * d * 4
+    held = 0
+    for layer in cache.layers:
+        s = layer.store
+        held += s.used                                              # every segment byte, padding included
+        held += s.n_slots * (s.seg_offset[0].numel() * 8 + 2 * 64 * s.fmt.groups * (4 + 2) + 64)
+        held += 2 * layer.keys.numel() * 4 + layer.block_table.numel() * 4
+    assert report["compressed_bytes"] == pytest.approx(held)
+    assert report["bits_per_value"] == pytest.approx(8 * held / (report["dense_bytes"] / 4))
+    assert report["compression_ratio"] == pytest.approx(report["dense_bytes"] / held)
+    assert report["k"]["compressed_bytes"] + report["v"]["compressed_bytes"] == pytest.approx(held)
+    for key in ("tokens", "dense_bytes", "compressed_bytes", "bits_per_value", "compression_ratio"):
+        assert key in report
+    for kv in ("k", "v"):
+        for key in ("dense_bytes", "compressed_bytes", "bits_per_value", "compression_ratio"):
+            assert key in report[kv]
+
+
+def test_reset_empties_the_cache(tiny_llama):
+    cache = KVCompCache(tiny_llama.config)
+    with torch.no_grad():
+        tiny_llama(torch.randint(3, 256, (1, 300)), past_key_values=cache, use_cache=True)
+    cache.reset()
+    assert cache.get_seq_length() == 0 and cache.memory_report()["compressed_bytes"] == 0
+
+
+def test_entry_points_agree(tiny_llama):
+    ids = torch.randint(3, 256, (1, 250))
+    cfg = {"rel_k": 0.1, "rel_v": 0.2}
+    a = tiny_llama.generate(ids, max_new_tokens=20, do_sample=False, cache_implementation="kvcomp", cache_config=cfg)
+    b = tiny_llama.generate(ids, max_new_tokens=20, do_sample=False,
+                            past_key_values=KVCompCache(tiny_llama.config, KVCompConfig(**cfg)))
+    c = tiny_llama.generate(ids, max_new_tokens=20, do_sample=False, custom_generate=kvcomp_hf.custom_generate,
+                            kvcomp_config=cfg)
+    d = tiny_llama.generate(ids, max_new_tokens=20, do_sample=False, cache_implementation="kvcomp",
+                            cache_config={"preset": "default"})
+    assert torch.equal(a, b) and torch.equal(a, c) and torch.equal(a, d)
+
+
+def test_wrong_attention_implementation(tiny_llama):
+    tiny_llama.set_attn_implementation("sdpa")
+    ids = torch.randint(3, 256, (1, 20))
+    with pytest.raises(ValueError, match="attn_implementation='kvcomp'"):
+        tiny_llama.generate(ids, max_new_tokens=2, past_key_values=KVCompCache(tiny_llama.config))
+    # cache_implementation switches for the call and restores afterwards
+    out = tiny_llama.generate(ids, max_new_tokens=2, cache_implementation="kvcomp")
+    assert out.shape[1] == 22
+    assert tiny_llama.config._attn_implementation == "sdpa"
+
+
+def test_bad_cache_arguments(tiny_llama):
+    with pytest.raises(ValueError, match="model config"):
+        KVCompCache(KVCompConfig())
+    with pytest.raises(ValueError, match="pack_size"):
+        KVCompCache(tiny_llama.config, {"pack_size": 3})
+    with pytest.raises(ValueError, match="mutually exclusive|Passing both"):
+        tiny_llama.generate(torch.ones(1, 4, dtype=torch.long), cache_implementation="kvcomp",
+                            past_key_values=DynamicCache(config=tiny_llama.config), max_new_tokens=1)
+
+
+def test_unsupported_models_fail_clearly():
+    from transformers import DeepseekV3Config, Gemma2Config, MistralConfig
+
+    with pytest.raises(ValueError, match="sliding-window"):
+        KVCompCache(MistralConfig(sliding_window=4096, num_hidden_layers=2))
+    KVCompCache(MistralConfig(sliding_window=None, num_hidden_layers=2))  # Mistral v0.3: full attention
+    with pytest.raises(ValueError, match="full-attention"):
+        KVCompCache(Gemma2Config(num_hidden_layers=2))
+    with pytest.raises(ValueError, match="MLA"):
+        KVCompCache(DeepseekV3Config(num_hidden_layers=2))
+
+
+def test_assistant_inherits_kvcomp_cache_implementation(tiny_llama):
+    assistant = LlamaForCausalLM(tiny_llama_config(num_hidden_layers=1)).eval()
+    ids = torch.randint(3, 256, (1, 150))
+    ref = tiny_llama.generate(ids, max_new_tokens=30, do_sample=False)
+    out = tiny_llama.generate(ids, max_new_tokens=30, do_sample=False, assistant_model=assistant,
+                              cache_implementation="kvcomp", cache_config={"rel_k": 1e-4, "rel_v": 1e-4})
+    assert torch.equal(out, ref)
+    assert assistant.config._attn_implementation != "kvcomp"  # switched for the call only

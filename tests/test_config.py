@@ -1,0 +1,75 @@
+import dataclasses
+
+import pytest
+
+import kvcomp_hf
+from kvcomp_hf.config import KVCompConfig, load_preset, load_preset_file, resolve_config
+
+
+def test_defaults_are_valid_and_frozen():
+    cfg = KVCompConfig()
+    assert cfg.block_size == 64 and cfg.residual_length >= 128 and cfg.pack_size in (4, 8, 16)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.rel_k = 0.5
+
+
+@pytest.mark.parametrize("field,value,allowed", [
+    ("rel_k", 0.0, "rel_k"), ("rel_k", -1, "rel_k"), ("rel_v", 2.0, "rel_v"), ("rel_v", float("nan"), "rel_v"),
+    ("rel_k", "0.1", "rel_k"), ("rel_k", True, "rel_k"),
+    ("block_size", 32, "block_size must be 64"),
+    ("residual_length", 64, ">= 128"), ("residual_length", 200.0, "residual_length"),
+    ("pack_size", 5, "(4, 8, 16)"), ("pack_size", 32, "(4, 8, 16)"),
+    ("repack", "greedy", "('none', 'median')"),
+    ("granularity", "channel", "('token', 'token_head')"),
+])
+def test_bad_values_name_the_field_and_allowed_values(field, value, allowed):
+    with pytest.raises(ValueError) as err:
+        KVCompConfig(**{field: value})
+    assert field in str(err.value) and allowed in str(err.value)
+
+
+def test_from_dict_rejects_unknown_fields():
+    with pytest.raises(ValueError, match="unknown KVCompConfig field"):
+        KVCompConfig.from_dict({"rel_q": 0.1})
+
+
+def test_presets_load_and_override():
+    assert "default" in kvcomp_hf.available_presets()
+    assert "smollm2-135m-instruct" in kvcomp_hf.available_presets()
+    base = load_preset("smollm2-135m-instruct")
+    assert isinstance(base, KVCompConfig)
+    cfg = resolve_config({"preset": "smollm2-135m-instruct", "rel_v": 0.3})
+    assert cfg.rel_v == 0.3 and cfg.rel_k == base.rel_k
+    assert kvcomp_hf.preset("default") == load_preset("default").to_dict()
+    assert resolve_config("default") == load_preset("default")
+
+
+def test_every_shipped_preset_is_valid():
+    for name in kvcomp_hf.available_presets():
+        assert isinstance(load_preset(name), KVCompConfig)
+
+
+@pytest.mark.parametrize("name", ["no-such-model", "../etc/passwd", "", None])
+def test_unknown_preset_names_fail_clearly(name):
+    with pytest.raises(ValueError, match="preset"):
+        load_preset(name)
+
+
+def test_bad_preset_files(tmp_path):
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("config: [unclosed\n")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        load_preset_file(bad_yaml)
+    no_config = tmp_path / "noconfig.yaml"
+    no_config.write_text("rel_k: 0.1\n")
+    with pytest.raises(ValueError, match="'config:' mapping"):
+        load_preset_file(no_config)
+    bad_value = tmp_path / "badvalue.yaml"
+    bad_value.write_text("config:\n  rel_k: 0.1\n  pack_size: 7\n")
+    with pytest.raises(ValueError, match="pack_size") as err:
+        load_preset_file(bad_value)
+    assert "badvalue.yaml" in str(err.value)
+    unsafe = tmp_path / "unsafe.yaml"
+    unsafe.write_text("config: !!python/object/apply:os.system ['echo hi']\n")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        load_preset_file(unsafe)
