@@ -6,8 +6,9 @@ token (groups of `group_size` channels), asymmetric min-max integer quantisation
 residual: the most recent `residual_length` value tokens stay full precision; keys are quantised `residual_length`
 tokens at a time (so between 0 and residual_length-1 of the most recent keys are full precision).
 It stores the dequantised values densely (simulated quantisation: the accuracy is that of KIVI, the memory is not
-actually saved) and reports the bits a real KIVI store would hold: `nbits` per quantised value plus one fp16 scale and
-one fp16 zero per group, plus 16 bits per residual value.
+actually saved) and reports the bits a real KIVI store would hold: `nbits` per quantised value plus one scale and one
+zero per group, plus the full-precision residual, scales, zeros and residual counted in the model dtype (16 bits for
+fp16/bf16, 32 bits for an fp32 CPU run), as kvcomp's memory_report counts its tail buffer.
 
 hf-int2/hf-int4: transformers.QuantizedCache (quanto or hqq backend); see eval.common.make_cache.
 """
@@ -19,8 +20,8 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-SCALE_BITS = 16  # one fp16 scale and one fp16 zero point per group
-FP_BITS = 16     # the full-precision residual, counted as a 16-bit deployment stores it
+SCALE_BITS = 16  # one fp16 scale and one fp16 zero point per group (analytic estimates)
+FP_BITS = 16     # the full-precision residual in a 16-bit deployment (analytic estimates)
 
 
 def fake_quantize(x: torch.Tensor, nbits: int, dim: int) -> torch.Tensor:
@@ -56,15 +57,16 @@ def quantize_values_per_token(v: torch.Tensor, nbits: int, group_size: int) -> t
 
 
 def kivi_bits_per_value(nbits: int, tokens: int, head_dim: int = 128, group_size: int = 32,
-                        residual_length: int = 128) -> float:
-    """Bits per K/V value of a KIVI store of `tokens` tokens (prefill of that length, nothing generated)."""
+                        residual_length: int = 128, fp_bits: int = FP_BITS) -> float:
+    """Bits per K/V value of a KIVI store of `tokens` tokens (prefill of that length, nothing generated);
+    scales, zeros and the residual are `fp_bits` wide."""
     qk = (tokens // residual_length) * residual_length
     qv = max(tokens - residual_length, 0)
     gs_v = group_size if head_dim % group_size == 0 else head_dim
-    per_q_k = nbits + 2 * SCALE_BITS / group_size
-    per_q_v = nbits + 2 * SCALE_BITS / gs_v
-    bits = qk * per_q_k + (tokens - qk) * FP_BITS + qv * per_q_v + (tokens - qv) * FP_BITS
-    return bits / (2 * tokens) if tokens else float(FP_BITS)
+    per_q_k = nbits + 2 * fp_bits / group_size
+    per_q_v = nbits + 2 * fp_bits / gs_v
+    bits = qk * per_q_k + (tokens - qk) * fp_bits + qv * per_q_v + (tokens - qv) * fp_bits
+    return bits / (2 * tokens) if tokens else float(fp_bits)
 
 
 class KIVILayer(DynamicLayer):
@@ -118,12 +120,11 @@ class KIVILayer(DynamicLayer):
             return {"k": (0, 0), "v": (0, 0), "values_per_token": 0}
         b, h, t, d = self.keys.shape
         per_tok = b * h * d
+        fp = 8 * self.keys.element_size()
         gs_v = self.group_size if d % self.group_size == 0 else d
-        k_bits = self.n_quant_k * per_tok * (self.nbits + 2 * SCALE_BITS / self.group_size) \
-            + (t - self.n_quant_k) * per_tok * FP_BITS
-        v_bits = self.n_quant_v * per_tok * (self.nbits + 2 * SCALE_BITS / gs_v) \
-            + (t - self.n_quant_v) * per_tok * FP_BITS
-        return {"k": (k_bits, t * per_tok), "v": (v_bits, t * per_tok), "tokens": t}
+        k_bits = self.n_quant_k * per_tok * (self.nbits + 2 * fp / self.group_size) + (t - self.n_quant_k) * per_tok * fp
+        v_bits = self.n_quant_v * per_tok * (self.nbits + 2 * fp / gs_v) + (t - self.n_quant_v) * per_tok * fp
+        return {"k": (k_bits, t * per_tok), "v": (v_bits, t * per_tok), "tokens": t, "fp_bits": fp}
 
 
 class KIVICache(Cache):
@@ -143,8 +144,10 @@ class KIVICache(Cache):
         k_bits = v_bits = 0.0
         k_vals = v_vals = 0
         tokens = 0
+        fp = FP_BITS
         for layer in self.layers:
             m = layer.memory()
+            fp = m.get("fp_bits", fp)
             k_bits += m["k"][0]
             v_bits += m["v"][0]
             k_vals += m["k"][1]
@@ -152,16 +155,16 @@ class KIVICache(Cache):
             tokens = max(tokens, m.get("tokens", 0))
 
         def part(bits, vals):
-            return {"dense_bytes": vals * FP_BITS // 8, "compressed_bytes": bits / 8,
+            return {"dense_bytes": vals * fp // 8, "compressed_bytes": bits / 8,
                     "bits_per_value": bits / vals if vals else None}
 
-        dense = (k_vals + v_vals) * FP_BITS / 8
+        dense = (k_vals + v_vals) * fp // 8
         comp = (k_bits + v_bits) / 8
         return {"tokens": tokens, "dense_bytes": dense, "compressed_bytes": comp,
                 "bits_per_value": (k_bits + v_bits) / (k_vals + v_vals) if k_vals + v_vals else None,
                 "compression_ratio": dense / comp if comp else None,
                 "k": part(k_bits, k_vals), "v": part(v_bits, v_vals),
-                "method": f"kivi{self.nbits}", "group_size": self.group_size,
+                "method": f"kivi{self.nbits}", "group_size": self.group_size, "fp_bits": fp,
                 "residual_length": self.residual_length}
 
 
@@ -178,6 +181,7 @@ def hf_quantized_bits_per_value(cache, group_size: int = 64) -> float | None:
         if per_tok == 0:
             continue
         q = n - resid
-        total_bits += 2 * (q * per_tok * (layer.nbits + 2 * SCALE_BITS / group_size) + resid * per_tok * FP_BITS)
+        fp = 8 * layer.keys.element_size()
+        total_bits += 2 * (q * per_tok * (layer.nbits + 2 * fp / group_size) + resid * per_tok * fp)
         total_vals += 2 * n * per_tok
     return total_bits / total_vals if total_vals else None

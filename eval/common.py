@@ -255,6 +255,14 @@ def parse_cache_spec(spec: str | CacheSpec) -> CacheSpec:
         if "=" not in body:
             if "," in body or not re.fullmatch(r"[A-Za-z0-9_.\-]+", body):
                 raise _spec_error(spec, f"{body!r} is not a preset name")
+            try:
+                import kvcomp_hf
+
+                kvcomp_hf.load_preset(body)
+            except ImportError:
+                pass
+            except ValueError as err:
+                raise _spec_error(spec, str(err)) from err
             return CacheSpec(name=f"kvcomp:{body}", kind="kvcomp", preset=body)
         preset = None
         overrides = []
@@ -741,3 +749,39 @@ def text_sha256(text: str) -> str:
     import hashlib
 
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------- tiny model (tests)
+
+
+def build_tiny_model(path: str | Path, text: str | None = None, vocab_size: int = 512, head_dim: int = 32,
+                     seed: int = 0) -> Path:
+    """Save a random tiny Llama and a BPE tokenizer trained on `text` (default: pydoc topics) under `path`.
+
+    For harness plumbing tests and smoke runs: no download; load it back with load_model(str(path)).
+    The tokenizer has a minimal chat template, "</s>" as eos and "<pad>" as pad.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    text = text if text is not None else _pydoc_text()
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    lines = text.split("\n")
+    tok.train_from_iterator(lines, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.chat_template = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                          "{% if add_generation_prompt %}<s>assistant: {% endif %}")
+    fast.save_pretrained(path)
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(fast), hidden_size=4 * head_dim, intermediate_size=8 * head_dim,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim,
+                         max_position_embeddings=16384, pad_token_id=fast.pad_token_id,
+                         bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id)
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path

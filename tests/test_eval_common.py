@@ -114,7 +114,7 @@ def test_make_cache_fresh_and_bits(tiny):
     a, b = common.make_cache("kivi2", model), common.make_cache("kivi2", model)
     assert a is not b
     assert common.cache_bits_per_value(None) == 16.0
-    assert common.cache_bits_per_value("kivi2", model, tokens=100_000) == pytest.approx(3.0, abs=0.01)
+    assert common.cache_bits_per_value("kivi2", model, tokens=100_000) == pytest.approx(3.0, abs=0.02)
     assert common.cache_bits_per_value("kvcomp") is None
 
 
