@@ -1,0 +1,299 @@
+"""Triton fused decompress + attention for decode (q_len 1..8), flash-decoding style.
+
+Programs run over (batch, kv-head, split of compressed blocks) plus one extra split per
+(batch, kv-head) for the dense tail. Each program unpacks K of a block in registers (pack mins,
+widths, prefix sum of widths, payload fields read through 32-bit words of the pool), scores all
+query rows of the GQA group (q_len x group rows, padded to 16 for the matrix unit), keeps an
+online softmax, unpacks V and accumulates. Scale and min fold out of the inner loop:
+    q . k_hat = step * (q . int) + min * sum(q)
+    sum_t p_t v_hat_t = sum_t (p_t * step_t) int_t + sum_t p_t * min_t
+A combine kernel merges the splits (one softmax over all tokens) and writes out in q's dtype.
+Nothing decompressed goes to global memory; accumulation is float32.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from kvcomp_hf.codec import BLOCK_SIZE, BlockFormat, width_bits
+
+LOG2E = 1.4426950408889634
+
+# Dot precisions for 16-bit models (the integers and 16-bit q/k/v are exact in tf32 up to 11 bits).
+# The V dot multiplies float32 weights p*step: tf32x3 keeps them at ~float32 precision.
+PREC_V_16 = os.environ.get("KVCOMP_PREC_V", "tf32x3")
+
+
+@triton.jit
+def _read_fixed(pool32, bit, L: tl.constexpr):
+    """Fields of constant width L (<= 16) at absolute bit offsets `bit` (int64)."""
+    w = bit >> 5
+    s = (bit & 31).to(tl.int32)
+    lo = tl.load(pool32 + w).to(tl.uint32, bitcast=True).to(tl.int64)
+    hi = tl.load(pool32 + w + 1, mask=s + L > 32, other=0).to(tl.uint32, bitcast=True).to(tl.int64)
+    return (((lo | (hi << 32)) >> s) & ((1 << L) - 1)).to(tl.int32)
+
+
+@triton.jit
+def _read_var(pool32, bit, L):
+    """Fields of per-element width L (int32, 0..16) at absolute bit offsets `bit` (int64)."""
+    w = bit >> 5
+    s = (bit & 31).to(tl.int32)
+    lo = tl.load(pool32 + w, mask=L > 0, other=0).to(tl.uint32, bitcast=True).to(tl.int64)
+    hi = tl.load(pool32 + w + 1, mask=s + L > 32, other=0).to(tl.uint32, bitcast=True).to(tl.int64)
+    mask = (tl.full(L.shape, 1, tl.int64) << L.to(tl.int64)) - 1
+    return (((lo | (hi << 32)) >> s) & mask).to(tl.int32)
+
+
+@triton.jit
+def _unpack(pool32, seg_off, P: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, WB: tl.constexpr,
+            META: tl.constexpr):
+    """Integers of one segment -> float32 [64, D] in stored (permuted) token order."""
+    R: tl.constexpr = 64 // P
+    NP: tl.constexpr = R * D
+    base = seg_off * 8
+    i = (tl.arange(0, R)[:, None] * D + tl.arange(0, D)[None, :]).to(tl.int64)
+    pmin = _read_fixed(pool32, base + i * BITS, BITS)
+    width = _read_fixed(pool32, base + NP * BITS + i * WB, WB)
+    rowsum = tl.sum(width, axis=1)
+    rowoff = tl.cumsum(rowsum, axis=0) - rowsum
+    excl = rowoff[:, None] + tl.cumsum(width, axis=1) - width
+    start = base + META * 8 + P * excl.to(tl.int64)
+    j = tl.arange(0, P)[None, :, None]
+    w3 = width[:, None, :]
+    off = start[:, None, :] + j * w3
+    vals = _read_var(pool32, off, tl.broadcast_to(w3, (R, P, D))) + pmin[:, None, :]
+    return tl.reshape(vals, (64, D)).to(tl.float32)
+
+
+@triton.jit
+def _decode_kernel(q_ptr, sq_b, sq_h, sq_t, sq_d,
+                   kt_ptr, skt_b, skt_h, skt_t, skt_d, vt_ptr, svt_b, svt_h, svt_t, svt_d, T,
+                   pool32, so_ptr, so_s, so_kv,
+                   tmin_ptr, tm_s, tm_kv, tm_t, tstep_ptr, ts_s, ts_kv, ts_t,
+                   perm_ptr, pm_s, bt_ptr, bt_b, nb,
+                   valid_ptr, va_b,
+                   m_ptr, l_ptr, acc_ptr,
+                   scale_log2, bps, NS,
+                   GROUP: tl.constexpr, QLEN: tl.constexpr, M: tl.constexpr, D: tl.constexpr,
+                   P: tl.constexpr, BITS_K: tl.constexpr, BITS_V: tl.constexpr, WB_K: tl.constexpr,
+                   WB_V: tl.constexpr, META_K: tl.constexpr, META_V: tl.constexpr,
+                   TOKEN_GRAN: tl.constexpr, HAS_MASK: tl.constexpr,
+                   PREC_K: tl.constexpr, PREC_V: tl.constexpr):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    s_id = tl.program_id(2)
+    H = tl.num_programs(1)
+    b64 = b.to(tl.int64)
+    rows = tl.arange(0, M)
+    row_ok = rows < GROUP * QLEN
+    g = rows // QLEN
+    qi = rows % QLEN
+    kv_len = nb * 64 + T
+    qpos = kv_len - QLEN + qi
+    cols = tl.arange(0, D)
+    q = tl.load(q_ptr + b64 * sq_b + (h * GROUP + g).to(tl.int64)[:, None] * sq_h + qi[:, None] * sq_t
+                + cols[None, :] * sq_d, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    qsum = tl.sum(q, axis=1)
+    m_i = tl.full([M], float("-inf"), tl.float32)
+    l_i = tl.zeros([M], tl.float32)
+    acc = tl.zeros([M, D], tl.float32)
+    idx = tl.arange(0, 64)
+    if TOKEN_GRAN:
+        gsel = 0
+    else:
+        gsel = h
+    if s_id < NS:
+        accmin = tl.zeros([M], tl.float32)
+        blk_lo = s_id * bps
+        blk_hi = tl.minimum(blk_lo + bps, nb)
+        for blk in range(blk_lo, blk_hi):
+            slot = tl.load(bt_ptr + b64 * bt_b + blk).to(tl.int64)
+            perm = tl.load(perm_ptr + slot * pm_s + idx).to(tl.int32)
+            pos = blk * 64 + perm
+            valid = pos[None, :] <= qpos[:, None]
+            if HAS_MASK:
+                ok = tl.load(valid_ptr + b64 * va_b + pos).to(tl.int1)
+                valid = valid & ok[None, :]
+            k_off = tl.load(so_ptr + slot * so_s + h)
+            kint = _unpack(pool32, k_off, P, D, BITS_K, WB_K, META_K)
+            kmin = tl.load(tmin_ptr + slot * tm_s + idx * tm_t + gsel).to(tl.float32)
+            kstep = tl.load(tstep_ptr + slot * ts_s + idx * ts_t + gsel).to(tl.float32)
+            s = tl.dot(q, tl.trans(kint), input_precision=PREC_K)
+            s = (s * kstep[None, :] + qsum[:, None] * kmin[None, :]) * scale_log2
+            s = tl.where(valid, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v_off = tl.load(so_ptr + slot * so_s + so_kv + h)
+            vint = _unpack(pool32, v_off, P, D, BITS_V, WB_V, META_V)
+            vmin = tl.load(tmin_ptr + slot * tm_s + tm_kv + idx * tm_t + gsel).to(tl.float32)
+            vstep = tl.load(tstep_ptr + slot * ts_s + ts_kv + idx * ts_t + gsel).to(tl.float32)
+            acc = acc * alpha[:, None] + tl.dot(p * vstep[None, :], vint, input_precision=PREC_V)
+            accmin = accmin * alpha + tl.sum(p * vmin[None, :], axis=1)
+            m_i = m_new
+        acc = acc + accmin[:, None]
+    else:
+        for t0 in range(0, T, 64):
+            t = t0 + idx
+            tok = t < T
+            kx = tl.load(kt_ptr + b64 * skt_b + h.to(tl.int64) * skt_h + t.to(tl.int64)[:, None] * skt_t
+                         + cols[None, :] * skt_d, mask=tok[:, None], other=0.0).to(tl.float32)
+            s = tl.dot(q, tl.trans(kx), input_precision=PREC_K) * scale_log2
+            pos = nb * 64 + t
+            valid = tok[None, :] & (pos[None, :] <= qpos[:, None])
+            if HAS_MASK:
+                ok = tl.load(valid_ptr + b64 * va_b + pos, mask=tok, other=0).to(tl.int1)
+                valid = valid & ok[None, :]
+            s = tl.where(valid, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            vx = tl.load(vt_ptr + b64 * svt_b + h.to(tl.int64) * svt_h + t.to(tl.int64)[:, None] * svt_t
+                         + cols[None, :] * svt_d, mask=tok[:, None], other=0.0).to(tl.float32)
+            acc = acc * alpha[:, None] + tl.dot(p, vx, input_precision=PREC_V)
+            m_i = m_new
+    # partials [B, H, NS + 1, M] and [B, H, NS + 1, M, D]
+    pbase = ((b64 * H + h) * (NS + 1) + s_id) * M
+    tl.store(m_ptr + pbase + rows, m_i)
+    tl.store(l_ptr + pbase + rows, l_i)
+    tl.store(acc_ptr + (pbase + rows.to(tl.int64))[:, None] * D + cols[None, :], acc)
+
+
+@triton.jit
+def _combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, so_b, so_h, so_t, so_d, H, NSP1,
+                    GROUP: tl.constexpr, QLEN: tl.constexpr, M: tl.constexpr, D: tl.constexpr,
+                    SP: tl.constexpr, SC: tl.constexpr):
+    b = tl.program_id(0)
+    hq = tl.program_id(1)
+    qi = tl.program_id(2)
+    h = hq // GROUP
+    row = (hq % GROUP) * QLEN + qi
+    base = (b.to(tl.int64) * H + h) * NSP1
+    # global max over splits
+    mx = tl.full([SP], float("-inf"), tl.float32)
+    for s0 in range(0, NSP1, SP):
+        sp = s0 + tl.arange(0, SP)
+        mx = tl.maximum(mx, tl.load(m_ptr + (base + sp) * M + row, mask=sp < NSP1, other=float("-inf")))
+    m_all = tl.max(mx, axis=0)
+    m_safe = tl.where(m_all == float("-inf"), 0.0, m_all)
+    cols = tl.arange(0, D)
+    acc = tl.zeros([D], tl.float32)
+    lsum = tl.zeros([SC], tl.float32)
+    for s0 in range(0, NSP1, SC):
+        sp = s0 + tl.arange(0, SC)
+        ok = sp < NSP1
+        ms = tl.load(m_ptr + (base + sp) * M + row, mask=ok, other=float("-inf"))
+        ls = tl.load(l_ptr + (base + sp) * M + row, mask=ok, other=0.0)
+        w = tl.exp2(ms - m_safe)
+        lsum += w * ls
+        a = tl.load(acc_ptr + ((base + sp) * M + row)[:, None] * D + cols[None, :], mask=ok[:, None], other=0.0)
+        acc += tl.sum(w[:, None] * a, axis=0)
+    L = tl.sum(lsum, axis=0)
+    out = tl.where(L > 0, acc / tl.where(L > 0, L, 1.0), 0.0)
+    tl.store(out_ptr + b.to(tl.int64) * so_b + hq * so_h + qi * so_t + cols * so_d,
+             out.to(out_ptr.dtype.element_ty))
+
+
+_SM_COUNT: dict = {}
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    if key not in _SM_COUNT:
+        _SM_COUNT[key] = torch.cuda.get_device_properties(key).multi_processor_count
+    return _SM_COUNT[key]
+
+
+def choose_splits(batch: int, kv_heads: int, nb: int, sms: int) -> tuple[int, int]:
+    """(num_splits, blocks_per_split) so that batch*kv_heads*num_splits fills the chip (~2 waves)."""
+    if nb == 0:
+        return 0, 1
+    want = max(1, math.ceil(2 * sms / max(1, batch * kv_heads)))
+    ns = min(nb, want)
+    bps = math.ceil(nb / ns)
+    return math.ceil(nb / bps), bps
+
+
+def decode_attention(q, k_tail, v_tail, pool, seg_offset, token_min, token_step, perm, block_table, kv_valid,
+                     scaling, fmt: BlockFormat, num_splits: int | None = None):
+    """Attention of the last q_len positions over compressed blocks + dense tail.
+
+    q [B, Hq, q_len, D]; k_tail, v_tail [B, H, T, D]; block_table int32 [B, nb]; kv_valid bool
+    [B, nb*64 + T] or None. Query i has position kv_len - q_len + i and sees positions <= its own.
+    Returns out [B, Hq, q_len, D] in q's dtype."""
+    B, Hq, QLEN, D = q.shape
+    H = fmt.num_heads
+    if k_tail.shape[0] != B or k_tail.shape[1] != H or k_tail.shape[3] != D or v_tail.shape != k_tail.shape:
+        raise ValueError(f"tail shapes {tuple(k_tail.shape)}, {tuple(v_tail.shape)} do not match q {tuple(q.shape)} "
+                         f"and {H} kv heads")
+    if Hq % H != 0:
+        raise ValueError(f"query heads ({Hq}) must be a multiple of kv heads ({H})")
+    if D != fmt.head_dim or D & (D - 1) or D < 16:
+        raise ValueError(f"head_dim {D} must equal the format's ({fmt.head_dim}) and be a power of two >= 16")
+    if not 1 <= QLEN <= 16:
+        raise ValueError(f"q_len must be in 1..16, got {QLEN}")
+    if block_table.dim() != 2 or block_table.shape[0] != B:
+        raise ValueError(f"block_table must be [B, nb], got {tuple(block_table.shape)}")
+    if seg_offset.stride(2) != 1 or (fmt.groups > 1 and (token_min.stride(3) != 1 or token_step.stride(3) != 1)) \
+            or perm.stride(1) != 1 or block_table.stride(1) != 1:
+        raise ValueError("seg_offset/token_min/token_step/perm/block_table need a contiguous last dim")
+    nb = block_table.shape[1]
+    T = k_tail.shape[2]
+    kv_len = nb * BLOCK_SIZE + T
+    group = Hq // H
+    M = max(16, triton.next_power_of_2(group * QLEN))
+    dev = q.device
+    if kv_valid is not None:
+        if kv_valid.shape != (B, kv_len):
+            raise ValueError(f"kv_valid must be [B, {kv_len}], got {tuple(kv_valid.shape)}")
+        if kv_valid.stride(1) != 1:
+            kv_valid = kv_valid.contiguous()
+        valid_arg = kv_valid.view(torch.uint8) if kv_valid.dtype == torch.bool else kv_valid
+        va_b = kv_valid.stride(0)
+    else:
+        valid_arg, va_b = block_table, 0
+    if num_splits is None:
+        ns, bps = choose_splits(B, H, nb, _num_sms(dev))
+    else:
+        ns = min(nb, max(1, num_splits)) if nb else 0
+        bps = math.ceil(nb / ns) if ns else 1
+        ns = math.ceil(nb / bps) if ns else 0
+    out = torch.empty_like(q)
+    if B == 0 or Hq == 0:
+        return out
+    m_part = torch.empty(B, H, ns + 1, M, dtype=torch.float32, device=dev)
+    l_part = torch.empty_like(m_part)
+    acc_part = torch.empty(B, H, ns + 1, M, D, dtype=torch.float32, device=dev)
+    sixteen = q.dtype in (torch.float16, torch.bfloat16) and k_tail.dtype in (torch.float16, torch.bfloat16)
+    prec_k = "tf32" if sixteen and fmt.bits_k <= 11 else "ieee"
+    prec_v = PREC_V_16 if sixteen and fmt.bits_v <= 11 else "ieee"
+    pool32 = pool[: pool.numel() // 4 * 4].view(torch.int32)
+    nw = 4 if D <= 64 else 8
+    _decode_kernel[(B, H, ns + 1)](
+        q, *q.stride(), k_tail, *k_tail.stride(), v_tail, *v_tail.stride(), T,
+        pool32, seg_offset, seg_offset.stride(0), seg_offset.stride(1),
+        token_min, token_min.stride(0), token_min.stride(1), token_min.stride(2),
+        token_step, token_step.stride(0), token_step.stride(1), token_step.stride(2),
+        perm, perm.stride(0), block_table, block_table.stride(0), nb,
+        valid_arg, va_b, m_part, l_part, acc_part,
+        float(scaling) * LOG2E, bps, ns,
+        GROUP=group, QLEN=QLEN, M=M, D=D, P=fmt.pack_size, BITS_K=fmt.bits_k, BITS_V=fmt.bits_v,
+        WB_K=width_bits(fmt.bits_k), WB_V=width_bits(fmt.bits_v), META_K=fmt.meta_bytes(0),
+        META_V=fmt.meta_bytes(1), TOKEN_GRAN=fmt.granularity == "token", HAS_MASK=kv_valid is not None,
+        PREC_K=prec_k, PREC_V=prec_v, num_warps=nw)
+    _combine_kernel[(B, Hq, QLEN)](
+        m_part, l_part, acc_part, out, *out.stride(), H, ns + 1,
+        GROUP=group, QLEN=QLEN, M=M, D=D, SP=64, SC=8, num_warps=4 if D <= 128 else 8)
+    return out

@@ -1,0 +1,239 @@
+"""Kernel tests: store vs the reference codec (bit-exact), fused decode attention vs SDPA on the
+dequantised cache. CPU tests run the kernels in the Triton interpreter with tiny shapes; tests
+marked `cuda` use real shapes and skip without a GPU."""
+
+import math
+import os
+import zlib
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+
+pytest.importorskip("triton")
+
+from kvcomp_hf import codec  # noqa: E402
+from kvcomp_hf.config import KVCompConfig  # noqa: E402
+from kvcomp_hf.kernels import decode_attention, encode_blocks_triton, store_blocks  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+DEV = "cuda" if HAS_CUDA else "cpu"
+cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 2e-3}
+
+
+def _kv(n, h, t, d, dtype, gen, outliers=False, device=DEV):
+    k = torch.randn(n, h, t, d, generator=gen)
+    v = torch.randn(n, h, t, d, generator=gen)
+    if outliers:  # a few channels x20, as K has after RoPE in real models
+        ch = torch.randperm(d, generator=gen)[:3]
+        k[..., ch] *= 20
+        v[..., ch[:1]] *= 20
+    return k.to(dtype).to(device), v.to(dtype).to(device)
+
+
+def _assert_same_encoding(e1, e0):
+    assert torch.equal(e1.seg_offset.cpu(), e0.seg_offset.cpu())
+    assert torch.equal(e1.seg_bytes.cpu(), e0.seg_bytes.cpu())
+    assert torch.equal(e1.perm.cpu(), e0.perm.cpu())
+    assert torch.equal(e1.token_step.cpu(), e0.token_step.cpu())
+    assert torch.equal(e1.token_min.cpu(), e0.token_min.cpu())
+    assert e1.data.numel() == e0.data.numel()
+    assert torch.equal(e1.data.cpu(), e0.data.cpu())
+
+
+STORE_CASES = [
+    # (pack, repack, granularity, rel_k, rel_v, dtype, outliers)
+    (16, "median", "token", 0.1, 0.2, torch.bfloat16, False),
+    (16, "median", "token", 0.1, 0.2, torch.bfloat16, True),
+    (8, "none", "token", 0.05, 0.3, torch.float16, True),
+    (4, "median", "token_head", 0.3, 0.05, torch.float32, False),
+    (4, "none", "token_head", 0.2, 0.1, torch.bfloat16, True),
+    (8, "median", "token_head", 0.05, 0.2, torch.float16, False),
+    (16, "median", "token", 0.01, 0.3, torch.float32, True),
+]
+
+
+@pytest.mark.parametrize("pack,repack,gran,rel_k,rel_v,dtype,outliers", STORE_CASES)
+def test_store_matches_codec(pack, repack, gran, rel_k, rel_v, dtype, outliers):
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((pack, repack, gran, rel_k, rel_v, dtype, outliers)).encode()))
+    cfg = KVCompConfig(rel_k=rel_k, rel_v=rel_v, pack_size=pack, repack=repack, granularity=gran)
+    k, v = _kv(3, 2, 64, 32, dtype, gen, outliers)
+    e1, f1 = encode_blocks_triton(k, v, cfg)
+    e0, f0 = codec.encode_blocks(k, v, cfg)
+    assert f1 == f0
+    _assert_same_encoding(e1, e0)
+
+
+def test_store_constant_tokens_and_strided_input():
+    """Constant tokens (step 0), a strided view of a longer tail, two sequences, slot_start > 0,
+    a non-zero pool_used and old bytes in the pool past it."""
+    gen = torch.Generator().manual_seed(7)
+    cfg = KVCompConfig()
+    B, H, nb, D = 2, 2, 2, 16
+    tail = torch.randn(B, H, nb * 64 + 9, D, generator=gen).to(torch.bfloat16).to(DEV)
+    tail[0, :, 5] = 1.5  # constant token across heads
+    tail_v = torch.randn(B, H, nb * 64 + 9, D, generator=gen).to(torch.bfloat16).to(DEV)
+    tail_v[1, :, 70] = -2.0
+    k, v = tail[:, :, : nb * 64], tail_v[:, :, : nb * 64]
+    fmt = codec.BlockFormat.from_config(cfg, H, D)
+    S = 8
+    pool = torch.full((64 + B * nb * H * (fmt.max_segment_bytes(0) + fmt.max_segment_bytes(1)),), 0xA5,
+                      dtype=torch.uint8, device=DEV)
+    pool_used = torch.tensor([12], dtype=torch.int64, device=DEV)
+    seg_offset = torch.zeros(S, 2, H, dtype=torch.int64, device=DEV)
+    token_min = torch.zeros(S, 2, 64, 1, dtype=torch.bfloat16, device=DEV)
+    token_step = torch.zeros(S, 2, 64, 1, dtype=torch.bfloat16, device=DEV)
+    perm = torch.zeros(S, 64, dtype=torch.uint8, device=DEV)
+    store_blocks(k, v, cfg, fmt, pool, pool_used, seg_offset, token_min, token_step, perm, 3)
+    blocks_k = k.reshape(B, H, nb, 64, D).transpose(1, 2).reshape(B * nb, H, 64, D)
+    blocks_v = v.reshape(B, H, nb, 64, D).transpose(1, 2).reshape(B * nb, H, 64, D)
+    e0, _ = codec.encode_blocks(blocks_k, blocks_v, cfg)
+    n = B * nb
+    total = int(e0.seg_bytes.sum())
+    assert int(pool_used) == 12 + total
+    assert torch.equal(seg_offset[3:3 + n].cpu(), e0.seg_offset.cpu() + 12)
+    assert torch.equal(pool[12:12 + total].cpu(), e0.data.cpu())
+    assert torch.equal(perm[3:3 + n].cpu(), e0.perm.cpu())
+    assert torch.equal(token_min[3:3 + n].cpu(), e0.token_min.cpu())
+    assert torch.equal(token_step[3:3 + n].cpu(), e0.token_step.cpu())
+    assert (pool[:12].cpu() == 0xA5).all()
+    assert (token_step[3:3 + n, :, :].float() == 0).any()  # the constant tokens
+
+
+# ---------------------------------------------------------------------------------------------
+# Decode attention
+
+
+def _build_cache(B, H, nb, T, D, dtype, cfg, gen, shuffle_slots=False, device=DEV):
+    fmt = codec.BlockFormat.from_config(cfg, H, D)
+    k, v = _kv(B, H, nb * 64 + T, D, dtype, gen, outliers=True, device=device)
+    S = B * nb
+    pool = torch.empty(max(4, S * H * (fmt.max_segment_bytes(0) + fmt.max_segment_bytes(1))), dtype=torch.uint8,
+                       device=device)
+    pool_used = torch.zeros(1, dtype=torch.int64, device=device)
+    seg_offset = torch.zeros(max(S, 1), 2, H, dtype=torch.int64, device=device)
+    token_min = torch.zeros(max(S, 1), 2, 64, fmt.groups, dtype=dtype, device=device)
+    token_step = torch.zeros(max(S, 1), 2, 64, fmt.groups, dtype=torch.bfloat16, device=device)
+    perm = torch.zeros(max(S, 1), 64, dtype=torch.uint8, device=device)
+    store_blocks(k[:, :, : nb * 64], v[:, :, : nb * 64], cfg, fmt, pool, pool_used, seg_offset, token_min,
+                 token_step, perm, 0)
+    block_table = torch.arange(S, dtype=torch.int32, device=device).view(B, nb)
+    if shuffle_slots and B > 1:  # beam-search style: rows swapped, one row sharing the other's slots
+        block_table = block_table.flip(0).contiguous()
+        block_table[-1] = block_table[0]
+        k[-1, :, : nb * 64] = k[0, :, : nb * 64]  # the dense copy only feeds the tail below
+        v[-1, :, : nb * 64] = v[0, :, : nb * 64]
+    return fmt, k, v, pool, seg_offset, token_min, token_step, perm, block_table
+
+
+def _reference(q, fmt, k, v, pool, seg_offset, token_min, token_step, perm, block_table, kv_valid, scaling,
+               ref_dtype=torch.float64):
+    B, H, _, D = k.shape
+    nb = block_table.shape[1]
+    k_tail, v_tail = k[:, :, nb * 64:], v[:, :, nb * 64:]
+    if nb:
+        slots = block_table.long().flatten()
+        enc = codec.EncodedBlocks(pool, seg_offset[slots], None, token_min[slots], token_step[slots], perm[slots])
+        kh, vh = codec.decode_blocks(enc, fmt)
+        kh = kh.view(B, nb, H, 64, D).transpose(1, 2).reshape(B, H, nb * 64, D)
+        vh = vh.view(B, nb, H, 64, D).transpose(1, 2).reshape(B, H, nb * 64, D)
+        kk = torch.cat([kh.to(ref_dtype), k_tail.to(ref_dtype)], 2)
+        vv = torch.cat([vh.to(ref_dtype), v_tail.to(ref_dtype)], 2)
+    else:
+        kk, vv = k_tail.to(ref_dtype), v_tail.to(ref_dtype)
+    Hq, QL = q.shape[1], q.shape[2]
+    L = kk.shape[2]
+    qpos = L - QL + torch.arange(QL, device=q.device)
+    mask = (torch.arange(L, device=q.device)[None, :] <= qpos[:, None])[None, None]
+    if kv_valid is not None:
+        mask = mask & kv_valid[:, None, None, :]
+    return torch.nn.functional.scaled_dot_product_attention(
+        q.to(ref_dtype), kk, vv, attn_mask=mask, scale=scaling, enable_gqa=Hq != H)
+
+
+def _check_decode(B, H, group, nb, T, D, QL, dtype, cfg, seed, padding=True, shuffle=False, num_splits=None,
+                  device=DEV, ref_dtype=torch.float64):
+    gen = torch.Generator().manual_seed(seed)
+    fmt, k, v, pool, so, tm, ts, pm, bt = _build_cache(B, H, nb, T, D, dtype, cfg, gen, shuffle, device)
+    q = torch.randn(B, H * group, QL, D, generator=gen).to(dtype).to(device)
+    L = nb * 64 + T
+    kv_valid = None
+    if padding:
+        kv_valid = torch.ones(B, L, dtype=torch.bool, device=device)
+        kv_valid[0, : min(L - 1, 37)] = False  # left padding of row 0
+        if B > 1:
+            kv_valid[-1, 1::5] = False
+    scaling = 1.0 / math.sqrt(D)
+    out = torch.full_like(q, float("nan"))
+    out = decode_attention(q, k[:, :, nb * 64:], v[:, :, nb * 64:], pool, so, tm, ts, pm, bt, kv_valid, scaling,
+                           fmt, num_splits=num_splits)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert not out.isnan().any(), "output not fully written"
+    ref = _reference(q, fmt, k, v, pool, so, tm, ts, pm, bt, kv_valid, scaling, ref_dtype)
+    err = ((out.to(ref.dtype) - ref).norm() / ref.norm()).item()
+    assert err < TOL[dtype], f"relative error {err:.2e}"
+    return err
+
+
+DECODE_CASES = [
+    # (B, H, group, nb, T, D, q_len, dtype, cfg kwargs, splits)
+    (2, 2, 2, 3, 5, 32, 1, torch.bfloat16, {}, 2),
+    (2, 2, 2, 3, 5, 32, 4, torch.bfloat16, {}, None),
+    (2, 1, 3, 2, 0, 16, 4, torch.float16, {"granularity": "token_head", "pack_size": 8}, 1),
+    (1, 2, 1, 0, 70, 16, 1, torch.float32, {}, None),
+    (2, 2, 1, 0, 9, 16, 4, torch.bfloat16, {}, None),
+    (2, 2, 2, 1, 0, 16, 8, torch.float32, {"pack_size": 4, "rel_k": 0.02, "repack": "none"}, None),
+    (1, 2, 4, 4, 130, 32, 1, torch.float16, {"rel_k": 0.05, "rel_v": 0.1}, 3),
+]
+
+
+@pytest.mark.parametrize("B,H,group,nb,T,D,QL,dtype,kw,splits", DECODE_CASES)
+def test_decode_attention(B, H, group, nb, T, D, QL, dtype, kw, splits):
+    _check_decode(B, H, group, nb, T, D, QL, dtype, KVCompConfig(**kw), seed=nb * 100 + T + QL, num_splits=splits)
+
+
+def test_decode_attention_shared_slots_no_padding():
+    _check_decode(2, 2, 2, 2, 3, 16, 1, torch.bfloat16, KVCompConfig(), seed=5, padding=False, shuffle=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA (real shapes)
+
+
+@pytest.mark.cuda
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("cfg", [KVCompConfig(), KVCompConfig(pack_size=4, repack="none", granularity="token_head",
+                                                              rel_k=0.05, rel_v=0.3)])
+def test_store_matches_codec_cuda(dtype, cfg):
+    gen = torch.Generator().manual_seed(11)
+    for D in (64, 128):
+        k, v = _kv(40, 8, 64, D, dtype, gen, outliers=True, device="cuda")
+        e1, _ = encode_blocks_triton(k, v, cfg)
+        e0, _ = codec.encode_blocks(k, v, cfg)
+        _assert_same_encoding(e1, e0)
+
+
+@pytest.mark.cuda
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("B", [1, 8])
+@pytest.mark.parametrize("ctx", [4096, 32768])
+def test_decode_attention_cuda(ctx, B, D, dtype):
+    T = 128 + 17
+    nb = (ctx - T) // 64
+    T = ctx - nb * 64
+    _check_decode(B, 4, 4, nb, T, D, 1, dtype, KVCompConfig(), seed=ctx + B + D, device="cuda",
+                  ref_dtype=torch.float32)
+
+
+@pytest.mark.cuda
+@cuda_only
+@pytest.mark.parametrize("QL", [4, 8])
+def test_decode_attention_cuda_multi_query(QL):
+    _check_decode(2, 8, 4, 60, 140, 128, QL, torch.bfloat16, KVCompConfig(), seed=QL, device="cuda",
+                  ref_dtype=torch.float32)
