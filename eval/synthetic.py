@@ -137,13 +137,13 @@ class Haystack:
         return self._lens[i]
 
     def take(self, rng: random.Random, n_tokens: int) -> list[str]:
-        """Consecutive sentences from a random start (wrapping around) totalling about n_tokens tokens."""
+        """Consecutive sentences from a random start (wrapping around) totalling at most n_tokens tokens."""
         out: list[str] = []
         if n_tokens <= 0:
             return out
         i = rng.randrange(len(self.sentences))
         total = 0
-        while total < n_tokens:
+        while total + self.n_tokens(i) <= n_tokens:  # never more than n_tokens
             total += self.n_tokens(i)
             out.append(self.sentences[i])
             i = (i + 1) % len(self.sentences)
@@ -356,21 +356,29 @@ class SyntheticSuite:
         """One sample whose prompt (chat template and answer prefix included) plus generation fits `length` tokens."""
         max_new = MAX_NEW_TOKENS[task]
         target = length - max_new
-        budget = target
+        tol = max(8, target // 100)
         best = None
-        for _ in range(6):  # the haystack is sized on sentence token counts; correct with the real total
+        lo, hi = 0, None  # haystack budgets known to fit / not to fit
+        budget = target
+        for _ in range(14):  # sentence token counts only approximate the joint tokenisation: search the budget
             rng = random.Random(f"{self.seed}/{task}/{length}/{index}")
             prompt, prefix, refs, meta = self._build(task, rng, budget)
             n = len(self.prompt_ids(prompt, prefix))
             if n <= target:
-                best = (prompt, prefix, refs, meta, n)
-                if target - n <= max(16, target // 50):
+                if best is None or n > best[4]:
+                    best = (prompt, prefix, refs, meta, n)
+                if target - n <= tol:
                     break
-                budget += int((target - n) * 0.9)
+                lo = budget
+                nxt = budget + (target - n) if hi is None else (lo + hi) // 2
             else:
-                budget -= int((n - target) * 1.05) + 8
+                hi = budget
+                nxt = min(max(budget - (n - target), 0), (lo + hi) // 2)
+            if nxt == budget:
+                break
+            budget = nxt
         if best is None:
-            best = (prompt, prefix, refs, meta, n)
+            raise ValueError(f"{task}: the prompt alone needs {n} tokens, more than length {length} - {max_new}")
         prompt, prefix, refs, meta, n = best
         meta = dict(meta, prompt_tokens=n)
         return Sample(task, length, index, prompt, prefix, list(refs), max_new, meta)
