@@ -151,12 +151,15 @@ def count_score(prediction: str, ground_truth: str, **kwargs) -> float:
 def fuzz_ratio(a: str, b: str) -> int:
     """fuzzywuzzy.fuzz.ratio with the python-Levenshtein backend, via rapidfuzz.
 
-    fuzzywuzzy returns 0 when either string is empty and otherwise int(round(100 * InDel similarity));
-    rapidfuzz.fuzz.ratio is that similarity unrounded. (fuzzywuzzy without python-Levenshtein uses difflib,
+    fuzzywuzzy returns 100 for equal strings, else 0 when either string is empty, else
+    int(round(100 * InDel similarity)); rapidfuzz.fuzz.ratio is that similarity unrounded. Checked equal to
+    fuzzywuzzy 0.18 + python-Levenshtein 0.27 on 20,000 random pairs. (fuzzywuzzy without python-Levenshtein uses difflib,
     which can differ by several points; we pin the Levenshtein result.)
     """
     from rapidfuzz import fuzz
 
+    if a == b:
+        return 100
     if not a or not b:
         return 0
     return int(round(fuzz.ratio(a, b)))
