@@ -24,30 +24,24 @@ from kvcomp_hf.codec import BLOCK_SIZE, BlockFormat, width_bits
 
 LOG2E = 1.4426950408889634
 
-# Dot precisions for 16-bit models (the integers and 16-bit q/k/v are exact in tf32 up to 11 bits).
-# The V dot multiplies float32 weights p*step: tf32x3 keeps them at ~float32 precision.
-PREC_V_16 = os.environ.get("KVCOMP_PREC_V", "tf32x3")
+# Dot precisions for 16-bit models: the integers (up to 11 bits) and 16-bit q/k/v are exact in tf32.
+# The V dot multiplies float32 weights p*step: they are split into a tf32 part and a remainder
+# (two tf32 dots on the same operand), ~float32 precision. KVCOMP_SPLIT_V=0 uses one tf32 dot.
+SPLIT_V_16 = os.environ.get("KVCOMP_SPLIT_V", "1") == "1"
+DECODE_WARPS = int(os.environ.get("KVCOMP_DECODE_WARPS", "0"))  # 0: by head_dim
+NUM_STAGES = 1  # the pipeliner would stage the gathered words through shared memory: slower
 
 
 @triton.jit
-def _read_fixed(pool32, bit, L: tl.constexpr):
-    """Fields of constant width L (<= 16) at absolute bit offsets `bit` (int64)."""
+def _read_fields(seg, bit, L, L_MAX: tl.constexpr):
+    """Fields of width L (int32 0..L_MAX <= 16, or a constant) at int32 bit offsets `bit` relative to
+    the segment's first word `seg` (an int32 pointer)."""
     w = bit >> 5
-    s = (bit & 31).to(tl.int32)
-    lo = tl.load(pool32 + w).to(tl.uint32, bitcast=True).to(tl.int64)
-    hi = tl.load(pool32 + w + 1, mask=s + L > 32, other=0).to(tl.uint32, bitcast=True).to(tl.int64)
-    return (((lo | (hi << 32)) >> s) & ((1 << L) - 1)).to(tl.int32)
-
-
-@triton.jit
-def _read_var(pool32, bit, L):
-    """Fields of per-element width L (int32, 0..16) at absolute bit offsets `bit` (int64)."""
-    w = bit >> 5
-    s = (bit & 31).to(tl.int32)
-    lo = tl.load(pool32 + w, mask=L > 0, other=0).to(tl.uint32, bitcast=True).to(tl.int64)
-    hi = tl.load(pool32 + w + 1, mask=s + L > 32, other=0).to(tl.uint32, bitcast=True).to(tl.int64)
-    mask = (tl.full(L.shape, 1, tl.int64) << L.to(tl.int64)) - 1
-    return (((lo | (hi << 32)) >> s) & mask).to(tl.int32)
+    s = (bit & 31).to(tl.uint32)
+    lo = tl.load(seg + w, mask=L > 0, other=0).to(tl.uint32, bitcast=True)
+    hi = tl.load(seg + w + 1, mask=(bit & 31) + L > 32, other=0).to(tl.uint32, bitcast=True)
+    v = (lo >> s) | ((hi << 1) << (31 - s))
+    return (v & ((tl.full(bit.shape, 1, tl.uint32) << L.to(tl.uint32)) - 1)).to(tl.int32)
 
 
 @triton.jit
@@ -56,19 +50,26 @@ def _unpack(pool32, seg_off, P: tl.constexpr, D: tl.constexpr, BITS: tl.constexp
     """Integers of one segment -> float32 [64, D] in stored (permuted) token order."""
     R: tl.constexpr = 64 // P
     NP: tl.constexpr = R * D
-    base = seg_off * 8
-    i = (tl.arange(0, R)[:, None] * D + tl.arange(0, D)[None, :]).to(tl.int64)
-    pmin = _read_fixed(pool32, base + i * BITS, BITS)
-    width = _read_fixed(pool32, base + NP * BITS + i * WB, WB)
+    seg = pool32 + (seg_off >> 2)
+    i = tl.arange(0, R)[:, None] * D + tl.arange(0, D)[None, :]
+    pmin = _read_fields(seg, i * BITS, tl.full([R, D], BITS, tl.int32), BITS)
+    width = _read_fields(seg, NP * BITS + i * WB, tl.full([R, D], WB, tl.int32), WB)
     rowsum = tl.sum(width, axis=1)
     rowoff = tl.cumsum(rowsum, axis=0) - rowsum
     excl = rowoff[:, None] + tl.cumsum(width, axis=1) - width
-    start = base + META * 8 + P * excl.to(tl.int64)
+    start = META * 8 + P * excl
     j = tl.arange(0, P)[None, :, None]
     w3 = width[:, None, :]
     off = start[:, None, :] + j * w3
-    vals = _read_var(pool32, off, tl.broadcast_to(w3, (R, P, D))) + pmin[:, None, :]
+    vals = _read_fields(seg, off, tl.broadcast_to(w3, (R, P, D)), BITS) + pmin[:, None, :]
     return tl.reshape(vals, (64, D)).to(tl.float32)
+
+
+@triton.jit
+def _split_tf32(w):
+    """w = hi + lo with hi exactly representable in tf32."""
+    hi = (w.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+    return hi, w - hi
 
 
 @triton.jit
@@ -84,7 +85,7 @@ def _decode_kernel(q_ptr, sq_b, sq_h, sq_t, sq_d,
                    P: tl.constexpr, BITS_K: tl.constexpr, BITS_V: tl.constexpr, WB_K: tl.constexpr,
                    WB_V: tl.constexpr, META_K: tl.constexpr, META_V: tl.constexpr,
                    TOKEN_GRAN: tl.constexpr, HAS_MASK: tl.constexpr,
-                   PREC_K: tl.constexpr, PREC_V: tl.constexpr):
+                   PREC_K: tl.constexpr, PREC_V: tl.constexpr, SPLIT_V: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
     s_id = tl.program_id(2)
@@ -136,7 +137,14 @@ def _decode_kernel(q_ptr, sq_b, sq_h, sq_t, sq_d,
             vint = _unpack(pool32, v_off, P, D, BITS_V, WB_V, META_V)
             vmin = tl.load(tmin_ptr + slot * tm_s + tm_kv + idx * tm_t + gsel).to(tl.float32)
             vstep = tl.load(tstep_ptr + slot * ts_s + ts_kv + idx * ts_t + gsel).to(tl.float32)
-            acc = acc * alpha[:, None] + tl.dot(p * vstep[None, :], vint, input_precision=PREC_V)
+            w = p * vstep[None, :]
+            if SPLIT_V:
+                w_hi, w_lo = _split_tf32(w)
+                pv = tl.dot(w_hi, vint, input_precision=PREC_V)
+                pv = tl.dot(w_lo, vint, pv, input_precision=PREC_V)
+            else:
+                pv = tl.dot(w, vint, input_precision=PREC_V)
+            acc = acc * alpha[:, None] + pv
             accmin = accmin * alpha + tl.sum(p * vmin[None, :], axis=1)
             m_i = m_new
         acc = acc + accmin[:, None]
@@ -160,7 +168,13 @@ def _decode_kernel(q_ptr, sq_b, sq_h, sq_t, sq_d,
             l_i = l_i * alpha + tl.sum(p, axis=1)
             vx = tl.load(vt_ptr + b64 * svt_b + h.to(tl.int64) * svt_h + t.to(tl.int64)[:, None] * svt_t
                          + cols[None, :] * svt_d, mask=tok[:, None], other=0.0).to(tl.float32)
-            acc = acc * alpha[:, None] + tl.dot(p, vx, input_precision=PREC_V)
+            if SPLIT_V:
+                p_hi, p_lo = _split_tf32(p)
+                pv = tl.dot(p_hi, vx, input_precision=PREC_V)
+                pv = tl.dot(p_lo, vx, pv, input_precision=PREC_V)
+            else:
+                pv = tl.dot(p, vx, input_precision=PREC_V)
+            acc = acc * alpha[:, None] + pv
             m_i = m_new
     # partials [B, H, NS + 1, M] and [B, H, NS + 1, M, D]
     pbase = ((b64 * H + h) * (NS + 1) + s_id) * M
@@ -278,9 +292,10 @@ def decode_attention(q, k_tail, v_tail, pool, seg_offset, token_min, token_step,
     acc_part = torch.empty(B, H, ns + 1, M, D, dtype=torch.float32, device=dev)
     sixteen = q.dtype in (torch.float16, torch.bfloat16) and k_tail.dtype in (torch.float16, torch.bfloat16)
     prec_k = "tf32" if sixteen and fmt.bits_k <= 11 else "ieee"
-    prec_v = PREC_V_16 if sixteen and fmt.bits_v <= 11 else "ieee"
+    prec_v = "tf32" if sixteen and fmt.bits_v <= 11 else "ieee"
+    split_v = SPLIT_V_16 and prec_v == "tf32"
     pool32 = pool[: pool.numel() // 4 * 4].view(torch.int32)
-    nw = 4 if D <= 64 else 8
+    nw = DECODE_WARPS or (4 if D <= 64 else 8)
     _decode_kernel[(B, H, ns + 1)](
         q, *q.stride(), k_tail, *k_tail.stride(), v_tail, *v_tail.stride(), T,
         pool32, seg_offset, seg_offset.stride(0), seg_offset.stride(1),
@@ -292,7 +307,7 @@ def decode_attention(q, k_tail, v_tail, pool, seg_offset, token_min, token_step,
         GROUP=group, QLEN=QLEN, M=M, D=D, P=fmt.pack_size, BITS_K=fmt.bits_k, BITS_V=fmt.bits_v,
         WB_K=width_bits(fmt.bits_k), WB_V=width_bits(fmt.bits_v), META_K=fmt.meta_bytes(0),
         META_V=fmt.meta_bytes(1), TOKEN_GRAN=fmt.granularity == "token", HAS_MASK=kv_valid is not None,
-        PREC_K=prec_k, PREC_V=prec_v, num_warps=nw)
+        PREC_K=prec_k, PREC_V=prec_v, SPLIT_V=split_v, num_warps=nw, num_stages=NUM_STAGES)
     _combine_kernel[(B, Hq, QLEN)](
         m_part, l_part, acc_part, out, *out.stride(), H, ns + 1,
         GROUP=group, QLEN=QLEN, M=M, D=D, SP=64, SC=8, num_warps=4 if D <= 128 else 8)

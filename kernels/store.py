@@ -20,11 +20,15 @@ Three launches per call, no host synchronisation:
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 from kvcomp_hf.codec import BLOCK_SIZE, BlockFormat, EncodedBlocks, width_bits
+
+STORE_WARPS = int(os.environ.get("KVCOMP_STORE_WARPS", "0"))  # 0: by head_dim
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,29 +202,31 @@ def _stats_kernel(k_ptr, v_ptr, ks_b, ks_h, ks_t, ks_d, vs_b, vs_h, vs_t, vs_d,
         tl.store(tstep_ptr + slot * ts_s + idx * ts_t, kstep.to(tl.bfloat16))
         tl.store(tstep_ptr + slot * ts_s + ts_kv + idx * ts_t, vstep.to(tl.bfloat16))
 
-    # segment sizes, in permuted order
+    # segment sizes, in permuted order (K then V, one tile live at a time)
     for h in range(H):
         kx = _load_tile(k_ptr, kbase + h * ks_h, prow, ks_t, ks_d, D)
-        vx = _load_tile(v_ptr, vbase + h * vs_h, prow, vs_t, vs_d, D)
         if TOKEN_GRAN:
             qk = _quant(kx, klo, kstep, MAXK)
-            qv = _quant(vx, vlo, vstep, MAXV)
         else:
             hklo = tl.min(kx, axis=1)
             hkst = _step_of(hklo, tl.max(kx, axis=1), rel_k)
+            qk = _quant(kx, hklo, hkst, MAXK)
+            tl.store(tmin_ptr + slot * tm_s + idx * tm_t + h, hklo.to(tmin_ptr.dtype.element_ty))
+            tl.store(tstep_ptr + slot * ts_s + idx * ts_t + h, hkst.to(tl.bfloat16))
+        _q3, _pm, wk = _pack_geometry(qk, P, D, BITS_K)
+        bk = (META_K + (P * tl.sum(tl.sum(wk, axis=1), axis=0) + 7) // 8 + 3) // 4 * 4
+        tl.store(segbytes_ptr + (n * 2) * H + h, bk)
+        vx = _load_tile(v_ptr, vbase + h * vs_h, prow, vs_t, vs_d, D)
+        if TOKEN_GRAN:
+            qv = _quant(vx, vlo, vstep, MAXV)
+        else:
             hvlo = tl.min(vx, axis=1)
             hvst = _step_of(hvlo, tl.max(vx, axis=1), rel_v)
-            qk = _quant(kx, hklo, hkst, MAXK)
             qv = _quant(vx, hvlo, hvst, MAXV)
-            tl.store(tmin_ptr + slot * tm_s + idx * tm_t + h, hklo.to(tmin_ptr.dtype.element_ty))
             tl.store(tmin_ptr + slot * tm_s + tm_kv + idx * tm_t + h, hvlo.to(tmin_ptr.dtype.element_ty))
-            tl.store(tstep_ptr + slot * ts_s + idx * ts_t + h, hkst.to(tl.bfloat16))
             tl.store(tstep_ptr + slot * ts_s + ts_kv + idx * ts_t + h, hvst.to(tl.bfloat16))
-        _q3, _pm, wk = _pack_geometry(qk, P, D, BITS_K)
         _q3, _pm, wv = _pack_geometry(qv, P, D, BITS_V)
-        bk = (META_K + (P * tl.sum(tl.sum(wk, axis=1), axis=0) + 7) // 8 + 3) // 4 * 4
         bv = (META_V + (P * tl.sum(tl.sum(wv, axis=1), axis=0) + 7) // 8 + 3) // 4 * 4
-        tl.store(segbytes_ptr + (n * 2) * H + h, bk)
         tl.store(segbytes_ptr + (n * 2 + 1) * H + h, bv)
 
 
@@ -357,13 +363,13 @@ def store_blocks(k, v, config, fmt, pool, pool_used, seg_offset, token_min, toke
                   META_K=fmt.meta_bytes(0), META_V=fmt.meta_bytes(1), TOKEN_GRAN=token_gran)
     if (fmt.groups > 1 and (token_min.stride(3) != 1 or token_step.stride(3) != 1)) or perm.stride(1) != 1:
         raise ValueError("token_min/token_step/perm must have a contiguous last dim")
-    nw = 4 if D <= 64 else 8
+    nw = STORE_WARPS or (8 if D <= 64 else 16)
     _stats_kernel[(n,)](
         k, v, *k.stride(), *v.stride(), nb, H,
         token_min, token_step, token_min.stride(0), token_min.stride(1), token_min.stride(2),
         token_step.stride(0), token_step.stride(1), token_step.stride(2),
         perm, perm.stride(0), slot_start, segbytes, float(config.rel_k), float(config.rel_v),
-        MEDIAN=fmt.repack == "median", num_warps=nw, **common)
+        MEDIAN=fmt.repack == "median", num_warps=nw, num_stages=1, **common)
     _offsets_kernel[(1,)](segbytes, n * 2 * H, pool_used, seg_offset, seg_offset.stride(0), slot_start, H,
                           BLOCK=1024, num_warps=4)
     _pack_kernel[(n, H)](
@@ -371,7 +377,7 @@ def store_blocks(k, v, config, fmt, pool, pool_used, seg_offset, token_min, toke
         token_min, token_step, token_min.stride(0), token_min.stride(1), token_min.stride(2),
         token_step.stride(0), token_step.stride(1), token_step.stride(2),
         perm, perm.stride(0), seg_offset, seg_offset.stride(0), seg_offset.stride(1), slot_start, pool32,
-        WB_K=width_bits(fmt.bits_k), WB_V=width_bits(fmt.bits_v), ZBLOCK=256, num_warps=nw, **common)
+        WB_K=width_bits(fmt.bits_k), WB_V=width_bits(fmt.bits_v), ZBLOCK=256, num_warps=nw, num_stages=1, **common)
 
 
 def encode_blocks_triton(k: torch.Tensor, v: torch.Tensor, config) -> tuple[EncodedBlocks, BlockFormat]:

@@ -1,0 +1,198 @@
+"""Kernel benchmark: fused compressed decode attention vs SDPA / cuBLAS over bf16, roofline, store speed.
+
+python eval/bench_kernels.py --out eval/results/bench_kernels.json
+
+Data: random bf16 K/V with a per-channel outlier structure (each channel has its own scale,
+log-normal, and 4 channels of K and 1 of V are x20, like post-RoPE K of real models); q random.
+Times are medians of triton.testing.do_bench (L2 flushed before each timed call)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from kvcomp_hf import codec  # noqa: E402
+from kvcomp_hf.config import KVCompConfig  # noqa: E402
+from kvcomp_hf.kernels import decode_attention, store_blocks  # noqa: E402
+from kvcomp_hf.kernels.decode_attention import choose_splits, _num_sms  # noqa: E402
+
+SHAPES = {"llama3.1-8b": dict(hq=32, h=8, d=128), "smollm2": dict(hq=9, h=3, d=64)}
+DATA_NOTE = ("random normal K/V (bf16) times a per-channel log-normal scale (sigma 0.5); 4 K channels and 1 V "
+             "channel x20 (outliers); q random normal; tail of 128..191 dense tokens")
+
+
+def bench(fn):
+    import triton.testing
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def copy_bandwidth(dev):
+    x = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
+    y = torch.empty_like(x)
+    x.random_(0, 255)
+    ms = bench(lambda: y.copy_(x))
+    del x, y
+    return 2 * (1 << 30) / (ms * 1e-3)  # bytes read + written per second
+
+
+def make_kv(B, H, L, D, gen_dev, dtype=torch.bfloat16):
+    scale_k = torch.exp(0.5 * torch.randn(H, 1, D, device=gen_dev))
+    scale_v = torch.exp(0.5 * torch.randn(H, 1, D, device=gen_dev))
+    scale_k[:, :, :4] *= 20
+    scale_v[:, :, :1] *= 20
+    k = (torch.randn(B, H, L, D, device=gen_dev) * scale_k).to(dtype)
+    v = (torch.randn(B, H, L, D, device=gen_dev) * scale_v).to(dtype)
+    return k, v
+
+
+def run_one(shape_name, ctx, B, cfg, bw, dev):
+    s = SHAPES[shape_name]
+    Hq, H, D = s["hq"], s["h"], s["d"]
+    fmt = codec.BlockFormat.from_config(cfg, H, D)
+    nb = (ctx - cfg.residual_length) // 64
+    T = ctx - nb * 64
+    row = dict(shape=shape_name, context=ctx, batch=B, q_heads=Hq, kv_heads=H, head_dim=D, dtype="bfloat16",
+               compressed_blocks=nb, tail=T)
+    k, v = make_kv(B, H, ctx, D, dev)
+    q = torch.randn(B, Hq, 1, D, device=dev, dtype=torch.bfloat16)
+    S = B * nb
+    cap = S * H * (fmt.max_segment_bytes(0) + fmt.max_segment_bytes(1))
+    pool = torch.empty(cap, dtype=torch.uint8, device=dev)
+    pool_used = torch.zeros(1, dtype=torch.int64, device=dev)
+    seg_offset = torch.empty(S, 2, H, dtype=torch.int64, device=dev)
+    token_min = torch.empty(S, 2, 64, fmt.groups, dtype=torch.bfloat16, device=dev)
+    token_step = torch.empty(S, 2, 64, fmt.groups, dtype=torch.bfloat16, device=dev)
+    perm = torch.empty(S, 64, dtype=torch.uint8, device=dev)
+    kc, vc = k[:, :, : nb * 64], v[:, :, : nb * 64]
+
+    def store():
+        pool_used.zero_()
+        store_blocks(kc, vc, cfg, fmt, pool, pool_used, seg_offset, token_min, token_step, perm, 0)
+
+    store()
+    used = int(pool_used.item())
+    t_store = bench(store)
+    store_in = 2 * kc.numel() * 2
+    row["store_ms"] = t_store
+    row["store_GBps_bf16_input"] = store_in / (t_store * 1e-3) / 1e9
+
+    meta = S * 2 * 64 * fmt.groups * (2 + 2) + S * 64 + S * 2 * H * 8 + B * nb * 4
+    comp_values = S * H * 64 * D * 2
+    row["bits_per_value"] = (used + meta) * 8 / comp_values
+    row["bits_per_value_segments_only"] = used * 8 / comp_values
+    block_table = torch.arange(S, dtype=torch.int32, device=dev).view(B, nb)
+    k_tail, v_tail = k[:, :, nb * 64:], v[:, :, nb * 64:]
+    scaling = 1 / math.sqrt(D)
+    ns, bps = choose_splits(B, H, nb, _num_sms(torch.device(dev)))
+    row["num_splits"] = ns
+
+    def fused():
+        return decode_attention(q, k_tail, v_tail, pool, seg_offset, token_min, token_step, perm, block_table, None,
+                                scaling, fmt)
+
+    out = fused()
+    # correctness spot check against SDPA over the dequantised cache (float32)
+    if S * H * 64 * D <= (1 << 27):
+        enc = codec.EncodedBlocks(pool, seg_offset, None, token_min, token_step, perm)
+        kh, vh = codec.decode_blocks(enc, fmt)
+        kh = kh.view(B, nb, H, 64, D).transpose(1, 2).reshape(B, H, nb * 64, D)
+        vh = vh.view(B, nb, H, 64, D).transpose(1, 2).reshape(B, H, nb * 64, D)
+        kk = torch.cat([kh, k_tail.float()], 2)
+        vv = torch.cat([vh, v_tail.float()], 2)
+        del kh, vh
+        ref = torch.nn.functional.scaled_dot_product_attention(q.float(), kk, vv, scale=scaling,
+                                                               enable_gqa=True)
+        row["rel_err_vs_dequant_sdpa"] = ((out.float() - ref).norm() / ref.norm()).item()
+        del kk, vv, ref
+    row["fused_ms"] = bench(fused)
+
+    def sdpa():
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scaling, enable_gqa=True)
+
+    try:
+        row["sdpa_bf16_ms"] = bench(sdpa)
+    except (RuntimeError, torch.cuda.OutOfMemoryError) as err:
+        row["sdpa_bf16_ms"] = None
+        row["sdpa_error"] = str(err)[:200]
+    # cuBLAS: q.K^T and p.V as batched GEMMs over (batch, kv head) with the GQA group as rows
+    g = Hq // H
+    qb = q.view(B, H, g, D).reshape(B * H, g, D)
+    kb = k.reshape(B * H, ctx, D)
+    vb = v.reshape(B * H, ctx, D)
+    p = torch.softmax(torch.bmm(qb, kb.transpose(1, 2)).float(), -1).to(torch.bfloat16)
+    row["bmm_qk_ms"] = bench(lambda: torch.bmm(qb, kb.transpose(1, 2)))
+    row["bmm_pv_ms"] = bench(lambda: torch.bmm(p, vb))
+    row["cublas_ms"] = row["bmm_qk_ms"] + row["bmm_pv_ms"]
+    comp_read = used + meta + 2 * k_tail.numel() * 2 + q.numel() * 2 * 2
+    dense_read = 2 * k.numel() * 2 + q.numel() * 2 * 2
+    row["compressed_bytes_read"] = comp_read
+    row["dense_bytes_read"] = dense_read
+    row["roofline_ms"] = comp_read / bw * 1e3
+    row["dense_roofline_ms"] = dense_read / bw * 1e3
+    row["fused_over_roofline"] = row["fused_ms"] / row["roofline_ms"]
+    if row.get("sdpa_bf16_ms"):
+        row["speedup_vs_sdpa"] = row["sdpa_bf16_ms"] / row["fused_ms"]
+    row["speedup_vs_cublas"] = row["cublas_ms"] / row["fused_ms"]
+    del k, v, pool, p
+    return row
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="eval/results/bench_kernels.json")
+    ap.add_argument("--contexts", default="4096,16384,32768,65536,131072")
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--shapes", default="llama3.1-8b,smollm2")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("no CUDA device: nothing to benchmark")
+        return
+    dev = "cuda"
+    torch.manual_seed(0)
+    cfg = KVCompConfig()
+    bw = copy_bandwidth(dev)
+    import triton
+    info = dict(device=torch.cuda.get_device_name(), sms=_num_sms(torch.device(dev)), torch=torch.__version__,
+                triton=triton.__version__, copy_bandwidth_GBps=bw / 1e9, config=cfg.to_dict(), data=DATA_NOTE,
+                timing="triton.testing.do_bench median, L2 flushed between calls; ms",
+                split_v=os.environ.get("KVCOMP_SPLIT_V", "1"))
+    print(json.dumps(info))
+    rows = []
+    for shape in args.shapes.split(","):
+        for ctx in map(int, args.contexts.split(",")):
+            for B in map(int, args.batches.split(",")):
+                t0 = time.time()
+                try:
+                    row = run_one(shape, ctx, B, cfg, bw, dev)
+                except torch.cuda.OutOfMemoryError as err:
+                    row = dict(shape=shape, context=ctx, batch=B, skipped=f"out of memory: {str(err)[:120]}")
+                torch.cuda.empty_cache()
+                row["wall_s"] = time.time() - t0
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(dict(info=info, rows=rows), f, indent=1)
+    hdr = (f"{'shape':12} {'ctx':>7} {'B':>2} {'bits':>5} {'fused':>8} {'sdpa':>8} {'cublas':>8} {'roof':>8} "
+           f"{'f/roof':>6} {'xSDPA':>6} {'store GB/s':>10} {'err':>8}")
+    print(hdr)
+    for r in rows:
+        if "skipped" in r:
+            print(f"{r['shape']:12} {r['context']:>7} {r['batch']:>2} skipped")
+            continue
+        sd = r.get("sdpa_bf16_ms") or float("nan")
+        print(f"{r['shape']:12} {r['context']:>7} {r['batch']:>2} {r['bits_per_value']:5.2f} {r['fused_ms']:8.4f} "
+              f"{sd:8.4f} {r['cublas_ms']:8.4f} {r['roofline_ms']:8.4f} {r['fused_over_roofline']:6.2f} "
+              f"{sd / r['fused_ms']:6.2f} {r['store_GBps_bf16_input']:10.1f} {r.get('rel_err_vs_dequant_sdpa', float('nan')):8.1e}")
+
+
+if __name__ == "__main__":
+    main()
