@@ -558,8 +558,8 @@ def run_metadata(args: argparse.Namespace | None = None) -> dict[str, Any]:
     meta: dict[str, Any] = {
         "command": " ".join([Path(sys.executable).name] + sys.argv),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
+        "torch": str(torch.__version__),
+        "transformers": str(transformers.__version__),
         "python": platform.python_version(),
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu",
     }

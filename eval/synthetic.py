@@ -429,6 +429,30 @@ def markdown_table(agg: dict[str, Any], caches: list[str], tasks: list[str], len
     return "\n".join(lines)
 
 
+def run_samples(model, tokenizer, suite: SyntheticSuite, samples: list[Sample], specs: list[common.CacheSpec],
+                preds: common.ResumableJsonl, desc: str = "synthetic") -> list[dict]:
+    """Generate and score every (spec, sample) not yet in `preds` (keyed by (cache, sample key)); returns all
+    records of these specs and samples."""
+    todo = [(s, sp) for sp in specs for s in samples if (sp.name, s.key) not in preds]
+    bar = common.progress(total=len(todo), desc=desc)
+    for s, sp in todo:
+        ids = suite.prompt_ids(s.prompt, s.answer_prefix)
+        t0 = time.time()
+        text, info = common.greedy_generate(model, tokenizer, ids, s.max_new_tokens, sp)
+        rep = info["cache"]
+        preds.append({"cache": sp.name, "key": s.key, "task": s.task, "length": s.length, "index": s.index,
+                      "prompt_tokens": info["prompt_tokens"], "prediction": text, "references": s.references,
+                      "score": score_sample(s.task, text, s.references),
+                      "bits_per_value": rep.get("bits_per_value"), "seconds": round(time.time() - t0, 2),
+                      "meta": s.meta})
+        bar.update(1)
+        bar.set_postfix_str(f"{sp.name} {s.task}@{s.length}")
+    bar.close()
+    names = {sp.name for sp in specs}
+    keys = {s.key for s in samples}
+    return [r for r in preds.records if r["cache"] in names and r["key"] in keys]
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     common.set_seed(args.seed)
     specs = common.parse_cache_list(args.caches)
@@ -445,23 +469,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.limit:
         samples = samples[: args.limit]
     preds = common.ResumableJsonl(out / "predictions.jsonl", key=lambda r: (r["cache"], r["key"]))
-    todo = [(s, sp) for sp in specs for s in samples if (sp.name, s.key) not in preds]
-    bar = common.progress(total=len(todo), desc="synthetic")
-    for s, sp in todo:
-        ids = suite.prompt_ids(s.prompt, s.answer_prefix)
-        t0 = time.time()
-        text, info = common.greedy_generate(model, tokenizer, ids, s.max_new_tokens, sp)
-        rep = info["cache"]
-        preds.append({"cache": sp.name, "key": s.key, "task": s.task, "length": s.length, "index": s.index,
-                      "prompt_tokens": info["prompt_tokens"], "prediction": text, "references": s.references,
-                      "score": score_sample(s.task, text, s.references),
-                      "bits_per_value": rep.get("bits_per_value"), "seconds": round(time.time() - t0, 2),
-                      "meta": s.meta})
-        bar.update(1)
-        bar.set_postfix_str(f"{sp.name} {s.task}@{s.length}")
-    bar.close()
+    records = run_samples(model, tokenizer, suite, samples, specs, preds)
     cache_names = [sp.name for sp in specs]
-    agg = aggregate(preds.records, cache_names, tasks, lengths)
+    agg = aggregate(records, cache_names, tasks, lengths)
     result = {
         "suite": "synthetic", "model": common.model_label(args.model, args.gguf_file),
         "haystack": suite.source_name, "haystack_sha256": suite.text_sha256,
