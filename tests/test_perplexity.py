@@ -76,6 +76,14 @@ def test_perplexity_cli(tiny_dir, tmp_path):
     assert res["caches"] == ["full", "kivi4"]  # full added as the reference
     assert res["results"]["full"]["perplexity"] > 1
     assert "kivi4" in (out / "perplexity.md").read_text()
+    # the results page and the frontier plot read it back
+    from eval import make_results, plot_frontier
+
+    make_results.main(["--results", str(tmp_path), "--out", str(tmp_path / "RESULTS.md")])
+    page = (tmp_path / "RESULTS.md").read_text()
+    assert "## Perplexity through the cache" in page and "| kivi4 |" in page and "Command: `" in page
+    assert plot_frontier.main([str(out / "perplexity.json"), "--out", str(tmp_path / "f.png")]) == 0
+    assert (tmp_path / "f.png").stat().st_size > 1000
 
 
 def test_calibrate_writes_preset(tiny_dir, tmp_path):

@@ -1,0 +1,101 @@
+"""Accuracy vs bits/value frontier (PNG) from results JSON files.
+
+Reads any mix of:
+  synthetic scores.json   (eval/synthetic.py)     y = average score at each length (one series per length)
+  perplexity.json         (eval/perplexity.py)    y = top-1 agreement with the full cache (%), or --ppl-metric
+  calibration.json        (eval/calibrate.py)     y = NLL increase of every grid config
+  generic {"results": {cache: {"score": y, "bits_per_value": x}}} (e.g. LongBench summaries)
+
+    python eval/plot_frontier.py eval/results/*/scores.json eval/results/*/perplexity.json --out frontier.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def series_from(path: Path, ppl_metric: str = "top1_agreement") -> list[dict[str, Any]]:
+    """[{label, ylabel, points: [(bits, y, cache)]}] from one results file."""
+    data = json.loads(path.read_text())
+    model = data.get("model", path.parent.name)
+    out = []
+    if data.get("suite") == "synthetic":
+        for L in data.get("lengths", []):
+            pts = []
+            for cache, by_len in data["scores"].items():
+                row = by_len.get(str(L))
+                bits = data.get("bits_per_value", {}).get(cache, {}).get(str(L))
+                if row and bits is not None:
+                    pts.append((bits, row["avg"], cache))
+            out.append({"label": f"{model} synthetic @{L}", "ylabel": "synthetic avg score", "points": pts})
+    elif data.get("suite") == "perplexity":
+        pts = []
+        for cache, r in data["results"].items():
+            y = r.get(ppl_metric)
+            if y is not None and r.get("bits_per_value") is not None:
+                pts.append((r["bits_per_value"], 100 * y if ppl_metric == "top1_agreement" else y, cache))
+        ylabel = {"top1_agreement": "top-1 agreement with full cache (%)", "delta_nll": "NLL increase (nats)",
+                  "kl": "KL(full || cache)", "perplexity": "perplexity"}.get(ppl_metric, ppl_metric)
+        out.append({"label": f"{model} ppl {data.get('text', '')} {data.get('tokens', '')} tok", "ylabel": ylabel,
+                    "points": pts})
+    elif "rows" in data and "chosen" in data:
+        pts = [(r["bits_per_value"], r["delta_nll"], r["cache"]) for r in data["rows"]
+               if r.get("bits_per_value") is not None and r.get("delta_nll") is not None]
+        out.append({"label": f"{model} calibration grid", "ylabel": "NLL increase (nats)", "points": pts})
+    elif isinstance(data.get("results"), dict):
+        pts = [(r["bits_per_value"], r["score"], cache) for cache, r in data["results"].items()
+               if isinstance(r, dict) and r.get("bits_per_value") is not None and r.get("score") is not None]
+        out.append({"label": f"{model} {data.get('suite', path.stem)}", "ylabel": "score", "points": pts})
+    return [s for s in out if s["points"]]
+
+
+def plot(series: list[dict[str, Any]], out: Path, title: str | None = None) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ylabels = sorted({s["ylabel"] for s in series})
+    fig, axes = plt.subplots(len(ylabels), 1, figsize=(7.5, 4.2 * len(ylabels)), squeeze=False)
+    for ax, ylabel in zip(axes[:, 0], ylabels):
+        for s in (s for s in series if s["ylabel"] == ylabel):
+            pts = sorted(s["points"])
+            xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+            ax.plot(xs, ys, marker="o", linestyle=":", alpha=0.8, label=s["label"])
+            for x, y, name in pts:
+                ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ax.set_xlabel("bits per K/V value (everything counted)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=130)
+    plt.close(fig)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("results", nargs="+", help="results JSON files")
+    p.add_argument("--out", default="eval/results/frontier.png")
+    p.add_argument("--ppl-metric", default="top1_agreement", choices=["top1_agreement", "delta_nll", "kl",
+                                                                      "perplexity"])
+    p.add_argument("--title", default=None)
+    args = p.parse_args(argv)
+    series = [s for f in args.results for s in series_from(Path(f), args.ppl_metric)]
+    if not series:
+        print("no plottable results in " + ", ".join(args.results), file=sys.stderr)
+        return 1
+    print(plot(series, Path(args.out), args.title))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
