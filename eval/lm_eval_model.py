@@ -18,6 +18,7 @@ The stock lm-eval CLI with this model registered:
 
     model_args: cache=<spec> (default kvcomp; write the commas inside a spec as ';', e.g.
     cache=kvcomp:rel_k=0.1;rel_v=0.2, or pass --model_args as a JSON object), loglik_chunk=<tokens>,
+    middle_truncation=True (keep head and tail of over-long prompts instead of HFLM's left truncation),
     plus every HFLM argument. A kvcomp cache sets attn_implementation="kvcomp".
 
 How the cache is used:
@@ -59,11 +60,12 @@ class KVCompLM(HFLM):
     """HFLM whose generate and loglikelihood calls run through a fresh cache of `cache` (a cache spec)."""
 
     def __init__(self, pretrained="", cache: str = "kvcomp", loglik_chunk: int | str = DEFAULT_LOGLIK_CHUNK,
-                 **kwargs):
+                 middle_truncation: bool | str = False, **kwargs):
         spec = common.parse_cache_spec(str(cache).replace(";", ","))
         # set before HFLM.__init__, which may already call _model_call (batch_size="auto")
         self.cache_spec = spec
         self.loglik_chunk = int(loglik_chunk)
+        self.middle_truncation = str(middle_truncation).lower() in ("1", "true", "yes")
         self.kv_stats: dict[str, Any] = {"generate_calls": 0, "loglik_calls": 0, "loglik_forward_passes": 0,
                                          "bpv_weighted_sum": 0.0, "bpv_tokens": 0}
         if isinstance(pretrained, str):
@@ -110,6 +112,35 @@ class KVCompLM(HFLM):
     def bits_per_value(self) -> float | None:
         n = self.kv_stats["bpv_tokens"]
         return round(self.kv_stats["bpv_weighted_sum"] / n, 4) if n else None
+
+    # -- truncation -------------------------------------------------------------------------------
+
+    def tok_batch_encode(self, strings, padding_side="left", left_truncate_len=None, truncation=False):
+        """middle_truncation=True: keep the first half and the last half of an over-long prompt's tokens
+        (LongBench-style, but on the final, possibly chat-templated, prompt) instead of HFLM's left truncation."""
+        if not (self.middle_truncation and left_truncate_len):
+            return super().tok_batch_encode(strings, padding_side=padding_side, left_truncate_len=left_truncate_len,
+                                            truncation=truncation)
+        ids, mask = super().tok_batch_encode(strings, padding_side=padding_side, left_truncate_len=None,
+                                             truncation=truncation)
+        if ids.shape[1] <= left_truncate_len:
+            return ids, mask
+        rows = []
+        for row, m in zip(ids, mask):
+            real = row[m.bool()]
+            if real.numel() > left_truncate_len:
+                head = left_truncate_len // 2
+                real = torch.cat([real[:head], real[real.numel() - (left_truncate_len - head):]])
+            rows.append(real)
+        width = max(r.numel() for r in rows)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        new_ids = torch.full((len(rows), width), pad, dtype=ids.dtype)
+        new_mask = torch.zeros((len(rows), width), dtype=mask.dtype)
+        for i, r in enumerate(rows):
+            sl = slice(width - r.numel(), width) if padding_side == "left" else slice(0, r.numel())
+            new_ids[i, sl] = r
+            new_mask[i, sl] = 1
+        return new_ids, new_mask
 
     # -- generation -------------------------------------------------------------------------------
 
@@ -192,7 +223,7 @@ def run(args: argparse.Namespace, model=None, tokenizer=None) -> dict[str, Any]:
     for spec in specs:
         batch_size = int(args.batch_size) if str(args.batch_size).isdigit() else args.batch_size
         lm = KVCompLM(pretrained=model, tokenizer=tokenizer, cache=spec.name, loglik_chunk=args.loglik_chunk,
-                      batch_size=batch_size, max_length=args.max_length)
+                      batch_size=batch_size, max_length=args.max_length, middle_truncation=args.middle_truncation)
         res = lm_eval.simple_evaluate(
             model=lm, tasks=tasks, num_fewshot=args.num_fewshot, limit=args.limit, task_manager=task_manager,
             apply_chat_template=args.apply_chat_template, gen_kwargs=gen_kwargs, log_samples=args.log_samples,
@@ -258,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metadata", default=None, help="JSON object passed to the tasks (e.g. RULER lengths)")
     p.add_argument("--loglik-chunk", type=int, default=DEFAULT_LOGLIK_CHUNK,
                    help="tokens per forward pass when scoring through the cache (0 = one pass)")
+    p.add_argument("--middle-truncation", action="store_true",
+                   help="truncate over-long generation prompts in the middle (head + tail) instead of on the left")
     p.add_argument("--log-samples", action="store_true", help="keep per-sample outputs in lm_eval_raw.json")
     return p
 

@@ -105,6 +105,20 @@ def test_loglikelihood_goes_through_the_cache_in_chunks(loaded, spec):
         assert lm.bits_per_value is not None
 
 
+def test_middle_truncation(loaded):
+    model, tok = loaded
+    lm = lem.KVCompLM(pretrained=model, tokenizer=tok, cache="full", middle_truncation=True, batch_size=1)
+    text = "Mara keeps the lighthouse on Gull Island. " * 6
+    full = tok(text)["input_ids"]
+    ids, mask = lm.tok_batch_encode([text, "grey"], left_truncate_len=11)
+    # row 0: first 5 and last 6 tokens (head = 11 // 2); row 1 is short and left-padded to width 11
+    assert ids[0].tolist() == full[:5] + full[-6:] and mask[0].all()
+    short = tok("grey")["input_ids"]
+    assert ids[1, -len(short):].tolist() == short and mask[1].sum() == len(short)
+    plain = lem.KVCompLM(pretrained=model, tokenizer=tok, cache="full", batch_size=1)
+    assert plain.tok_batch_encode([text], left_truncate_len=11)[0][0].tolist() == full[-11:]  # HFLM: left
+
+
 def test_launcher_runs_fixture_tasks_offline_with_two_caches(model_dir, tmp_path, monkeypatch):
     """The launcher end to end: both fixture tasks, two caches, every generate/loglikelihood call with a fresh cache."""
     from eval import common
