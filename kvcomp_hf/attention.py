@@ -44,6 +44,7 @@ def fused_attention(layer, query: torch.Tensor, attention_mask: torch.Tensor | N
     store = layer.store
     # The kernel applies causality itself; the mask's last query row carries the padding of every key.
     kv_valid = None if attention_mask is None else attention_mask[:, 0, -1, :]
-    out = decode_attention(query, layer.keys, layer.values, store.pool, store.seg_offset, store.token_min,
-                           store.token_step, store.perm, layer.block_table, kv_valid, scaling, layer.fmt)
+    with torch.cuda.device(query.device):  # Triton launches on the current device (device_map="auto")
+        out = decode_attention(query, layer.keys, layer.values, store.pool, store.seg_offset, store.token_min,
+                               store.token_step, store.perm, layer.block_table, kv_valid, scaling, layer.fmt)
     return out.transpose(1, 2).contiguous()

@@ -142,8 +142,9 @@ class BlockStore:
 
             max_bytes = b * nb * h * (self.fmt.max_segment_bytes(0) + self.fmt.max_segment_bytes(1))
             s0, s1 = self._reserve(b * nb, max_bytes)
-            store_blocks(k, v, config, self.fmt, self.pool, self.pool_used, self.seg_offset, self.token_min,
-                         self.token_step, self.perm, s0, _segbytes_out=self.seg_bytes[s0:s1].view(-1))
+            with torch.cuda.device(self.device):  # Triton launches on the current device (device_map="auto")
+                store_blocks(k, v, config, self.fmt, self.pool, self.pool_used, self.seg_offset, self.token_min,
+                             self.token_step, self.perm, s0, _segbytes_out=self.seg_bytes[s0:s1].view(-1))
             self.used_bound += max_bytes
         else:
             def blocks(x):  # [B, H, nb*64, D] -> [B*nb, H, 64, D], block index = b * nb + i
