@@ -53,7 +53,32 @@ def make_kv(B, H, L, D, gen_dev, dtype=torch.bfloat16):
     return k, v
 
 
-def run_one(shape_name, ctx, B, cfg, bw, dev):
+VARIANTS = {  # name -> attributes of kvcomp_hf.kernels.decode_attention
+    "w4": dict(DECODE_WARPS=4), "w8": dict(DECODE_WARPS=8), "w16": dict(DECODE_WARPS=16),
+    "waves2": dict(SPLIT_WAVES=2), "waves4": dict(SPLIT_WAVES=4), "waves16": dict(SPLIT_WAVES=16),
+    "nofast": dict(FAST_PATH=False),
+}
+
+
+def run_variants(names, fused):
+    import kvcomp_hf.kernels.decode_attention as da
+    out = {}
+    for name in names:
+        saved = {k: getattr(da, k) for k in VARIANTS[name]}
+        try:
+            for k, val in VARIANTS[name].items():
+                setattr(da, k, val)
+            fused()
+            out[name] = bench(fused)
+        except Exception as err:  # a variant that fails to compile is reported, not fatal
+            out[name] = f"error: {str(err)[:200]}"
+        finally:
+            for k, val in saved.items():
+                setattr(da, k, val)
+    return out
+
+
+def run_one(shape_name, ctx, B, cfg, bw, dev, variants=(), skip_store=False):
     s = SHAPES[shape_name]
     Hq, H, D = s["hq"], s["h"], s["d"]
     fmt = codec.BlockFormat.from_config(cfg, H, D)
@@ -79,10 +104,11 @@ def run_one(shape_name, ctx, B, cfg, bw, dev):
 
     store()
     used = int(pool_used.item())
-    t_store = bench(store)
     store_in = 2 * kc.numel() * 2
-    row["store_ms"] = t_store
-    row["store_GBps_bf16_input"] = store_in / (t_store * 1e-3) / 1e9
+    if not skip_store:
+        t_store = bench(store)
+        row["store_ms"] = t_store
+        row["store_GBps_bf16_input"] = store_in / (t_store * 1e-3) / 1e9
 
     meta = S * 2 * 64 * fmt.groups * (2 + 2) + S * 64 + S * 2 * H * 8 + B * nb * 4
     comp_values = S * H * 64 * D * 2
@@ -113,6 +139,8 @@ def run_one(shape_name, ctx, B, cfg, bw, dev):
         row["rel_err_vs_dequant_sdpa"] = ((out.float() - ref).norm() / ref.norm()).item()
         del kk, vv, ref
     row["fused_ms"] = bench(fused)
+    if variants:
+        row["variants_ms"] = run_variants(variants, fused)
 
     def sdpa():
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scaling, enable_gqa=True)
@@ -151,6 +179,9 @@ def main():
     ap.add_argument("--contexts", default="4096,16384,32768,65536,131072")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--shapes", default="llama3.1-8b,smollm2")
+    ap.add_argument("--variants", default="", help=f"comma list of decode variants to time too: {list(VARIANTS)}")
+    ap.add_argument("--variant-rows", default="", help="ctx:B,... rows that time the variants (default all)")
+    ap.add_argument("--skip-store", action="store_true")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to benchmark")
@@ -171,8 +202,10 @@ def main():
             for B in map(int, args.batches.split(",")):
                 t0 = time.time()
                 try:
-                    row = run_one(shape, ctx, B, cfg, bw, dev)
-                except torch.cuda.OutOfMemoryError as err:
+                    vr = [tuple(map(int, x.split(":"))) for x in args.variant_rows.split(",") if x]
+                    var = [v for v in args.variants.split(",") if v] if not vr or (ctx, B) in vr else []
+                    row = run_one(shape, ctx, B, cfg, bw, dev, var, args.skip_store)
+                except (torch.cuda.OutOfMemoryError, RuntimeError) as err:
                     row = dict(shape=shape, context=ctx, batch=B, skipped=f"out of memory: {str(err)[:120]}")
                 torch.cuda.empty_cache()
                 row["wall_s"] = time.time() - t0
@@ -191,7 +224,11 @@ def main():
         sd = r.get("sdpa_bf16_ms") or float("nan")
         print(f"{r['shape']:12} {r['context']:>7} {r['batch']:>2} {r['bits_per_value']:5.2f} {r['fused_ms']:8.4f} "
               f"{sd:8.4f} {r['cublas_ms']:8.4f} {r['roofline_ms']:8.4f} {r['fused_over_roofline']:6.2f} "
-              f"{sd / r['fused_ms']:6.2f} {r['store_GBps_bf16_input']:10.1f} {r.get('rel_err_vs_dequant_sdpa', float('nan')):8.1e}")
+              f"{sd / r['fused_ms']:6.2f} {r.get('store_GBps_bf16_input', float('nan')):10.1f} "
+              f"{r.get('rel_err_vs_dequant_sdpa', float('nan')):8.1e}")
+        if r.get("variants_ms"):
+            print("   variants:", " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                                        for k, v in r["variants_ms"].items()))
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ LOG2E = 1.4426950408889634
 # (two tf32 dots on the same operand), ~float32 precision. KVCOMP_SPLIT_V=0 uses one tf32 dot.
 SPLIT_V_16 = os.environ.get("KVCOMP_SPLIT_V", "1") == "1"
 DECODE_WARPS = int(os.environ.get("KVCOMP_DECODE_WARPS", "0"))  # 0: by head_dim
+FAST_PATH = os.environ.get("KVCOMP_DECODE_FAST", "1") == "1"  # bf16 operands (16-bit models, bits <= 7)
 NUM_STAGES = 1  # the pipeliner would stage the gathered words through shared memory: slower
 
 
@@ -45,24 +46,70 @@ def _read_fields(seg, bit, L, L_MAX: tl.constexpr):
 
 
 @triton.jit
-def _unpack(pool32, seg_off, P: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, WB: tl.constexpr,
-            META: tl.constexpr):
-    """Integers of one segment -> float32 [64, D] in stored (permuted) token order."""
-    R: tl.constexpr = 64 // P
-    NP: tl.constexpr = R * D
-    seg = pool32 + (seg_off >> 2)
-    i = tl.arange(0, R)[:, None] * D + tl.arange(0, D)[None, :]
-    pmin = _read_fields(seg, i * BITS, tl.full([R, D], BITS, tl.int32), BITS)
-    width = _read_fields(seg, NP * BITS + i * WB, tl.full([R, D], WB, tl.int32), WB)
-    rowsum = tl.sum(width, axis=1)
-    rowoff = tl.cumsum(rowsum, axis=0) - rowsum
-    excl = rowoff[:, None] + tl.cumsum(width, axis=1) - width
-    start = META * 8 + P * excl
-    j = tl.arange(0, P)[None, :, None]
-    w3 = width[:, None, :]
-    off = start[:, None, :] + j * w3
-    vals = _read_fields(seg, off, tl.broadcast_to(w3, (R, P, D)), BITS) + pmin[:, None, :]
-    return tl.reshape(vals, (64, D)).to(tl.float32)
+def _meta(seg, NP: tl.constexpr, BITS: tl.constexpr, WB: tl.constexpr):
+    """Pack mins and widths of one segment -> int32 [NP] each, in pack order."""
+    i = tl.arange(0, NP)
+    pmin = _read_fields(seg, i * BITS, tl.full([NP], BITS, tl.int32), BITS)
+    width = _read_fields(seg, NP * BITS + i * WB, tl.full([NP], WB, tl.int32), WB)
+    return pmin, width
+
+
+@triton.jit
+def _payload(seg, start, width, base, P: tl.constexpr, NP: tl.constexpr, CJ: tl.constexpr):
+    """Payload of one segment, one thread per pack: -> int32 [P, NP] (value j of pack i) = field + base.
+
+    start [NP]: bit offset of each pack relative to the segment. A pack is read as P / CJ chunks of CJ
+    values (CJ * width <= 64 bits); each chunk is three (masked) 32-bit words funnelled into one uint64."""
+    NCH: tl.constexpr = P // CJ
+    ch = tl.arange(0, NCH)[:, None]
+    w2d = width[None, :]
+    need = CJ * w2d
+    cs = start[None, :] + ch * need                       # [NCH, NP] chunk start bit
+    wi = cs >> 5
+    r = cs & 31
+    x0 = tl.load(seg + wi, mask=need > 0, other=0).to(tl.uint32, bitcast=True).to(tl.uint64)
+    x1 = tl.load(seg + wi + 1, mask=r + need > 32, other=0).to(tl.uint32, bitcast=True).to(tl.uint64)
+    x2 = tl.load(seg + wi + 2, mask=r + need > 64, other=0).to(tl.uint32, bitcast=True).to(tl.uint64)
+    ru = r.to(tl.uint64)
+    x = ((x0 | (x1 << 32)) >> ru) | ((x2 << 32) << (32 - ru))   # x2 != 0 only when r > 0
+    jj = tl.arange(0, CJ)[None, :, None]
+    sh = (jj * w2d[:, None, :]).to(tl.uint64)            # [1, CJ, NP]
+    mask = ((tl.full([NP], 1, tl.uint32) << width.to(tl.uint32)) - 1)[None, None, :]
+    f = (x[:, None, :] >> sh).to(tl.uint32) & mask       # [NCH, CJ, NP]
+    v = f.to(tl.int32) + base[None, None, :]
+    return tl.reshape(v, (P, NP))
+
+
+@triton.jit
+def _as_operand(v, FAST: tl.constexpr, INTERP: tl.constexpr):
+    """int32 values -> dot operand: bf16 bit patterns 0x4300 + q (= 128 + q, exact) or float32.
+    (The interpreter's bf16 dot is wrong: it gets float32 operands holding the same values.)"""
+    if FAST:
+        if INTERP:
+            return (v - 0x4300 + 128).to(tl.float32)
+        return v.to(tl.int16).to(tl.bfloat16, bitcast=True)
+    else:
+        return v.to(tl.float32)
+
+
+@triton.jit
+def _k_operand(v, P: tl.constexpr, R: tl.constexpr, D: tl.constexpr):
+    """[P, R*D] (j, r*D + c) -> [D, 64] (c, r*P + j)."""
+    return tl.reshape(tl.permute(tl.reshape(v, (P, R, D)), (2, 1, 0)), (D, R * P))
+
+
+@triton.jit
+def _v_operand(v, P: tl.constexpr, R: tl.constexpr, D: tl.constexpr):
+    """[P, R*D] (j, r*D + c) -> [64, D] (r*P + j, c)."""
+    return tl.reshape(tl.permute(tl.reshape(v, (P, R, D)), (1, 0, 2)), (R * P, D))
+
+
+@triton.jit
+def _bf16_op(x, INTERP: tl.constexpr):
+    """float32 -> bf16 dot operand (float32 holding the bf16 value in the interpreter)."""
+    if INTERP:
+        return x.to(tl.bfloat16).to(tl.float32)
+    return x.to(tl.bfloat16)
 
 
 @triton.jit
@@ -85,7 +132,9 @@ def _decode_kernel(q_ptr, sq_b, sq_h, sq_t, sq_d,
                    P: tl.constexpr, BITS_K: tl.constexpr, BITS_V: tl.constexpr, WB_K: tl.constexpr,
                    WB_V: tl.constexpr, META_K: tl.constexpr, META_V: tl.constexpr,
                    TOKEN_GRAN: tl.constexpr, HAS_MASK: tl.constexpr,
-                   PREC_K: tl.constexpr, PREC_V: tl.constexpr, SPLIT_V: tl.constexpr):
+                   PREC_K: tl.constexpr, PREC_V: tl.constexpr, SPLIT_V: tl.constexpr,
+                   FAST: tl.constexpr, Q_SPLIT: tl.constexpr, SCAN16: tl.constexpr, CJ_K: tl.constexpr,
+                   CJ_V: tl.constexpr, INTERP: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
     s_id = tl.program_id(2)
@@ -110,22 +159,51 @@ def _decode_kernel(q_ptr, sq_b, sq_h, sq_t, sq_d,
     else:
         gsel = h
     if s_id < NS:
+        R: tl.constexpr = 64 // P
+        NP: tl.constexpr = R * D
+        if FAST:
+            # q as bf16 (hi + lo when q is fp16: exact); integers as bf16 128 + q
+            q_hi = _bf16_op(q, INTERP)
+            q_lo = _bf16_op(q - q_hi.to(tl.float32), INTERP)
+            offk = 0x4300
+        else:
+            offk = 0
         accmin = tl.zeros([M], tl.float32)
         blk_lo = s_id * bps
         blk_hi = tl.minimum(blk_lo + bps, nb)
         for blk in range(blk_lo, blk_hi):
             slot = tl.load(bt_ptr + b64 * bt_b + blk).to(tl.int64)
+            k_off = tl.load(so_ptr + slot * so_s + h)
+            v_off = tl.load(so_ptr + slot * so_s + so_kv + h)
+            segk = pool32 + (k_off >> 2)
+            segv = pool32 + (v_off >> 2)
+            kpmin, kw = _meta(segk, NP, BITS_K, WB_K)
+            vpmin, vw = _meta(segv, NP, BITS_V, WB_V)
+            if SCAN16:  # one scan for both segments: the sums of widths stay below 2**16
+                cw = kw | (vw << 16)
+                ex = tl.cumsum(cw, axis=0) - cw
+                kex = ex & 0xFFFF
+                vex = ex >> 16
+            else:
+                kex = tl.cumsum(kw, axis=0) - kw
+                vex = tl.cumsum(vw, axis=0) - vw
             perm = tl.load(perm_ptr + slot * pm_s + idx).to(tl.int32)
             pos = blk * 64 + perm
             valid = pos[None, :] <= qpos[:, None]
             if HAS_MASK:
                 ok = tl.load(valid_ptr + b64 * va_b + pos).to(tl.int1)
                 valid = valid & ok[None, :]
-            k_off = tl.load(so_ptr + slot * so_s + h)
-            kint = _unpack(pool32, k_off, P, D, BITS_K, WB_K, META_K)
             kmin = tl.load(tmin_ptr + slot * tm_s + idx * tm_t + gsel).to(tl.float32)
             kstep = tl.load(tstep_ptr + slot * ts_s + idx * ts_t + gsel).to(tl.float32)
-            s = tl.dot(q, tl.trans(kint), input_precision=PREC_K)
+            kint = _payload(segk, META_K * 8 + P * kex, kw, kpmin + offk, P, NP, CJ_K)
+            kT = _k_operand(_as_operand(kint, FAST, INTERP), P, R, D)
+            if FAST:
+                s = tl.dot(q_hi, kT)
+                if Q_SPLIT:
+                    s = tl.dot(q_lo, kT, s)
+                kmin = kmin - 128.0 * kstep
+            else:
+                s = tl.dot(q, kT, input_precision=PREC_K)
             s = (s * kstep[None, :] + qsum[:, None] * kmin[None, :]) * scale_log2
             s = tl.where(valid, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -133,17 +211,23 @@ def _decode_kernel(q_ptr, sq_b, sq_h, sq_t, sq_d,
             alpha = tl.exp2(m_i - m_safe)
             p = tl.exp2(s - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            v_off = tl.load(so_ptr + slot * so_s + so_kv + h)
-            vint = _unpack(pool32, v_off, P, D, BITS_V, WB_V, META_V)
             vmin = tl.load(tmin_ptr + slot * tm_s + tm_kv + idx * tm_t + gsel).to(tl.float32)
             vstep = tl.load(tstep_ptr + slot * ts_s + ts_kv + idx * ts_t + gsel).to(tl.float32)
+            vint = _payload(segv, META_V * 8 + P * vex, vw, vpmin + offk, P, NP, CJ_V)
+            vop = _v_operand(_as_operand(vint, FAST, INTERP), P, R, D)
             w = p * vstep[None, :]
-            if SPLIT_V:
+            if FAST:
+                vmin = vmin - 128.0 * vstep
+                w_hi = _bf16_op(w, INTERP)
+                w_lo = _bf16_op(w - w_hi.to(tl.float32), INTERP)
+                pv = tl.dot(w_hi, vop)
+                pv = tl.dot(w_lo, vop, pv)
+            elif SPLIT_V:
                 w_hi, w_lo = _split_tf32(w)
-                pv = tl.dot(w_hi, vint, input_precision=PREC_V)
-                pv = tl.dot(w_lo, vint, pv, input_precision=PREC_V)
+                pv = tl.dot(w_hi, vop, input_precision=PREC_V)
+                pv = tl.dot(w_lo, vop, pv, input_precision=PREC_V)
             else:
-                pv = tl.dot(w, vint, input_precision=PREC_V)
+                pv = tl.dot(w, vop, input_precision=PREC_V)
             acc = acc * alpha[:, None] + pv
             accmin = accmin * alpha + tl.sum(p * vmin[None, :], axis=1)
             m_i = m_new
@@ -178,9 +262,9 @@ def _decode_kernel(q_ptr, sq_b, sq_h, sq_t, sq_d,
             m_i = m_new
     # partials [B, H, NS + 1, M] and [B, H, NS + 1, M, D]
     pbase = ((b64 * H + h) * (NS + 1) + s_id) * M
-    tl.store(m_ptr + pbase + rows, m_i)
-    tl.store(l_ptr + pbase + rows, l_i)
-    tl.store(acc_ptr + (pbase + rows.to(tl.int64))[:, None] * D + cols[None, :], acc)
+    tl.store(m_ptr + pbase + rows, m_i, mask=row_ok)
+    tl.store(l_ptr + pbase + rows, l_i, mask=row_ok)
+    tl.store(acc_ptr + (pbase + rows.to(tl.int64))[:, None] * D + cols[None, :], acc, mask=row_ok[:, None])
 
 
 @triton.jit
@@ -230,14 +314,54 @@ def _num_sms(device: torch.device) -> int:
     return _SM_COUNT[key]
 
 
+SPLIT_WAVES = int(os.environ.get("KVCOMP_SPLIT_WAVES", "8"))  # programs per SM to aim for
+MIN_BLOCKS_PER_SPLIT = 4
+
+
 def choose_splits(batch: int, kv_heads: int, nb: int, sms: int) -> tuple[int, int]:
-    """(num_splits, blocks_per_split) so that batch*kv_heads*num_splits fills the chip (~2 waves)."""
+    """(num_splits, blocks_per_split) so that batch*kv_heads*num_splits fills the chip (~SPLIT_WAVES
+    programs per SM, several resident at a time) with at least MIN_BLOCKS_PER_SPLIT blocks each."""
     if nb == 0:
         return 0, 1
-    want = max(1, math.ceil(2 * sms / max(1, batch * kv_heads)))
-    ns = min(nb, want)
+    want = max(1, math.ceil(SPLIT_WAVES * sms / max(1, batch * kv_heads)))
+    ns = max(1, min(want, nb // MIN_BLOCKS_PER_SPLIT, nb))
     bps = math.ceil(nb / ns)
     return math.ceil(nb / bps), bps
+
+
+def _pow2_floor(x: int) -> int:
+    return 1 << (max(1, x).bit_length() - 1)
+
+
+_STATIC: dict = {}
+
+
+def _static_args(fmt: BlockFormat, q_dtype, tail_dtype, group: int, qlen: int, D: int, has_mask: bool):
+    """Constexpr arguments and launch settings of one configuration (cached: the hot path is per step)."""
+    key = (fmt, q_dtype, tail_dtype, group, qlen, D, has_mask, DECODE_WARPS, FAST_PATH)
+    hit = _STATIC.get(key)
+    if hit is not None:
+        return hit
+    M = max(16, triton.next_power_of_2(group * qlen))
+    sixteen = q_dtype in (torch.float16, torch.bfloat16) and tail_dtype in (torch.float16, torch.bfloat16)
+    prec_k = "tf32" if sixteen and fmt.bits_k <= 11 else "ieee"
+    prec_v = "tf32" if sixteen and fmt.bits_v <= 11 else "ieee"
+    fast = sixteen and fmt.bits_k <= 7 and fmt.bits_v <= 7 and FAST_PATH
+    P = fmt.pack_size
+    NP = BLOCK_SIZE // P * D
+    consts = dict(
+        GROUP=group, QLEN=qlen, M=M, D=D, P=P, BITS_K=fmt.bits_k, BITS_V=fmt.bits_v,
+        WB_K=width_bits(fmt.bits_k), WB_V=width_bits(fmt.bits_v), META_K=fmt.meta_bytes(0),
+        META_V=fmt.meta_bytes(1), TOKEN_GRAN=fmt.granularity == "token", HAS_MASK=has_mask,
+        PREC_K=prec_k, PREC_V=prec_v, SPLIT_V=SPLIT_V_16 and prec_v == "tf32",
+        FAST=fast, INTERP=os.environ.get("TRITON_INTERPRET", "0") == "1", Q_SPLIT=q_dtype != torch.bfloat16,
+        SCAN16=fmt.bits_k * NP < (1 << 16) and fmt.bits_v * NP < (1 << 15),
+        CJ_K=min(P, _pow2_floor(64 // fmt.bits_k)), CJ_V=min(P, _pow2_floor(64 // fmt.bits_v)),
+        num_warps=DECODE_WARPS or (4 if D <= 64 else 8), num_stages=NUM_STAGES)
+    comb = dict(GROUP=group, QLEN=qlen, M=M, D=D, SP=64, SC=8, num_warps=4 if D <= 128 else 8)
+    hit = (M, consts, comb)
+    _STATIC[key] = hit
+    return hit
 
 
 def decode_attention(q, k_tail, v_tail, pool, seg_offset, token_min, token_step, perm, block_table, kv_valid,
@@ -267,8 +391,8 @@ def decode_attention(q, k_tail, v_tail, pool, seg_offset, token_min, token_step,
     T = k_tail.shape[2]
     kv_len = nb * BLOCK_SIZE + T
     group = Hq // H
-    M = max(16, triton.next_power_of_2(group * QLEN))
     dev = q.device
+    M, consts, comb = _static_args(fmt, q.dtype, k_tail.dtype, group, QLEN, D, kv_valid is not None)
     if kv_valid is not None:
         if kv_valid.shape != (B, kv_len):
             raise ValueError(f"kv_valid must be [B, {kv_len}], got {tuple(kv_valid.shape)}")
@@ -287,15 +411,10 @@ def decode_attention(q, k_tail, v_tail, pool, seg_offset, token_min, token_step,
     out = torch.empty_like(q)
     if B == 0 or Hq == 0:
         return out
-    m_part = torch.empty(B, H, ns + 1, M, dtype=torch.float32, device=dev)
-    l_part = torch.empty_like(m_part)
-    acc_part = torch.empty(B, H, ns + 1, M, D, dtype=torch.float32, device=dev)
-    sixteen = q.dtype in (torch.float16, torch.bfloat16) and k_tail.dtype in (torch.float16, torch.bfloat16)
-    prec_k = "tf32" if sixteen and fmt.bits_k <= 11 else "ieee"
-    prec_v = "tf32" if sixteen and fmt.bits_v <= 11 else "ieee"
-    split_v = SPLIT_V_16 and prec_v == "tf32"
+    part = torch.empty(B * H * (ns + 1) * M * (D + 2), dtype=torch.float32, device=dev)
+    n_ml = B * H * (ns + 1) * M
+    m_part, l_part, acc_part = part[:n_ml], part[n_ml:2 * n_ml], part[2 * n_ml:]
     pool32 = pool[: pool.numel() // 4 * 4].view(torch.int32)
-    nw = DECODE_WARPS or (4 if D <= 64 else 8)
     _decode_kernel[(B, H, ns + 1)](
         q, *q.stride(), k_tail, *k_tail.stride(), v_tail, *v_tail.stride(), T,
         pool32, seg_offset, seg_offset.stride(0), seg_offset.stride(1),
@@ -303,12 +422,6 @@ def decode_attention(q, k_tail, v_tail, pool, seg_offset, token_min, token_step,
         token_step, token_step.stride(0), token_step.stride(1), token_step.stride(2),
         perm, perm.stride(0), block_table, block_table.stride(0), nb,
         valid_arg, va_b, m_part, l_part, acc_part,
-        float(scaling) * LOG2E, bps, ns,
-        GROUP=group, QLEN=QLEN, M=M, D=D, P=fmt.pack_size, BITS_K=fmt.bits_k, BITS_V=fmt.bits_v,
-        WB_K=width_bits(fmt.bits_k), WB_V=width_bits(fmt.bits_v), META_K=fmt.meta_bytes(0),
-        META_V=fmt.meta_bytes(1), TOKEN_GRAN=fmt.granularity == "token", HAS_MASK=kv_valid is not None,
-        PREC_K=prec_k, PREC_V=prec_v, SPLIT_V=split_v, num_warps=nw, num_stages=NUM_STAGES)
-    _combine_kernel[(B, Hq, QLEN)](
-        m_part, l_part, acc_part, out, *out.stride(), H, ns + 1,
-        GROUP=group, QLEN=QLEN, M=M, D=D, SP=64, SC=8, num_warps=4 if D <= 128 else 8)
+        float(scaling) * LOG2E, bps, ns, **consts)
+    _combine_kernel[(B, Hq, QLEN)](m_part, l_part, acc_part, out, *out.stride(), H, ns + 1, **comb)
     return out

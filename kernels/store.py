@@ -5,8 +5,8 @@ produce bit-identical segments, token_min/token_step and perm.
 
 Three launches per call, no host synchronisation:
   1. `_stats_kernel`, one program per block: per-token min/step of K and V (granularity "token":
-     over all heads), the median repack permutation (binary search on the value of the lower
-     median, `bits_v` passes over V), token_min/token_step/perm written to the slot arrays, and
+     over all heads), the median repack permutation (lower median from one pass of per-bin counts
+     when bits_v <= 4, else a binary search with `bits_v` passes over V), token_min/token_step/perm written to the slot arrays, and
      the byte size of each of the block's 2*H segments (quantise in permuted order, pack min and
      width) into a scratch vector.
   2. `_offsets_kernel`, one program: exclusive scan of the segment sizes in (block, K|V, head)
@@ -166,11 +166,12 @@ def _stats_kernel(k_ptr, v_ptr, ks_b, ks_h, ks_t, ks_d, vs_b, vs_h, vs_t, vs_d,
     # median repack: lower median of the H*D V integers of each token
     if MEDIAN:
         target = (H * D - 1) // 2 + 1  # smallest t with count(q <= t) >= target is the median
-        lo_m = tl.zeros([64], tl.int32)
-        hi_m = tl.full([64], MAXV, tl.int32)
-        for _it in tl.static_range(BITS_V):
-            mid = (lo_m + hi_m) // 2
-            cnt = tl.zeros([64], tl.int32)
+        if BITS_V <= 4:
+            # one pass: per token the counts of q <= b for every bin b, then the median is the
+            # number of bins whose count is below the target
+            NBIN: tl.constexpr = 1 << BITS_V
+            bins = tl.arange(0, NBIN)
+            cnt = tl.zeros([64, NBIN], tl.int32)
             for h in range(H):
                 vx = _load_tile(v_ptr, vbase + h * vs_h, rows, vs_t, vs_d, D)
                 if TOKEN_GRAN:
@@ -178,10 +179,27 @@ def _stats_kernel(k_ptr, v_ptr, ks_b, ks_h, ks_t, ks_d, vs_b, vs_h, vs_t, vs_d,
                 else:
                     hlo = tl.min(vx, axis=1)
                     qv = _quant(vx, hlo, _step_of(hlo, tl.max(vx, axis=1), rel_v), MAXV)
-                cnt += tl.sum((qv <= mid[:, None]).to(tl.int32), axis=1)
-            ok = cnt >= target
-            hi_m = tl.where(ok, mid, hi_m)
-            lo_m = tl.where(ok, lo_m, mid + 1)
+                for bb in tl.static_range(NBIN - 1):
+                    c_b = tl.sum((qv <= bb).to(tl.int32), axis=1)
+                    cnt += tl.where(bins[None, :] == bb, c_b[:, None], 0)
+            lo_m = tl.sum(((cnt < target) & (bins[None, :] < NBIN - 1)).to(tl.int32), axis=1)
+        else:
+            lo_m = tl.zeros([64], tl.int32)
+            hi_m = tl.full([64], MAXV, tl.int32)
+            for _it in tl.static_range(BITS_V):
+                mid = (lo_m + hi_m) // 2
+                cnt = tl.zeros([64], tl.int32)
+                for h in range(H):
+                    vx = _load_tile(v_ptr, vbase + h * vs_h, rows, vs_t, vs_d, D)
+                    if TOKEN_GRAN:
+                        qv = _quant(vx, vlo, vstep, MAXV)
+                    else:
+                        hlo = tl.min(vx, axis=1)
+                        qv = _quant(vx, hlo, _step_of(hlo, tl.max(vx, axis=1), rel_v), MAXV)
+                    cnt += tl.sum((qv <= mid[:, None]).to(tl.int32), axis=1)
+                ok = cnt >= target
+                hi_m = tl.where(ok, mid, hi_m)
+                lo_m = tl.where(ok, lo_m, mid + 1)
         key = lo_m * 64 + 63 - idx
         rank = tl.sum((key[None, :] > key[:, None]).to(tl.int32), axis=1)  # rank[j]: stored position of token j
         onehot = rank[None, :] == idx[:, None]                             # [r, j]
