@@ -173,6 +173,21 @@ def run_one(shape_name, ctx, B, cfg, bw, dev, variants=(), skip_store=False):
     return row
 
 
+def kernel_report():
+    """Registers, spills and shared memory of every compiled kvcomp kernel (best effort across Triton versions)."""
+    from kvcomp_hf.kernels import decode_attention as da, store as st
+    rep = []
+    for kern in (da._decode_kernel, da._combine_kernel, st._stats_kernel, st._pack_kernel):
+        try:
+            for caches in kern.device_caches.values():
+                for ck in caches[0].values():
+                    rep.append(dict(kernel=kern.fn.__name__, regs=ck.n_regs, spills=ck.n_spills,
+                                    smem=ck.metadata.shared, warps=ck.metadata.num_warps))
+        except Exception as err:
+            rep.append(dict(kernel=getattr(kern, "__name__", "?"), error=str(err)[:100]))
+    return rep
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="eval/results/bench_kernels.json")
@@ -205,15 +220,18 @@ def main():
                     vr = [tuple(map(int, x.split(":"))) for x in args.variant_rows.split(",") if x]
                     var = [v for v in args.variants.split(",") if v] if not vr or (ctx, B) in vr else []
                     row = run_one(shape, ctx, B, cfg, bw, dev, var, args.skip_store)
-                except (torch.cuda.OutOfMemoryError, RuntimeError) as err:
-                    row = dict(shape=shape, context=ctx, batch=B, skipped=f"out of memory: {str(err)[:120]}")
+                except Exception as err:  # out of memory, or a failed compile: keep the other rows
+                    row = dict(shape=shape, context=ctx, batch=B, skipped=f"{type(err).__name__}: {str(err)[:300]}")
                 torch.cuda.empty_cache()
                 row["wall_s"] = time.time() - t0
                 rows.append(row)
                 print(json.dumps(row), flush=True)
+    kr = kernel_report()
+    for k in kr:
+        print(json.dumps(k))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump(dict(info=info, rows=rows), f, indent=1)
+        json.dump(dict(info=info, rows=rows, kernels=kr), f, indent=1)
     hdr = (f"{'shape':12} {'ctx':>7} {'B':>2} {'bits':>5} {'fused':>8} {'sdpa':>8} {'cublas':>8} {'roof':>8} "
            f"{'f/roof':>6} {'xSDPA':>6} {'store GB/s':>10} {'err':>8}")
     print(hdr)
