@@ -61,7 +61,7 @@ VARIANTS = {  # name -> attributes of kvcomp_hf.kernels.decode_attention
 
 
 def run_variants(names, fused):
-    import kvcomp_hf.kernels.decode_attention as da
+    da = sys.modules[decode_attention.__module__]
     out = {}
     for name in names:
         saved = {k: getattr(da, k) for k in VARIANTS[name]}
@@ -175,7 +175,8 @@ def run_one(shape_name, ctx, B, cfg, bw, dev, variants=(), skip_store=False):
 
 def kernel_report():
     """Registers, spills and shared memory of every compiled kvcomp kernel (best effort across Triton versions)."""
-    from kvcomp_hf.kernels import decode_attention as da, store as st
+    da = sys.modules[decode_attention.__module__]
+    st = sys.modules[store_blocks.__module__]
     rep = []
     for kern in (da._decode_kernel, da._combine_kernel, st._stats_kernel, st._pack_kernel):
         try:

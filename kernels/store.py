@@ -6,7 +6,7 @@ produce bit-identical segments, token_min/token_step and perm.
 Three launches per call, no host synchronisation:
   1. `_stats_kernel`, one program per block: per-token min/step of K and V (granularity "token":
      over all heads), the median repack permutation (lower median from one pass of per-bin counts
-     when bits_v <= 4, else a binary search with `bits_v` passes over V), token_min/token_step/perm written to the slot arrays, and
+     when bits_v == 3, else a binary search with `bits_v` passes over V), token_min/token_step/perm written to the slot arrays, and
      the byte size of each of the block's 2*H segments (quantise in permuted order, pack min and
      width) into a scratch vector.
   2. `_offsets_kernel`, one program: exclusive scan of the segment sizes in (block, K|V, head)
@@ -166,9 +166,10 @@ def _stats_kernel(k_ptr, v_ptr, ks_b, ks_h, ks_t, ks_d, vs_b, vs_h, vs_t, vs_d,
     # median repack: lower median of the H*D V integers of each token
     if MEDIAN:
         target = (H * D - 1) // 2 + 1  # smallest t with count(q <= t) >= target is the median
-        if BITS_V <= 4:
+        if BITS_V == 3:
             # one pass: per token the counts of q <= b for every bin b, then the median is the
-            # number of bins whose count is below the target
+            # number of bins whose count is below the target. (Only bits_v == 3: with 4 bins,
+            # Triton 3.6's thread-locality pass fails on this loop; 16 bins were not tried.)
             NBIN: tl.constexpr = 1 << BITS_V
             bins = tl.arange(0, NBIN)
             cnt = tl.zeros([64, NBIN], tl.int32)
