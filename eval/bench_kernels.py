@@ -56,7 +56,8 @@ def make_kv(B, H, L, D, gen_dev, dtype=torch.bfloat16):
 VARIANTS = {  # name -> attributes of kvcomp_hf.kernels.decode_attention
     "w4": dict(DECODE_WARPS=4), "w8": dict(DECODE_WARPS=8), "w16": dict(DECODE_WARPS=16),
     "waves2": dict(SPLIT_WAVES=2), "waves4": dict(SPLIT_WAVES=4), "waves16": dict(SPLIT_WAVES=16),
-    "nofast": dict(FAST_PATH=False),
+    "nofast": dict(FAST_PATH=False), "waves8": dict(SPLIT_WAVES=8),
+    "min8": dict(MIN_BLOCKS_PER_SPLIT=8), "min32": dict(MIN_BLOCKS_PER_SPLIT=32),
 }
 
 

@@ -171,14 +171,28 @@ def _decode_kernel(q_ptr, sq_b, sq_h, sq_t, sq_d,
         accmin = tl.zeros([M], tl.float32)
         blk_lo = s_id * bps
         blk_hi = tl.minimum(blk_lo + bps, nb)
+        # Software pipeline over blocks (no dependent load chain inside an iteration): iteration
+        # blk loads the slot of blk + 3, the segment offsets of blk + 2 and the pack metadata of
+        # blk + 1, and the payload of blk (its metadata came one iteration earlier).
+        last = blk_hi - 1
+        bt_row = bt_ptr + b64 * bt_b
+        slot = tl.load(bt_row + blk_lo).to(tl.int64)
+        slot1 = tl.load(bt_row + tl.minimum(blk_lo + 1, last)).to(tl.int64)
+        slot2 = tl.load(bt_row + tl.minimum(blk_lo + 2, last)).to(tl.int64)
+        k_off = tl.load(so_ptr + slot * so_s + h)
+        v_off = tl.load(so_ptr + slot * so_s + so_kv + h)
+        k_off1 = tl.load(so_ptr + slot1 * so_s + h)
+        v_off1 = tl.load(so_ptr + slot1 * so_s + so_kv + h)
+        kpmin, kw = _meta(pool32 + (k_off >> 2), NP, BITS_K, WB_K)
+        vpmin, vw = _meta(pool32 + (v_off >> 2), NP, BITS_V, WB_V)
         for blk in range(blk_lo, blk_hi):
-            slot = tl.load(bt_ptr + b64 * bt_b + blk).to(tl.int64)
-            k_off = tl.load(so_ptr + slot * so_s + h)
-            v_off = tl.load(so_ptr + slot * so_s + so_kv + h)
+            slot3 = tl.load(bt_row + tl.minimum(blk + 3, last)).to(tl.int64)
+            k_off2 = tl.load(so_ptr + slot2 * so_s + h)
+            v_off2 = tl.load(so_ptr + slot2 * so_s + so_kv + h)
+            kpmin1, kw1 = _meta(pool32 + (k_off1 >> 2), NP, BITS_K, WB_K)
+            vpmin1, vw1 = _meta(pool32 + (v_off1 >> 2), NP, BITS_V, WB_V)
             segk = pool32 + (k_off >> 2)
             segv = pool32 + (v_off >> 2)
-            kpmin, kw = _meta(segk, NP, BITS_K, WB_K)
-            vpmin, vw = _meta(segv, NP, BITS_V, WB_V)
             if SCAN16:  # one scan for both segments: the sums of widths stay below 2**16
                 cw = kw | (vw << 16)
                 ex = tl.cumsum(cw, axis=0) - cw
@@ -231,6 +245,9 @@ def _decode_kernel(q_ptr, sq_b, sq_h, sq_t, sq_d,
             acc = acc * alpha[:, None] + pv
             accmin = accmin * alpha + tl.sum(p * vmin[None, :], axis=1)
             m_i = m_new
+            slot, slot1, slot2 = slot1, slot2, slot3
+            k_off, v_off, k_off1, v_off1 = k_off1, v_off1, k_off2, v_off2
+            kpmin, kw, vpmin, vw = kpmin1, kw1, vpmin1, vw1
         acc = acc + accmin[:, None]
     else:
         for t0 in range(0, T, 64):
@@ -314,8 +331,8 @@ def _num_sms(device: torch.device) -> int:
     return _SM_COUNT[key]
 
 
-SPLIT_WAVES = int(os.environ.get("KVCOMP_SPLIT_WAVES", "8"))  # programs per SM to aim for
-MIN_BLOCKS_PER_SPLIT = 4
+SPLIT_WAVES = int(os.environ.get("KVCOMP_SPLIT_WAVES", "16"))  # programs per SM to aim for
+MIN_BLOCKS_PER_SPLIT = int(os.environ.get("KVCOMP_MIN_BLOCKS_PER_SPLIT", "16"))
 
 
 def choose_splits(batch: int, kv_heads: int, nb: int, sms: int) -> tuple[int, int]:
