@@ -28,7 +28,7 @@ LOG2E = 1.4426950408889634
 # The V dot multiplies float32 weights p*step: they are split into a tf32 part and a remainder
 # (two tf32 dots on the same operand), ~float32 precision. KVCOMP_SPLIT_V=0 uses one tf32 dot.
 SPLIT_V_16 = os.environ.get("KVCOMP_SPLIT_V", "1") == "1"
-DECODE_WARPS = int(os.environ.get("KVCOMP_DECODE_WARPS", "0"))  # 0: by head_dim
+DECODE_WARPS = int(os.environ.get("KVCOMP_DECODE_WARPS", "0"))  # 0: by head_dim (4 up to D=128: measured best)
 FAST_PATH = os.environ.get("KVCOMP_DECODE_FAST", "1") == "1"  # bf16 operands (16-bit models, bits <= 7)
 NUM_STAGES = 1  # the pipeliner would stage the gathered words through shared memory: slower
 
@@ -374,7 +374,7 @@ def _static_args(fmt: BlockFormat, q_dtype, tail_dtype, group: int, qlen: int, D
         FAST=fast, INTERP=os.environ.get("TRITON_INTERPRET", "0") == "1", Q_SPLIT=q_dtype != torch.bfloat16,
         SCAN16=fmt.bits_k * NP < (1 << 16) and fmt.bits_v * NP < (1 << 15),
         CJ_K=min(P, _pow2_floor(64 // fmt.bits_k)), CJ_V=min(P, _pow2_floor(64 // fmt.bits_v)),
-        num_warps=DECODE_WARPS or (4 if D <= 64 else 8), num_stages=NUM_STAGES)
+        num_warps=DECODE_WARPS or (4 if D <= 128 else 8), num_stages=NUM_STAGES)
     comb = dict(GROUP=group, QLEN=qlen, M=M, D=D, SP=64, SC=8, num_warps=4 if D <= 128 else 8)
     hit = (M, consts, comb)
     _STATIC[key] = hit
