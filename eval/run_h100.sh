@@ -27,16 +27,16 @@ for stage in "$@"; do
       python -m pytest -q -s -p no:cacheprovider tests/test_cuda_generate.py -k "not tiny" 2>&1 \
         | tee $OUT/smollm2_tests.log | grep -E "agreement|passed|failed|error|Error" ;;
     calibrate)
-      timeout 540 python eval/calibrate.py --model $SMOL --gguf-file SmolLM2-135M-Instruct.Q4_1.gguf \
+      timeout 470 python eval/calibrate.py --model $SMOL --gguf-file SmolLM2-135M-Instruct.Q4_1.gguf \
         --name smollm2-135m-instruct --model-id HuggingFaceTB/SmolLM2-135M-Instruct --granularity token_head \
         --rel-k 0.03,0.05,0.1 --rel-v 0.1,0.2 --pack-sizes 16 --repacks median \
         --ppl-tokens 4096 --lengths 4096,8192 --samples 2 --max-synthetic-tries 2 \
         --out eval/results/calib-smollm2 2>&1 | tail -30
       cp configs/smollm2-135m-instruct.yaml $OUT/ ; tar czf $OUT/calib.tgz eval/results/calib-smollm2 ;;
     accuracy)
-      timeout 200 python eval/perplexity.py --model $SMOL --caches full,kvcomp:smollm2-135m-instruct,kvcomp,kivi2,kivi4 \
+      timeout 180 python eval/perplexity.py --model $SMOL --caches full,kvcomp:smollm2-135m-instruct,kvcomp,kivi2,kivi4 \
         --tokens 8192 --chunk 64 --out eval/results/smollm2-h100/perplexity 2>&1 | tail -12
-      timeout 330 python eval/synthetic.py --model $SMOL --caches full,kvcomp:smollm2-135m-instruct,kivi2,kivi4 \
+      timeout 240 python eval/synthetic.py --model $SMOL --caches full,kvcomp:smollm2-135m-instruct,kivi2,kivi4 \
         --lengths 4096,8192 --samples 2 --out eval/results/smollm2-h100/synthetic 2>&1 | tail -20
       tar czf $OUT/accuracy.tgz eval/results/smollm2-h100 ;;
     demo) python -m kvcomp_hf.cli demo 2>&1 | grep -v "Converting\|Loading" | tee $OUT/demo.log ;;
