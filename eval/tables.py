@@ -1,0 +1,53 @@
+"""Markdown tables for README.md from the benchmark JSON in eval/results/.
+
+    python eval/tables.py kernels eval/results/bench_kernels.json
+    python eval/tables.py generate eval/results/bench_generate.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def kernels_table(data: dict) -> str:
+    info = data["info"]
+    lines = [f"{info['device']}, torch {info['torch']}, triton {info['triton']}, copy bandwidth "
+             f"{info['copy_bandwidth_GBps']:.0f} GB/s; {info['timing']}. Fused decode at 4 warps "
+             "(the default) where the run measured it as a variant.", "",
+             "| shape | context | batch | bits/value | fused ms | SDPA bf16 ms | cuBLAS q·Kᵀ+p·V ms | fused / SDPA speed-up "
+             "| fused / roofline | store GB/s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in data["rows"]:
+        fused = (r.get("variants_ms") or {}).get("w4", r["fused_ms"])
+        lines.append(f"| {r['shape']} | {r['context']} | {r['batch']} | {r['bits_per_value']:.2f} | {fused:.3f} | "
+                     f"{r['sdpa_bf16_ms']:.3f} | {r['cublas_ms']:.3f} | {r['sdpa_bf16_ms'] / fused:.2f}x | "
+                     f"{fused / r['roofline_ms']:.1f}x | {r['store_GBps_bf16_input']:.0f} |")
+    return "\n".join(lines)
+
+
+def generate_table(data: dict) -> str:
+    rows = data["rows"] if isinstance(data, dict) else data
+    lines = ["| model | cache | context | batch | TTFT s | decode tok/s | peak GiB | cache GiB | bits/value |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if r.get("status") != "ok" or r.get("same_as"):
+            continue
+        cache_gib = (r.get("cache_bytes") or 0) / 2**30
+        lines.append(f"| {r['model']} | {r['cache']} | {r['context']} | {r['batch']} | {r['ttft_s']:.2f} | "
+                     f"{r['decode_tok_s']:.1f} | {r['peak_mem_gib']:.1f} | {cache_gib:.2f} | "
+                     f"{r.get('bits_per_value') or 0:.2f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("kind", choices=["kernels", "generate"])
+    parser.add_argument("path")
+    args = parser.parse_args()
+    with open(args.path) as f:
+        data = json.load(f)
+    print(kernels_table(data) if args.kind == "kernels" else generate_table(data))
+
+
+if __name__ == "__main__":
+    main()
