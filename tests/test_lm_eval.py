@@ -22,16 +22,7 @@ torch = pytest.importorskip("torch")
 from eval import lm_eval_model as lem  # noqa: E402
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Tiny models run fastest on one thread; on a busy 2-core machine two threads spin against each other
-    (measured: the launcher test took 35 s with 2 threads, 4.5 s with 1)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _tokenizer():
