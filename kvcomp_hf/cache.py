@@ -19,6 +19,8 @@ from .config import KVCompConfig, resolve_config
 
 ATTN_IMPLEMENTATION = "kvcomp"
 BACKENDS = ("auto", "torch", "triton")
+POOL_HEADROOM = 0.125  # byte pools grow (and are fitted) with 12.5% to spare
+FIT_POOL_AFTER_BYTES = 8 << 20  # stores that may reserve more than this are followed by fit_pool()
 
 
 def _use_triton(backend: str, key_states: torch.Tensor, fmt: BlockFormat) -> bool:
@@ -109,12 +111,24 @@ class BlockStore:
         self.perm = torch.zeros(0, BLOCK_SIZE, dtype=torch.uint8, device=device)
 
     @staticmethod
-    def _grown(t: torch.Tensor, needed: int) -> torch.Tensor:
+    def _grown(t: torch.Tensor, needed: int, factor: float = 2.0) -> torch.Tensor:
         if t.shape[0] >= needed:
             return t
-        out = torch.zeros((max(needed, 2 * t.shape[0]),) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
+        size = max(needed, int(factor * t.shape[0]))
+        out = torch.zeros((size,) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
         out[: t.shape[0]] = t
         return out
+
+    def fit_pool(self, headroom: float = POOL_HEADROOM) -> None:
+        """Shrink the byte pool to the bytes in use plus headroom (one host sync). The Triton store
+        reserves the worst case of every store; after a prefill-sized store that reservation can be
+        much larger than what compression produced."""
+        used = self.used_bytes()
+        target = (int(used * (1 + headroom)) + 4095) // 4096 * 4096
+        if self.pool.numel() > target * (1 + headroom):
+            pool = torch.zeros(target, dtype=torch.uint8, device=self.device)
+            pool[:used] = self.pool[:used]
+            self.pool = pool
 
     def used_bytes(self) -> int:
         """Exact pool bytes in use (a host sync on CUDA; not for the hot path)."""
@@ -126,7 +140,7 @@ class BlockStore:
         if self.used_bound + max_bytes > self.pool.numel():
             self.used_bytes()
             if self.used_bound + max_bytes > self.pool.numel():
-                self.pool = self._grown(self.pool, self.used_bound + max_bytes)
+                self.pool = self._grown(self.pool, self.used_bound + max_bytes, factor=1 + POOL_HEADROOM)
         s0, s1 = self.n_slots, self.n_slots + n_blocks
         for name in ("seg_offset", "seg_bytes", "token_min", "token_step", "perm"):
             setattr(self, name, self._grown(getattr(self, name), s1))
@@ -146,6 +160,8 @@ class BlockStore:
                 store_blocks(k, v, config, self.fmt, self.pool, self.pool_used, self.seg_offset, self.token_min,
                              self.token_step, self.perm, s0, _segbytes_out=self.seg_bytes[s0:s1].view(-1))
             self.used_bound += max_bytes
+            if max_bytes >= FIT_POOL_AFTER_BYTES:  # a prefill-sized store: give back its worst-case reservation
+                self.fit_pool()
         else:
             def blocks(x):  # [B, H, nb*64, D] -> [B*nb, H, 64, D], block index = b * nb + i
                 return x.reshape(b, h, nb, BLOCK_SIZE, d).permute(0, 2, 1, 3, 4).reshape(b * nb, h, BLOCK_SIZE, d)

@@ -254,3 +254,20 @@ def test_assistant_inherits_kvcomp_cache_implementation(tiny_llama):
                               cache_implementation="kvcomp", cache_config={"rel_k": 1e-4, "rel_v": 1e-4})
     assert torch.equal(out, ref)
     assert assistant.config._attn_implementation != "kvcomp"  # switched for the call only
+
+
+def test_fit_pool_keeps_every_block_and_gives_back_the_reservation():
+    torch.manual_seed(8)
+    layer = KVCompLayer(KVCompConfig())
+    k, v = torch.randn(2, 2, 700, 16), torch.randn(2, 2, 700, 16)
+    layer.update(k, v)
+    store = layer.store
+    before = layer.dense_kv()
+    used = store.used_bytes()
+    store.pool = store._grown(store.pool, 10 * used)  # as after a worst-case reservation
+    store.fit_pool()
+    assert used <= store.pool.numel() <= 1.125 * used + 4096
+    after = layer.dense_kv()
+    assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
+    layer.update(k[:, :, :100], v[:, :, :100])  # appending after the fit still works
+    assert torch.equal(layer.dense_kv()[0][:, :, :512], before[0][:, :, :512])  # the 8 blocks compressed before
