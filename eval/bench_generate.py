@@ -25,7 +25,6 @@ import dataclasses
 import gc
 import importlib.util
 import json
-import math
 import os
 import platform
 import sys

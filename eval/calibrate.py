@@ -18,7 +18,6 @@ Work files (perplexity grid, synthetic predictions) go to --out and are reused w
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import itertools
 import json

@@ -20,16 +20,15 @@ string_match_all), x100; per task and length: the mean over samples.
 from __future__ import annotations
 
 import argparse
-import math
 import random
 import re
 import string
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))

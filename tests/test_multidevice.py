@@ -144,7 +144,6 @@ def _tp_worker(rank, world, path, port, ids, queue):
         import torch.distributed as dist
         from transformers import AutoModelForCausalLM
 
-        import kvcomp_hf as kh
 
         dist.init_process_group("gloo", rank=rank, world_size=world)
         try:

