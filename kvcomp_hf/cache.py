@@ -92,8 +92,8 @@ class BlockStore:
 
     On CUDA the Triton store kernel appends segments at `pool_used` (a device counter), so no
     step waits for the GPU: the host keeps an upper bound of the bytes used and reads the exact
-    counter only when that bound says the pool may have to grow, and after prefill-sized stores
-    (fit_pool), never on a decode step that compresses one block row."""
+    counter only when that bound says the pool may have to grow (its slack is used up) and after
+    prefill-sized stores (fit_pool); other steps never wait for the GPU."""
 
     def __init__(self, fmt: BlockFormat, dtype: torch.dtype, device: torch.device, use_triton: bool = False):
         self.fmt = fmt
