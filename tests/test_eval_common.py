@@ -1,15 +1,12 @@
 """eval/common.py: cache specs, resumable output, text sources, model loading from a local dir."""
 
 import json
-import os
 
 import pytest
 import torch
 
 from eval import common
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("KVCOMP_EVAL_NO_PROGRESS", "1")
 
 
 @pytest.fixture(scope="module")

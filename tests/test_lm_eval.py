@@ -1,19 +1,12 @@
 """lm-eval model "hf-kvcomp" and launcher: offline, tiny random Llama, locally trained tokenizer, fixture tasks."""
 
 import json
-import os
-import sys
 from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("KVCOMP_EVAL_NO_PROGRESS", "1")
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 TASKS = REPO / "eval" / "lm_eval_tasks"
 
 pytest.importorskip("lm_eval")

@@ -2,19 +2,12 @@
 and an offline end-to-end run on hand-written fixtures with a tiny random Llama and a locally trained tokenizer."""
 
 import json
-import os
-import sys
 from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("KVCOMP_EVAL_NO_PROGRESS", "1")
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 from eval import longbench as lb  # noqa: E402
 from eval import longbench_config as C  # noqa: E402

@@ -1,7 +1,6 @@
 """eval/perplexity.py (teacher forcing through the cache) and eval/calibrate.py on a tiny random model."""
 
 import json
-import os
 
 import pytest
 import torch
@@ -9,8 +8,6 @@ import yaml
 
 from eval import calibrate, common, perplexity
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("KVCOMP_EVAL_NO_PROGRESS", "1")
 
 
 @pytest.fixture(scope="module")

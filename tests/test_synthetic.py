@@ -1,7 +1,6 @@
 """eval/synthetic.py: deterministic generators, lengths, references, scoring, and the CLI on a tiny model."""
 
 import json
-import os
 import re
 from collections import Counter
 
@@ -10,8 +9,6 @@ import pytest
 from eval import common, synthetic
 from eval.synthetic import SyntheticSuite, score_sample, string_match_all, string_match_part
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("KVCOMP_EVAL_NO_PROGRESS", "1")
 
 
 @pytest.fixture(scope="module")
