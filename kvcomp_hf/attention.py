@@ -15,22 +15,22 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from .cache import CompressedKV
 
 
+MAX_FUSED_QUERIES = 16  # decode and speculative verification; longer chunks take the dense path
+
+
 def kvcomp_attention_forward(module: torch.nn.Module, query: torch.Tensor, key, value, attention_mask,
                              scaling: float | None = None, dropout: float = 0.0, **kwargs):
-    if not isinstance(key, CompressedKV):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                                      **kwargs)
-    if key.dense is not None:
-        return sdpa_attention_forward(module, query, key.dense, value.dense, attention_mask, scaling=scaling,
-                                      dropout=dropout, **kwargs)
-    layer = key.layer
-    if layer.use_triton and query.shape[2] <= MAX_FUSED_QUERIES and _mask_is_boolean(attention_mask):
-        return fused_attention(layer, query, attention_mask, scaling if scaling is not None else module.scaling), None
-    k, v = layer.dense_kv()
-    return sdpa_attention_forward(module, query, k, v, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-
-
-MAX_FUSED_QUERIES = 16  # decode and speculative verification; longer chunks take the dense path
+    if isinstance(key, CompressedKV):
+        if key.dense is not None:  # prefill on an empty cache: exact attention over the new tokens
+            key, value = key.dense, value.dense
+        else:
+            layer = key.layer
+            if layer.use_triton and query.shape[2] <= MAX_FUSED_QUERIES and _mask_is_boolean(attention_mask):
+                scale = scaling if scaling is not None else module.scaling
+                return fused_attention(layer, query, attention_mask, scale), None
+            key, value = layer.dense_kv()
+    return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                  **kwargs)
 
 
 def _mask_is_boolean(mask) -> bool:
