@@ -151,14 +151,24 @@ def load_smollm2(device, dtype, max_positions: int, allow_gguf: bool = True):
 CACHES = ("dynamic", "kvcomp", "kvcomp-preset", "hf-int4", "hf-int2")
 
 
-def hf_quant_backend() -> str | None:
-    for mod, name in (("optimum.quanto", "quanto"), ("hqq", "hqq")):
+def hf_quant_backend(config, device, dtype) -> tuple[str | None, list[str]]:
+    """The first QuantizedCache backend that imports and quantises a small K/V on `device`
+    ($KVCOMP_HF_QUANT_BACKEND narrows the choice); returns (backend or None, why the others failed)."""
+    from eval import common
+
+    chosen = os.environ.get("KVCOMP_HF_QUANT_BACKEND")
+    failures = []
+    for backend in (chosen,) if chosen else common.HF_QUANT_BACKENDS:
         try:
-            importlib.import_module(mod)
-            return name
-        except Exception:  # noqa: BLE001 - any failure means unusable
-            continue
-    return None
+            cache = common.hf_quantized_cache(config, 4, backend)
+            heads, dim = config.num_key_value_heads, config.head_dim
+            kv = torch.randn(1, heads, 300, dim, device=device, dtype=dtype)
+            cache.update(kv, kv, 0)
+            cache.update(kv[:, :, :1], kv[:, :, :1], 0)
+            return backend, failures
+        except Exception as err:  # noqa: BLE001 - any failure means unusable here
+            failures.append(f"{backend}: {type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}")
+    return None, failures
 
 
 def kvcomp_config_for(cache: str, model_key: str):
@@ -178,13 +188,9 @@ def generate_kwargs(cache: str, model, model_key: str) -> dict:
     if cache == "dynamic":
         return {}
     if cache.startswith("hf-int"):
-        from transformers import QuantizedCache
+        from eval import common
 
-        backend = hf_quant_backend()
-        axis = 0 if backend == "quanto" else 1  # per-channel groups, as eval/common.py
-        return {"past_key_values": QuantizedCache(backend=backend, config=model.config, nbits=int(cache[-1]),
-                                                  axis_key=axis, axis_value=axis, q_group_size=64,
-                                                  residual_length=128)}
+        return {"past_key_values": common.hf_quantized_cache(model.config, int(cache[-1]))}
     raise ValueError(f"unknown cache {cache!r}; choose from {CACHES}")
 
 
@@ -631,14 +637,18 @@ def main(argv=None):
     caches = list(args.caches)
     notes = [WEIGHTS_NOTE]
     if any(c.startswith("hf-int") for c in caches):
-        backend = hf_quant_backend()
+        small = llama_config(TINY_LLAMA, 1024)
+        backend, failures = hf_quant_backend(small, device, dtype)
+        if failures:
+            notes.append("QuantizedCache backends that failed here: " + "; ".join(failures))
+            log("note: " + notes[-1])
         if backend is None:
             caches = [c for c in caches if not c.startswith("hf-int")]
-            notes.append("transformers QuantizedCache (hf-int4/hf-int2) skipped: neither optimum-quanto nor hqq "
-                         "imports here.")
+            notes.append("transformers QuantizedCache (hf-int4/hf-int2) skipped: no backend works here.")
             log("note: " + notes[-1])
         else:
-            notes.append(f"QuantizedCache backend: {backend} (axis 0/1 per-channel groups of 64, residual 128). "
+            os.environ["KVCOMP_HF_QUANT_BACKEND"] = backend
+            notes.append(f"QuantizedCache backend: {backend} (per-channel groups of 64, residual 128). "
                          "It dequantises the whole cache at every step (transformers' design).")
     notes.append("kvcomp-preset = the model's preset (llama-3.1-8b-instruct / smollm2-135m-instruct); when it "
                  "equals the default config it is measured once and its rows carry same_as='kvcomp'.")

@@ -314,21 +314,35 @@ def parse_cache_list(text: str | Iterable[str]) -> list[CacheSpec]:
     return specs
 
 
-def _hf_quant_backend() -> str:
-    try:
-        import optimum.quanto  # noqa: F401
+HF_QUANT_BACKENDS = ("quanto", "hqq")
+HF_QUANT_MODULES = {"quanto": "optimum.quanto", "hqq": "hqq"}
 
-        return "quanto"
-    except ImportError:
-        pass
-    try:
-        import hqq  # noqa: F401
 
-        return "hqq"
-    except ImportError:
-        pass
+def hf_quant_backend() -> str:
+    """transformers.QuantizedCache's backend: $KVCOMP_HF_QUANT_BACKEND if set, else the first that imports."""
+    chosen = os.environ.get("KVCOMP_HF_QUANT_BACKEND")
+    if chosen is not None and chosen not in HF_QUANT_BACKENDS:
+        raise ValueError(f"KVCOMP_HF_QUANT_BACKEND must be one of {HF_QUANT_BACKENDS}, got {chosen!r}")
+    for backend in (chosen,) if chosen else HF_QUANT_BACKENDS:
+        try:
+            __import__(HF_QUANT_MODULES[backend])
+            return backend
+        except ImportError:
+            continue
     raise RuntimeError("hf-int2/hf-int4 need transformers.QuantizedCache with a backend: "
-                       "`pip install optimum-quanto` (or `pip install hqq`)")
+                       "`pip install optimum-quanto` (or `pip install hqq`)"
+                       + (f"; KVCOMP_HF_QUANT_BACKEND={chosen} does not import" if chosen else ""))
+
+
+def hf_quantized_cache(config, nbits: int, backend: str | None = None):
+    """transformers.QuantizedCache with per-channel groups of 64 and a 128-token residual."""
+    from transformers import QuantizedCache
+
+    backend = backend or hf_quant_backend()
+    # quanto: axis 0 = per-channel groups (transformers' documented default); hqq uses axis 1 for the same.
+    axis = 0 if backend == "quanto" else 1
+    return QuantizedCache(backend=backend, config=config, nbits=nbits, axis_key=axis, axis_value=axis,
+                          q_group_size=64, residual_length=128)
 
 
 def make_cache(spec: str | CacheSpec, model) -> Any:
@@ -346,13 +360,7 @@ def make_cache(spec: str | CacheSpec, model) -> Any:
 
         return KIVICache(config, nbits=spec.nbits, **dict(spec.options))
     if spec.kind == "hf-quant":
-        from transformers import QuantizedCache
-
-        backend = _hf_quant_backend()
-        # quanto: axis 0 = per-channel groups (transformers' documented default); hqq uses axis 1 for the same.
-        axis = 0 if backend == "quanto" else 1
-        return QuantizedCache(backend=backend, config=config, nbits=spec.nbits, axis_key=axis, axis_value=axis,
-                              q_group_size=64, residual_length=128)
+        return hf_quantized_cache(config, spec.nbits)
     raise _spec_error(spec.name, "unknown kind")
 
 

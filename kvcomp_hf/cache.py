@@ -24,15 +24,16 @@ FIT_POOL_AFTER_BYTES = 8 << 20  # stores that may reserve more than this are fol
 
 
 def _use_triton(backend: str, key_states: torch.Tensor, fmt: BlockFormat) -> bool:
-    """Triton kernels on CUDA (backend "auto" or "triton"); the PyTorch reference path otherwise."""
+    """Triton kernels on CUDA for fp16/bf16 K/V (backend "auto" or "triton"); the PyTorch reference path
+    otherwise. float32 models take the PyTorch path: Triton 3.6 fails to compile some float32 variants
+    of the kernels on the GPU (pack 4 decode, 2-bit V store)."""
     if backend == "torch":
         return False
     on_cuda = key_states.device.type == "cuda"
     d = fmt.head_dim
-    supported = on_cuda and d >= 16 and d & (d - 1) == 0 and key_states.dtype in (
-        torch.float16, torch.bfloat16, torch.float32)
+    supported = on_cuda and d >= 16 and d & (d - 1) == 0 and key_states.dtype in (torch.float16, torch.bfloat16)
     if backend == "triton" and not supported:
-        raise ValueError(f"backend='triton' needs a CUDA device, a power-of-two head_dim >= 16 and fp16/bf16/fp32 "
+        raise ValueError(f"backend='triton' needs a CUDA device, a power-of-two head_dim >= 16 and fp16/bf16 "
                          f"K/V; got device {key_states.device}, head_dim {d}, dtype {key_states.dtype}")
     return supported
 
@@ -336,15 +337,17 @@ class KVCompLayer(CacheLayerMixin):
 
     # -- reading --------------------------------------------------------------------------------
 
-    def dense_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The whole cache dequantised to the model dtype in arrival order: [B, H, kv_len, D] each."""
+    def dense_kv(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole cache dequantised in arrival order: [B, H, kv_len, D] each, in `dtype` (default: the
+        model dtype; float32 keeps the decoded values exact)."""
+        dtype = dtype or self.dtype
         if self.block_table.shape[1] == 0:
-            return self.keys, self.values
+            return self.keys.to(dtype), self.values.to(dtype)
         k, v = self.store.decode(self.block_table)                       # [B, nb, H, 64, D]
         b, nb, h, _, d = k.shape
-        k = k.permute(0, 2, 1, 3, 4).reshape(b, h, nb * BLOCK_SIZE, d).to(self.dtype)
-        v = v.permute(0, 2, 1, 3, 4).reshape(b, h, nb * BLOCK_SIZE, d).to(self.dtype)
-        return torch.cat([k, self.keys], 2), torch.cat([v, self.values], 2)
+        k = k.permute(0, 2, 1, 3, 4).reshape(b, h, nb * BLOCK_SIZE, d).to(dtype)
+        v = v.permute(0, 2, 1, 3, 4).reshape(b, h, nb * BLOCK_SIZE, d).to(dtype)
+        return torch.cat([k, self.keys.to(dtype)], 2), torch.cat([v, self.values.to(dtype)], 2)
 
     def _check_attention_implementation(self) -> None:
         if self.model_config is None:

@@ -12,6 +12,10 @@ def main(argv: list[str] | None = None) -> None:
     demo.add_argument("--tokens", type=int, default=4000, help="prompt length in tokens (default 4000)")
     demo.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     demo.add_argument("--preset", default="smollm2-135m-instruct", help="kvcomp preset name")
+    demo.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"],
+                      help="kvcomp backend: auto (Triton on CUDA), torch or triton")
+    demo.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                      help="model dtype (auto: bfloat16 on CUDA, float32 on CPU)")
     sub.add_parser("presets", help="list the shipped presets")
     args = parser.parse_args(argv)
     if args.command == "demo":
@@ -19,7 +23,8 @@ def main(argv: list[str] | None = None) -> None:
 
         if args.tokens < 200:
             parser.error(f"--tokens must be at least 200, got {args.tokens}")
-        run_demo(tokens=args.tokens, device=args.device, preset=args.preset)
+        run_demo(tokens=args.tokens, device=args.device, preset=args.preset, backend=args.backend,
+                 dtype=args.dtype)
     elif args.command == "presets":
         from .config import available_presets, load_preset
 

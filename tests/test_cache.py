@@ -83,6 +83,32 @@ def test_attention_over_compressed_cache_matches_sdpa_on_dense(rel, bound):
         assert rel_err(got, want) < bound
 
 
+def test_decode_queries_on_a_16bit_model_attend_in_float32_over_exact_values():
+    """bf16 K/V: decode-sized queries on the PyTorch path are as close to float64 attention over the
+    decoded values as bf16 output rounding allows (no extra rounding of the decoded K/V), so they compute
+    the same numbers as the fused kernel. A 64-query chunk attends in bf16 and is allowed more error."""
+    torch.manual_seed(3)
+    b, h, hq, d = 2, 2, 4, 32
+    layer = KVCompLayer(KVCompConfig(rel_k=0.05, rel_v=0.1))
+    module = FakeAttention(hq // h)
+    k = (torch.randn(b, h, 700, d) * torch.linspace(0.5, 4, d)).to(torch.bfloat16)
+    v = torch.randn(b, h, 700, d).to(torch.bfloat16)
+    layer.update(k, v)
+    assert layer.block_table.shape[1] > 0
+    for q_len, slack in ((1, 1.05), (16, 1.05), (64, 4.0)):
+        k1 = torch.randn(b, h, q_len, d).to(torch.bfloat16)
+        hk, hv = layer.update(k1, k1)
+        dk, dv = layer.dense_kv(torch.float64)
+        q = torch.randn(b, hq, q_len, d).to(torch.bfloat16)
+        kv_len = dk.shape[2]
+        mask = torch.ones(q_len, kv_len, dtype=torch.bool).tril(kv_len - q_len)[None, None].expand(b, 1, -1, -1)
+        got, _ = kvcomp_attention_forward(module, q, hk, hv, mask, scaling=d**-0.5)
+        exact, _ = sdpa_attention_forward(module, q.double(), dk, dv, mask, scaling=d**-0.5)
+        assert got.dtype == torch.bfloat16
+        rounding = rel_err(exact.to(torch.bfloat16), exact)
+        assert rel_err(got, exact) <= slack * rounding + 1e-6, (q_len, rel_err(got, exact), rounding)
+
+
 def test_left_padded_batch_equals_rows_alone(tiny_llama):
     torch.manual_seed(3)
     lengths = [260, 200, 131]

@@ -21,6 +21,13 @@ from kvcomp_hf.kernels import decode_attention, encode_blocks_triton, store_bloc
 HAS_CUDA = torch.cuda.is_available()
 DEV = "cuda" if HAS_CUDA else "cpu"
 cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+
+
+def skip_fp32_on_gpu(dtype):
+    """float32 K/V take the PyTorch path on CUDA (see cache._use_triton): Triton 3.6 fails to compile
+    some float32 variants there. The interpreter still checks the float32 code paths on CPU."""
+    if HAS_CUDA and dtype == torch.float32:
+        pytest.skip("float32 kernels run only under the interpreter; CUDA routes float32 models to PyTorch")
 TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 2e-3}
 
 
@@ -58,6 +65,7 @@ STORE_CASES = [
 
 @pytest.mark.parametrize("pack,repack,gran,rel_k,rel_v,dtype,outliers", STORE_CASES)
 def test_store_matches_codec(pack, repack, gran, rel_k, rel_v, dtype, outliers):
+    skip_fp32_on_gpu(dtype)
     gen = torch.Generator().manual_seed(zlib.crc32(repr((pack, repack, gran, rel_k, rel_v, dtype, outliers)).encode()))
     cfg = KVCompConfig(rel_k=rel_k, rel_v=rel_v, pack_size=pack, repack=repack, granularity=gran)
     k, v = _kv(3, 2, 64, 32, dtype, gen, outliers)
@@ -192,6 +200,7 @@ DECODE_CASES = [
 
 @pytest.mark.parametrize("B,H,group,nb,T,D,QL,dtype,kw,splits", DECODE_CASES)
 def test_decode_attention(B, H, group, nb, T, D, QL, dtype, kw, splits):
+    skip_fp32_on_gpu(dtype)
     _check_decode(B, H, group, nb, T, D, QL, dtype, KVCompConfig(**kw), seed=nb * 100 + T + QL, num_splits=splits)
 
 

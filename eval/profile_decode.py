@@ -1,0 +1,139 @@
+"""Where a decode step's time goes: host (Python, launches) versus GPU kernels, per cache.
+
+    python eval/profile_decode.py --model smollm2-135m --context 8192 --batch 1 --out $OUT/profile.json
+
+For each cache (DynamicCache + SDPA, kvcomp): prefill once, then time decode steps three ways:
+  - generate(): per-token host stamps (as eval/bench_generate.py);
+  - forward loop: model(token) + argmax, synchronised per step;
+  - GPU busy time per step from torch.profiler (sum of kernel times), so wall - busy = host-bound time.
+Prints a table and the top kernels / host ops of each cache. Random weights (speed does not depend on
+trained weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from eval.bench_generate import (LLAMA31_8B, SMOLLM2_135M, StepTimer, generate_kwargs,  # noqa: E402
+                                 import_kvcomp, llama_config, random_llama)
+
+ARCHS = {"llama3.1-8b": LLAMA31_8B, "smollm2-135m": SMOLLM2_135M}
+
+
+def _new_cache(cache: str, model, model_key: str):
+    """generate_kwargs switches attention; a fresh cache object for the forward loop."""
+    from transformers import DynamicCache
+
+    import kvcomp_hf
+
+    kwargs = generate_kwargs(cache, model, model_key)
+    if cache == "dynamic":
+        return kwargs, DynamicCache(config=model.config)
+    return kwargs, kvcomp_hf.KVCompCache(model.config, kwargs["cache_config"])
+
+
+def _prefill(model, cache_obj, ids, chunk: int):
+    out = None
+    for s in range(0, ids.shape[1], chunk):
+        out = model(ids[:, s:s + chunk], past_key_values=cache_obj, use_cache=True, logits_to_keep=1)
+    return out.logits[:, -1:].argmax(-1)
+
+
+def profile_cache(model, model_key: str, cache: str, context: int, batch: int, steps: int, chunk: int) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    cfg = model.config
+    gen = torch.Generator(device="cpu").manual_seed(context + batch)
+    ids = torch.randint(3, cfg.vocab_size - 1, (batch, context), generator=gen).to(model.device)
+    row = {"cache": cache, "context": context, "batch": batch}
+
+    # generate(), as the benchmark times it
+    kwargs, _ = _new_cache(cache, model, model_key)
+    timer = StepTimer()
+    with torch.inference_mode():
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps + 1, do_sample=False,
+                       eos_token_id=None, pad_token_id=0, streamer=timer, prefill_chunk_size=chunk, **kwargs)
+    gaps = sorted(b - a for a, b in zip(timer.stamps[1:-1], timer.stamps[2:]))
+    row["generate_ms_per_step"] = round(1e3 * gaps[len(gaps) // 2], 3)
+
+    # plain forward loop over the same cache type
+    kwargs, cache_obj = _new_cache(cache, model, model_key)
+    with torch.inference_mode():
+        tok = _prefill(model, cache_obj, ids, chunk)
+        times = []
+        for _ in range(steps):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            tok = model(tok, past_key_values=cache_obj, use_cache=True).logits[:, -1:].argmax(-1)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        times.sort()
+        row["forward_ms_per_step"] = round(1e3 * times[len(times) // 2], 3)
+        n_prof = 4
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(n_prof):
+                tok = model(tok, past_key_values=cache_obj, use_cache=True).logits[:, -1:].argmax(-1)
+            torch.cuda.synchronize()
+    events = prof.key_averages()
+    gpu_us = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    row["gpu_busy_ms_per_step"] = round(gpu_us / 1e3 / n_prof, 3)
+    row["host_bound_ms_per_step"] = round(row["forward_ms_per_step"] - row["gpu_busy_ms_per_step"], 3)
+    kernels = sorted((e for e in events if e.self_device_time_total > 0), key=lambda e: -e.self_device_time_total)
+    row["top_kernels"] = [{"name": e.key[:80], "ms_per_step": round(e.self_device_time_total / 1e3 / n_prof, 3),
+                           "calls_per_step": e.count / n_prof} for e in kernels[:8]]
+    host = sorted(events, key=lambda e: -e.self_cpu_time_total)
+    row["top_host_ops"] = [{"name": e.key[:80], "ms_per_step": round(e.self_cpu_time_total / 1e3 / n_prof, 3),
+                            "calls_per_step": e.count / n_prof} for e in host[:8]]
+    del cache_obj
+    torch.cuda.empty_cache()
+    return row
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="smollm2-135m", choices=sorted(ARCHS))
+    p.add_argument("--context", type=int, default=8192)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--steps", type=int, default=16, help="timed decode steps")
+    p.add_argument("--caches", default="dynamic,kvcomp")
+    p.add_argument("--prefill-chunk", type=int, default=4096)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("profile_decode.py needs a CUDA GPU")
+    import_kvcomp()
+    device = torch.device("cuda")
+    model = random_llama(llama_config(ARCHS[args.model], args.context + 1024), device, torch.bfloat16)
+    model.generation_config.eos_token_id = None
+    rows = []
+    for cache in args.caches.split(","):
+        profile_cache(model, args.model, cache, 320, args.batch, 4, args.prefill_chunk)  # warm-up / compile
+        row = profile_cache(model, args.model, cache, args.context, args.batch, args.steps, args.prefill_chunk)
+        rows.append(row)
+    print(f"\n{args.model}, context {args.context}, batch {args.batch}, {torch.cuda.get_device_name()}")
+    print("| cache | generate ms/step | forward ms/step | GPU busy ms/step | host-bound ms/step |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['cache']} | {r['generate_ms_per_step']} | {r['forward_ms_per_step']} | "
+              f"{r['gpu_busy_ms_per_step']} | {r['host_bound_ms_per_step']} |")
+    for r in rows:
+        print(f"\n{r['cache']}: top GPU kernels per step")
+        for k in r["top_kernels"]:
+            print(f"  {k['ms_per_step']:8.3f} ms  x{k['calls_per_step']:<6g} {k['name']}")
+        print(f"{r['cache']}: top host ops per step (self CPU)")
+        for k in r["top_host_ops"]:
+            print(f"  {k['ms_per_step']:8.3f} ms  x{k['calls_per_step']:<6g} {k['name']}")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"model": args.model, "gpu": torch.cuda.get_device_name(),
+                                              "torch": torch.__version__, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
