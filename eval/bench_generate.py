@@ -21,6 +21,7 @@ Every run disables EOS so that exactly --new-tokens tokens are generated.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import importlib.util
@@ -148,7 +149,7 @@ def load_smollm2(device, dtype, max_positions: int, allow_gguf: bool = True):
 
 # --------------------------------------------------------------------------------------------- caches
 
-CACHES = ("dynamic", "kvcomp", "kvcomp-preset", "hf-int4", "hf-int2")
+CACHES = ("dynamic", "dynamic-flash", "kvcomp", "kvcomp-preset", "hf-int4", "hf-int2")
 
 
 def hf_quant_backend(config, device, dtype) -> tuple[str | None, list[str]]:
@@ -185,13 +186,24 @@ def generate_kwargs(cache: str, model, model_key: str) -> dict:
         model.set_attn_implementation("kvcomp")
         return {"cache_implementation": "kvcomp", "cache_config": kvcomp_config_for(cache, model_key).to_dict()}
     model.set_attn_implementation("sdpa")
-    if cache == "dynamic":
+    if cache in ("dynamic", "dynamic-flash"):
         return {}
     if cache.startswith("hf-int"):
         from eval import common
 
         return {"past_key_values": common.hf_quantized_cache(model.config, int(cache[-1]))}
     raise ValueError(f"unknown cache {cache!r}; choose from {CACHES}")
+
+
+def sdpa_backends(cache: str):
+    """"dynamic-flash": SDPA limited to its flash and memory-efficient kernels. On the H100 (torch 2.11, bf16)
+    SDPA picks cuDNN attention, whose host-side cost per decode call (about 1.65 ms, eval/profile_decode.py)
+    makes DynamicCache decode host-bound; this row shows DynamicCache without that cost."""
+    if cache != "dynamic-flash":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION])
 
 
 def _tensor_bytes(obj, seen: set, depth: int = 0) -> int:
@@ -291,7 +303,7 @@ def run_generate(model, model_key: str, cache: str, context: int, batch: int, ne
         torch.cuda.reset_peak_memory_stats(device)
     _sync(device)
     t0 = time.perf_counter()
-    with torch.inference_mode():
+    with torch.inference_mode(), sdpa_backends(cache):
         out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=generation_config,
                              streamer=timer, **extra)
     _sync(device)
@@ -366,7 +378,8 @@ class Planner:
         dense_tok = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * 2
         cache_tok = self.cache_per_token.get((model_key, cache))
         if cache_tok is None:
-            cache_tok = dense_tok * {"dynamic": 1.0, "hf-int4": 0.4, "hf-int2": 0.3}.get(cache, 0.45)
+            cache_tok = dense_tok * {"dynamic": 1.0, "dynamic-flash": 1.0, "hf-int4": 0.4, "hf-int2": 0.3}.get(
+                cache, 0.45)
         act_tok = self.act_per_token.get((model_key, cache))
         if act_tok is None:
             act_tok = (8 * cfg.hidden_size + 4 * cfg.intermediate_size) * 2
@@ -574,7 +587,27 @@ def markdown(rows: list, capacity: list) -> str:
     lines += ["", "| model | cache | largest context x batch that fit |", "|---|---|---|"]
     for (model, cache), c in sorted(best.items()):
         lines.append(f"| {model} | {cache} | {c['context']} x {c['max_batch_fit']} = {c['tokens_fit']} tokens |")
-    return "\n".join(lines)
+    return "\n".join(lines + ratio_lines(rows))
+
+
+def ratio_lines(rows: list) -> list[str]:
+    """kvcomp against each other cache measured at the same (model, context, batch): decode speed-up,
+    TTFT ratio and how many times smaller the cache is."""
+    ok = {(r["model"], r["cache"], r["context"], r["batch"]): r for r in rows if r["status"] == "ok"}
+    lines = ["", "kvcomp (default config) against the other caches at the same shape (ratios of the rows above):", "",
+             "| model | context | batch | vs cache | decode speed-up | TTFT ratio | cache bytes smaller | "
+             "allocated smaller |", "|" + "---|" * 8]
+    for (model, cache, context, batch), ours in sorted(ok.items()):
+        if cache != "kvcomp":
+            continue
+        for other in ("dynamic", "dynamic-flash", "hf-int4", "hf-int2"):
+            ref = ok.get((model, other, context, batch))
+            if ref is None or not ours.get("decode_tok_s") or not ref.get("decode_tok_s"):
+                continue
+            lines.append(f"| {model} | {context} | {batch} | {other} | {ours['decode_tok_s'] / ref['decode_tok_s']:.2f}x "
+                         f"| {ours['ttft_s'] / ref['ttft_s']:.3f} | {ref['cache_bytes'] / ours['cache_bytes']:.2f}x "
+                         f"| {ref['cache_alloc_bytes'] / ours['cache_alloc_bytes']:.2f}x |")
+    return lines
 
 
 def parse_args(argv=None):

@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from eval.bench_generate import (LLAMA31_8B, SMOLLM2_135M, StepTimer, generate_kwargs,  # noqa: E402
-                                 import_kvcomp, llama_config, random_llama)
+                                 import_kvcomp, llama_config, random_llama, sdpa_backends)
 
 ARCHS = {"llama3.1-8b": LLAMA31_8B, "smollm2-135m": SMOLLM2_135M}
 
@@ -34,7 +34,7 @@ def _new_cache(cache: str, model, model_key: str):
     import kvcomp_hf
 
     kwargs = generate_kwargs(cache, model, model_key)
-    if cache == "dynamic":
+    if cache in ("dynamic", "dynamic-flash"):
         return kwargs, DynamicCache(config=model.config)
     return kwargs, kvcomp_hf.KVCompCache(model.config, kwargs["cache_config"])
 
@@ -47,6 +47,11 @@ def _prefill(model, cache_obj, ids, chunk: int):
 
 
 def profile_cache(model, model_key: str, cache: str, context: int, batch: int, steps: int, chunk: int) -> dict:
+    with sdpa_backends(cache):
+        return _profile_cache(model, model_key, cache, context, batch, steps, chunk)
+
+
+def _profile_cache(model, model_key: str, cache: str, context: int, batch: int, steps: int, chunk: int) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     cfg = model.config
@@ -102,7 +107,7 @@ def main(argv=None):
     p.add_argument("--context", type=int, default=8192)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--steps", type=int, default=16, help="timed decode steps")
-    p.add_argument("--caches", default="dynamic,kvcomp")
+    p.add_argument("--caches", default="dynamic,dynamic-flash,kvcomp")
     p.add_argument("--prefill-chunk", type=int, default=4096)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)

@@ -12,6 +12,7 @@
 #   stage profile-llama: the same, Llama-3.1-8B shape at 32K x 8
 #   stage bench       : eval/bench_generate.py
 #   stage bench-chunked: eval/bench_generate.py with chunked prefill, Llama-3.1-8B shape, incl. QuantizedCache
+#   stage bench-capacity: the same at 32K x 8, 16, 32 for DynamicCache and kvcomp (what fits)
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:/root/kvm/site KVCOMP_EVAL_NO_PROGRESS=1 PATH=/root/kvm/site/bin:$PATH
 OUT=${OUT:-/tmp/out}
@@ -52,8 +53,13 @@ for stage in "$@"; do
         --out $OUT/profile_smollm2.json 2>&1 | tail -40 ;;
     profile-llama) timeout 300 python eval/profile_decode.py --model llama3.1-8b --context 32768 --batch 8 \
         --steps 8 --out $OUT/profile_llama.json 2>&1 | tail -40 ;;
-    bench-chunked) timeout 560 python eval/bench_generate.py --models llama3.1-8b --prefill-chunk 4096 \
-        --out $OUT/bench_generate_chunked.json --time-budget 500 2>&1 | tee $OUT/bench_generate_chunked.log | tail -40 ;;
+    bench-capacity) timeout 330 python eval/bench_generate.py --models llama3.1-8b --prefill-chunk 4096 \
+        --caches dynamic,kvcomp --contexts 32768 --batches 8,16,32 --oom-margin 2 \
+        --out $OUT/bench_generate_capacity.json --time-budget 310 2>&1 | tee $OUT/bench_generate_capacity.log | tail -40 ;;
+    bench-chunked) timeout 575 python eval/bench_generate.py --models llama3.1-8b --prefill-chunk 4096 \
+        --caches dynamic,dynamic-flash,kvcomp,kvcomp-preset,hf-int4,hf-int2 --contexts 32768,8192,131072 \
+        --batches 8,1,max --search-cap 45 --out $OUT/bench_generate_chunked.json --time-budget 530 2>&1 \
+        | tee $OUT/bench_generate_chunked.log | tail -60 ;;
     bench) timeout 560 python eval/bench_generate.py --out $OUT/bench_generate.json --time-budget 500 2>&1 \
         | tee $OUT/bench_generate.log | tail -40 ;;
   esac

@@ -119,7 +119,8 @@ def _split_tf32(w):
     return hi, w - hi
 
 
-@triton.jit
+# Arguments that change from step to step are not specialised (see kernels/store.py).
+@triton.jit(do_not_specialize=["skt_b", "skt_h", "svt_b", "svt_h", "T", "bt_b", "nb", "va_b", "bps", "NS"])
 def _decode_kernel(q_ptr, sq_b, sq_h, sq_t, sq_d,
                    kt_ptr, skt_b, skt_h, skt_t, skt_d, vt_ptr, svt_b, svt_h, svt_t, svt_d, T,
                    pool32, so_ptr, so_s, so_kv,
@@ -284,7 +285,7 @@ def _decode_kernel(q_ptr, sq_b, sq_h, sq_t, sq_d,
     tl.store(acc_ptr + (pbase + rows.to(tl.int64))[:, None] * D + cols[None, :], acc, mask=row_ok[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NSP1"])
 def _combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, so_b, so_h, so_t, so_d, H, NSP1,
                     GROUP: tl.constexpr, QLEN: tl.constexpr, M: tl.constexpr, D: tl.constexpr,
                     SP: tl.constexpr, SC: tl.constexpr):

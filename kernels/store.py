@@ -127,7 +127,10 @@ def _pack_geometry(q, P: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr):
 # Kernel 1: statistics, permutation, segment sizes
 
 
-@triton.jit
+# Integer arguments that change from call to call (tail length, block counts, slot numbers) are not
+# specialised, so one compiled kernel serves every step instead of recompiling when one of them happens
+# to be 1 or a multiple of 16 (a compile takes seconds, in the middle of generate()).
+@triton.jit(do_not_specialize=["ks_b", "ks_h", "vs_b", "vs_h", "nb", "slot_start"])
 def _stats_kernel(k_ptr, v_ptr, ks_b, ks_h, ks_t, ks_d, vs_b, vs_h, vs_t, vs_d,
                   nb, H,
                   tmin_ptr, tstep_ptr, tm_s, tm_kv, tm_t, ts_s, ts_kv, ts_t,
@@ -253,7 +256,7 @@ def _stats_kernel(k_ptr, v_ptr, ks_b, ks_h, ks_t, ks_d, vs_b, vs_h, vs_t, vs_d,
 # Kernel 2: offsets
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["total", "slot_start"])
 def _offsets_kernel(segbytes_ptr, total, pool_used_ptr, so_ptr, so_s, slot_start, H,
                     BLOCK: tl.constexpr):
     base = tl.load(pool_used_ptr)
@@ -306,7 +309,7 @@ def _pack_one(pool32, x, lo, step, seg_off, P: tl.constexpr, D: tl.constexpr, BI
     _or_fields(pool32, start, res, width, P, (P * BITS + 63) // 64)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["ks_b", "ks_h", "vs_b", "vs_h", "nb", "slot_start"])
 def _pack_kernel(k_ptr, v_ptr, ks_b, ks_h, ks_t, ks_d, vs_b, vs_h, vs_t, vs_d, nb,
                  tmin_ptr, tstep_ptr, tm_s, tm_kv, tm_t, ts_s, ts_kv, ts_t,
                  perm_ptr, pm_s, so_ptr, so_s, so_kv, slot_start, pool32,

@@ -33,12 +33,11 @@ def offline_text() -> str:
     return "\n\n".join(topics[key] for key in sorted(topics))
 
 
-def passkey_messages(tokenizer, n_tokens: int, key: int, seed: int = 0) -> list[dict]:
-    """A chat asking for a pass key hidden at a random depth in ~n_tokens of real text."""
-    rng = random.Random(seed)
+def offline_document(tokenizer, n_tokens: int, seed: int | random.Random = 0) -> list[str]:
+    """Paragraphs of real text (pydoc topics, shuffled by `seed`) totalling about 95-100% of n_tokens."""
+    rng = seed if isinstance(seed, random.Random) else random.Random(seed)
     paragraphs = [p for p in re.split(r"\n\s*\n", offline_text()) if len(p) > 200]
     rng.shuffle(paragraphs)
-    needle = f"The pass key is {key}. Remember it. {key} is the pass key."
     parts, tokens = [], 0
     while tokens < 0.95 * n_tokens and paragraphs:
         paragraph = paragraphs.pop()
@@ -46,6 +45,14 @@ def passkey_messages(tokenizer, n_tokens: int, key: int, seed: int = 0) -> list[
         if tokens + length <= n_tokens:  # skip paragraphs that would overshoot the length asked for
             parts.append(paragraph)
             tokens += length
+    return parts
+
+
+def passkey_messages(tokenizer, n_tokens: int, key: int, seed: int = 0) -> list[dict]:
+    """A chat asking for a pass key hidden at a random depth in ~n_tokens of real text."""
+    rng = random.Random(seed)
+    parts = offline_document(tokenizer, n_tokens, rng)
+    needle = f"The pass key is {key}. Remember it. {key} is the pass key."
     parts.insert(rng.randint(1, max(1, len(parts) - 1)), needle)
     question = "What is the pass key? Answer with the number only."
     return [{"role": "user", "content": "There is a pass key hidden in the text below.\n\n"

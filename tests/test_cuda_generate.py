@@ -4,30 +4,76 @@ import pytest
 import torch
 
 import kvcomp_hf
-from kvcomp_hf.demo import load_smollm2, passkey_messages
+from kvcomp_hf.demo import load_smollm2, offline_document, passkey_messages
 
 pytestmark = [pytest.mark.cuda, pytest.mark.slow]
 
 
+SUMMARY_PROMPTS = [(2100, "Summarize the text above in about 80 words."),
+                   (2400, "Explain in your own words what the text above is about."),
+                   (2700, "List the main topics of the text above, one sentence each.")]
+
+
+def _summary_inputs(tokenizer, n_tokens: int, question: str, seed: int):
+    text = "\n\n".join(offline_document(tokenizer, n_tokens, seed))
+    messages = [{"role": "user", "content": text + "\n\n" + question}]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                         return_dict=True).to("cuda")
+
+
+def _teacher_forced_argmax(model, inputs, tokens, backend):
+    """Greedy choice at every generated position, feeding the same tokens one at a time (decode path)."""
+    cache = kvcomp_hf.KVCompCache(model.config, "smollm2-135m-instruct", backend=backend)
+    picks, logits = [], []
+    with torch.no_grad():
+        out = model(**inputs, past_key_values=cache)
+        for t in range(tokens.numel()):
+            logits.append(out.logits[0, -1].float())
+            picks.append(int(logits[-1].argmax()))
+            out = model(tokens[t:t + 1].view(1, 1), past_key_values=cache)
+    return torch.tensor(picks, device="cuda"), torch.stack(logits)
+
+
 def test_triton_and_torch_paths_generate_the_same_tokens():
+    """generate() with the PyTorch path on 3 prompts of 2,000+ tokens of real text, answers of natural length
+    (up to 96 tokens); then, at every position of those answers, the greedy token of each path given the same
+    prefix (teacher-forced, one token per step through the decode path). At least 95% of positions must
+    agree, and where they do not, the two candidates' logits must be within 2 bf16 steps: a tie that float
+    rounding breaks either way.
+
+    Free-running agreement (each path continuing its own text) is printed, not asserted: SmolLM2's logits
+    are bf16, exact ties occur (gap 0 measured), and after the first tie broken differently the two texts
+    are different prefixes, so their later positions measure the text, not the kernels."""
     model, tokenizer = load_smollm2("cuda")
-    agree, total = 0, 0
-    for seed, key in enumerate((40213, 77715, 51908)):
-        inputs = tokenizer.apply_chat_template(passkey_messages(tokenizer, 2100 + 300 * seed, key, seed=seed),
-                                               add_generation_prompt=True, return_tensors="pt",
-                                               return_dict=True).to("cuda")
+    agree = total = free_agree = 0
+    for seed, (n_tokens, question) in enumerate(SUMMARY_PROMPTS):
+        inputs = _summary_inputs(tokenizer, n_tokens, question, seed)
         n = inputs["input_ids"].shape[1]
         assert n >= 2000
         outs = {}
         for backend in ("triton", "torch"):
             cache = kvcomp_hf.KVCompCache(model.config, "smollm2-135m-instruct", backend=backend)
-            outs[backend] = model.generate(**inputs, past_key_values=cache, max_new_tokens=64, min_new_tokens=64,
-                                           do_sample=False)[0, n:]
+            outs[backend] = model.generate(**inputs, past_key_values=cache, max_new_tokens=96, do_sample=False)[0, n:]
             assert cache.layers[0].use_triton == (backend == "triton")
-        agree += int((outs["triton"] == outs["torch"]).sum())
-        total += outs["torch"].numel()
-        print(f"prompt {seed}: {n} tokens, agreement {(outs['triton'] == outs['torch']).float().mean():.3f}")
-    print(f"greedy-token agreement Triton vs PyTorch path: {agree}/{total} = {agree / total:.4f}")
+        reference = outs["torch"]
+        picks = {be: _teacher_forced_argmax(model, inputs, reference, be) for be in ("triton", "torch")}
+        assert (picks["torch"][0] == reference).float().mean() >= 0.95  # the loop reproduces generate()
+        differ = (picks["triton"][0] != picks["torch"][0]).nonzero().flatten().tolist()
+        agree, total = agree + reference.numel() - len(differ), total + reference.numel()
+        logits = picks["torch"][1]
+        for pos in differ:
+            gap = float((logits[pos, picks["torch"][0][pos]] - logits[pos, picks["triton"][0][pos]]).abs())
+            step = float(logits[pos].abs().max()) * 2.0 ** -7  # bf16 spacing at the largest logit
+            print(f"  position {pos}: greedy tokens differ, logit gap {gap:.4f} (bf16 step {step:.4f})")
+            assert gap <= 2 * step
+        a, b = outs["triton"], reference
+        m = min(a.numel(), b.numel())
+        common = m if torch.equal(a[:m], b[:m]) else int((a[:m] != b[:m]).nonzero()[0])
+        free_agree += common
+        print(f"prompt {seed}: {n} tokens, {b.numel()} generated; same greedy token at {1 - len(differ) / b.numel():.3f} "
+              f"of positions; free-running texts identical for the first {common} tokens")
+    print(f"greedy-token agreement Triton vs PyTorch path (same prefixes): {agree}/{total} = {agree / total:.4f}; "
+          f"free-running identical prefix {free_agree}/{total} tokens")
     assert agree / total >= 0.95
 
 
