@@ -53,9 +53,9 @@ for stage in "$@"; do
         --out $OUT/profile_smollm2.json 2>&1 | tail -40 ;;
     profile-llama) timeout 300 python eval/profile_decode.py --model llama3.1-8b --context 32768 --batch 8 \
         --steps 8 --out $OUT/profile_llama.json 2>&1 | tail -40 ;;
-    bench-capacity) timeout 580 python eval/bench_generate.py --models llama3.1-8b --prefill-chunk 4096 \
+    bench-capacity) timeout 330 python eval/bench_generate.py --models llama3.1-8b --prefill-chunk 4096 \
         --caches dynamic,kvcomp --contexts 32768 --batches 8,16,32 --oom-margin 2 \
-        --out $OUT/bench_generate_capacity.json --time-budget 560 2>&1 | tee $OUT/bench_generate_capacity.log | tail -40 ;;
+        --out $OUT/bench_generate_capacity.json --time-budget 310 2>&1 | tee $OUT/bench_generate_capacity.log | tail -40 ;;
     bench-chunked) timeout 575 python eval/bench_generate.py --models llama3.1-8b --prefill-chunk 4096 \
         --caches dynamic,dynamic-flash,kvcomp,kvcomp-preset,hf-int4,hf-int2 --contexts 32768,8192,131072 \
         --batches 8,1,max --search-cap 45 --out $OUT/bench_generate_chunked.json --time-budget 530 2>&1 \

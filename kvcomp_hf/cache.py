@@ -21,7 +21,6 @@ ATTN_IMPLEMENTATION = "kvcomp"
 BACKENDS = ("auto", "torch", "triton")
 POOL_HEADROOM = 0.125  # byte pools grow (and are fitted) with 12.5% to spare
 FIT_POOL_AFTER_BYTES = 8 << 20  # stores that may reserve more than this are followed by fit_pool()
-DECODE_SLICE_VALUES = 1 << 24  # K values per slice of the reference decoder (its int64 temporaries scale with it)
 
 
 def _use_triton(backend: str, key_states: torch.Tensor, fmt: BlockFormat) -> bool:
@@ -185,30 +184,13 @@ class BlockStore:
 
     def decode(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Dequantise blocks (any shape of slot ids) -> float32 K, V [*slots.shape, H, 64, D] in arrival order."""
-        fmt = self.fmt
-        flat = slots.reshape(-1)
-        shape = (*slots.shape, fmt.num_heads, BLOCK_SIZE, fmt.head_dim)
-        k_out = torch.empty(flat.numel(), *shape[-3:], dtype=torch.float32, device=self.device)
-        v_out = torch.empty_like(k_out)
-        step = self.blocks_per_slice()
-        for s in range(0, flat.numel(), step):
-            k_out[s:s + step], v_out[s:s + step] = self.decode_slice(flat[s:s + step])
-        return k_out.view(shape), v_out.view(shape)
-
-    def blocks_per_slice(self) -> int:
-        return max(1, DECODE_SLICE_VALUES // (self.fmt.num_heads * BLOCK_SIZE * self.fmt.head_dim))
-
-    def decode_slice(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Reference-decode a few blocks (1-D slot ids) -> float32 K, V [n, H, 64, D]. Only the bytes between
-        the first and last of their segments are read (two host syncs), so the temporaries scale with the
-        slice, not with the pool."""
-        flat = slots.long()
-        offsets = self.seg_offset[flat]
-        lo = int(offsets.min())
-        hi = int((offsets + self.seg_bytes[flat]).max())
-        enc = EncodedBlocks(data=self.pool[lo:hi], seg_offset=offsets - lo, seg_bytes=self.seg_bytes[flat].long(),
-                            token_min=self.token_min[flat], token_step=self.token_step[flat], perm=self.perm[flat])
-        return codec.decode_blocks(enc, self.fmt)
+        flat = slots.reshape(-1).long()
+        enc = EncodedBlocks(data=self.pool, seg_offset=self.seg_offset[flat],
+                            seg_bytes=self.seg_bytes[flat].long(), token_min=self.token_min[flat],
+                            token_step=self.token_step[flat], perm=self.perm[flat])
+        k, v = codec.decode_blocks(enc, self.fmt)
+        tail = tuple(k.shape[1:])
+        return k.view(*slots.shape, *tail), v.view(*slots.shape, *tail)
 
     def bytes_of(self, slots: torch.Tensor) -> dict[str, dict[str, int]]:
         """Bytes held for the given unique slots, split by kind, for K and V."""
@@ -357,26 +339,15 @@ class KVCompLayer(CacheLayerMixin):
 
     def dense_kv(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The whole cache dequantised in arrival order: [B, H, kv_len, D] each, in `dtype` (default: the
-        model dtype; float32 keeps the decoded values exact). Decoded slice by slice straight into the
-        result, so the transient memory is the result plus one slice's temporaries."""
+        model dtype; float32 keeps the decoded values exact)."""
         dtype = dtype or self.dtype
-        b, nb = self.block_table.shape
-        if nb == 0:
+        if self.block_table.shape[1] == 0:
             return self.keys.to(dtype), self.values.to(dtype)
-        h, t, d = self.keys.shape[1], self.keys.shape[2], self.keys.shape[3]
-        n_past = nb * BLOCK_SIZE
-        k_out = torch.empty(b, h, n_past + t, d, dtype=dtype, device=self.keys.device)
-        v_out = torch.empty_like(k_out)
-        step = self.store.blocks_per_slice()
-        for row in range(b):
-            for i in range(0, nb, step):
-                k, v = self.store.decode_slice(self.block_table[row, i:i + step])      # [m, H, 64, D]
-                span = slice(i * BLOCK_SIZE, i * BLOCK_SIZE + k.shape[0] * BLOCK_SIZE)
-                k_out[row, :, span] = k.transpose(0, 1).reshape(h, -1, d)
-                v_out[row, :, span] = v.transpose(0, 1).reshape(h, -1, d)
-        k_out[:, :, n_past:] = self.keys
-        v_out[:, :, n_past:] = self.values
-        return k_out, v_out
+        k, v = self.store.decode(self.block_table)                       # [B, nb, H, 64, D]
+        b, nb, h, _, d = k.shape
+        k = k.permute(0, 2, 1, 3, 4).reshape(b, h, nb * BLOCK_SIZE, d).to(dtype)
+        v = v.permute(0, 2, 1, 3, 4).reshape(b, h, nb * BLOCK_SIZE, d).to(dtype)
+        return torch.cat([k, self.keys.to(dtype)], 2), torch.cat([v, self.values.to(dtype)], 2)
 
     def _check_attention_implementation(self) -> None:
         if self.model_config is None:

@@ -297,26 +297,3 @@ def test_fit_pool_keeps_every_block_and_gives_back_the_reservation():
     assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
     layer.update(k[:, :, :100], v[:, :, :100])  # appending after the fit still works
     assert torch.equal(layer.dense_kv()[0][:, :, :512], before[0][:, :, :512])  # the 8 blocks compressed before
-
-
-def test_dense_kv_decoded_in_slices_equals_one_pass(monkeypatch):
-    """Slices of one block (and rows whose blocks are not in pool order, after a reorder) give the same
-    dense K/V as decoding every block in one pass."""
-    import kvcomp_hf.cache as cache_module
-
-    torch.manual_seed(4)
-    layer = KVCompLayer(KVCompConfig(rel_k=0.05, rel_v=0.1))
-    k = torch.randn(3, 2, 700, 16) * torch.linspace(0.5, 4, 16)
-    layer.update(k, torch.randn(3, 2, 700, 16))
-    layer.reorder_cache(torch.tensor([2, 0, 2]))
-    layer.block_table = layer.block_table.flip(1).contiguous()  # blocks far apart in the pool, in reverse
-    whole_k, whole_v = layer.dense_kv()
-    flat = layer.block_table.reshape(-1)
-    assert layer.store.blocks_per_slice() >= flat.numel()  # the default decodes this layer in one slice per row
-    monkeypatch.setattr(cache_module, "DECODE_SLICE_VALUES", 1)
-    assert layer.store.blocks_per_slice() == 1
-    sliced_k, sliced_v = layer.dense_kv()
-    assert torch.equal(sliced_k, whole_k) and torch.equal(sliced_v, whole_v)
-    one_k, _ = layer.store.decode(layer.block_table)
-    assert one_k.shape == (3, layer.block_table.shape[1], 2, 64, 16)
-    assert torch.equal(one_k[1, 0], whole_k[1, :, :64])
