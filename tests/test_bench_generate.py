@@ -1,0 +1,42 @@
+"""eval/bench_generate.py on the CPU (--quick, tiny Llama): rows, ratio table and capacity summary."""
+
+import json
+
+import pytest
+
+from eval import bench_generate, common
+
+
+def test_quick_run_writes_rows_ratios_and_capacity(tmp_path, one_torch_thread):
+    caches = "dynamic,dynamic-flash,kvcomp"
+    try:
+        import optimum.quanto  # noqa: F401
+
+        caches += ",hf-int4"
+    except ImportError:
+        pass
+    out = tmp_path / "bench.json"
+    bench_generate.main(["--quick", "--models", "tiny-llama", "--caches", caches, "--batches", "1,2",
+                         "--new-tokens", "4", "--out", str(out)])
+    data = json.loads(out.read_text())
+    rows = {(r["cache"], r["batch"]): r for r in data["rows"]}
+    for cache in caches.split(","):
+        for batch in (1, 2):
+            row = rows[(cache, batch)]
+            assert row["status"] == "ok", row
+            assert row["generated"] == 4 and row["decode_steps"] == 3
+            assert row["cache_bytes"] > 0 and row["ttft_s"] > 0
+    dense = rows[("dynamic", 2)]["cache_bytes"]
+    assert rows[("dynamic-flash", 2)]["cache_bytes"] == dense  # same cache, another SDPA kernel
+    assert rows[("kvcomp", 2)]["cache_bytes"] < dense
+    table = out.with_suffix(".md").read_text()
+    assert "| tiny-llama | 320 | 2 | dynamic |" in table  # the kvcomp-vs-others ratio rows
+    if "hf-int4" in caches:
+        assert any("QuantizedCache backend: quanto" in note for note in data["meta"]["notes"])
+    assert {c["cache"] for c in data["capacity"]} == set(caches.split(","))
+
+
+def test_quantized_cache_backend_choice_is_checked(monkeypatch):
+    monkeypatch.setenv("KVCOMP_HF_QUANT_BACKEND", "bitsandbytes")
+    with pytest.raises(ValueError, match="quanto"):
+        common.hf_quant_backend()
