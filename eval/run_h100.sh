@@ -12,6 +12,8 @@
 #   stage profile-llama: the same, Llama-3.1-8B shape at 32K x 8
 #   stage bench       : eval/bench_generate.py
 #   stage bench-chunked: eval/bench_generate.py with chunked prefill, Llama-3.1-8B shape, incl. QuantizedCache
+#   stage wheels      : only the .whl/ wheels (QuantizedCache backends, gguf) into /root/kvm/site
+#   stage bench-unchunked: Llama-3.1-8B shape without chunking: DynamicCache (both SDPA choices), kvcomp, QuantizedCache int4
 #   stage bench-capacity: the same at 32K x 8, 16, 32 for DynamicCache and kvcomp (what fits)
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:/root/kvm/site KVCOMP_EVAL_NO_PROGRESS=1 PATH=/root/kvm/site/bin:$PATH
@@ -53,6 +55,10 @@ for stage in "$@"; do
         --out $OUT/profile_smollm2.json 2>&1 | tail -40 ;;
     profile-llama) timeout 300 python eval/profile_decode.py --model llama3.1-8b --context 32768 --batch 8 \
         --steps 8 --out $OUT/profile_llama.json 2>&1 | tail -40 ;;
+    wheels) python3 -m pip install -q --no-index --no-deps --no-compile --target /root/kvm/site .whl/*.whl ;;
+    bench-unchunked) timeout 400 python eval/bench_generate.py --models llama3.1-8b \
+        --caches dynamic,dynamic-flash,kvcomp,hf-int4 --contexts 32768,8192 --batches 8,1 \
+        --out $OUT/bench_generate_unchunked.json --time-budget 380 2>&1 | tee $OUT/bench_generate_unchunked.log | tail -30 ;;
     bench-capacity) timeout 330 python eval/bench_generate.py --models llama3.1-8b --prefill-chunk 4096 \
         --caches dynamic,kvcomp --contexts 32768 --batches 8,16,32 --oom-margin 2 \
         --out $OUT/bench_generate_capacity.json --time-budget 310 2>&1 | tee $OUT/bench_generate_capacity.log | tail -40 ;;
