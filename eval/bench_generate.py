@@ -157,9 +157,8 @@ def hf_quant_backend(config, device, dtype) -> tuple[str | None, list[str]]:
     ($KVCOMP_HF_QUANT_BACKEND narrows the choice); returns (backend or None, why the others failed)."""
     from eval import common
 
-    chosen = os.environ.get("KVCOMP_HF_QUANT_BACKEND")
     failures = []
-    for backend in (chosen,) if chosen else common.HF_QUANT_BACKENDS:
+    for backend in common.hf_quant_candidates():
         try:
             cache = common.hf_quantized_cache(config, 4, backend)
             heads, dim = config.num_key_value_heads, config.head_dim
@@ -604,7 +603,8 @@ def ratio_lines(rows: list) -> list[str]:
             ref = ok.get((model, other, context, batch))
             if ref is None or not ours.get("decode_tok_s") or not ref.get("decode_tok_s"):
                 continue
-            lines.append(f"| {model} | {context} | {batch} | {other} | {ours['decode_tok_s'] / ref['decode_tok_s']:.2f}x "
+            speedup = ours["decode_tok_s"] / ref["decode_tok_s"]
+            lines.append(f"| {model} | {context} | {batch} | {other} | {speedup:.2f}x "
                          f"| {ours['ttft_s'] / ref['ttft_s']:.3f} | {ref['cache_bytes'] / ours['cache_bytes']:.2f}x "
                          f"| {ref['cache_alloc_bytes'] / ours['cache_alloc_bytes']:.2f}x |")
     return lines

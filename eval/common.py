@@ -318,20 +318,27 @@ HF_QUANT_BACKENDS = ("quanto", "hqq")
 HF_QUANT_MODULES = {"quanto": "optimum.quanto", "hqq": "hqq"}
 
 
+def hf_quant_candidates() -> tuple[str, ...]:
+    """QuantizedCache backends to try, in order: $KVCOMP_HF_QUANT_BACKEND alone if set, else all."""
+    chosen = os.environ.get("KVCOMP_HF_QUANT_BACKEND")
+    if chosen is None:
+        return HF_QUANT_BACKENDS
+    if chosen not in HF_QUANT_BACKENDS:
+        raise ValueError(f"KVCOMP_HF_QUANT_BACKEND must be one of {HF_QUANT_BACKENDS}, got {chosen!r}")
+    return (chosen,)
+
+
 def hf_quant_backend() -> str:
     """transformers.QuantizedCache's backend: $KVCOMP_HF_QUANT_BACKEND if set, else the first that imports."""
-    chosen = os.environ.get("KVCOMP_HF_QUANT_BACKEND")
-    if chosen is not None and chosen not in HF_QUANT_BACKENDS:
-        raise ValueError(f"KVCOMP_HF_QUANT_BACKEND must be one of {HF_QUANT_BACKENDS}, got {chosen!r}")
-    for backend in (chosen,) if chosen else HF_QUANT_BACKENDS:
+    candidates = hf_quant_candidates()
+    for backend in candidates:
         try:
             __import__(HF_QUANT_MODULES[backend])
             return backend
         except ImportError:
             continue
     raise RuntimeError("hf-int2/hf-int4 need transformers.QuantizedCache with a backend: "
-                       "`pip install optimum-quanto` (or `pip install hqq`)"
-                       + (f"; KVCOMP_HF_QUANT_BACKEND={chosen} does not import" if chosen else ""))
+                       f"`pip install optimum-quanto` (or `pip install hqq`); none imports of {candidates}")
 
 
 def hf_quantized_cache(config, nbits: int, backend: str | None = None):

@@ -25,10 +25,10 @@ def kvcomp_attention_forward(module: torch.nn.Module, query: torch.Tensor, key, 
             key, value = key.dense, value.dense
         else:
             layer = key.layer
-            if layer.use_triton and query.shape[2] <= MAX_FUSED_QUERIES and _mask_is_boolean(attention_mask):
-                scale = scaling if scaling is not None else module.scaling
-                return fused_attention(layer, query, attention_mask, scale), None
             if query.shape[2] <= MAX_FUSED_QUERIES:
+                if layer.use_triton and _mask_is_boolean(attention_mask):
+                    scale = scaling if scaling is not None else module.scaling
+                    return fused_attention(layer, query, attention_mask, scale), None
                 return _exact_dense_attention(module, layer, query, attention_mask, scaling, dropout, **kwargs)
             key, value = layer.dense_kv()
     return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,

@@ -108,11 +108,10 @@ def run_demo(tokens: int = 4000, device: str = "auto", preset: str = "smollm2-13
     print(f"loading SmolLM2-135M-Instruct on {device} ...")
     model, tokenizer = load_smollm2(device, dtype=dtype)
     print(f"model dtype {model.dtype}; kvcomp backend {backend}")
-
-    def kvcomp_kwargs() -> dict:  # a fresh cache per generate() call
-        if backend == "auto":
-            return {"cache_implementation": "kvcomp", "cache_config": {"preset": preset}}
-        return {"past_key_values": kvcomp_hf.KVCompCache(model.config, preset, backend=backend)}
+    if backend == "auto":
+        kvcomp_kwargs = {"cache_implementation": "kvcomp", "cache_config": {"preset": preset}}
+    else:
+        kvcomp_kwargs = {"past_key_values": kvcomp_hf.KVCompCache(model.config, preset, backend=backend)}
 
     messages = passkey_messages(tokenizer, tokens, key)
     inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
@@ -120,7 +119,7 @@ def run_demo(tokens: int = 4000, device: str = "auto", preset: str = "smollm2-13
     n = inputs["input_ids"].shape[1]
     print(f"prompt: {n} tokens of Python documentation with the pass key {key} hidden inside")
     results = {}
-    for name, extra in (("full cache", {}), (f"kvcomp ({preset})", kvcomp_kwargs())):
+    for name, extra in (("full cache", {}), (f"kvcomp ({preset})", kvcomp_kwargs)):
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         start = time.perf_counter()
