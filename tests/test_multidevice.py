@@ -142,19 +142,16 @@ def _tp_worker(rank, world, path, port, ids, queue):
                       MASTER_PORT=str(port))
     try:
         import torch.distributed as dist
-        from transformers import AutoModelForCausalLM
+        from torch.distributed.device_mesh import init_device_mesh
 
+        from eval.bench_multigpu import load_tp
 
+        torch.set_num_threads(1)  # two ranks on a small CPU: more threads only contend
         dist.init_process_group("gloo", rank=rank, world_size=world)
-        try:
-            from transformers.distributed import DistributedConfig
-
-            kwargs = {"distributed_config": DistributedConfig(tp_plan="auto")}
-        except (ImportError, TypeError):
-            kwargs = {"tp_plan": "auto"}
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa",
-                                                     **kwargs).eval()
-        model.generation_config.eos_token_id = None
+        # an explicit CPU mesh: left to itself, transformers builds the mesh on the machine's accelerator
+        # (cuda:rank on a GPU machine), under this gloo group
+        model = load_tp(path, torch.float32, init_device_mesh("cpu", (world,)))
+        assert model.device.type == "cpu"
         result = {"rank": rank}
         for name, cfg in (("dense", None), ("token_head", {"granularity": "token_head"}),
                           ("token", {"granularity": "token"})):
