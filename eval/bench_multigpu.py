@@ -188,7 +188,11 @@ def timed_generate(model, ids, cache: str, new_tokens: int, devices: list, kvcom
            "ttft_s": round(st[1] - t0, 4), "total_s": round(t1 - t0, 3),
            "decode_tok_s": round(batch * steps / decode, 2) if decode else None,
            "decode_ms_per_step": round(1e3 * decode / steps, 3) if decode else None,
-           "peak_mem_gib_per_gpu": {str(d): round(torch.cuda.max_memory_allocated(d) / GIB, 3) for d in cuda_devs}}
+           "peak_mem_gib_per_gpu": {str(_as_device(d)): round(torch.cuda.max_memory_allocated(d) / GIB, 3)
+                                    for d in cuda_devs},
+           # weights + the finished cache as the allocator holds it (pool headroom included)
+           "allocated_gib_per_gpu_after": {str(_as_device(d)): round(torch.cuda.memory_allocated(d) / GIB, 3)
+                                           for d in cuda_devs}}
     pkv = out.past_key_values
     row.update(cache_numbers(pkv))
     seqs = out.sequences[:, context:].cpu()
@@ -271,7 +275,8 @@ def run_device_map(args, devices: list, dtype) -> dict:
         arch, layers = dict(LLAMA31_70B), args.layers or auto_layers(LLAMA31_70B, total)
     config = bg.llama_config(arch, args.context + args.new_tokens + 256, num_hidden_layers=layers)
     draw_on_cpu = args.quick
-    result = {"mode": "device_map=auto", "devices": [str(d) for d in devices], "layers": layers}
+    result = {"mode": "device_map=auto", "devices": [str(d) for d in devices], "layers": layers,
+              "meta": run_meta(n_gpu)}
     ref = None
     if not args.skip_equality:
         weights = model_bytes(arch, layers)
@@ -315,9 +320,14 @@ def run_device_map(args, devices: list, dtype) -> dict:
         log(json.dumps(row))
     result["rows"] = rows
     if args.capacity and n_gpu:
+        save(result, args)  # the timed rows survive whatever happens below
         del model
         free_cuda(devices)
-        result["capacity_80_layers"] = capacity_80_layers(args, devices, dtype, result)
+        try:
+            result["capacity_80_layers"] = capacity_80_layers(args, devices, dtype, result)
+        except Exception as err:  # noqa: BLE001 - keep the measured rows; say what failed
+            result["capacity_80_layers"] = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
+            log(f"capacity failed: {result['capacity_80_layers']['error']}")
     return result
 
 
@@ -335,12 +345,13 @@ def weights_per_device(model) -> dict:
 def capacity_80_layers(args, devices, dtype, bench: dict) -> dict:
     """The full 80-layer Llama-70B shape over the GPUs: build it, run each cache at a short context (it runs, and
     the free memory after the weights is measured), then compute the largest cache that fits on every GPU from
-    - the cache bytes per token per layer measured in the --layers run at --context x --batch,
-    - the working memory that run needed beyond weights and cache (peak - weights - cache, largest over GPUs),
+    - the cache memory per token per layer measured in the --layers run at --context x --batch (what the
+      allocator holds after generate, minus the weights: pool headroom included),
+    - the working memory that run needed beyond weights and cache (peak - allocated after, largest over GPUs),
       assumed to hold when a long prompt is prefilled in chunks of at most --context x --batch tokens,
     - per token, the largest transient a layer needs during chunked prefill, measured here: a DynamicCache layer
       grows by torch.cat (old and new K/V both live for a moment); a kvcomp layer is decoded to dense K/V for a
-      prefill chunk (KVCompLayer.dense_kv).
+      prefill chunk (KVCompLayer.dense_kv), and its byte pool, when it grows, is copied (one layer's cache more).
     Computed, not run: a prefill of the predicted size would take minutes."""
     arch = dict(LLAMA31_70B)
     config = bg.llama_config(arch, 1 << 22, num_hidden_layers=arch["num_hidden_layers"])
@@ -361,7 +372,7 @@ def capacity_80_layers(args, devices, dtype, bench: dict) -> dict:
         out["short_runs"].append(row)
         layer = pkv.layers[0]
         dev = layer.keys.device
-        tokens = layer.keys.shape[2] if cache == "dynamic" else pkv.get_seq_length()
+        tokens = layer.keys.shape[0] * (layer.keys.shape[2] if cache == "dynamic" else pkv.get_seq_length())
         torch.cuda.synchronize(dev)
         before = torch.cuda.memory_allocated(dev)
         torch.cuda.reset_peak_memory_stats(dev)
@@ -380,31 +391,43 @@ def capacity_80_layers(args, devices, dtype, bench: dict) -> dict:
         free_b, _ = torch.cuda.mem_get_info(d)
         free[str(torch.device("cuda", d))] = free_b + torch.cuda.memory_reserved(d) - torch.cuda.memory_allocated(d)
     out["free_gib_per_device_after_weights"] = {k: round(v / GIB, 3) for k, v in free.items()}
-    out["transient_bytes_per_token"] = {k: round(v, 1) for k, v in transient.items()}
+    out["computed"] = fits_from_measurements(bench, free, layers_per_dev, transient, args.new_tokens)
+    fits = out["computed"]
+    del model
+    free_cuda(devices)
+    log(f"capacity (80 layers, computed): {json.dumps(fits)}")
+    return out
+
+
+def fits_from_measurements(bench: dict, free: dict, layers_per_dev: dict, transient: dict, new_tokens: int) -> dict:
+    """Largest number of cached tokens (batch x sequence) per cache such that on every device
+    weights (already out of `free`) + reserve + tokens x (layers there x cache bytes per token per layer
+    + transient per token) fits. `bench`: the --layers run (rows with peak and allocated-after per device,
+    weights per device); `free`: bytes free per device with the big model's weights loaded."""
     fits = {}
+    weights = {d: w * GIB for d, w in bench["weights_gib_per_device"].items()}
     for row in bench["rows"]:
         if row.get("oom"):
             continue
         cache = row["cache"]
         tokens = row["cache_tokens"] * row["batch"]
-        per_token_layer = row["cache_bytes"] / (tokens * bench["layers"])
-        weights = bench["weights_gib_per_device"]
-        reserve = max(row["peak_mem_gib_per_gpu"][d] * GIB - weights.get(d, 0) * GIB
-                      - row["cache_bytes_per_device"].get(d, 0) for d in row["peak_mem_gib_per_gpu"])
-        per_dev = {d: int((free[d] - reserve) // (n * per_token_layer + transient[cache]))
+        resident = sum(a * GIB - weights.get(d, 0) for d, a in row["allocated_gib_per_gpu_after"].items())
+        per_token_layer = resident / (tokens * bench["layers"])  # what the allocator holds, not just the payload
+        reserve = max(p * GIB - row["allocated_gib_per_gpu_after"][d] * GIB
+                      for d, p in row["peak_mem_gib_per_gpu"].items())  # peak beyond weights + cache
+        # kvcomp: a growing pool is copied (old and new alive for a moment): one more layer's cache per token
+        extra = transient[cache] + (per_token_layer if cache == "kvcomp" else 0)
+        per_dev = {d: max(0, int((free[d] - reserve) // (n * per_token_layer + extra)))
                    for d, n in layers_per_dev.items()}
         total = min(per_dev.values())
         fits[cache] = {"cache_bytes_per_token_per_layer": round(per_token_layer, 1),
-                       "working_memory_reserve_gib": round(reserve / GIB, 3), "tokens_fit_per_device": per_dev,
+                       "working_memory_reserve_gib": round(reserve / GIB, 3),
+                       "transient_bytes_per_token": round(extra, 1), "tokens_fit_per_device": per_dev,
                        "tokens_fit": total, "max_batch_at_context": {
-                           str(c): total // (c + args.new_tokens) for c in (32768, 131072)}}
-    if len(fits) == 2:
+                           str(c): total // (c + new_tokens) for c in (32768, 131072)}}
+    if "dynamic" in fits and "kvcomp" in fits and fits["dynamic"]["tokens_fit"]:
         fits["kvcomp_over_dynamic_tokens"] = round(fits["kvcomp"]["tokens_fit"] / fits["dynamic"]["tokens_fit"], 2)
-    out["computed"] = fits
-    del model
-    free_cuda(devices)
-    log(f"capacity (80 layers, computed): {json.dumps(fits)}")
-    return out
+    return fits
 
 
 # --------------------------------------------------------------------------------------------- TP
@@ -577,16 +600,8 @@ def main(argv=None):
     if args.quick:
         os.environ.setdefault("TRITON_INTERPRET", "1")
     bg.import_kvcomp()
-    import transformers
-
     n_gpu = torch.cuda.device_count() if not args.quick else 0
     dtype = torch.bfloat16 if n_gpu else torch.float32
-    meta = {"argv": sys.argv, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
-            "transformers": transformers.__version__, "gpus": [torch.cuda.get_device_name(i) for i in range(n_gpu)],
-            "env": {k: os.environ.get(k) for k in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST",
-                                                   "NVSHMEM_DISABLE_NVLS")},
-            "notes": [bg.WEIGHTS_NOTE, "kvcomp default config (rel_k 0.1, rel_v 0.2, token granularity) in the "
-                      "timed rows."]}
     if args.tp:
         if "WORLD_SIZE" not in os.environ:
             raise SystemExit("--tp runs under torchrun: torchrun --nproc-per-node N eval/bench_multigpu.py --tp")
@@ -595,15 +610,30 @@ def main(argv=None):
         if n_gpu == 1:
             log("note: one GPU visible; device_map='auto' puts everything on it (no multi-GPU split)")
         result = run_device_map(args, list(range(n_gpu)) if n_gpu else ["cpu"], dtype)
-    result["meta"] = meta
+    result["meta"] = run_meta(n_gpu)
     result["wall_s"] = round(time.perf_counter() - t_start, 1)
     if int(os.environ.get("RANK", "0")) == 0:
         log(markdown(result))
-        if args.out:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(json.dumps(result, indent=1))
-            log(f"wrote {args.out}")
+        save(result, args)
     return result
+
+
+def run_meta(n_gpu: int) -> dict:
+    import transformers
+
+    return {"argv": sys.argv, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
+            "transformers": transformers.__version__, "gpus": [torch.cuda.get_device_name(i) for i in range(n_gpu)],
+            "env": {k: os.environ.get(k) for k in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST",
+                                                   "NVSHMEM_DISABLE_NVLS")},
+            "notes": [bg.WEIGHTS_NOTE, "kvcomp default config (rel_k 0.1, rel_v 0.2, token granularity) in the "
+                      "timed rows."]}
+
+
+def save(result: dict, args) -> None:
+    if args.out and int(os.environ.get("RANK", "0")) == 0:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1))
+        log(f"wrote {args.out}")
 
 
 def markdown(result) -> str:
