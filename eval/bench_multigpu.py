@@ -298,8 +298,8 @@ def run_device_map(args, devices: list, dtype) -> dict:
     log(f"model: {'tiny' if args.quick else 'Llama-70B shape'}, {layers} layers, weights GiB per device "
         f"{result['weights_gib_per_device']}, layers per device {layer_devs}")
     if ref is not None:
-        result["equality"] = {"reference": f"the same model (same seed) on {devices[0]} alone, same cache and "
-                                           "kernels", "context": args.eq_context, "batch": args.eq_batch,
+        reference = f"the same model (same seed) on {_as_device(devices[0])} alone, same cache and kernels"
+        result["equality"] = {"reference": reference, "context": args.eq_context, "batch": args.eq_batch,
                               "new_tokens": args.eq_tokens, **compare_to_reference(model, config, devices, args, ref)}
         log(f"equality: {json.dumps(result['equality'])}")
     gen = torch.Generator().manual_seed(2)
