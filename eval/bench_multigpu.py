@@ -38,6 +38,7 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
+from kvcomp_hf.compat import CACHE_KWARG, returned_cache  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_generate beside this file
 import bench_generate as bg  # noqa: E402
@@ -145,7 +146,7 @@ def timed_generate(model, ids, cache: str, new_tokens: int, devices: list, kvcom
     kwargs = {}
     if cache == "kvcomp":
         model.set_attn_implementation("kvcomp")
-        kwargs["past_key_values"] = kvcomp_hf.KVCompCache(model.config, kvcomp_hf.KVCompConfig(),
+        kwargs[CACHE_KWARG] = kvcomp_hf.KVCompCache(model.config, kvcomp_hf.KVCompConfig(),
                                                           backend=kvcomp_backend)
     else:
         model.set_attn_implementation("sdpa")
@@ -172,7 +173,7 @@ def timed_generate(model, ids, cache: str, new_tokens: int, devices: list, kvcom
            "decode_tok_s": round(batch * steps / decode, 2) if decode else None,
            "decode_ms_per_step": round(1e3 * decode / steps, 3) if decode else None,
            "peak_mem_gib_per_gpu": {str(d): round(torch.cuda.max_memory_allocated(d) / GIB, 3) for d in cuda_devs}}
-    pkv = out.past_key_values
+    pkv = returned_cache(out)
     per_dev: dict[str, int] = {}
     for layer in pkv.layers:
         dev = str(layer.keys.device)
