@@ -389,6 +389,8 @@ class KVCompCache(Cache):
     KVCompCache(model.config, KVCompConfig(rel_k=0.1))     # explicit config
     KVCompCache(model.config, {"preset": "smollm2-135m-instruct", "rel_v": 0.25})
     KVCompCache(model.config, "smollm2-135m-instruct")     # a preset by name
+    model.generate(ids, cache=cache)   # transformers >= 5.24; past_key_values=cache on 5.17-5.23
+                                       # (kvcomp_hf.cache_kwargs(cache) spells it for the installed version)
     Use a fresh cache for every generate() call: a cache passed in is continued, not reset.
     backend: "auto" (Triton kernels on CUDA, PyTorch elsewhere), "torch" or "triton"."""
 
