@@ -158,12 +158,13 @@ def timed_generate(model, ids, cache: str, new_tokens: int, devices: list, kvcom
     """generate() with timing; cache 'dynamic' (SDPA) or 'kvcomp' (default config unless given; Triton kernels on
     CUDA). Returns (row, generated tokens on the CPU, the cache)."""
     import kvcomp_hf
+    from kvcomp_hf.compat import CACHE_KWARG, returned_cache
     from transformers import GenerationConfig
 
     kwargs = {}
     if cache == "kvcomp":
         model.set_attn_implementation("kvcomp")
-        kwargs["past_key_values"] = kvcomp_hf.KVCompCache(model.config, kvcomp_config or kvcomp_hf.KVCompConfig())
+        kwargs[CACHE_KWARG] = kvcomp_hf.KVCompCache(model.config, kvcomp_config or kvcomp_hf.KVCompConfig())
     else:
         model.set_attn_implementation("sdpa")
     gcfg = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, num_beams=1, eos_token_id=None,
@@ -193,7 +194,7 @@ def timed_generate(model, ids, cache: str, new_tokens: int, devices: list, kvcom
            # weights + the finished cache as the allocator holds it (pool headroom included)
            "allocated_gib_per_gpu_after": {str(_as_device(d)): round(torch.cuda.memory_allocated(d) / GIB, 3)
                                            for d in cuda_devs}}
-    pkv = out.past_key_values
+    pkv = returned_cache(out)
     row.update(cache_numbers(pkv))
     seqs = out.sequences[:, context:].cpu()
     del out, kwargs

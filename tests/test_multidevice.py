@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import kvcomp_hf
+from kvcomp_hf import CACHE_KWARG, returned_cache
 from helpers import tiny_llama_config
 
 PROMPT_LEN = 300      # > residual (128) + 2 blocks, so blocks are compressed in prefill and decode
@@ -47,12 +48,12 @@ def _greedy(model, ids, cache_config=None):
     kwargs = dict(max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
     if cache_config is not None:
         model.set_attn_implementation("kvcomp")
-        kwargs["past_key_values"] = kvcomp_hf.KVCompCache(model.config, cache_config)
+        kwargs[CACHE_KWARG] = kvcomp_hf.KVCompCache(model.config, cache_config)
     else:
         model.set_attn_implementation("sdpa")
     with torch.no_grad():
         out = model.generate(ids.to(model.device), attention_mask=torch.ones_like(ids).to(model.device), **kwargs)
-    return out.sequences[:, ids.shape[1]:].cpu(), out.past_key_values
+    return out.sequences[:, ids.shape[1]:].cpu(), returned_cache(out)
 
 
 def _assert_storage_on_kv_device(cache, expected_devices=None):
