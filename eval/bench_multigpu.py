@@ -290,10 +290,7 @@ def run_device_map(args, devices: list, dtype) -> dict:
     t = time.perf_counter()
     device_map = auto_device_map(config, devices, dtype) if n_gpu else {"": "cpu"}
     model = random_model(config, device_map, dtype, draw_on_cpu=draw_on_cpu)
-    layer_devs: dict[str, int] = {}
-    for layer in model.model.layers:
-        dev = str(next(layer.parameters()).device)
-        layer_devs[dev] = layer_devs.get(dev, 0) + 1
+    layer_devs = layers_per_device(model)
     result.update(layers_per_device=layer_devs, build_s=round(time.perf_counter() - t, 1),
                   weights_gib_per_device=weights_per_device(model))
     log(f"model: {'tiny' if args.quick else 'Llama-70B shape'}, {layers} layers, weights GiB per device "
@@ -303,22 +300,8 @@ def run_device_map(args, devices: list, dtype) -> dict:
         result["equality"] = {"reference": reference, "context": args.eq_context, "batch": args.eq_batch,
                               "new_tokens": args.eq_tokens, **compare_to_reference(model, config, devices, args, ref)}
         log(f"equality: {json.dumps(result['equality'])}")
-    gen = torch.Generator().manual_seed(2)
-    ids = torch.randint(3, config.vocab_size, (args.batch, args.context), generator=gen).to(model.device)
-    rows = []
-    for cache in args.caches:
-        try:
-            timed_generate(model, ids[:1, :320], cache, 4, devices)  # warm-up: Triton compile, cuBLAS
-            free_cuda(devices)
-            row, _, pkv = timed_generate(model, ids, cache, args.new_tokens, devices)
-            del pkv
-        except torch.cuda.OutOfMemoryError as err:
-            row = {"cache": cache, "oom": True, "note": str(err).splitlines()[0][:200]}
-        free_cuda(devices)
-        if ref is not None:
-            row["greedy_equal"] = result["equality"][cache]["greedy_equal"]
-        rows.append(row)
-        log(json.dumps(row))
+    equal = {c: result["equality"][c]["greedy_equal"] for c in args.caches} if ref is not None else None
+    rows = bench_rows(model, config, args, devices, equal)
     result["rows"] = rows
     if args.capacity and n_gpu:
         save(result, args)  # the timed rows survive whatever happens below
@@ -330,6 +313,35 @@ def run_device_map(args, devices: list, dtype) -> dict:
             result["capacity_80_layers"] = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
             log(f"capacity failed: {result['capacity_80_layers']['error']}")
     return result
+
+
+def bench_rows(model, config, args, devices, greedy_equal: dict | None) -> list:
+    """The timed runs: per cache a short warm-up (Triton compile, cuBLAS), then --context x --batch."""
+    gen = torch.Generator().manual_seed(2)
+    ids = torch.randint(3, config.vocab_size, (args.batch, args.context), generator=gen).to(model.device)
+    rows = []
+    for cache in args.caches:
+        try:
+            timed_generate(model, ids[:1, :320], cache, 4, devices)
+            free_cuda(devices)
+            row, _, pkv = timed_generate(model, ids, cache, args.new_tokens, devices)
+            del pkv
+        except torch.cuda.OutOfMemoryError as err:
+            row = {"cache": cache, "oom": True, "note": str(err).splitlines()[0][:200]}
+        free_cuda(devices)
+        if greedy_equal is not None:
+            row["greedy_equal"] = greedy_equal[cache]
+        rows.append(row)
+        log(json.dumps(row))
+    return rows
+
+
+def layers_per_device(model) -> dict:
+    out: dict[str, int] = {}
+    for layer in model.model.layers:
+        dev = str(next(layer.parameters()).device)
+        out[dev] = out.get(dev, 0) + 1
+    return out
 
 
 def model_bytes(arch: dict, layers: int, dtype_bytes: int = 2) -> int:
@@ -358,10 +370,7 @@ def capacity_80_layers(args, devices, dtype, bench: dict) -> dict:
     config = bg.llama_config(arch, 1 << 22, num_hidden_layers=arch["num_hidden_layers"])
     t = time.perf_counter()
     model = random_model(config, auto_device_map(config, devices, dtype, headroom=0.4), dtype)
-    layers_per_dev: dict[str, int] = {}
-    for layer in model.model.layers:
-        dev = str(next(layer.parameters()).device)
-        layers_per_dev[dev] = layers_per_dev.get(dev, 0) + 1
+    layers_per_dev = layers_per_device(model)
     out = {"layers": arch["num_hidden_layers"], "layers_per_device": layers_per_dev, "build_s":
            round(time.perf_counter() - t, 1), "weights_gib_per_device": weights_per_device(model), "short_runs": [],
            "method": capacity_80_layers.__doc__.split("\n", 1)[1].strip()}
@@ -492,22 +501,9 @@ def run_tp(args, dtype) -> dict:
     result.update(layers=layers, load_s=round(time.perf_counter() - t, 1),
                   kv_heads_per_rank=config.num_key_value_heads // world)
     log(f"loaded with tp_plan='auto' in {result['load_s']}s")
-    gen = torch.Generator().manual_seed(2)
-    ids = torch.randint(3, config.vocab_size, (args.batch, args.context), generator=gen).to(model.device)
-    rows = []
-    for cache in args.caches:
-        try:
-            timed_generate(model, ids[:1, :320], cache, 4, devices)  # warm-up: Triton compile
-            free_cuda(devices)
-            row, _, pkv = timed_generate(model, ids, cache, args.new_tokens, devices)
-            del pkv
-        except torch.cuda.OutOfMemoryError as err:
-            row = {"cache": cache, "oom": True, "note": str(err).splitlines()[0][:200]}
-        free_cuda(devices)
+    rows = bench_rows(model, config, args, devices, result["equality"]["all_ranks"] if "equality" in result else None)
+    for row in rows:
         row["rank"] = rank
-        if "equality" in result:
-            row["greedy_equal"] = result["equality"]["all_ranks"][cache]
-        rows.append(row)
     gathered = [None] * world
     dist.all_gather_object(gathered, rows)
     dist.destroy_process_group()
