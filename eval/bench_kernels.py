@@ -1,6 +1,6 @@
 """Kernel benchmark: fused compressed decode attention vs SDPA / cuBLAS over bf16, roofline, store speed.
 
-python eval/bench_kernels.py --out eval/results/bench_kernels.json
+python -m eval.bench_kernels --out eval/results/bench_kernels.json
 
 Data: random bf16 K/V with a per-channel outlier structure (each channel has its own scale,
 log-normal, and 4 channels of K and 1 of V are x20, like post-RoPE K of real models); q random.
@@ -17,12 +17,10 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from kvcomp_hf import codec  # noqa: E402
-from kvcomp_hf.config import KVCompConfig  # noqa: E402
-from kvcomp_hf.kernels import decode_attention, store_blocks  # noqa: E402
-from kvcomp_hf.kernels.decode_attention import choose_splits, _num_sms  # noqa: E402
+from kvcomp_hf import codec
+from kvcomp_hf.config import KVCompConfig
+from kvcomp_hf.kernels import decode_attention, store_blocks
+from kvcomp_hf.kernels.decode_attention import choose_splits, _num_sms
 
 SHAPES = {"llama3.1-8b": dict(hq=32, h=8, d=128), "smollm2": dict(hq=9, h=3, d=64)}
 DATA_NOTE = ("random normal K/V (bf16) times a per-channel log-normal scale (sigma 0.5); 4 K channels and 1 V "

@@ -1,13 +1,13 @@
-"""Multi-GPU generate(): kvcomp vs DynamicCache with device_map="auto" (pipeline of layers over the visible
+"""Multi-GPU generate(): kvcomp vs DynamicCache (cache specs kvcomp and full) with device_map="auto" (pipeline of layers over the visible
 GPUs) and with tp_plan="auto" (tensor parallel, under torchrun).
 
     # layers split over all visible GPUs (one process)
-    python eval/bench_multigpu.py --out eval/results/bench_multigpu.json
+    python -m eval.bench_multigpu --out eval/results/bench_multigpu.json
     # tensor parallel, one process per GPU
-    torchrun --nproc-per-node 2 eval/bench_multigpu.py --tp --out eval/results/bench_multigpu_tp.json
+    torchrun --nproc-per-node 2 -m eval.bench_multigpu --tp --out eval/results/bench_multigpu_tp.json
     # CPU checks of both code paths (tiny shapes; gloo for --tp)
-    python eval/bench_multigpu.py --quick
-    torchrun --nproc-per-node 2 eval/bench_multigpu.py --quick --tp
+    python -m eval.bench_multigpu --quick
+    torchrun --nproc-per-node 2 -m eval.bench_multigpu --quick --tp
 
 Model: the Llama-3.1-70B shape (hidden 8192, 64 heads, 8 KV heads, intermediate 28672, vocab 128256, bf16)
 with random weights (normal, std 0.02, each parameter from its own seeded generator); --layers sets the depth
@@ -43,8 +43,7 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_generate beside this file
-import bench_generate as bg  # noqa: E402
+from eval import common  # noqa: E402
 
 GIB = 2 ** 30
 LLAMA31_70B = dict(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
@@ -155,11 +154,12 @@ def _device_for(name: str, device_map: dict) -> torch.device:
 
 
 def timed_generate(model, ids, cache: str, new_tokens: int, devices: list, kvcomp_config=None):
-    """generate() with timing; cache 'dynamic' (SDPA) or 'kvcomp' (default config unless given; Triton kernels on
+    """generate() with timing; cache 'full' (SDPA) or 'kvcomp' (default config unless given; Triton kernels on
     CUDA). Returns (row, generated tokens on the CPU, the cache)."""
+    from transformers import GenerationConfig
+
     import kvcomp_hf
     from kvcomp_hf.compat import CACHE_KWARG, returned_cache
-    from transformers import GenerationConfig
 
     kwargs = {}
     if cache == "kvcomp":
@@ -170,25 +170,14 @@ def timed_generate(model, ids, cache: str, new_tokens: int, devices: list, kvcom
     gcfg = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, num_beams=1, eos_token_id=None,
                             pad_token_id=0, use_cache=True, return_dict_in_generate=True)
     cuda_devs = [d for d in devices if str(d) != "cpu"]
+    common.synchronize(cuda_devs)
     for d in cuda_devs:
-        torch.cuda.synchronize(d)
         torch.cuda.reset_peak_memory_stats(d)
-    timer = bg.StepTimer()
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gcfg, streamer=timer,
-                             **kwargs)
-    for d in cuda_devs:
-        torch.cuda.synchronize(d)
-    t1 = time.perf_counter()
-    st = timer.stamps
-    steps = len(st) - 2
-    decode = st[-1] - st[1] if steps > 0 else None
+    out, timing = common.timed_generate(model, ids, cuda_devs, attention_mask=torch.ones_like(ids),
+                                        generation_config=gcfg, **kwargs)
     batch, context = ids.shape
     row = {"cache": cache, "context": context, "batch": batch, "new_tokens": new_tokens,
-           "ttft_s": round(st[1] - t0, 4), "total_s": round(t1 - t0, 3),
-           "decode_tok_s": round(batch * steps / decode, 2) if decode else None,
-           "decode_ms_per_step": round(1e3 * decode / steps, 3) if decode else None,
+           **{k: timing[k] for k in ("ttft_s", "total_s", "decode_tok_s", "decode_ms_per_step")},
            "peak_mem_gib_per_gpu": {str(_as_device(d)): round(torch.cuda.max_memory_allocated(d) / GIB, 3)
                                     for d in cuda_devs},
            # weights + the finished cache as the allocator holds it (pool headroom included)
@@ -270,11 +259,11 @@ def compare_to_reference(model, config, devices, args, ref: dict) -> dict:
 def run_device_map(args, devices: list, dtype) -> dict:
     n_gpu = len([d for d in devices if d != "cpu"])
     if args.quick:
-        arch, layers = dict(bg.TINY_LLAMA), args.layers or 2
+        arch, layers = dict(common.TINY_LLAMA), args.layers or 2
     else:
         total = sum(torch.cuda.get_device_properties(i).total_memory for i in devices)
         arch, layers = dict(LLAMA31_70B), args.layers or auto_layers(LLAMA31_70B, total)
-    config = bg.llama_config(arch, args.context + args.new_tokens + 256, num_hidden_layers=layers)
+    config = common.llama_config(arch, args.context + args.new_tokens + 256, num_hidden_layers=layers)
     draw_on_cpu = args.quick
     result = {"mode": "device_map=auto", "devices": [str(d) for d in devices], "layers": layers,
               "meta": run_meta(n_gpu)}
@@ -367,7 +356,7 @@ def capacity_80_layers(args, devices, dtype, bench: dict) -> dict:
       prefill chunk (KVCompLayer.dense_kv), and its byte pool, when it grows, is copied (one layer's cache more).
     Computed, not run: a prefill of the predicted size would take minutes."""
     arch = dict(LLAMA31_70B)
-    config = bg.llama_config(arch, 1 << 22, num_hidden_layers=arch["num_hidden_layers"])
+    config = common.llama_config(arch, 1 << 22, num_hidden_layers=arch["num_hidden_layers"])
     t = time.perf_counter()
     model = random_model(config, auto_device_map(config, devices, dtype, headroom=0.4), dtype)
     layers_per_dev = layers_per_device(model)
@@ -382,18 +371,18 @@ def capacity_80_layers(args, devices, dtype, bench: dict) -> dict:
         out["short_runs"].append(row)
         layer = pkv.layers[0]
         dev = layer.keys.device
-        tokens = layer.keys.shape[0] * (layer.keys.shape[2] if cache == "dynamic" else pkv.get_seq_length())
+        tokens = layer.keys.shape[0] * (layer.keys.shape[2] if cache == "full" else pkv.get_seq_length())
         torch.cuda.synchronize(dev)
         before = torch.cuda.memory_allocated(dev)
         torch.cuda.reset_peak_memory_stats(dev)
         with torch.inference_mode():
-            if cache == "dynamic":
+            if cache == "full":
                 grown = torch.cat([layer.keys, layer.keys], 2), torch.cat([layer.values, layer.values], 2)
             else:
                 grown = layer.dense_kv()
         torch.cuda.synchronize(dev)
         # bytes per token alive beyond the cache while the layer grows/decodes (per token of the layer's past)
-        transient[cache] = (torch.cuda.max_memory_allocated(dev) - before) / (tokens * (2 if cache == "dynamic" else 1))
+        transient[cache] = (torch.cuda.max_memory_allocated(dev) - before) / (tokens * (2 if cache == "full" else 1))
         del grown, pkv
         free_cuda(devices)
     free = {}
@@ -435,8 +424,8 @@ def fits_from_measurements(bench: dict, free: dict, layers_per_dev: dict, transi
                        "transient_bytes_per_token": round(extra, 1), "tokens_fit_per_device": per_dev,
                        "tokens_fit": total, "max_batch_at_context": {
                            str(c): total // (c + new_tokens) for c in (32768, 131072)}}
-    if "dynamic" in fits and "kvcomp" in fits and fits["dynamic"]["tokens_fit"]:
-        fits["kvcomp_over_dynamic_tokens"] = round(fits["kvcomp"]["tokens_fit"] / fits["dynamic"]["tokens_fit"], 2)
+    if "full" in fits and "kvcomp" in fits and fits["full"]["tokens_fit"]:
+        fits["kvcomp_over_full_tokens"] = round(fits["kvcomp"]["tokens_fit"] / fits["full"]["tokens_fit"], 2)
     return fits
 
 
@@ -488,9 +477,9 @@ def run_tp(args, dtype) -> dict:
     if not args.skip_equality:
         result["equality"] = tp_equality(args, mesh, device, rank, world)
         log(f"equality: {json.dumps(result['equality'])}")
-    arch = dict(bg.TINY_LLAMA if args.quick else LLAMA31_70B)
+    arch = dict(common.TINY_LLAMA if args.quick else LLAMA31_70B)
     layers = args.layers or (2 if args.quick else args.tp_layers)
-    config = bg.llama_config(arch, args.context + args.new_tokens + 256, num_hidden_layers=layers)
+    config = common.llama_config(arch, args.context + args.new_tokens + 256, num_hidden_layers=layers)
     ckpt = Path(args.checkpoint_dir) / ("tiny" if args.quick else f"llama70b-shape-{layers}l")
     if rank == 0 and not (ckpt / "config.json").is_file():
         result["checkpoint_write_s"] = round(write_checkpoint(config, ckpt, dtype, device), 1)
@@ -522,8 +511,8 @@ def tp_equality(args, mesh, device, rank, world) -> dict:
 
     import kvcomp_hf
 
-    arch = dict(bg.TINY_LLAMA if args.quick else SMALL)
-    config = bg.llama_config(arch, 4096)
+    arch = dict(common.TINY_LLAMA if args.quick else SMALL)
+    config = common.llama_config(arch, 4096)
     ckpt = Path(args.checkpoint_dir) / ("eq-tiny" if args.quick else "eq-small")
     if rank == 0 and not (ckpt / "config.json").is_file():
         model = random_model(config, {"": "cpu"}, torch.float32, std=0.08)
@@ -571,7 +560,7 @@ def parse_args(argv=None):
     p.add_argument("--context", type=int, default=None, help="default 32768 (quick 320)")
     p.add_argument("--batch", type=int, default=None, help="default 4 (quick 2)")
     p.add_argument("--new-tokens", type=int, default=None, help="default 64 (quick 6)")
-    p.add_argument("--caches", default="dynamic,kvcomp")
+    p.add_argument("--caches", default="full,kvcomp", help="cache specs: full, kvcomp (the default config)")
     p.add_argument("--eq-context", type=int, default=None, help="equality check prompt length (default 2048)")
     p.add_argument("--eq-batch", type=int, default=2)
     p.add_argument("--eq-tokens", type=int, default=16)
@@ -584,10 +573,13 @@ def parse_args(argv=None):
     args.batch = args.batch or (2 if args.quick else 4)
     args.new_tokens = args.new_tokens or (6 if args.quick else 64)
     args.eq_context = args.eq_context or (300 if args.quick else 2048)
-    args.caches = args.caches.split(",")
-    bad = [c for c in args.caches if c not in ("dynamic", "kvcomp")]
+    try:
+        args.caches = [spec.name for spec in common.parse_cache_list(args.caches)]
+    except ValueError as err:
+        p.error(f"--caches: {err}")
+    bad = [c for c in args.caches if c not in ("full", "kvcomp")]
     if bad:
-        p.error(f"--caches: unknown {bad}; allowed: dynamic, kvcomp")
+        p.error(f"--caches: {bad} not measured here; allowed: full, kvcomp")
     return args
 
 
@@ -596,12 +588,12 @@ def main(argv=None):
     args = parse_args(argv)
     if args.quick:
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    bg.import_kvcomp()
+    common.import_kvcomp()
     n_gpu = torch.cuda.device_count() if not args.quick else 0
     dtype = torch.bfloat16 if n_gpu else torch.float32
     if args.tp:
         if "WORLD_SIZE" not in os.environ:
-            raise SystemExit("--tp runs under torchrun: torchrun --nproc-per-node N eval/bench_multigpu.py --tp")
+            raise SystemExit("--tp runs under torchrun: torchrun --nproc-per-node N -m eval.bench_multigpu --tp")
         result = run_tp(args, dtype)
     else:
         if n_gpu == 1:
@@ -622,7 +614,7 @@ def run_meta(n_gpu: int) -> dict:
             "transformers": transformers.__version__, "gpus": [torch.cuda.get_device_name(i) for i in range(n_gpu)],
             "env": {k: os.environ.get(k) for k in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST",
                                                    "NVSHMEM_DISABLE_NVLS")},
-            "notes": [bg.WEIGHTS_NOTE, "kvcomp default config (rel_k 0.1, rel_v 0.2, token granularity) in the "
+            "notes": [common.WEIGHTS_NOTE, "kvcomp default config (rel_k 0.1, rel_v 0.2, token granularity) in the "
                       "timed rows."]}
 
 
@@ -646,7 +638,7 @@ def markdown(result) -> str:
     cap = result.get("capacity_80_layers", {}).get("computed")
     if cap:
         lines += ["", "80 layers, computed: " + ", ".join(
-            f"{c}: {cap[c]['tokens_fit']} tokens" for c in ("dynamic", "kvcomp") if c in cap)]
+            f"{c}: {cap[c]['tokens_fit']} tokens" for c in ("full", "kvcomp") if c in cap)]
     return "\n".join(lines)
 
 

@@ -9,7 +9,7 @@
 3. configs/<name>.yaml is written: `config:` (KVCompConfig fields), `calibrated: true`, and the provenance
    (measured numbers of the full cache and of the choice, the screened grid, command, text data, date).
 
-    python eval/calibrate.py --model meta-llama/Llama-3.1-8B-Instruct --name llama-3.1-8b-instruct \\
+    python -m eval.calibrate --model meta-llama/Llama-3.1-8B-Instruct --name llama-3.1-8b-instruct \\
         --lengths 4096,8192 --samples 20 --out eval/results/calib-llama31
 
 Work files (perplexity grid, synthetic predictions) go to --out and are reused when the command is re-run.
@@ -26,10 +26,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from eval import common, perplexity, synthetic  # noqa: E402
+from eval import common, perplexity, synthetic
 
 CONFIGS_DIR = common.REPO_ROOT / "configs"
 

@@ -3,7 +3,7 @@
 
 Launcher (loads the model once, evaluates every cache on the same tasks and documents):
 
-    python eval/lm_eval_model.py --model <hub id or dir> [--gguf-file F] --tasks kvcomp_fixture_gen,... \\
+    python -m eval.lm_eval_model --model <hub id or dir> [--gguf-file F] --tasks kvcomp_fixture_gen,... \\
         --caches full,kvcomp --include-path eval/lm_eval_tasks --out runs/lm_eval [--limit N] \\
         [--num-fewshot K] [--batch-size 1] [--apply-chat-template] [--gen-kwargs '{"max_gen_toks": 64}'] \\
         [--metadata '{"context_repeat": 8}'] [--loglik-chunk 64]
@@ -13,11 +13,12 @@ Launcher (loads the model once, evaluates every cache on the same tasks and docu
 
 The stock lm-eval CLI with this model registered:
 
-    python eval/lm_eval_model.py lm-eval --model hf-kvcomp \\
+    python -m eval.lm_eval_model lm-eval --model hf-kvcomp \\
         --model_args pretrained=<dir>,cache=kvcomp,loglik_chunk=64 --tasks ... --include_path eval/lm_eval_tasks
 
-    model_args: cache=<spec> (default kvcomp; write the commas inside a spec as ';', e.g.
-    cache=kvcomp:rel_k=0.1;rel_v=0.2, or pass --model_args as a JSON object), loglik_chunk=<tokens>,
+    model_args: cache=<spec> (a cache spec of eval/common/specs.py, default kvcomp; lm-eval splits model_args
+    at commas, so write the commas inside a spec as ';', e.g. cache=kvcomp:rel_k=0.1;rel_v=0.2, or pass
+    --model_args as a JSON object), loglik_chunk=<tokens>,
     middle_truncation=True (keep head and tail of over-long prompts instead of HFLM's left truncation),
     plus every HFLM argument. A kvcomp cache sets attn_implementation="kvcomp".
 
@@ -41,16 +42,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+import torch
+from lm_eval.api.registry import register_model
+from lm_eval.models.huggingface import HFLM
 
-import torch  # noqa: E402
-from lm_eval.api.registry import register_model  # noqa: E402
-from lm_eval.models.huggingface import HFLM  # noqa: E402
-from kvcomp_hf.compat import CACHE_KWARG, cache_kwargs  # noqa: E402
-
-from eval import common  # noqa: E402
+from eval import common
+from kvcomp_hf.compat import CACHE_KWARG, cache_kwargs
 
 DEFAULT_LOGLIK_CHUNK = 64
 TASKS_DIR = Path(__file__).resolve().parent / "lm_eval_tasks"
@@ -62,7 +59,7 @@ class KVCompLM(HFLM):
 
     def __init__(self, pretrained="", cache: str = "kvcomp", loglik_chunk: int | str = DEFAULT_LOGLIK_CHUNK,
                  middle_truncation: bool | str = False, **kwargs):
-        spec = common.parse_cache_spec(str(cache).replace(";", ","))
+        spec = common.parse_cache_spec(str(cache))
         # set before HFLM.__init__, which may already call _model_call (batch_size="auto")
         self.cache_spec = spec
         self.loglik_chunk = int(loglik_chunk)
@@ -188,7 +185,7 @@ def _parse_json_arg(text: str | None) -> dict | None:
     out: dict[str, Any] = {}
     for item in text.split(","):
         k, v = item.split("=", 1)
-        out[k.strip()] = common._parse_value(v.strip())
+        out[k.strip()] = common.parse_value(v.strip())
     return out
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """LongBench (v1, LongBench-E, LongBench v2) for one model and several KV caches, on the same samples.
 
-    python eval/longbench.py --model <hub id or local dir> [--gguf-file F] --data-dir <LongBench/data> \\
+    python -m eval.longbench --model <hub id or local dir> [--gguf-file F] --data-dir <LongBench/data> \\
         --tasks all|qasper,trec,... --caches full,kvcomp,kivi2 --out runs/lb [--max-length 7500] [--limit N] \\
         [--e | --v2]
 
@@ -39,17 +39,12 @@ import json
 import math
 import re
 import string
-import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
-
-from eval import longbench_config as C  # noqa: E402
-from kvcomp_hf.compat import CACHE_KWARG  # noqa: E402
+from eval import longbench_config as C
+from kvcomp_hf.compat import CACHE_KWARG
 
 # ============================================================================================= metrics
 # Each metric takes (prediction, ground_truth, **kwargs) and returns a score in [0, 1], as LongBench/metrics.py.

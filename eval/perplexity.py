@@ -10,7 +10,7 @@ Reported per cache: perplexity, mean NLL (nats), NLL increase vs the full cache,
 next-token distributions, top-1 agreement with the full cache, bits/value of the cache at the end, and the same
 per quarter of the positions (later positions read more compressed context).
 
-    python eval/perplexity.py --caches full,kvcomp,kivi2,kivi4 --tokens 1500 --chunk 64 --out eval/results/ppl
+    python -m eval.perplexity --caches full,kvcomp,kivi2,kivi4 --tokens 1500 --chunk 64 --out eval/results/ppl
 """
 
 from __future__ import annotations
@@ -24,12 +24,8 @@ from typing import Any
 
 import torch
 
+from eval import common
 from kvcomp_hf.compat import cache_kwargs
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from eval import common  # noqa: E402
 
 
 def token_windows(tokenizer, text: str, n_tokens: int, n_windows: int = 1) -> list[list[int]]:

@@ -6,7 +6,7 @@ Reads any mix of:
   calibration.json        (eval/calibrate.py)     y = NLL increase of every grid config
   generic {"results": {cache: {"score": y, "bits_per_value": x}}} (e.g. LongBench summaries)
 
-    python eval/plot_frontier.py eval/results/*/scores.json eval/results/*/perplexity.json --out frontier.png
+    python -m eval.plot_frontier eval/results/*/scores.json eval/results/*/perplexity.json --out frontier.png
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """Where a decode step's time goes: host (Python, launches) versus GPU kernels, per cache.
 
-    python eval/profile_decode.py --model smollm2-135m --context 8192 --batch 1 --out $OUT/profile.json
+    python -m eval.profile_decode --model smollm2-135m --context 8192 --batch 1 --out $OUT/profile.json
 
-For each cache (DynamicCache + SDPA, kvcomp): prefill once, then time decode steps three ways:
-  - generate(): per-token host stamps (as eval/bench_generate.py);
+For each cache spec (default full, full:flash, kvcomp; see eval/common/specs.py): prefill once, then time
+decode steps three ways:
+  - generate(): per-token host stamps (common.timed_generate, as eval.bench_generate);
   - forward loop: model(token) + argmax, synchronised per step;
   - GPU busy time per step from torch.profiler (sum of kernel times), so wall - busy = host-bound time.
 Prints a table and the top kernels / host ops of each cache. Random weights (speed does not depend on
@@ -14,31 +15,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
+from eval import common
+from eval.common import LLAMA31_8B, SMOLLM2_135M, llama_config, random_llama
 from kvcomp_hf.compat import cache_kwargs
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from eval.bench_generate import (LLAMA31_8B, SMOLLM2_135M, StepTimer, generate_kwargs,  # noqa: E402
-                                 import_kvcomp, llama_config, random_llama, sdpa_backends)
 
 ARCHS = {"llama3.1-8b": LLAMA31_8B, "smollm2-135m": SMOLLM2_135M}
 
 
-def _new_cache(cache: str, model, model_key: str):
+def _new_cache(cache: str, model, max_cache_len: int):
     """generate_kwargs switches attention; a fresh cache object for the forward loop."""
     from transformers import DynamicCache
 
-    import kvcomp_hf
-
-    kwargs = generate_kwargs(cache, model, model_key)
-    if cache in ("dynamic", "dynamic-flash"):
-        return kwargs, DynamicCache(config=model.config)
-    return kwargs, kvcomp_hf.KVCompCache(model.config, kwargs["cache_config"])
+    kwargs = common.generate_kwargs(cache, model)
+    cache_obj = common.make_cache(cache, model, max_cache_len=max_cache_len)
+    return kwargs, cache_obj if cache_obj is not None else DynamicCache(config=model.config)
 
 
 def _prefill(model, cache_obj, ids, chunk: int):
@@ -48,12 +43,12 @@ def _prefill(model, cache_obj, ids, chunk: int):
     return out.logits[:, -1:].argmax(-1)
 
 
-def profile_cache(model, model_key: str, cache: str, context: int, batch: int, steps: int, chunk: int) -> dict:
-    with sdpa_backends(cache):
-        return _profile_cache(model, model_key, cache, context, batch, steps, chunk)
+def profile_cache(model, cache: str, context: int, batch: int, steps: int, chunk: int) -> dict:
+    with common.sdpa_backends(cache):
+        return _profile_cache(model, cache, context, batch, steps, chunk)
 
 
-def _profile_cache(model, model_key: str, cache: str, context: int, batch: int, steps: int, chunk: int) -> dict:
+def _profile_cache(model, cache: str, context: int, batch: int, steps: int, chunk: int) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     cfg = model.config
@@ -62,16 +57,14 @@ def _profile_cache(model, model_key: str, cache: str, context: int, batch: int, 
     row = {"cache": cache, "context": context, "batch": batch}
 
     # generate(), as the benchmark times it
-    kwargs, _ = _new_cache(cache, model, model_key)
-    timer = StepTimer()
-    with torch.inference_mode():
-        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps + 1, do_sample=False,
-                       eos_token_id=None, pad_token_id=0, streamer=timer, prefill_chunk_size=chunk, **kwargs)
-    gaps = sorted(b - a for a, b in zip(timer.stamps[1:-1], timer.stamps[2:]))
-    row["generate_ms_per_step"] = round(1e3 * gaps[len(gaps) // 2], 3)
+    kwargs, _ = _new_cache(cache, model, context + steps + 1)
+    _, timing = common.timed_generate(model, ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps + 1,
+                                      do_sample=False, eos_token_id=None, pad_token_id=0, prefill_chunk_size=chunk,
+                                      **kwargs)
+    row["generate_ms_per_step"] = timing["decode_ms_per_step_median"]
 
     # plain forward loop over the same cache type
-    kwargs, cache_obj = _new_cache(cache, model, model_key)
+    kwargs, cache_obj = _new_cache(cache, model, context + steps + 1)
     with torch.inference_mode():
         tok = _prefill(model, cache_obj, ids, chunk)
         times = []
@@ -109,20 +102,22 @@ def main(argv=None):
     p.add_argument("--context", type=int, default=8192)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--steps", type=int, default=16, help="timed decode steps")
-    p.add_argument("--caches", default="dynamic,dynamic-flash,kvcomp")
+    p.add_argument("--caches", default="full,full:flash,kvcomp",
+                   help="comma list of cache specs: " + " | ".join(common.ALLOWED_SPEC_FORMS))
     p.add_argument("--prefill-chunk", type=int, default=4096)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
-        raise SystemExit("profile_decode.py needs a CUDA GPU")
-    import_kvcomp()
+        raise SystemExit("eval.profile_decode needs a CUDA GPU")
+    caches = [spec.name for spec in common.parse_cache_list(args.caches)]
+    common.import_kvcomp()
     device = torch.device("cuda")
     model = random_llama(llama_config(ARCHS[args.model], args.context + 1024), device, torch.bfloat16)
     model.generation_config.eos_token_id = None
     rows = []
-    for cache in args.caches.split(","):
-        profile_cache(model, args.model, cache, 320, args.batch, 4, args.prefill_chunk)  # warm-up / compile
-        row = profile_cache(model, args.model, cache, args.context, args.batch, args.steps, args.prefill_chunk)
+    for cache in caches:
+        profile_cache(model, cache, 320, args.batch, 4, args.prefill_chunk)  # warm-up / compile
+        row = profile_cache(model, cache, args.context, args.batch, args.steps, args.prefill_chunk)
         rows.append(row)
     print(f"\n{args.model}, context {args.context}, batch {args.batch}, {torch.cuda.get_device_name()}")
     print("| cache | generate ms/step | forward ms/step | GPU busy ms/step | host-bound ms/step |")

@@ -34,16 +34,16 @@ for stage in "$@"; do
       python -m pytest -q -s -p no:cacheprovider tests/test_cuda_generate.py -k "not tiny" 2>&1 \
         | tee $OUT/smollm2_tests.log | grep -E "agreement|passed|failed|error|Error" ;;
     calibrate)
-      timeout 470 python eval/calibrate.py --model $SMOL --gguf-file SmolLM2-135M-Instruct.Q4_1.gguf \
+      timeout 470 python -m eval.calibrate --model $SMOL --gguf-file SmolLM2-135M-Instruct.Q4_1.gguf \
         --name smollm2-135m-instruct --model-id HuggingFaceTB/SmolLM2-135M-Instruct --granularity token_head \
         --rel-k 0.03,0.05,0.1 --rel-v 0.1,0.2 --pack-sizes 16 --repacks median \
         --ppl-tokens 4096 --lengths 4096,8192 --samples 2 --max-synthetic-tries 2 \
         --out eval/results/calib-smollm2 2>&1 | tail -30
       cp configs/smollm2-135m-instruct.yaml $OUT/ ; tar czf $OUT/calib.tgz eval/results/calib-smollm2 ;;
     accuracy)
-      timeout 180 python eval/perplexity.py --model $SMOL --caches full,kvcomp:smollm2-135m-instruct,kvcomp,kivi2,kivi4 \
+      timeout 180 python -m eval.perplexity --model $SMOL --caches full,kvcomp:smollm2-135m-instruct,kvcomp,kivi2,kivi4 \
         --tokens 8192 --chunk 64 --out eval/results/smollm2-h100/perplexity 2>&1 | tail -12
-      timeout 240 python eval/synthetic.py --model $SMOL --caches full,kvcomp:smollm2-135m-instruct,kivi2,kivi4 \
+      timeout 240 python -m eval.synthetic --model $SMOL --caches full,kvcomp:smollm2-135m-instruct,kivi2,kivi4 \
         --lengths 4096,8192 --samples 2 --out eval/results/smollm2-h100/synthetic 2>&1 | tail -20
       tar czf $OUT/accuracy.tgz eval/results/smollm2-h100 ;;
     demo) python -m kvcomp_hf.cli demo 2>&1 | grep -v "Converting\|Loading" | tee $OUT/demo.log ;;
@@ -51,22 +51,22 @@ for stage in "$@"; do
       for backend in torch triton; do
         python -m kvcomp_hf.cli demo --backend $backend 2>&1 | grep -v "Converting\|Loading" | tee $OUT/demo_$backend.log
       done ;;
-    profile) timeout 240 python eval/profile_decode.py --model smollm2-135m --context 8192 --batch 1 \
+    profile) timeout 240 python -m eval.profile_decode --model smollm2-135m --context 8192 --batch 1 \
         --out $OUT/profile_smollm2.json 2>&1 | tail -40 ;;
-    profile-llama) timeout 300 python eval/profile_decode.py --model llama3.1-8b --context 32768 --batch 8 \
+    profile-llama) timeout 300 python -m eval.profile_decode --model llama3.1-8b --context 32768 --batch 8 \
         --steps 8 --out $OUT/profile_llama.json 2>&1 | tail -40 ;;
     wheels) python3 -m pip install -q --no-index --no-deps --no-compile --target /root/kvm/site .whl/*.whl ;;
-    bench-unchunked) timeout 400 python eval/bench_generate.py --models llama3.1-8b \
+    bench-unchunked) timeout 400 python -m eval.bench_generate --models llama3.1-8b \
         --caches dynamic,dynamic-flash,kvcomp,hf-int4 --contexts 32768,8192 --batches 8,1 \
         --out $OUT/bench_generate_unchunked.json --time-budget 380 2>&1 | tee $OUT/bench_generate_unchunked.log | tail -30 ;;
-    bench-capacity) timeout 330 python eval/bench_generate.py --models llama3.1-8b --prefill-chunk 4096 \
+    bench-capacity) timeout 330 python -m eval.bench_generate --models llama3.1-8b --prefill-chunk 4096 \
         --caches dynamic,kvcomp --contexts 32768 --batches 8,16,32 --oom-margin 2 \
         --out $OUT/bench_generate_capacity.json --time-budget 310 2>&1 | tee $OUT/bench_generate_capacity.log | tail -40 ;;
-    bench-chunked) timeout 575 python eval/bench_generate.py --models llama3.1-8b --prefill-chunk 4096 \
+    bench-chunked) timeout 575 python -m eval.bench_generate --models llama3.1-8b --prefill-chunk 4096 \
         --caches dynamic,dynamic-flash,kvcomp,kvcomp-preset,hf-int4,hf-int2 --contexts 32768,8192,131072 \
         --batches 8,1,max --search-cap 45 --out $OUT/bench_generate_chunked.json --time-budget 530 2>&1 \
         | tee $OUT/bench_generate_chunked.log | tail -60 ;;
-    bench) timeout 560 python eval/bench_generate.py --out $OUT/bench_generate.json --time-budget 500 2>&1 \
+    bench) timeout 560 python -m eval.bench_generate --out $OUT/bench_generate.json --time-budget 500 2>&1 \
         | tee $OUT/bench_generate.log | tail -40 ;;
   esac
 done

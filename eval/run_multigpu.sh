@@ -14,7 +14,7 @@ for stage in "$@"; do
           python3 -c "import torch, transformers, accelerate; print(torch.__version__, transformers.__version__, accelerate.__version__, torch.cuda.device_count())" ;;
     test) timeout 150 python3 -m pytest -q -ra -p no:cacheprovider tests/test_multidevice.py --durations=8 2>&1 \
             | tee "$OUT/pytest_multidevice.log" ;;
-    devmap) timeout 240 python3 eval/bench_multigpu.py --layers 24 --capacity --out "$OUT/bench_multigpu.json" 2>&1 \
+    devmap) timeout 240 python -m eval.bench_multigpu --layers 24 --capacity --out "$OUT/bench_multigpu.json" 2>&1 \
             | grep -v "it/s\]" | tee "$OUT/bench_multigpu.log" ;;
     tp) timeout 200 torchrun --nproc-per-node 2 eval/bench_multigpu.py --tp --out "$OUT/bench_multigpu_tp.json" 2>&1 \
             | grep -v "it/s\]" | tee "$OUT/bench_multigpu_tp.log" ;;

@@ -14,7 +14,7 @@ Tasks (written for this project after the RULER task descriptions; haystacks are
 Score per sample: fraction of reference strings contained in the prediction (case-insensitive; RULER's
 string_match_all), x100; per task and length: the mean over samples.
 
-    python eval/synthetic.py --caches full,kvcomp,kivi2 --lengths 4096,8192 --samples 20 --out eval/results/synth
+    python -m eval.synthetic --caches full,kvcomp,kivi2 --lengths 4096,8192 --samples 20 --out eval/results/synth
 """
 
 from __future__ import annotations
@@ -30,10 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from eval import common  # noqa: E402
+from eval import common
 
 TASKS = ("passkey", "niah_single", "niah_multikey", "niah_multivalue", "vt", "cwe", "fwe")
 MAX_NEW_TOKENS = {"passkey": 16, "niah_single": 32, "niah_multikey": 32, "niah_multivalue": 64, "vt": 48,

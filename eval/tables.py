@@ -1,7 +1,7 @@
 """Markdown tables for README.md from the benchmark JSON in eval/results/.
 
-    python eval/tables.py kernels eval/results/bench_kernels.json
-    python eval/tables.py generate eval/results/bench_generate.json
+    python -m eval.tables kernels eval/results/bench_kernels.json
+    python -m eval.tables generate eval/results/bench_generate.json
 """
 
 from __future__ import annotations

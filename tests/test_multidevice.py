@@ -248,12 +248,12 @@ def test_bench_multigpu_quick_equality_rows(tmp_path, monkeypatch):
     result = main(["--quick", "--context", "200", "--new-tokens", "3", "--eq-context", "200", "--eq-tokens", "4",
                    "--out", str(out)])
     assert out.is_file()
-    assert result["equality"]["dynamic"]["greedy_equal"] and result["equality"]["kvcomp"]["greedy_equal"]
+    assert result["equality"]["full"]["greedy_equal"] and result["equality"]["kvcomp"]["greedy_equal"]
     rows = {r["cache"]: r for r in result["rows"]}
-    assert rows["dynamic"]["greedy_equal"] is True and rows["kvcomp"]["greedy_equal"] is True
+    assert rows["full"]["greedy_equal"] is True and rows["kvcomp"]["greedy_equal"] is True
     assert rows["kvcomp"]["storage_on_layer_device"] is True
-    assert rows["kvcomp"]["cache_bytes"] < rows["dynamic"]["cache_bytes"]
-    assert rows["dynamic"]["cache_tokens"] == 200 + 3 - 1
+    assert rows["kvcomp"]["cache_bytes"] < rows["full"]["cache_bytes"]
+    assert rows["full"]["cache_tokens"] == 200 + 3 - 1
 
 
 def test_bench_random_model_same_weights_any_device_map():
@@ -275,19 +275,19 @@ def test_bench_capacity_arithmetic():
     from eval.bench_multigpu import GIB, fits_from_measurements
 
     bench = {"layers": 4, "weights_gib_per_device": {"cuda:0": 10.0, "cuda:1": 11.0}, "rows": [
-        {"cache": "dynamic", "cache_tokens": 1024, "batch": 2,  # 2 GiB of cache, 1 GiB per device
+        {"cache": "full", "cache_tokens": 1024, "batch": 2,  # 2 GiB of cache, 1 GiB per device
          "allocated_gib_per_gpu_after": {"cuda:0": 11.0, "cuda:1": 12.0},
          "peak_mem_gib_per_gpu": {"cuda:0": 14.0, "cuda:1": 12.5}},
         {"cache": "kvcomp", "cache_tokens": 1024, "batch": 2,
          "allocated_gib_per_gpu_after": {"cuda:0": 10.25, "cuda:1": 11.25},
          "peak_mem_gib_per_gpu": {"cuda:0": 13.25, "cuda:1": 11.5}},
-        {"cache": "dynamic-oom", "oom": True}]}
+        {"cache": "full-oom", "oom": True}]}
     free = {"cuda:0": 60 * GIB, "cuda:1": 50 * GIB}
     layers = {"cuda:0": 40, "cuda:1": 40}
-    transient = {"dynamic": 4096.0, "kvcomp": 8192.0}
+    transient = {"full": 4096.0, "kvcomp": 8192.0}
     fits = fits_from_measurements(bench, free, layers, transient, new_tokens=16)
-    assert set(fits) == {"dynamic", "kvcomp", "kvcomp_over_dynamic_tokens"}
-    for cache, resident_gib in (("dynamic", 2.0), ("kvcomp", 0.5)):
+    assert set(fits) == {"full", "kvcomp", "kvcomp_over_full_tokens"}
+    for cache, resident_gib in (("full", 2.0), ("kvcomp", 0.5)):
         per_token_layer = resident_gib * GIB / (2048 * 4)
         extra = transient[cache] + (per_token_layer if cache == "kvcomp" else 0)
         reserve = 3 * GIB  # the larger of peak - allocated-after over the devices
@@ -298,4 +298,4 @@ def test_bench_capacity_arithmetic():
         tightest = min(free, key=lambda d: (free[d] - reserve) / (layers[d] * per_token_layer + extra))
         assert reserve + (f["tokens_fit"] + 1) * (layers[tightest] * per_token_layer + extra) > free[tightest]
         assert f["max_batch_at_context"]["32768"] == f["tokens_fit"] // (32768 + 16)
-    assert fits["kvcomp"]["tokens_fit"] > 3 * fits["dynamic"]["tokens_fit"]
+    assert fits["kvcomp"]["tokens_fit"] > 3 * fits["full"]["tokens_fit"]

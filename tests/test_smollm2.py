@@ -6,16 +6,15 @@ import torch
 import kvcomp_hf
 from kvcomp_hf import cache_kwargs
 from kvcomp_hf.demo import offline_text, passkey_messages
+from kvcomp_hf.model_files import SMOLLM2_GGUF as GGUF
+from kvcomp_hf.model_files import smollm2_dir
 
 pytestmark = pytest.mark.slow
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @pytest.fixture(scope="module")
 def smollm2():
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from kvcomp_hf.demo import smollm2_dir
 
     path = smollm2_dir()  # fails, not skips, without the model: `make test` installs it
     model = AutoModelForCausalLM.from_pretrained(path, gguf_file=GGUF, attn_implementation="kvcomp").eval()
