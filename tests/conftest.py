@@ -1,12 +1,8 @@
 import os
-import sys
-from pathlib import Path
 
 # Tests never download anything, and eval scripts keep quiet; set before transformers is imported.
 for _name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "KVCOMP_EVAL_NO_PROGRESS"):
     os.environ.setdefault(_name, "1")
-# The eval scripts are imported as the package `eval` from the repository root.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
