@@ -88,9 +88,8 @@ class KVCompLM(HFLM):
 
     # -- bookkeeping ------------------------------------------------------------------------------
 
-    def _new_cache(self):
-        cache = common.make_cache(self.cache_spec, self.model)
-        return cache
+    def _new_cache(self, max_cache_len: int):
+        return common.make_cache(self.cache_spec, self.model, max_cache_len=max_cache_len)
 
     def _record(self, cache, tokens: int) -> None:
         """Accumulate bits/value weighted by tokens: the cache's own report, else the spec's estimate."""
@@ -143,10 +142,13 @@ class KVCompLM(HFLM):
     # -- generation -------------------------------------------------------------------------------
 
     def _model_generate(self, context, max_length, stop, **generation_kwargs):
-        cache = self._new_cache()
+        cache = self._new_cache(max_length)
         if cache is not None:
             generation_kwargs[CACHE_KWARG] = cache
-        out = super()._model_generate(context, max_length, stop, **generation_kwargs)
+        if self.cache_spec.kind == "static":
+            generation_kwargs["disable_compile"] = self.cache_spec.variant != "compiled"
+        with common.sdpa_backends(self.cache_spec):
+            out = super()._model_generate(context, max_length, stop, **generation_kwargs)
         self.kv_stats["generate_calls"] += 1
         self._record(cache, int(out.shape[1]) * int(out.shape[0]))
         return out
@@ -158,13 +160,14 @@ class KVCompLM(HFLM):
             return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
         from transformers import DynamicCache
 
-        cache = self._new_cache()
+        cache = self._new_cache(inps.shape[1])
         if cache is None:
             cache = DynamicCache(config=self.model.config)
         chunk = self.loglik_chunk if self.loglik_chunk > 0 else inps.shape[1]
         logits = []
         with torch.no_grad(), torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
-                                             enabled=self.mixed_precision_dtype is not None):
+                                             enabled=self.mixed_precision_dtype is not None), \
+                common.sdpa_backends(self.cache_spec):
             for start in range(0, inps.shape[1], chunk):
                 out = self.model(input_ids=inps[:, start:start + chunk], **cache_kwargs(cache), use_cache=True)
                 logits.append(out.logits)

@@ -44,7 +44,6 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from eval import longbench_config as C
-from kvcomp_hf.compat import CACHE_KWARG
 
 # ============================================================================================= metrics
 # Each metric takes (prediction, ground_truth, **kwargs) and returns a score in [0, 1], as LongBench/metrics.py.
@@ -417,34 +416,14 @@ def newline_token_id(tokenizer) -> int:
 def generate_one(model, tokenizer, input_ids: list[int], max_new_tokens: int, spec, stop_ids: list[int],
                  min_new_tokens: int = 0) -> tuple[str, dict]:
     """Greedy decode with a fresh cache of `spec`; returns (text, info) with token counts and bits/value."""
-    import torch
+    from eval.common import cache_bits_per_value, greedy_generate
 
-    from eval.common import cache_bits_per_value, make_cache
-
-    ids = torch.tensor([input_ids], dtype=torch.long, device=model.device)
-    cache = make_cache(spec, model)
-    kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
-                                  attention_mask=torch.ones_like(ids), eos_token_id=stop_ids,
-                                  pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
-                                  else stop_ids[0], temperature=None, top_p=None, top_k=None)
-    if min_new_tokens:
-        kwargs["min_new_tokens"] = min_new_tokens
-    if cache is not None:
-        kwargs[CACHE_KWARG] = cache
-    with torch.no_grad():
-        out = model.generate(ids, **kwargs)
-    new = out[0, ids.shape[1]:]
-    text = tokenizer.decode(new, skip_special_tokens=True)
-    if cache is None:
-        bpv = cache_bits_per_value(None)
-    else:
-        try:
-            bpv = cache_bits_per_value(cache)
-        except Exception:  # noqa: BLE001 - a cache without a usable report: estimate from the spec
-            bpv = None
-        if bpv is None:
-            bpv = cache_bits_per_value(spec, model, tokens=int(out.shape[1]))
-    return text, {"prompt_tokens": int(ids.shape[1]), "new_tokens": int(new.numel()), "bits_per_value": bpv}
+    text, info = greedy_generate(model, tokenizer, input_ids, max_new_tokens, spec, stop_ids=stop_ids,
+                                 min_new_tokens=min_new_tokens)
+    bpv = info["cache"].get("bits_per_value")
+    if bpv is None:  # a cache without a usable report: estimate from the spec
+        bpv = cache_bits_per_value(spec, model, tokens=info["prompt_tokens"] + info["new_tokens"])
+    return text, {"prompt_tokens": info["prompt_tokens"], "new_tokens": info["new_tokens"], "bits_per_value": bpv}
 
 
 # ============================================================================================= runner

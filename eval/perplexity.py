@@ -51,8 +51,8 @@ def token_windows(tokenizer, text: str, n_tokens: int, n_windows: int = 1) -> li
     return windows
 
 
-def _new_cache(spec: common.CacheSpec, model):
-    cache = common.make_cache(spec, model)
+def _new_cache(spec: common.CacheSpec, model, n_tokens: int):
+    cache = common.make_cache(spec, model, max_cache_len=n_tokens)
     if cache is None:
         from transformers import DynamicCache
 
@@ -67,7 +67,8 @@ def evaluate_window(model, ids: list[int], specs: list[common.CacheSpec], chunk:
     device = model.device
     x = torch.tensor([ids], dtype=torch.long, device=device)
     n = x.shape[1]
-    caches = {sp.name: _new_cache(sp, model) for sp in specs}
+    caches = {sp.name: _new_cache(sp, model, n) for sp in specs}
+    specs_by_name = {sp.name: sp for sp in specs}
     ref = reference if reference in caches else None
     nll = {k: torch.zeros(n - 1, dtype=torch.float64) for k in caches}
     kl = {k: torch.zeros(n - 1, dtype=torch.float64) for k in caches}
@@ -80,7 +81,8 @@ def evaluate_window(model, ids: list[int], specs: list[common.CacheSpec], chunk:
         target = x[0, s + 1:e + 1].cpu()
         logps = {}
         for name, cache in caches.items():
-            out = model(input_ids=inp, **cache_kwargs(cache), use_cache=True)
+            with common.sdpa_backends(specs_by_name[name]):
+                out = model(input_ids=inp, **cache_kwargs(cache), use_cache=True)
             logps[name] = torch.log_softmax(out.logits[0].float(), dim=-1).cpu()
             del out
         ref_lp = logps[ref] if ref else None

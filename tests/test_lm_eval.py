@@ -110,8 +110,8 @@ def test_launcher_runs_fixture_tasks_offline_with_two_caches(model_dir, tmp_path
     made = []
     real = common.make_cache
 
-    def counting(spec, model):
-        cache = real(spec, model)
+    def counting(spec, model, **kwargs):
+        cache = real(spec, model, **kwargs)
         made.append((common.parse_cache_spec(spec).name, cache))
         return cache
 
@@ -145,7 +145,7 @@ def test_launcher_runs_fixture_tasks_offline_with_two_caches(model_dir, tmp_path
 
 
 def test_stock_cli_with_registered_model(model_dir, tmp_path, monkeypatch):
-    """`python eval/lm_eval_model.py lm-eval --model hf-kvcomp --model_args ...`: lm-eval loads the model itself."""
+    """`python -m eval.lm_eval_model lm-eval --model hf-kvcomp --model_args ...`: lm-eval loads the model itself."""
     out = tmp_path / "cli"
     monkeypatch.chdir(tmp_path)
     lem.main(["lm-eval", "--model", "hf-kvcomp", "--model_args",

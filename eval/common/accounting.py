@@ -24,7 +24,7 @@ def cache_bits_per_value(cache_or_spec, model=None, tokens: int | None = None) -
         return float(bpv) if bpv is not None else None
     if isinstance(cache_or_spec, (str, CacheSpec)):
         spec = parse_cache_spec(cache_or_spec)
-        if spec.kind == "full":
+        if spec.kind in ("full", "static"):
             return 16.0
         if spec.kind == "kivi":
             from eval.baselines import kivi_bits_per_value

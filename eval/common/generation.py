@@ -43,7 +43,8 @@ def eos_ids(tokenizer, model=None) -> list[int]:
 
 @torch.no_grad()
 def greedy_generate(model, tokenizer, input_ids: list[int] | torch.Tensor, max_new_tokens: int,
-                    spec: str | CacheSpec = "full", stop_ids: Iterable[int] | None = None) -> tuple[str, dict]:
+                    spec: str | CacheSpec = "full", stop_ids: Iterable[int] | None = None,
+                    min_new_tokens: int = 0) -> tuple[str, dict]:
     """Greedy decode with a fresh cache of `spec`; returns (text, info) where info has the cache report."""
     spec = parse_cache_spec(spec)
     if not isinstance(input_ids, torch.Tensor):
@@ -59,6 +60,8 @@ def greedy_generate(model, tokenizer, input_ids: list[int] | torch.Tensor, max_n
                                   (stop[0] if stop else 0))
     if stop:
         kwargs["eos_token_id"] = stop
+    if min_new_tokens:
+        kwargs["min_new_tokens"] = min_new_tokens
     if cache is not None:
         kwargs[CACHE_KWARG] = cache
     if spec.kind == "static":
