@@ -1,1 +1,2 @@
-"""Evaluation scripts for kvcomp-hf (run as `python eval/<script>.py`)."""
+"""Evaluation scripts for kvcomp-hf, run from the repository root as `python -m eval.<script>`; shared plumbing in
+eval/common/."""

@@ -79,6 +79,11 @@ def test_perplexity_cli(tiny_dir, tmp_path):
     make_results.main(["--results", str(tmp_path), "--out", str(tmp_path / "RESULTS.md")])
     page = (tmp_path / "RESULTS.md").read_text()
     assert "## Perplexity through the cache" in page and "| kivi4 |" in page and "Command: `" in page
+    # regenerating keeps the hand-written text around the generated block
+    (tmp_path / "RESULTS.md").write_text("intro\n" + page.split("\n", 2)[2] + "\n## Speed\nby hand\n")
+    make_results.main(["--results", str(tmp_path), "--out", str(tmp_path / "RESULTS.md")])
+    again = (tmp_path / "RESULTS.md").read_text()
+    assert again.startswith("intro\n") and again.endswith("## Speed\nby hand\n") and again.count("| kivi4 |") == 1
     assert plot_frontier.main([str(out / "perplexity.json"), "--out", str(tmp_path / "f.png")]) == 0
     assert (tmp_path / "f.png").stat().st_size > 1000
 
