@@ -1,5 +1,5 @@
-"""Multi-GPU generate(): kvcomp vs DynamicCache (cache specs kvcomp and full) with device_map="auto" (pipeline of layers over the visible
-GPUs) and with tp_plan="auto" (tensor parallel, under torchrun).
+"""Multi-GPU generate(): kvcomp vs DynamicCache (cache specs kvcomp and full) with device_map="auto" (pipeline
+of layers over the visible GPUs) and with tp_plan="auto" (tensor parallel, under torchrun).
 
     # layers split over all visible GPUs (one process)
     python -m eval.bench_multigpu --out eval/results/bench_multigpu.json

@@ -16,7 +16,8 @@ def test_quick_run_writes_rows_ratios_and_capacity(tmp_path, one_torch_thread):
     except ImportError:
         pass
     out = tmp_path / "bench.json"
-    bench_generate.main(["--quick", "--models", "tiny-llama", "--caches", caches, "--batches", "1,2",
+    bench_generate.main(["--quick", "--models", "tiny-llama", "--caches", caches + ",kvcomp:model",
+                         "--batches", "1,2",
                          "--new-tokens", "4", "--out", str(out)])
     data = json.loads(out.read_text())
     rows = {(r["cache"], r["batch"]): r for r in data["rows"]}
@@ -29,6 +30,9 @@ def test_quick_run_writes_rows_ratios_and_capacity(tmp_path, one_torch_thread):
     dense = rows[("full", 2)]["cache_bytes"]
     assert rows[("full:flash", 2)]["cache_bytes"] == dense  # same cache, another SDPA kernel
     assert rows[("kvcomp", 2)]["cache_bytes"] < dense
+    # kvcomp:model is tiny-llama's preset "default", equal to the default config: measured once, reported twice
+    assert rows[("kvcomp:default", 2)]["same_as"] == "kvcomp"
+    assert rows[("kvcomp:default", 2)]["decode_tok_s"] == rows[("kvcomp", 2)]["decode_tok_s"]
     table = out.with_suffix(".md").read_text()
     assert "| tiny-llama | 320 | 2 | full |" in table  # the kvcomp-vs-others ratio rows
     if "hf-int4" in caches:
