@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from eval import common
-from eval.common import LLAMA31_8B, TINY_LLAMA, llama_config, load_smollm2, random_llama
+from eval.common import LLAMA31_8B, TINY_LLAMA, llama_config, smollm2_or_random, random_llama
 from kvcomp_hf.compat import returned_cache
 
 GIB = 2 ** 30
@@ -409,7 +409,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="JSON output path (a .md table is written beside it)")
     p.add_argument("--quick", action="store_true", help="tiny shapes for a CPU check (device cpu, ~1 min)")
     p.add_argument("--device", default=None, help="default cuda when available (cpu with --quick)")
-    p.add_argument("--models", default=None, help="comma list: llama3.1-8b,smollm2-135m (quick: tiny-llama,smollm2-135m)")
+    p.add_argument("--models", default=None,
+                   help="comma list: llama3.1-8b,smollm2-135m (quick: tiny-llama,smollm2-135m)")
     p.add_argument("--caches", default=",".join(DEFAULT_CACHES),
                    help=f"comma list of cache specs ({' | '.join(common.ALLOWED_SPEC_FORMS)}); "
                         f"{MODEL_PRESET} = each model's preset {MODEL_PRESETS}")
@@ -513,7 +514,7 @@ def main(argv=None):
             model = random_llama(llama_config(TINY_LLAMA, max_pos), device, dtype)
             source = "tiny Llama (2 layers, hidden 128), random weights"
         elif model_key == "smollm2-135m":
-            model, source = load_smollm2(device, dtype, max_pos, allow_gguf=not args.no_gguf)
+            model, source = smollm2_or_random(device, dtype, max_pos, allow_gguf=not args.no_gguf)
         else:
             raise SystemExit(f"unknown model {model_key!r}")
         model.generation_config.eos_token_id = None

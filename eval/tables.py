@@ -1,4 +1,4 @@
-"""Markdown tables for README.md from the benchmark JSON in eval/results/.
+"""Markdown tables for eval/RESULTS.md from the benchmark JSON in eval/results/.
 
     python -m eval.tables kernels eval/results/bench_kernels.json
     python -m eval.tables generate eval/results/bench_generate.json

@@ -16,7 +16,7 @@ from eval.common.cli import add_common_args, set_seed
 from eval.common.generation import StepTimer, chat_prompt_ids, eos_ids, greedy_generate, synchronize, timed_generate
 from eval.common.models import (DTYPES, LLAMA31_8B, SMOLLM2_135M, SMOLLM2_GGUF, TINY_LLAMA, WEIGHTS_NOTE,
                                 build_tiny_model, default_model_dir, detect_gguf_file, import_kvcomp, llama_config,
-                                load_model, load_smollm2, model_label, random_llama, resolve_device, resolve_dtype)
+                                load_model, smollm2_or_random, model_label, random_llama, resolve_device, resolve_dtype)
 from eval.common.records import REPO_ROOT, ResumableJsonl, progress, run_metadata, spec_to_dict, write_json
 from eval.common.specs import (ALLOWED_SPEC_FORMS, CacheSpec, attention_for, generate_kwargs, hf_quant_backend,
                                hf_quant_candidates, hf_quantized_cache, make_cache, parse_cache_list,
@@ -30,9 +30,10 @@ __all__ = [
     "cache_numbers", "cache_report", "CacheSpec", "chat_prompt_ids", "default_model_dir", "detect_gguf_file",
     "DTYPES", "eos_ids", "generate_kwargs", "greedy_generate", "HAYSTACK_ORDER", "hf_quant_backend",
     "hf_quant_candidates", "hf_quantized_cache", "html_to_text", "import_kvcomp", "LLAMA31_8B", "llama_config",
-    "load_model", "load_smollm2", "load_text", "make_cache", "model_label", "parse_cache_list", "parse_cache_spec",
-    "parse_value", "PERPLEXITY_ORDER", "progress", "pydoc_text", "random_llama", "REPO_ROOT", "resolve_device",
-    "resolve_dtype", "ResumableJsonl", "run_metadata", "sdpa_backends", "set_seed", "SMOLLM2_135M", "SMOLLM2_GGUF",
-    "spec_to_dict", "split_cache_list", "StepTimer", "synchronize", "tensor_bytes", "text_sha256", "TEXT_SOURCES",
-    "timed_generate", "TINY_LLAMA", "WEIGHTS_NOTE", "working_hf_quant_backend", "write_json",
+    "load_model", "load_text", "make_cache", "model_label", "parse_cache_list", "parse_cache_spec", "parse_value",
+    "PERPLEXITY_ORDER", "progress", "pydoc_text", "random_llama", "REPO_ROOT", "resolve_device", "resolve_dtype",
+    "ResumableJsonl", "run_metadata", "sdpa_backends", "set_seed", "SMOLLM2_135M", "SMOLLM2_GGUF",
+    "smollm2_or_random", "spec_to_dict", "split_cache_list", "StepTimer", "synchronize", "tensor_bytes",
+    "text_sha256", "TEXT_SOURCES", "timed_generate", "TINY_LLAMA", "WEIGHTS_NOTE", "working_hf_quant_backend",
+    "write_json",
 ]

