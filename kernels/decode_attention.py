@@ -62,8 +62,9 @@ def _pow2_floor(x: int) -> int:
 
 
 def chunk_fields(bits: int, pack_size: int) -> int:
-    """Fields per payload chunk: CJ * bits <= 32, a power of two, at most a pack."""
-    return min(pack_size, _pow2_floor(32 // bits))
+    """Fields per payload chunk: CJ * bits <= 32, a power of two, at most a pack and at most 8 (the
+    unpacker's join tree)."""
+    return min(pack_size, 8, _pow2_floor(32 // bits))
 
 
 @triton.jit
@@ -79,8 +80,8 @@ def _fields(seg, bit, BITS: tl.constexpr):
 
 @triton.jit
 def _seg_meta(seg, R: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, WB: tl.constexpr):
-    """Pack mins and widths of one segment -> int32 [R, D] each (pack p*D + c: tokens p*P.., channel c)."""
-    i = tl.arange(0, R)[:, None] * D + tl.arange(0, D)[None, :]
+    """Pack mins and widths of one segment -> int32 [D, R] each ([c, p]: pack p*D + c, tokens p*P..)."""
+    i = tl.arange(0, R)[None, :] * D + tl.arange(0, D)[:, None]
     pmin = _fields(seg, i * BITS, BITS)
     width = _fields(seg, R * D * BITS + i * WB, WB)
     return pmin, width
@@ -91,14 +92,17 @@ def _chunk_words(seg, width, META: tl.constexpr, R: tl.constexpr, D: tl.constexp
                  CJ: tl.constexpr):
     """Issue the payload loads of one segment: chunk k (tokens k*CJ .. k*CJ+CJ-1) of channel c is
     CJ fields of L bits (CJ * L <= 32) at a known bit offset, read as two 32-bit words.
-    Returns (lo, hi, shift, L), each [64 // CJ, D]."""
+    width [D, R]. Returns (lo, hi, shift, L), each [D, 64 // CJ]."""
     GP: tl.constexpr = P // CJ
-    flat = tl.reshape(width, (R * D,))
-    excl = tl.reshape(tl.cumsum(flat, axis=0) - flat, (R, D))  # exclusive sum of widths, pack order
-    gp = tl.arange(0, GP)[None, :, None]
-    start = META * 8 + P * excl[:, None, :] + gp * (CJ * width[:, None, :])       # [R, GP, D]
-    L = tl.reshape(tl.broadcast_to(width[:, None, :], (R, GP, D)), (R * GP, D))
-    start = tl.reshape(start, (R * GP, D))
+    if R == 1:
+        excl = tl.cumsum(width, axis=0) - width       # exclusive sum of widths in pack (= channel) order
+    else:
+        flat = tl.reshape(tl.trans(width), (R * D,))
+        excl = tl.trans(tl.reshape(tl.cumsum(flat, axis=0) - flat, (R, D)))
+    gp = tl.arange(0, GP)[None, None, :]
+    start = META * 8 + P * excl[:, :, None] + gp * (CJ * width[:, :, None])       # [D, R, GP]
+    L = tl.reshape(tl.broadcast_to(width[:, :, None], (D, R, GP)), (D, R * GP))
+    start = tl.reshape(start, (D, R * GP))
     wi = start >> 5
     sh = start & 31
     lo = tl.load(seg + wi, mask=L > 0, other=0).to(tl.uint32, bitcast=True)
@@ -107,21 +111,44 @@ def _chunk_words(seg, width, META: tl.constexpr, R: tl.constexpr, D: tl.constexp
 
 
 @triton.jit
-def _tile(lo, hi, sh, L, CJ: tl.constexpr, D: tl.constexpr, FAST: tl.constexpr, INTERP: tl.constexpr):
-    """Payload words -> the block's residuals as a dot operand [64, D] (token k*CJ + j, channel c):
-    bf16 bit patterns 0x4300 | r (= 128 + r, exact for r < 128) when FAST, else float32 r."""
+def _funnel(lo, hi, sh):
+    """The 32 bits of hi:lo starting at bit sh (0..31)."""
     s = sh.to(tl.uint32)
-    x = (lo >> s) | ((hi << 1) << (31 - s))                    # [NCHK, D]: the chunk's CJ fields
-    j = tl.arange(0, CJ)[None, :, None]
-    Lu = L.to(tl.uint32)[:, None, :]
-    mask = (tl.full(L.shape, 1, tl.uint32) << L.to(tl.uint32)) - 1
-    v = (x[:, None, :] >> (j * Lu)) & mask[:, None, :]           # [NCHK, CJ, D]
-    v = tl.reshape(v, (64, D))
-    if FAST:
-        if INTERP:  # the interpreter's bf16 dot is wrong: float32 operands holding the same values
-            return (v + 128).to(tl.float32)
-        return (v | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
-    return v.to(tl.float32)
+    return (lo >> s) | ((hi << 1) << (31 - s))
+
+
+@triton.jit
+def _field(x, L, mask, j: tl.constexpr):
+    return (x >> (j * L)) & mask
+
+
+@triton.jit
+def _tile(x, L, CJ: tl.constexpr, D: tl.constexpr, FAST: tl.constexpr, INTERP: tl.constexpr):
+    """Payload chunks x [D, 64 // CJ] (see _funnel) -> the block's residuals as a dot operand [D, 64] (channel c,
+    token k*CJ + j): bf16 bit patterns 0x4300 | r (= 128 + r, exact for r < 128) when FAST, else
+    float32 r. The CJ fields of a chunk are extracted in the thread that loaded it and joined along
+    a new minor dimension (registers), so each thread holds CJ adjacent tokens of one channel."""
+    Lu = L.to(tl.uint32)
+    mask = (tl.full(L.shape, 1, tl.uint32) << Lu) - 1
+    # join order: element (a, b, c) of the joined dims is field 4a + 2b + c (CJ = 8), 2a + b (4), a (2)
+    if CJ == 2:
+        v = tl.join(_field(x, Lu, mask, 0), _field(x, Lu, mask, 1))
+    elif CJ == 4:
+        v = tl.join(tl.join(_field(x, Lu, mask, 0), _field(x, Lu, mask, 2)),
+                    tl.join(_field(x, Lu, mask, 1), _field(x, Lu, mask, 3)))
+    else:
+        v = tl.join(tl.join(tl.join(_field(x, Lu, mask, 0), _field(x, Lu, mask, 4)),
+                            tl.join(_field(x, Lu, mask, 2), _field(x, Lu, mask, 6))),
+                    tl.join(tl.join(_field(x, Lu, mask, 1), _field(x, Lu, mask, 5)),
+                            tl.join(_field(x, Lu, mask, 3), _field(x, Lu, mask, 7))))
+    v = tl.reshape(v, (D, 64))
+    if FAST and not INTERP:
+        out = (v | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
+    elif FAST:  # the interpreter's bf16 dot is wrong: float32 operands holding the same values
+        out = (v + 128).to(tl.float32)
+    else:
+        out = v.to(tl.float32)
+    return out
 
 
 @triton.jit
@@ -134,8 +161,10 @@ def _per_token(x, R: tl.constexpr, P: tl.constexpr, M: tl.constexpr):
 def _bf16_op(x, INTERP: tl.constexpr):
     """float32 -> bf16 dot operand (float32 holding the bf16 value in the interpreter)."""
     if INTERP:
-        return x.to(tl.bfloat16).to(tl.float32)
-    return x.to(tl.bfloat16)
+        out = x.to(tl.bfloat16).to(tl.float32)
+    else:
+        out = x.to(tl.bfloat16)
+    return out
 
 
 @triton.jit
@@ -215,6 +244,8 @@ def _decode_kernel(q_ptr, sq_b, sq_h, sq_t, sq_d,
         vpmin1, vw1 = _seg_meta(segv1, R, D, BITS_V, WB_V)
         klo, khi, ksh, kL = _chunk_words(segk, kw, META_K, R, D, P, CJ_K)
         vlo, vhi, vsh, vL = _chunk_words(segv, vw, META_V, R, D, P, CJ_V)
+        kx = _funnel(klo, khi, ksh)
+        vx = _funnel(vlo, vhi, vsh)
         for blk in range(blk_lo, blk_hi):
             slot3 = tl.load(bt_row + tl.minimum(blk + 3, last)).to(tl.int64)
             segk2 = pool32 + (tl.load(so_ptr + slot2 * so_s + h) >> 2)
@@ -237,14 +268,14 @@ def _decode_kernel(q_ptr, sq_b, sq_h, sq_t, sq_d,
                 ok = tl.load(valid_ptr + b64 * va_b + pos).to(tl.int1)
                 valid = valid & ok[None, :]
             # scores: q . x_hat = step * (q . r + q . pmin) + min * sum(q)
-            kt = tl.trans(_tile(klo, khi, ksh, kL, CJ_K, D, FAST, INTERP))
+            kt = _tile(kx, kL, CJ_K, D, FAST, INTERP)
             if FAST:
                 s = tl.dot(q_hi, kt)
                 if Q_SPLIT:
                     s = tl.dot(q_lo, kt, s)
             else:
                 s = tl.dot(q, kt, input_precision=PREC_K)
-            qp = tl.sum(q[:, None, :] * kpmin.to(tl.float32)[None, :, :], axis=2)      # [M, R]
+            qp = tl.sum(q[:, None, :] * tl.trans(kpmin).to(tl.float32)[None, :, :], axis=2)   # [M, R]
             if R == 1:
                 s = s + (qp - off * qsum[:, None])
             else:
@@ -257,7 +288,7 @@ def _decode_kernel(q_ptr, sq_b, sq_h, sq_t, sq_d,
             p = tl.exp2(s - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
             # values: sum_t p x_hat = sum_t (p step) r + sum_p (sum_t p step) pmin + sum_t p min
-            vt = _tile(vlo, vhi, vsh, vL, CJ_V, D, FAST, INTERP)
+            vt = tl.trans(_tile(vx, vL, CJ_V, D, FAST, INTERP))
             w = p * vstep[None, :]
             if FAST:
                 w_hi = _bf16_op(w, INTERP)
@@ -271,17 +302,16 @@ def _decode_kernel(q_ptr, sq_b, sq_h, sq_t, sq_d,
             else:
                 pv = tl.dot(w, vt, input_precision=PREC_V)
             wsum = tl.sum(tl.reshape(w, (M, R, P)), axis=2)                            # [M, R]
-            pv += tl.sum(wsum[:, :, None] * (vpmin.to(tl.float32) - off)[None, :, :], axis=1)
+            pv += tl.sum(wsum[:, :, None] * (tl.trans(vpmin).to(tl.float32) - off)[None, :, :], axis=1)
             acc = acc * alpha[:, None] + pv
             accmin = accmin * alpha + tl.sum(p * vmin[None, :], axis=1)
             m_i = m_new
             # rotate the pipeline
-            if PREFETCH:
-                klo, khi, ksh, kL = klo1, khi1, ksh1, kL1
-                vlo, vhi, vsh, vL = vlo1, vhi1, vsh1, vL1
-            else:
-                klo, khi, ksh, kL = _chunk_words(segk1, kw1, META_K, R, D, P, CJ_K)
-                vlo, vhi, vsh, vL = _chunk_words(segv1, vw1, META_V, R, D, P, CJ_V)
+            if not PREFETCH:
+                klo1, khi1, ksh1, kL1 = _chunk_words(segk1, kw1, META_K, R, D, P, CJ_K)
+                vlo1, vhi1, vsh1, vL1 = _chunk_words(segv1, vw1, META_V, R, D, P, CJ_V)
+            kx, kL = _funnel(klo1, khi1, ksh1), kL1
+            vx, vL = _funnel(vlo1, vhi1, vsh1), vL1
             kpmin, vpmin = kpmin1, vpmin1
             kpmin1, kw1, vpmin1, vw1 = kpmin2, kw2, vpmin2, vw2
             segk1, segv1 = segk2, segv2

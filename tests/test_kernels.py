@@ -60,6 +60,11 @@ STORE_CASES = [
     (4, "none", "token_head", 0.2, 0.1, torch.bfloat16, True),
     (8, "median", "token_head", 0.05, 0.2, torch.float16, False),
     (16, "median", "token", 0.01, 0.3, torch.float32, True),
+    # pack 64 (the default): plain-store writer; widths that do not divide 32, > 8 bits, D=16 metadata padding
+    (64, "none", "token", 0.1, 0.2, torch.bfloat16, True),
+    (64, "median", "token_head", 0.05, 0.3, torch.float16, False),
+    (64, "none", "token", 0.003, 0.03, torch.bfloat16, True),
+    (64, "none", "token_head", 0.02, 0.7, torch.float32, True),
 ]
 
 
@@ -195,6 +200,8 @@ DECODE_CASES = [
     (2, 2, 1, 0, 9, 16, 4, torch.bfloat16, {}, None),
     (2, 2, 2, 1, 0, 16, 8, torch.float32, {"pack_size": 4, "rel_k": 0.02, "repack": "none"}, None),
     (1, 2, 4, 4, 130, 32, 1, torch.float16, {"rel_k": 0.05, "rel_v": 0.1}, 3),
+    (2, 2, 4, 3, 1, 32, 1, torch.bfloat16, {"rel_k": 0.003, "rel_v": 0.3}, None),  # 9-bit K: float32 operands
+    (1, 1, 8, 2, 3, 64, 2, torch.bfloat16, {"pack_size": 16, "repack": "median"}, 2),
 ]
 
 
