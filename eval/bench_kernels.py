@@ -9,6 +9,7 @@ Times are medians of triton.testing.do_bench (L2 flushed before each timed call)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -22,7 +23,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from kvcomp_hf import codec  # noqa: E402
 from kvcomp_hf.config import KVCompConfig  # noqa: E402
 from kvcomp_hf.kernels import decode_attention, store_blocks  # noqa: E402
-from kvcomp_hf.kernels.decode_attention import choose_splits, _num_sms  # noqa: E402
+from kvcomp_hf.kernels.decode_attention import _num_sms, choose_splits, choose_tuning  # noqa: E402
 
 SHAPES = {"llama3.1-8b": dict(hq=32, h=8, d=128), "smollm2": dict(hq=9, h=3, d=64)}
 DATA_NOTE = ("random normal K/V (bf16) times a per-channel log-normal scale (sigma 0.5); 4 K channels and 1 V "
@@ -53,29 +54,24 @@ def make_kv(B, H, L, D, gen_dev, dtype=torch.bfloat16):
     return k, v
 
 
-VARIANTS = {  # name -> attributes of kvcomp_hf.kernels.decode_attention
-    "w4": dict(DECODE_WARPS=4), "w8": dict(DECODE_WARPS=8), "w16": dict(DECODE_WARPS=16),
-    "waves2": dict(SPLIT_WAVES=2), "waves4": dict(SPLIT_WAVES=4), "waves16": dict(SPLIT_WAVES=16),
-    "nofast": dict(FAST_PATH=False), "waves8": dict(SPLIT_WAVES=8),
-    "min8": dict(MIN_BLOCKS_PER_SPLIT=8), "min32": dict(MIN_BLOCKS_PER_SPLIT=32),
+VARIANTS = {  # name -> DecodeTuning fields that differ from the default tuning
+    "w4pf0": dict(num_warps=4, prefetch=False), "w8": dict(num_warps=8), "w8pf0": dict(num_warps=8, prefetch=False),
+    "r168": dict(maxnreg=168), "r128": dict(maxnreg=128),
+    "waves8": dict(split_waves=8), "waves32": dict(split_waves=32),
+    "min4": dict(min_blocks_per_split=4), "min16": dict(min_blocks_per_split=16),
 }
 
 
-def run_variants(names, fused):
-    da = sys.modules[decode_attention.__module__]
+def run_variants(names, fused, head_dim):
     out = {}
+    base = choose_tuning(head_dim)
     for name in names:
-        saved = {k: getattr(da, k) for k in VARIANTS[name]}
         try:
-            for k, val in VARIANTS[name].items():
-                setattr(da, k, val)
-            fused()
-            out[name] = bench(fused)
+            tuning = dataclasses.replace(base, **VARIANTS[name])
+            fused(tuning)
+            out[name] = bench(lambda: fused(tuning))
         except Exception as err:  # a variant that fails to compile is reported, not fatal
             out[name] = f"error: {str(err)[:200]}"
-        finally:
-            for k, val in saved.items():
-                setattr(da, k, val)
     return out
 
 
@@ -121,9 +117,9 @@ def run_one(shape_name, ctx, B, cfg, bw, dev, variants=(), skip_store=False):
     ns, bps = choose_splits(B, H, nb, _num_sms(torch.device(dev)))
     row["num_splits"] = ns
 
-    def fused():
+    def fused(tuning=None):
         return decode_attention(q, k_tail, v_tail, pool, seg_offset, token_min, token_step, perm, block_table, None,
-                                scaling, fmt)
+                                scaling, fmt, tuning=tuning)
 
     out = fused()
     # correctness spot check against SDPA over the dequantised cache (float32)
@@ -141,7 +137,7 @@ def run_one(shape_name, ctx, B, cfg, bw, dev, variants=(), skip_store=False):
         del kk, vv, ref
     row["fused_ms"] = bench(fused)
     if variants:
-        row["variants_ms"] = run_variants(variants, fused)
+        row["variants_ms"] = run_variants(variants, fused, D)
 
     def sdpa():
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scaling, enable_gqa=True)
@@ -174,8 +170,9 @@ def run_one(shape_name, ctx, B, cfg, bw, dev, variants=(), skip_store=False):
     return row
 
 
-def kernel_report():
-    """Registers, spills and shared memory of every compiled kvcomp kernel (best effort across Triton versions)."""
+def kernel_report(asm_dir=None):
+    """Registers, spills and shared memory of every compiled kvcomp kernel (best effort across Triton versions);
+    with asm_dir, the SASS of each decode kernel variant is written there (for instruction counts)."""
     da = sys.modules[decode_attention.__module__]
     st = sys.modules[store_blocks.__module__]
     rep = []
@@ -185,6 +182,10 @@ def kernel_report():
                 for ck in caches[0].values():
                     rep.append(dict(kernel=kern.fn.__name__, regs=ck.n_regs, spills=ck.n_spills,
                                     smem=ck.metadata.shared, warps=ck.metadata.num_warps))
+                    if asm_dir and kern is da._decode_kernel and "sass" in ck.asm:
+                        name = f"decode_w{ck.metadata.num_warps}_r{ck.n_regs}_{len(rep)}.sass"
+                        with open(os.path.join(asm_dir, name), "w") as f:
+                            f.write(ck.asm["sass"])
         except Exception as err:
             rep.append(dict(kernel=getattr(kern, "__name__", "?"), error=str(err)[:100]))
     return rep
@@ -193,12 +194,13 @@ def kernel_report():
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="eval/results/bench_kernels.json")
-    ap.add_argument("--contexts", default="4096,16384,32768,65536,131072")
+    ap.add_argument("--contexts", default="8192,32768,131072")
     ap.add_argument("--batches", default="1,8")
-    ap.add_argument("--shapes", default="llama3.1-8b,smollm2")
+    ap.add_argument("--shapes", default="llama3.1-8b")
     ap.add_argument("--variants", default="", help=f"comma list of decode variants to time too: {list(VARIANTS)}")
     ap.add_argument("--variant-rows", default="", help="ctx:B,... rows that time the variants (default all)")
     ap.add_argument("--skip-store", action="store_true")
+    ap.add_argument("--asm-dir", default="", help="write the SASS of each compiled decode kernel here")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to benchmark")
@@ -211,7 +213,7 @@ def main():
     info = dict(device=torch.cuda.get_device_name(), sms=_num_sms(torch.device(dev)), torch=torch.__version__,
                 triton=triton.__version__, copy_bandwidth_GBps=bw / 1e9, config=cfg.to_dict(), data=DATA_NOTE,
                 timing="triton.testing.do_bench median, L2 flushed between calls; ms",
-                split_v=os.environ.get("KVCOMP_SPLIT_V", "1"))
+                tuning=dataclasses.asdict(choose_tuning(128)), date=time.strftime("%Y-%m-%d"))
     print(json.dumps(info))
     rows = []
     for shape in args.shapes.split(","):
@@ -228,7 +230,7 @@ def main():
                 row["wall_s"] = time.time() - t0
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    kr = kernel_report()
+    kr = kernel_report(args.asm_dir or None)
     for k in kr:
         print(json.dumps(k))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

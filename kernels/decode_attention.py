@@ -37,6 +37,7 @@ class DecodeTuning:
     min_blocks_per_split: int = 8  # but give every split at least this many blocks
     prefetch: bool = True          # issue the next block's payload loads before this block's math
     split_v: bool = True           # float32 V weights as two dots (hi + lo), ~float32 precision
+    maxnreg: int | None = None     # register cap per thread (None: the compiler's choice)
 
     def splits(self, batch: int, kv_heads: int, nb: int, sms: int) -> tuple[int, int]:
         """(num_splits, blocks_per_split)."""
@@ -424,6 +425,8 @@ def _static_args(fmt: BlockFormat, q_dtype, tail_dtype, group: int, qlen: int, D
         FAST=fast, Q_SPLIT=q_dtype != torch.bfloat16, PREFETCH=tuning.prefetch,
         INTERP=os.environ.get("TRITON_INTERPRET", "0") == "1",
         num_warps=tuning.num_warps, num_stages=1)
+    if tuning.maxnreg:
+        consts["maxnreg"] = tuning.maxnreg
     comb = dict(GROUP=group, QLEN=qlen, M=M, D=D, SP=64, SC=8, num_warps=4 if D <= 128 else 8)
     hit = (M, consts, comb)
     _STATIC[key] = hit
