@@ -276,10 +276,11 @@ def _decode_kernel(q_ptr, sq_b, sq_h, sq_t, sq_d,
                     s = tl.dot(q_lo, kt, s)
             else:
                 s = tl.dot(q, kt, input_precision=PREC_K)
-            qp = tl.sum(q[:, None, :] * tl.trans(kpmin).to(tl.float32)[None, :, :], axis=2)   # [M, R]
-            if R == 1:
-                s = s + (qp - off * qsum[:, None])
+            if R == 1:  # (1-D vectors: no [M, D] layout conversion)
+                qp = tl.sum(q * tl.reshape(kpmin, (D,)).to(tl.float32)[None, :], axis=1)
+                s = s + (qp - off * qsum)[:, None]
             else:
+                qp = tl.sum(q[:, None, :] * tl.trans(kpmin).to(tl.float32)[None, :, :], axis=2)   # [M, R]
                 s = s + _per_token(qp - off * qsum[:, None], R, P, M)
             s = (s * kstep[None, :] + qsum[:, None] * kmin[None, :]) * scale_log2
             s = tl.where(valid, s, float("-inf"))
@@ -302,8 +303,11 @@ def _decode_kernel(q_ptr, sq_b, sq_h, sq_t, sq_d,
                 pv = tl.dot(w_lo, vt, pv, input_precision=PREC_V)
             else:
                 pv = tl.dot(w, vt, input_precision=PREC_V)
-            wsum = tl.sum(tl.reshape(w, (M, R, P)), axis=2)                            # [M, R]
-            pv += tl.sum(wsum[:, :, None] * (tl.trans(vpmin).to(tl.float32) - off)[None, :, :], axis=1)
+            if R == 1:
+                pv += tl.sum(w, axis=1)[:, None] * (tl.reshape(vpmin, (D,)).to(tl.float32) - off)[None, :]
+            else:
+                wsum = tl.sum(tl.reshape(w, (M, R, P)), axis=2)                            # [M, R]
+                pv += tl.sum(wsum[:, :, None] * (tl.trans(vpmin).to(tl.float32) - off)[None, :, :], axis=1)
             acc = acc * alpha[:, None] + pv
             accmin = accmin * alpha + tl.sum(p * vmin[None, :], axis=1)
             m_i = m_new
