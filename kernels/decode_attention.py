@@ -191,7 +191,8 @@ def _decode_kernel(q_ptr, sq_b, sq_h, sq_t, sq_d,
                    CJ_K: tl.constexpr, CJ_V: tl.constexpr,
                    TOKEN_GRAN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_PERM: tl.constexpr,
                    PREC_K: tl.constexpr, PREC_V: tl.constexpr, SPLIT_V: tl.constexpr,
-                   FAST: tl.constexpr, Q_SPLIT: tl.constexpr, PREFETCH: tl.constexpr, INTERP: tl.constexpr):
+                   FAST: tl.constexpr, Q_SPLIT: tl.constexpr, PREFETCH: tl.constexpr, TAIL16: tl.constexpr,
+                   INTERP: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
     s_id = tl.program_id(2)
@@ -323,12 +324,17 @@ def _decode_kernel(q_ptr, sq_b, sq_h, sq_t, sq_d,
             slot, slot1, slot2 = slot1, slot2, slot3
         acc = acc + accmin[:, None]
     else:
+        if TAIL16:  # q and the tail in one 16-bit dtype: native operands (exact products), half the registers
+            q16 = q.to(q_ptr.dtype.element_ty)
         for t0 in range(0, T, 64):
             t = t0 + idx
             tok = t < T
             kx = tl.load(kt_ptr + b64 * skt_b + h.to(tl.int64) * skt_h + t.to(tl.int64)[:, None] * skt_t
-                         + cols[None, :] * skt_d, mask=tok[:, None], other=0.0).to(tl.float32)
-            s = tl.dot(q, tl.trans(kx), input_precision=PREC_K) * scale_log2
+                         + cols[None, :] * skt_d, mask=tok[:, None], other=0.0)
+            if TAIL16:
+                s = tl.dot(q16, tl.trans(kx)) * scale_log2
+            else:
+                s = tl.dot(q, tl.trans(kx.to(tl.float32)), input_precision=PREC_K) * scale_log2
             pos = nb * 64 + t
             valid = tok[None, :] & (pos[None, :] <= qpos[:, None])
             if HAS_MASK:
@@ -341,13 +347,18 @@ def _decode_kernel(q_ptr, sq_b, sq_h, sq_t, sq_d,
             p = tl.exp2(s - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
             vx = tl.load(vt_ptr + b64 * svt_b + h.to(tl.int64) * svt_h + t.to(tl.int64)[:, None] * svt_t
-                         + cols[None, :] * svt_d, mask=tok[:, None], other=0.0).to(tl.float32)
-            if SPLIT_V:
+                         + cols[None, :] * svt_d, mask=tok[:, None], other=0.0)
+            if TAIL16:  # p = hi + lo in the tail dtype (~2**-16 relative)
+                p_hi = p.to(vx.dtype)
+                p_lo = (p - p_hi.to(tl.float32)).to(vx.dtype)
+                pv = tl.dot(p_hi, vx)
+                pv = tl.dot(p_lo, vx, pv)
+            elif SPLIT_V:
                 p_hi, p_lo = _split_tf32(p)
-                pv = tl.dot(p_hi, vx, input_precision=PREC_V)
-                pv = tl.dot(p_lo, vx, pv, input_precision=PREC_V)
+                pv = tl.dot(p_hi, vx.to(tl.float32), input_precision=PREC_V)
+                pv = tl.dot(p_lo, vx.to(tl.float32), pv, input_precision=PREC_V)
             else:
-                pv = tl.dot(p, vx, input_precision=PREC_V)
+                pv = tl.dot(p, vx.to(tl.float32), input_precision=PREC_V)
             acc = acc * alpha[:, None] + pv
             m_i = m_new
     # partials [B, H, NS + 1, M] and [B, H, NS + 1, M, D]
@@ -427,6 +438,7 @@ def _static_args(fmt: BlockFormat, q_dtype, tail_dtype, group: int, qlen: int, D
         HAS_MASK=has_mask, HAS_PERM=fmt.repack != "none",
         PREC_K=prec_k, PREC_V=prec_v, SPLIT_V=tuning.split_v and prec_v == "tf32",
         FAST=fast, Q_SPLIT=q_dtype != torch.bfloat16, PREFETCH=tuning.prefetch,
+        TAIL16=sixteen and q_dtype == tail_dtype and os.environ.get("TRITON_INTERPRET", "0") != "1",
         INTERP=os.environ.get("TRITON_INTERPRET", "0") == "1",
         num_warps=tuning.num_warps, num_stages=1)
     if tuning.maxnreg:
