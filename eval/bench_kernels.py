@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from kvcomp_hf import codec  # noqa: E402
 from kvcomp_hf.config import KVCompConfig  # noqa: E402
 from kvcomp_hf.kernels import decode_attention, store_blocks  # noqa: E402
-from kvcomp_hf.kernels.decode_attention import _num_sms, choose_splits, choose_tuning  # noqa: E402
+from kvcomp_hf.kernels.decode_attention import _num_sms, choose_tuning  # noqa: E402
 
 SHAPES = {"llama3.1-8b": dict(hq=32, h=8, d=128), "smollm2": dict(hq=9, h=3, d=64)}
 DATA_NOTE = ("random normal K/V (bf16) times a per-channel log-normal scale (sigma 0.5); 4 K channels and 1 V "
@@ -62,9 +62,8 @@ VARIANTS = {  # name -> DecodeTuning fields that differ from the default tuning
 }
 
 
-def run_variants(names, fused, head_dim):
+def run_variants(names, fused, base):
     out = {}
-    base = choose_tuning(head_dim)
     for name in names:
         try:
             tuning = dataclasses.replace(base, **VARIANTS[name])
@@ -75,7 +74,7 @@ def run_variants(names, fused, head_dim):
     return out
 
 
-def run_one(shape_name, ctx, B, cfg, bw, dev, variants=(), skip_store=False):
+def run_one(shape_name, ctx, B, cfg, bw, dev, variants=(), skip_store=False, store_variants=()):
     s = SHAPES[shape_name]
     Hq, H, D = s["hq"], s["h"], s["d"]
     fmt = codec.BlockFormat.from_config(cfg, H, D)
@@ -106,6 +105,14 @@ def run_one(shape_name, ctx, B, cfg, bw, dev, variants=(), skip_store=False):
         t_store = bench(store)
         row["store_ms"] = t_store
         row["store_GBps_bf16_input"] = store_in / (t_store * 1e-3) / 1e9
+        for sw in store_variants:  # (stats warps, pack warps)
+            def store_v():
+                pool_used.zero_()
+                store_blocks(kc, vc, cfg, fmt, pool, pool_used, seg_offset, token_min, token_step, perm, 0,
+                             num_warps=sw)
+            store_v()
+            row.setdefault("store_variants_GBps", {})[f"{sw[0]}x{sw[1]}"] = store_in / (bench(store_v) * 1e-3) / 1e9
+        store()
 
     meta = S * 2 * 64 * fmt.groups * (2 + 2) + S * 64 + S * 2 * H * 8 + B * nb * 4
     comp_values = S * H * 64 * D * 2
@@ -114,8 +121,9 @@ def run_one(shape_name, ctx, B, cfg, bw, dev, variants=(), skip_store=False):
     block_table = torch.arange(S, dtype=torch.int32, device=dev).view(B, nb)
     k_tail, v_tail = k[:, :, nb * 64:], v[:, :, nb * 64:]
     scaling = 1 / math.sqrt(D)
-    ns, bps = choose_splits(B, H, nb, _num_sms(torch.device(dev)))
-    row["num_splits"] = ns
+    tuning = choose_tuning(D, B, H, nb)
+    row["tuning"] = dataclasses.asdict(tuning)
+    row["num_splits"] = tuning.splits(B, H, nb, _num_sms(torch.device(dev)))[0]
 
     def fused(tuning=None):
         return decode_attention(q, k_tail, v_tail, pool, seg_offset, token_min, token_step, perm, block_table, None,
@@ -137,7 +145,7 @@ def run_one(shape_name, ctx, B, cfg, bw, dev, variants=(), skip_store=False):
         del kk, vv, ref
     row["fused_ms"] = bench(fused)
     if variants:
-        row["variants_ms"] = run_variants(variants, fused, D)
+        row["variants_ms"] = run_variants(variants, fused, choose_tuning(D, B, H, nb))
 
     def sdpa():
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scaling, enable_gqa=True)
@@ -172,7 +180,7 @@ def run_one(shape_name, ctx, B, cfg, bw, dev, variants=(), skip_store=False):
 
 def kernel_report(asm_dir=None):
     """Registers, spills and shared memory of every compiled kvcomp kernel (best effort across Triton versions);
-    with asm_dir, the SASS of each decode kernel variant is written there (for instruction counts)."""
+    with asm_dir, the cubin of each decode kernel variant is written there (cuobjdump --dump-sass)."""
     da = sys.modules[decode_attention.__module__]
     st = sys.modules[store_blocks.__module__]
     rep = []
@@ -182,10 +190,10 @@ def kernel_report(asm_dir=None):
                 for ck in caches[0].values():
                     rep.append(dict(kernel=kern.fn.__name__, regs=ck.n_regs, spills=ck.n_spills,
                                     smem=ck.metadata.shared, warps=ck.metadata.num_warps))
-                    if asm_dir and kern is da._decode_kernel and "sass" in ck.asm:
-                        name = f"decode_w{ck.metadata.num_warps}_r{ck.n_regs}_{len(rep)}.sass"
-                        with open(os.path.join(asm_dir, name), "w") as f:
-                            f.write(ck.asm["sass"])
+                    if asm_dir and kern is da._decode_kernel and "cubin" in ck.asm:
+                        name = f"decode_w{ck.metadata.num_warps}_r{ck.n_regs}_{len(rep)}.cubin"
+                        with open(os.path.join(asm_dir, name), "wb") as f:
+                            f.write(ck.asm["cubin"])
         except Exception as err:
             rep.append(dict(kernel=getattr(kern, "__name__", "?"), error=str(err)[:100]))
     return rep
@@ -200,7 +208,8 @@ def main():
     ap.add_argument("--variants", default="", help=f"comma list of decode variants to time too: {list(VARIANTS)}")
     ap.add_argument("--variant-rows", default="", help="ctx:B,... rows that time the variants (default all)")
     ap.add_argument("--skip-store", action="store_true")
-    ap.add_argument("--asm-dir", default="", help="write the SASS of each compiled decode kernel here")
+    ap.add_argument("--asm-dir", default="", help="write the cubin of each compiled decode kernel here")
+    ap.add_argument("--store-warps", default="", help="store (stats x pack) warp variants to time too, e.g. 8x8,4x8")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to benchmark")
@@ -213,7 +222,7 @@ def main():
     info = dict(device=torch.cuda.get_device_name(), sms=_num_sms(torch.device(dev)), torch=torch.__version__,
                 triton=triton.__version__, copy_bandwidth_GBps=bw / 1e9, config=cfg.to_dict(), data=DATA_NOTE,
                 timing="triton.testing.do_bench median, L2 flushed between calls; ms",
-                tuning=dataclasses.asdict(choose_tuning(128)), date=time.strftime("%Y-%m-%d"))
+                date=time.strftime("%Y-%m-%d"))
     print(json.dumps(info))
     rows = []
     for shape in args.shapes.split(","):
@@ -223,7 +232,8 @@ def main():
                 try:
                     vr = [tuple(map(int, x.split(":"))) for x in args.variant_rows.split(",") if x]
                     var = [v for v in args.variants.split(",") if v] if not vr or (ctx, B) in vr else []
-                    row = run_one(shape, ctx, B, cfg, bw, dev, var, args.skip_store)
+                    sv = [tuple(map(int, x.split("x"))) for x in args.store_warps.split(",") if x] if var else []
+                    row = run_one(shape, ctx, B, cfg, bw, dev, var, args.skip_store, sv)
                 except Exception as err:  # out of memory, or a failed compile: keep the other rows
                     row = dict(shape=shape, context=ctx, batch=B, skipped=f"{type(err).__name__}: {str(err)[:300]}")
                 torch.cuda.empty_cache()
@@ -248,6 +258,8 @@ def main():
               f"{sd:8.4f} {r['cublas_ms']:8.4f} {r['roofline_ms']:8.4f} {r['fused_over_roofline']:6.2f} "
               f"{sd / r['fused_ms']:6.2f} {r.get('store_GBps_bf16_input', float('nan')):10.1f} "
               f"{r.get('rel_err_vs_dequant_sdpa', float('nan')):8.1e}")
+        if r.get("store_variants_GBps"):
+            print("   store GB/s:", " ".join(f"{k}={v:.1f}" for k, v in r["store_variants_GBps"].items()))
         if r.get("variants_ms"):
             print("   variants:", " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                                         for k, v in r["variants_ms"].items()))

@@ -49,13 +49,12 @@ class DecodeTuning:
         return math.ceil(nb / bps), bps
 
 
-def choose_tuning(head_dim: int) -> DecodeTuning:
-    return DecodeTuning(num_warps=4 if head_dim <= 128 else 8)
-
-
-def choose_splits(batch: int, kv_heads: int, nb: int, sms: int, tuning: DecodeTuning | None = None):
-    """(num_splits, blocks_per_split) of the default tuning."""
-    return (tuning or DecodeTuning()).splits(batch, kv_heads, nb, sms)
+def choose_tuning(head_dim: int, batch: int = 1, kv_heads: int = 1, nb: int = 0) -> DecodeTuning:
+    """Defaults from the H200 variants run (eval/results/bench_kernels.json): 4 warps up to D=128; with
+    few (batch, head) rows, short contexts want short splits (4 blocks) and long ones long splits (16)."""
+    rows = batch * kv_heads
+    min_blocks = 8 if rows > 16 else (4 if nb < 256 else 16)
+    return DecodeTuning(num_warps=4 if head_dim <= 128 else 8, min_blocks_per_split=min_blocks)
 
 
 def _pow2_floor(x: int) -> int:
@@ -89,11 +88,12 @@ def _seg_meta(seg, R: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, WB: tl.
 
 
 @triton.jit
-def _chunk_words(seg, width, META: tl.constexpr, R: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
+def _chunk_words(seg, width, pmin, META: tl.constexpr, R: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
                  CJ: tl.constexpr):
     """Issue the payload loads of one segment: chunk k (tokens k*CJ .. k*CJ+CJ-1) of channel c is
     CJ fields of L bits (CJ * L <= 32) at a known bit offset, read as two 32-bit words.
-    width [D, R]. Returns (lo, hi, shift, L), each [D, 64 // CJ]."""
+    width, pmin [D, R]. Returns (lo, hi, shift, L, base), each [D, 64 // CJ]; base is the chunk's pack
+    min when a channel has several packs (R > 1), else 0 (pack-64 mins fold out of the dots)."""
     GP: tl.constexpr = P // CJ
     if R == 1:
         excl = tl.cumsum(width, axis=0) - width       # exclusive sum of widths in pack (= channel) order
@@ -103,12 +103,16 @@ def _chunk_words(seg, width, META: tl.constexpr, R: tl.constexpr, D: tl.constexp
     gp = tl.arange(0, GP)[None, None, :]
     start = META * 8 + P * excl[:, :, None] + gp * (CJ * width[:, :, None])       # [D, R, GP]
     L = tl.reshape(tl.broadcast_to(width[:, :, None], (D, R, GP)), (D, R * GP))
+    if R == 1:
+        base = tl.zeros_like(L)
+    else:
+        base = tl.reshape(tl.broadcast_to(pmin[:, :, None], (D, R, GP)), (D, R * GP))
     start = tl.reshape(start, (D, R * GP))
     wi = start >> 5
     sh = start & 31
     lo = tl.load(seg + wi, mask=L > 0, other=0).to(tl.uint32, bitcast=True)
     hi = tl.load(seg + wi + 1, mask=sh + CJ * L > 32, other=0).to(tl.uint32, bitcast=True)
-    return lo, hi, sh, L
+    return lo, hi, sh, L, base
 
 
 @triton.jit
@@ -124,10 +128,11 @@ def _field(x, L, mask, j: tl.constexpr):
 
 
 @triton.jit
-def _tile(x, L, CJ: tl.constexpr, D: tl.constexpr, FAST: tl.constexpr, INTERP: tl.constexpr):
+def _tile(x, L, base, CJ: tl.constexpr, D: tl.constexpr, R: tl.constexpr, FAST: tl.constexpr,
+          INTERP: tl.constexpr):
     """Payload chunks x [D, 64 // CJ] (see _funnel) -> the block's residuals as a dot operand [D, 64] (channel c,
     token k*CJ + j): bf16 bit patterns 0x4300 | r (= 128 + r, exact for r < 128) when FAST, else
-    float32 r. The CJ fields of a chunk are extracted in the thread that loaded it and joined along
+    float32 r (r + pack min when R > 1). The CJ fields of a chunk are extracted in the thread that loaded it and joined along
     a new minor dimension (registers), so each thread holds CJ adjacent tokens of one channel."""
     Lu = L.to(tl.uint32)
     mask = (tl.full(L.shape, 1, tl.uint32) << Lu) - 1
@@ -143,6 +148,9 @@ def _tile(x, L, CJ: tl.constexpr, D: tl.constexpr, FAST: tl.constexpr, INTERP: t
                     tl.join(tl.join(_field(x, Lu, mask, 1), _field(x, Lu, mask, 5)),
                             tl.join(_field(x, Lu, mask, 3), _field(x, Lu, mask, 7))))
     v = tl.reshape(v, (D, 64))
+    if R > 1:  # several packs per channel: add each chunk's pack min (pmin + r < 2**bits)
+        b = tl.reshape(tl.broadcast_to(base[:, :, None], (D, 64 // CJ, CJ)), (D, 64))
+        v = v + b.to(tl.uint32)
     if FAST and not INTERP:
         out = (v | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
     elif FAST:  # the interpreter's bf16 dot is wrong: float32 operands holding the same values
@@ -150,12 +158,6 @@ def _tile(x, L, CJ: tl.constexpr, D: tl.constexpr, FAST: tl.constexpr, INTERP: t
     else:
         out = v.to(tl.float32)
     return out
-
-
-@triton.jit
-def _per_token(x, R: tl.constexpr, P: tl.constexpr, M: tl.constexpr):
-    """[M, R] per pack-row values -> [M, 64] per token (token t in pack row t // P)."""
-    return tl.reshape(tl.broadcast_to(x[:, :, None], (M, R, P)), (M, R * P))
 
 
 @triton.jit
@@ -244,8 +246,8 @@ def _decode_kernel(q_ptr, sq_b, sq_h, sq_t, sq_d,
         vpmin, vw = _seg_meta(segv, R, D, BITS_V, WB_V)
         kpmin1, kw1 = _seg_meta(segk1, R, D, BITS_K, WB_K)
         vpmin1, vw1 = _seg_meta(segv1, R, D, BITS_V, WB_V)
-        klo, khi, ksh, kL = _chunk_words(segk, kw, META_K, R, D, P, CJ_K)
-        vlo, vhi, vsh, vL = _chunk_words(segv, vw, META_V, R, D, P, CJ_V)
+        klo, khi, ksh, kL, kb = _chunk_words(segk, kw, kpmin, META_K, R, D, P, CJ_K)
+        vlo, vhi, vsh, vL, vb = _chunk_words(segv, vw, vpmin, META_V, R, D, P, CJ_V)
         kx = _funnel(klo, khi, ksh)
         vx = _funnel(vlo, vhi, vsh)
         for blk in range(blk_lo, blk_hi):
@@ -255,8 +257,8 @@ def _decode_kernel(q_ptr, sq_b, sq_h, sq_t, sq_d,
             kpmin2, kw2 = _seg_meta(segk2, R, D, BITS_K, WB_K)
             vpmin2, vw2 = _seg_meta(segv2, R, D, BITS_V, WB_V)
             if PREFETCH:
-                klo1, khi1, ksh1, kL1 = _chunk_words(segk1, kw1, META_K, R, D, P, CJ_K)
-                vlo1, vhi1, vsh1, vL1 = _chunk_words(segv1, vw1, META_V, R, D, P, CJ_V)
+                klo1, khi1, ksh1, kL1, kb1 = _chunk_words(segk1, kw1, kpmin1, META_K, R, D, P, CJ_K)
+                vlo1, vhi1, vsh1, vL1, vb1 = _chunk_words(segv1, vw1, vpmin1, META_V, R, D, P, CJ_V)
             kmin = tl.load(tmin_ptr + slot * tm_s + idx * tm_t + gsel).to(tl.float32)
             kstep = tl.load(tstep_ptr + slot * ts_s + idx * ts_t + gsel).to(tl.float32)
             vmin = tl.load(tmin_ptr + slot * tm_s + tm_kv + idx * tm_t + gsel).to(tl.float32)
@@ -270,19 +272,18 @@ def _decode_kernel(q_ptr, sq_b, sq_h, sq_t, sq_d,
                 ok = tl.load(valid_ptr + b64 * va_b + pos).to(tl.int1)
                 valid = valid & ok[None, :]
             # scores: q . x_hat = step * (q . r + q . pmin) + min * sum(q)
-            kt = _tile(kx, kL, CJ_K, D, FAST, INTERP)
+            kt = _tile(kx, kL, kb, CJ_K, D, R, FAST, INTERP)
             if FAST:
                 s = tl.dot(q_hi, kt)
                 if Q_SPLIT:
                     s = tl.dot(q_lo, kt, s)
             else:
                 s = tl.dot(q, kt, input_precision=PREC_K)
-            if R == 1:  # (1-D vectors: no [M, D] layout conversion)
+            if R == 1:  # pack mins fold out: 1-D vectors, no [M, D] layout conversion
                 qp = tl.sum(q * tl.reshape(kpmin, (D,)).to(tl.float32)[None, :], axis=1)
                 s = s + (qp - off * qsum)[:, None]
-            else:
-                qp = tl.sum(q[:, None, :] * tl.trans(kpmin).to(tl.float32)[None, :, :], axis=2)   # [M, R]
-                s = s + _per_token(qp - off * qsum[:, None], R, P, M)
+            else:  # the tile holds pmin + r
+                s = s - off * qsum[:, None]
             s = (s * kstep[None, :] + qsum[:, None] * kmin[None, :]) * scale_log2
             s = tl.where(valid, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -291,7 +292,7 @@ def _decode_kernel(q_ptr, sq_b, sq_h, sq_t, sq_d,
             p = tl.exp2(s - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
             # values: sum_t p x_hat = sum_t (p step) r + sum_p (sum_t p step) pmin + sum_t p min
-            vt = tl.trans(_tile(vx, vL, CJ_V, D, FAST, INTERP))
+            vt = tl.trans(_tile(vx, vL, vb, CJ_V, D, R, FAST, INTERP))
             w = p * vstep[None, :]
             if FAST:
                 w_hi = _bf16_op(w, INTERP)
@@ -307,17 +308,16 @@ def _decode_kernel(q_ptr, sq_b, sq_h, sq_t, sq_d,
             if R == 1:
                 pv += tl.sum(w, axis=1)[:, None] * (tl.reshape(vpmin, (D,)).to(tl.float32) - off)[None, :]
             else:
-                wsum = tl.sum(tl.reshape(w, (M, R, P)), axis=2)                            # [M, R]
-                pv += tl.sum(wsum[:, :, None] * (tl.trans(vpmin).to(tl.float32) - off)[None, :, :], axis=1)
+                pv -= off * tl.sum(w, axis=1)[:, None]
             acc = acc * alpha[:, None] + pv
             accmin = accmin * alpha + tl.sum(p * vmin[None, :], axis=1)
             m_i = m_new
             # rotate the pipeline
             if not PREFETCH:
-                klo1, khi1, ksh1, kL1 = _chunk_words(segk1, kw1, META_K, R, D, P, CJ_K)
-                vlo1, vhi1, vsh1, vL1 = _chunk_words(segv1, vw1, META_V, R, D, P, CJ_V)
-            kx, kL = _funnel(klo1, khi1, ksh1), kL1
-            vx, vL = _funnel(vlo1, vhi1, vsh1), vL1
+                klo1, khi1, ksh1, kL1, kb1 = _chunk_words(segk1, kw1, kpmin1, META_K, R, D, P, CJ_K)
+                vlo1, vhi1, vsh1, vL1, vb1 = _chunk_words(segv1, vw1, vpmin1, META_V, R, D, P, CJ_V)
+            kx, kL, kb = _funnel(klo1, khi1, ksh1), kL1, kb1
+            vx, vL, vb = _funnel(vlo1, vhi1, vsh1), vL1, vb1
             kpmin, vpmin = kpmin1, vpmin1
             kpmin1, kw1, vpmin1, vw1 = kpmin2, kw2, vpmin2, vw2
             segk1, segv1 = segk2, segv2
@@ -477,7 +477,7 @@ def decode_attention(q, k_tail, v_tail, pool, seg_offset, token_min, token_step,
     kv_len = nb * BLOCK_SIZE + T
     group = Hq // H
     dev = q.device
-    tuning = tuning or choose_tuning(D)
+    tuning = tuning or choose_tuning(D, B, H, nb)
     M, consts, comb = _static_args(fmt, q.dtype, k_tail.dtype, group, QLEN, D, kv_valid is not None, tuning)
     if kv_valid is not None:
         if kv_valid.shape != (B, kv_len):

@@ -20,8 +20,6 @@ Three launches per call, no host synchronisation:
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -30,7 +28,6 @@ from kvcomp_hf.codec import BLOCK_SIZE, BlockFormat, EncodedBlocks, width_bits
 
 from .decode_attention import chunk_fields
 
-STORE_WARPS = int(os.environ.get("KVCOMP_STORE_WARPS", "0"))  # 0: by head_dim
 
 
 # ---------------------------------------------------------------------------------------------
@@ -431,12 +428,13 @@ def _check_inputs(k: torch.Tensor, v: torch.Tensor, fmt: BlockFormat):
 
 
 def store_blocks(k, v, config, fmt, pool, pool_used, seg_offset, token_min, token_step, perm, slot_start,
-                 _segbytes_out=None):
+                 _segbytes_out=None, num_warps: tuple[int, int] | None = None):
     """Compress k, v [B, H, nb*64, D] (block n = b*nb + i goes to slot slot_start + n).
 
     Segments are appended at pool_used in (block, K then V, head) order, seg_offset/token_min/
     token_step/perm of the slots are written, and pool_used (int64 [1], on device) is advanced.
-    No host synchronisation. The caller guarantees pool capacity and slot capacity."""
+    No host synchronisation. The caller guarantees pool capacity and slot capacity.
+    num_warps: (stats kernel, pack kernel) warps; default by head_dim."""
     _check_inputs(k, v, fmt)
     B, H, Tk, D = k.shape
     nb = Tk // BLOCK_SIZE
@@ -452,13 +450,13 @@ def store_blocks(k, v, config, fmt, pool, pool_used, seg_offset, token_min, toke
                   META_K=fmt.meta_bytes(0), META_V=fmt.meta_bytes(1), TOKEN_GRAN=token_gran)
     if (fmt.groups > 1 and (token_min.stride(3) != 1 or token_step.stride(3) != 1)) or perm.stride(1) != 1:
         raise ValueError("token_min/token_step/perm must have a contiguous last dim")
-    nw = STORE_WARPS or (8 if D <= 64 else 16)
+    nw_stats, nw = num_warps or ((8, 8) if D <= 64 else (16, 16))
     _stats_kernel[(n,)](
         k, v, *k.stride(), *v.stride(), nb, H,
         token_min, token_step, token_min.stride(0), token_min.stride(1), token_min.stride(2),
         token_step.stride(0), token_step.stride(1), token_step.stride(2),
         perm, perm.stride(0), slot_start, segbytes, float(config.rel_k), float(config.rel_v),
-        MEDIAN=fmt.repack == "median", num_warps=nw, num_stages=1, **common)
+        MEDIAN=fmt.repack == "median", num_warps=nw_stats, num_stages=1, **common)
     _offsets_kernel[(1,)](segbytes, n * 2 * H, pool_used, seg_offset, seg_offset.stride(0), slot_start, H,
                           BLOCK=1024, num_warps=4)
     _pack_kernel[(n, H)](
