@@ -209,6 +209,7 @@ def main():
     ap.add_argument("--variant-rows", default="", help="ctx:B,... rows that time the variants (default all)")
     ap.add_argument("--skip-store", action="store_true")
     ap.add_argument("--asm-dir", default="", help="write the cubin of each compiled decode kernel here")
+    ap.add_argument("--config", default="", help="KVCompConfig overrides, e.g. pack_size=16,repack=median")
     ap.add_argument("--store-warps", default="", help="store (stats x pack) warp variants to time too, e.g. 8x8,4x8")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -216,7 +217,9 @@ def main():
         return
     dev = "cuda"
     torch.manual_seed(0)
-    cfg = KVCompConfig()
+    overrides = dict(kv.split("=") for kv in args.config.split(",") if kv)
+    cfg = KVCompConfig.from_dict({k: (v if k in ("repack", "granularity") else float(v) if "." in v else int(v))
+                                  for k, v in overrides.items()})
     bw = copy_bandwidth(dev)
     import triton
     info = dict(device=torch.cuda.get_device_name(), sms=_num_sms(torch.device(dev)), torch=torch.__version__,
