@@ -88,12 +88,11 @@ def _seg_meta(seg, R: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, WB: tl.
 
 
 @triton.jit
-def _chunk_words(seg, width, pmin, META: tl.constexpr, R: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
+def _chunk_words(seg, width, META: tl.constexpr, R: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
                  CJ: tl.constexpr):
     """Issue the payload loads of one segment: chunk k (tokens k*CJ .. k*CJ+CJ-1) of channel c is
     CJ fields of L bits (CJ * L <= 32) at a known bit offset, read as two 32-bit words.
-    width, pmin [D, R]. Returns (lo, hi, shift, L, base), each [D, 64 // CJ]; base is the chunk's pack
-    min when a channel has several packs (R > 1), else 0 (pack-64 mins fold out of the dots)."""
+    width [D, R]. Returns (lo, hi, shift, L), each [D, 64 // CJ]."""
     GP: tl.constexpr = P // CJ
     if R == 1:
         excl = tl.cumsum(width, axis=0) - width       # exclusive sum of widths in pack (= channel) order
@@ -103,16 +102,12 @@ def _chunk_words(seg, width, pmin, META: tl.constexpr, R: tl.constexpr, D: tl.co
     gp = tl.arange(0, GP)[None, None, :]
     start = META * 8 + P * excl[:, :, None] + gp * (CJ * width[:, :, None])       # [D, R, GP]
     L = tl.reshape(tl.broadcast_to(width[:, :, None], (D, R, GP)), (D, R * GP))
-    if R == 1:
-        base = tl.zeros_like(L)
-    else:
-        base = tl.reshape(tl.broadcast_to(pmin[:, :, None], (D, R, GP)), (D, R * GP))
     start = tl.reshape(start, (D, R * GP))
     wi = start >> 5
     sh = start & 31
     lo = tl.load(seg + wi, mask=L > 0, other=0).to(tl.uint32, bitcast=True)
     hi = tl.load(seg + wi + 1, mask=sh + CJ * L > 32, other=0).to(tl.uint32, bitcast=True)
-    return lo, hi, sh, L, base
+    return lo, hi, sh, L
 
 
 @triton.jit
@@ -123,34 +118,42 @@ def _funnel(lo, hi, sh):
 
 
 @triton.jit
-def _field(x, L, mask, j: tl.constexpr):
-    return (x >> (j * L)) & mask
-
-
-@triton.jit
-def _tile(x, L, base, CJ: tl.constexpr, D: tl.constexpr, R: tl.constexpr, FAST: tl.constexpr,
-          INTERP: tl.constexpr):
+def _tile(x, L, pmin, CJ: tl.constexpr, D: tl.constexpr, R: tl.constexpr, ADD_MIN: tl.constexpr,
+          FAST: tl.constexpr, INTERP: tl.constexpr):
     """Payload chunks x [D, 64 // CJ] (see _funnel) -> the block's residuals as a dot operand [D, 64] (channel c,
     token k*CJ + j): bf16 bit patterns 0x4300 | r (= 128 + r, exact for r < 128) when FAST, else
-    float32 r (r + pack min when R > 1). The CJ fields of a chunk are extracted in the thread that loaded it and joined along
-    a new minor dimension (registers), so each thread holds CJ adjacent tokens of one channel."""
+    float32 r (pmin + r with ADD_MIN; pmin [D, R]). The CJ fields of a chunk are peeled off one after the other
+    (mask, shift right by L: no per-field shift amounts to keep) in the thread that loaded it, and
+    joined along new minor dimensions (registers), so each thread holds CJ adjacent tokens of one channel."""
     Lu = L.to(tl.uint32)
     mask = (tl.full(L.shape, 1, tl.uint32) << Lu) - 1
-    # join order: element (a, b, c) of the joined dims is field 4a + 2b + c (CJ = 8), 2a + b (4), a (2)
+    f0 = x & mask
+    x = x >> Lu
+    f1 = x & mask
     if CJ == 2:
-        v = tl.join(_field(x, Lu, mask, 0), _field(x, Lu, mask, 1))
-    elif CJ == 4:
-        v = tl.join(tl.join(_field(x, Lu, mask, 0), _field(x, Lu, mask, 2)),
-                    tl.join(_field(x, Lu, mask, 1), _field(x, Lu, mask, 3)))
+        v = tl.join(f0, f1)
     else:
-        v = tl.join(tl.join(tl.join(_field(x, Lu, mask, 0), _field(x, Lu, mask, 4)),
-                            tl.join(_field(x, Lu, mask, 2), _field(x, Lu, mask, 6))),
-                    tl.join(tl.join(_field(x, Lu, mask, 1), _field(x, Lu, mask, 5)),
-                            tl.join(_field(x, Lu, mask, 3), _field(x, Lu, mask, 7))))
+        x = x >> Lu
+        f2 = x & mask
+        x = x >> Lu
+        f3 = x & mask
+        if CJ == 4:
+            # element (a, b) of the joined dims is field 2a + b
+            v = tl.join(tl.join(f0, f2), tl.join(f1, f3))
+        else:
+            x = x >> Lu
+            f4 = x & mask
+            x = x >> Lu
+            f5 = x & mask
+            x = x >> Lu
+            f6 = x & mask
+            x = x >> Lu
+            f7 = x & mask
+            # element (a, b, c) of the joined dims is field 4a + 2b + c
+            v = tl.join(tl.join(tl.join(f0, f4), tl.join(f2, f6)), tl.join(tl.join(f1, f5), tl.join(f3, f7)))
     v = tl.reshape(v, (D, 64))
-    if R > 1:  # several packs per channel: add each chunk's pack min (pmin + r < 2**bits)
-        b = tl.reshape(tl.broadcast_to(base[:, :, None], (D, 64 // CJ, CJ)), (D, 64))
-        v = v + b.to(tl.uint32)
+    if ADD_MIN:  # pmin + r < 2**bits
+        v = v + tl.reshape(tl.broadcast_to(pmin[:, :, None], (D, R, 64 // R)), (D, 64)).to(tl.uint32)
     if FAST and not INTERP:
         out = (v | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
     elif FAST:  # the interpreter's bf16 dot is wrong: float32 operands holding the same values
@@ -246,8 +249,8 @@ def _decode_kernel(q_ptr, sq_b, sq_h, sq_t, sq_d,
         vpmin, vw = _seg_meta(segv, R, D, BITS_V, WB_V)
         kpmin1, kw1 = _seg_meta(segk1, R, D, BITS_K, WB_K)
         vpmin1, vw1 = _seg_meta(segv1, R, D, BITS_V, WB_V)
-        klo, khi, ksh, kL, kb = _chunk_words(segk, kw, kpmin, META_K, R, D, P, CJ_K)
-        vlo, vhi, vsh, vL, vb = _chunk_words(segv, vw, vpmin, META_V, R, D, P, CJ_V)
+        klo, khi, ksh, kL = _chunk_words(segk, kw, META_K, R, D, P, CJ_K)
+        vlo, vhi, vsh, vL = _chunk_words(segv, vw, META_V, R, D, P, CJ_V)
         kx = _funnel(klo, khi, ksh)
         vx = _funnel(vlo, vhi, vsh)
         for blk in range(blk_lo, blk_hi):
@@ -257,8 +260,8 @@ def _decode_kernel(q_ptr, sq_b, sq_h, sq_t, sq_d,
             kpmin2, kw2 = _seg_meta(segk2, R, D, BITS_K, WB_K)
             vpmin2, vw2 = _seg_meta(segv2, R, D, BITS_V, WB_V)
             if PREFETCH:
-                klo1, khi1, ksh1, kL1, kb1 = _chunk_words(segk1, kw1, kpmin1, META_K, R, D, P, CJ_K)
-                vlo1, vhi1, vsh1, vL1, vb1 = _chunk_words(segv1, vw1, vpmin1, META_V, R, D, P, CJ_V)
+                klo1, khi1, ksh1, kL1 = _chunk_words(segk1, kw1, META_K, R, D, P, CJ_K)
+                vlo1, vhi1, vsh1, vL1 = _chunk_words(segv1, vw1, META_V, R, D, P, CJ_V)
             kmin = tl.load(tmin_ptr + slot * tm_s + idx * tm_t + gsel).to(tl.float32)
             kstep = tl.load(tstep_ptr + slot * ts_s + idx * ts_t + gsel).to(tl.float32)
             vmin = tl.load(tmin_ptr + slot * tm_s + tm_kv + idx * tm_t + gsel).to(tl.float32)
@@ -272,18 +275,14 @@ def _decode_kernel(q_ptr, sq_b, sq_h, sq_t, sq_d,
                 ok = tl.load(valid_ptr + b64 * va_b + pos).to(tl.int1)
                 valid = valid & ok[None, :]
             # scores: q . x_hat = step * (q . r + q . pmin) + min * sum(q)
-            kt = _tile(kx, kL, kb, CJ_K, D, R, FAST, INTERP)
+            kt = _tile(kx, kL, kpmin, CJ_K, D, R, True, FAST, INTERP)
             if FAST:
                 s = tl.dot(q_hi, kt)
                 if Q_SPLIT:
                     s = tl.dot(q_lo, kt, s)
             else:
                 s = tl.dot(q, kt, input_precision=PREC_K)
-            if R == 1:  # pack mins fold out: 1-D vectors, no [M, D] layout conversion
-                qp = tl.sum(q * tl.reshape(kpmin, (D,)).to(tl.float32)[None, :], axis=1)
-                s = s + (qp - off * qsum)[:, None]
-            else:  # the tile holds pmin + r
-                s = s - off * qsum[:, None]
+            s = s - off * qsum[:, None]  # the K tile holds pmin + r (+ off)
             s = (s * kstep[None, :] + qsum[:, None] * kmin[None, :]) * scale_log2
             s = tl.where(valid, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -292,7 +291,7 @@ def _decode_kernel(q_ptr, sq_b, sq_h, sq_t, sq_d,
             p = tl.exp2(s - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
             # values: sum_t p x_hat = sum_t (p step) r + sum_p (sum_t p step) pmin + sum_t p min
-            vt = tl.trans(_tile(vx, vL, vb, CJ_V, D, R, FAST, INTERP))
+            vt = tl.trans(_tile(vx, vL, vpmin, CJ_V, D, R, R > 1, FAST, INTERP))
             w = p * vstep[None, :]
             if FAST:
                 w_hi = _bf16_op(w, INTERP)
@@ -305,7 +304,7 @@ def _decode_kernel(q_ptr, sq_b, sq_h, sq_t, sq_d,
                 pv = tl.dot(w_lo, vt, pv, input_precision=PREC_V)
             else:
                 pv = tl.dot(w, vt, input_precision=PREC_V)
-            if R == 1:
+            if R == 1:  # pack-64 V mins fold out of the tile: 1-D vectors, no [M, D] layout conversion
                 pv += tl.sum(w, axis=1)[:, None] * (tl.reshape(vpmin, (D,)).to(tl.float32) - off)[None, :]
             else:
                 pv -= off * tl.sum(w, axis=1)[:, None]
@@ -314,10 +313,10 @@ def _decode_kernel(q_ptr, sq_b, sq_h, sq_t, sq_d,
             m_i = m_new
             # rotate the pipeline
             if not PREFETCH:
-                klo1, khi1, ksh1, kL1, kb1 = _chunk_words(segk1, kw1, kpmin1, META_K, R, D, P, CJ_K)
-                vlo1, vhi1, vsh1, vL1, vb1 = _chunk_words(segv1, vw1, vpmin1, META_V, R, D, P, CJ_V)
-            kx, kL, kb = _funnel(klo1, khi1, ksh1), kL1, kb1
-            vx, vL, vb = _funnel(vlo1, vhi1, vsh1), vL1, vb1
+                klo1, khi1, ksh1, kL1 = _chunk_words(segk1, kw1, META_K, R, D, P, CJ_K)
+                vlo1, vhi1, vsh1, vL1 = _chunk_words(segv1, vw1, META_V, R, D, P, CJ_V)
+            kx, kL = _funnel(klo1, khi1, ksh1), kL1
+            vx, vL = _funnel(vlo1, vhi1, vsh1), vL1
             kpmin, vpmin = kpmin1, vpmin1
             kpmin1, kw1, vpmin1, vw1 = kpmin2, kw2, vpmin2, vw2
             segk1, segv1 = segk2, segv2
