@@ -247,9 +247,21 @@ def test_decode_attention_cuda(ctx, B, D, dtype):
                   ref_dtype=torch.float32)
 
 
+CUDA_DECODE_CASES = [
+    # (B, H, group, nb, T, D, q_len, dtype, cfg kwargs, splits): the compiled variants beyond the default shape
+    (2, 2, 4, 60, 140, 128, 4, torch.bfloat16, {}, None),
+    (2, 2, 1, 40, 150, 64, 9, torch.bfloat16, {}, None),                         # q_len 9, no GQA
+    (1, 2, 8, 30, 131, 256, 1, torch.float16, {}, 3),                            # head_dim 256 (8 warps), GQA 8
+    (2, 2, 1, 20, 129, 128, 16, torch.float16, {}, 2),                           # q_len 16
+    (2, 2, 4, 33, 129, 128, 1, torch.bfloat16, {"rel_k": 0.003}, None),          # 9-bit K: float32 operands
+    (2, 1, 4, 20, 130, 128, 1, torch.float16, {"pack_size": 16, "repack": "median"}, 4),  # the compact layout
+    (1, 2, 4, 10, 128, 64, 2, torch.bfloat16, {"pack_size": 4, "granularity": "token_head"}, None),
+]
+
+
 @pytest.mark.cuda
 @cuda_only
-@pytest.mark.parametrize("QL", [4, 8])
-def test_decode_attention_cuda_multi_query(QL):
-    _check_decode(2, 8, 4, 60, 140, 128, QL, torch.bfloat16, KVCompConfig(), seed=QL, device="cuda",
-                  ref_dtype=torch.float32)
+@pytest.mark.parametrize("B,H,group,nb,T,D,QL,dtype,kw,splits", CUDA_DECODE_CASES)
+def test_decode_attention_cuda_variants(B, H, group, nb, T, D, QL, dtype, kw, splits):
+    _check_decode(B, H, group, nb, T, D, QL, dtype, KVCompConfig(**kw), seed=nb + QL + D, num_splits=splits,
+                  device="cuda", ref_dtype=torch.float32)
