@@ -164,6 +164,18 @@ def _tile(x, L, pmin, CJ: tl.constexpr, D: tl.constexpr, R: tl.constexpr, ADD_MI
 
 
 @triton.jit
+def _softmax_step(s, valid, m_i, l_i):
+    """Online softmax over one tile of base-2 scores s [M, N] -> (new row max, rescale factor of the old
+    partials, probabilities, new row sums). Fully masked rows keep max -inf and weight 0."""
+    s = tl.where(valid, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    return m_new, alpha, p, l_i * alpha + tl.sum(p, axis=1)
+
+
+@triton.jit
 def _bf16_op(x, INTERP: tl.constexpr):
     """float32 -> bf16 dot operand (float32 holding the bf16 value in the interpreter)."""
     if INTERP:
@@ -284,12 +296,7 @@ def _decode_kernel(q_ptr, sq_b, sq_h, sq_t, sq_d,
                 s = tl.dot(q, kt, input_precision=PREC_K)
             s = s - off * qsum[:, None]  # the K tile holds pmin + r (+ off)
             s = (s * kstep[None, :] + qsum[:, None] * kmin[None, :]) * scale_log2
-            s = tl.where(valid, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
+            m_new, alpha, p, l_i = _softmax_step(s, valid, m_i, l_i)
             # values: sum_t p x_hat = sum_t (p step) r + sum_p (sum_t p step) pmin + sum_t p min
             vt = tl.trans(_tile(vx, vL, vpmin, CJ_V, D, R, R > 1, FAST, INTERP))
             w = p * vstep[None, :]
@@ -339,12 +346,7 @@ def _decode_kernel(q_ptr, sq_b, sq_h, sq_t, sq_d,
             if HAS_MASK:
                 ok = tl.load(valid_ptr + b64 * va_b + pos, mask=tok, other=0).to(tl.int1)
                 valid = valid & ok[None, :]
-            s = tl.where(valid, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
+            m_new, alpha, p, l_i = _softmax_step(s, valid, m_i, l_i)
             vx = tl.load(vt_ptr + b64 * svt_b + h.to(tl.int64) * svt_h + t.to(tl.int64)[:, None] * svt_t
                          + cols[None, :] * svt_d, mask=tok[:, None], other=0.0)
             if TAIL16:  # p = hi + lo in the tail dtype (~2**-16 relative)
