@@ -16,7 +16,7 @@ pytest.importorskip("triton")
 
 from kvcomp_hf import codec  # noqa: E402
 from kvcomp_hf.config import KVCompConfig  # noqa: E402
-from kvcomp_hf.kernels import decode_attention, encode_blocks_triton, store_blocks  # noqa: E402
+from kvcomp_hf.kernels import DecodeTuning, decode_attention, encode_blocks_triton, store_blocks  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 DEV = "cuda" if HAS_CUDA else "cpu"
@@ -168,7 +168,7 @@ def _reference(q, fmt, k, v, pool, seg_offset, token_min, token_step, perm, bloc
 
 
 def _check_decode(B, H, group, nb, T, D, QL, dtype, cfg, seed, padding=True, shuffle=False, num_splits=None,
-                  device=DEV, ref_dtype=torch.float64):
+                  device=DEV, ref_dtype=torch.float64, tuning=None):
     gen = torch.Generator().manual_seed(seed)
     fmt, k, v, pool, so, tm, ts, pm, bt = _build_cache(B, H, nb, T, D, dtype, cfg, gen, shuffle, device)
     q = torch.randn(B, H * group, QL, D, generator=gen).to(dtype).to(device)
@@ -182,7 +182,7 @@ def _check_decode(B, H, group, nb, T, D, QL, dtype, cfg, seed, padding=True, shu
     scaling = 1.0 / math.sqrt(D)
     out = torch.full_like(q, float("nan"))
     out = decode_attention(q, k[:, :, nb * 64:], v[:, :, nb * 64:], pool, so, tm, ts, pm, bt, kv_valid, scaling,
-                           fmt, num_splits=num_splits)
+                           fmt, num_splits=num_splits, tuning=tuning)
     assert out.shape == q.shape and out.dtype == q.dtype
     assert not out.isnan().any(), "output not fully written"
     ref = _reference(q, fmt, k, v, pool, so, tm, ts, pm, bt, kv_valid, scaling, ref_dtype)
@@ -209,6 +209,13 @@ DECODE_CASES = [
 def test_decode_attention(B, H, group, nb, T, D, QL, dtype, kw, splits):
     skip_fp32_on_gpu(dtype)
     _check_decode(B, H, group, nb, T, D, QL, dtype, KVCompConfig(**kw), seed=nb * 100 + T + QL, num_splits=splits)
+
+
+@pytest.mark.parametrize("tuning", [DecodeTuning(prefetch=False, split_v=False, min_blocks_per_split=1),
+                                    DecodeTuning(num_warps=8, split_waves=1)])
+def test_decode_attention_tunings(tuning):
+    """Other compiled variants of the tuning object compute the same attention."""
+    _check_decode(2, 2, 4, 5, 3, 32, 1, torch.bfloat16, KVCompConfig(), seed=3, tuning=tuning)
 
 
 def test_decode_attention_shared_slots_no_padding():
