@@ -16,6 +16,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from . import codec
 from .codec import BLOCK_SIZE, BlockFormat, EncodedBlocks
 from .config import KVCompConfig, resolve_config
+from .rotation import LayerRotation
 
 ATTN_IMPLEMENTATION = "kvcomp"
 BACKENDS = ("auto", "torch", "triton")
@@ -213,11 +214,12 @@ class KVCompLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = True
 
-    def __init__(self, config: KVCompConfig, model_config=None, backend: str = "auto"):
+    def __init__(self, config: KVCompConfig, model_config=None, backend: str = "auto", layer_idx: int = 0):
         super().__init__()
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.config = config
+        self.layer_idx = layer_idx  # selects the layer's rotation (config.rotation)
         self.model_config = model_config
         self.backend = backend
         self._clear()
@@ -226,6 +228,7 @@ class KVCompLayer(CacheLayerMixin):
         self.keys = self.values = None  # the tail buffer, [B, H, T, D]
         self.store: BlockStore | None = None
         self.block_table: torch.Tensor | None = None  # int32 [B, n_blocks]
+        self.rotation: LayerRotation | None = None  # set: blocks and tail hold rotated K/V
         self.is_initialized = False
 
     # -- transformers layer contract ------------------------------------------------------------
@@ -239,6 +242,8 @@ class KVCompLayer(CacheLayerMixin):
         self.keys = key_states.new_zeros(b, h, 0, d)
         self.values = value_states.new_zeros(b, h, 0, d)
         self.block_table = torch.zeros(b, 0, dtype=torch.int32, device=self.device)
+        if self.config.rotation == "hadamard":
+            self.rotation = LayerRotation(self.config.rotation_seed, self.layer_idx, h, d, self.device)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -251,8 +256,11 @@ class KVCompLayer(CacheLayerMixin):
                              f"match the cache's [batch={self.keys.shape[0]}, kv_heads={self.keys.shape[1]}, *, "
                              f"head_dim={self.keys.shape[3]}]")
         was_empty = self.get_seq_length() == 0
-        self.keys = torch.cat([self.keys, key_states.to(self.dtype)], dim=2)
-        self.values = torch.cat([self.values, value_states.to(self.dtype)], dim=2)
+        new_k, new_v = key_states.to(self.dtype), value_states.to(self.dtype)
+        if self.rotation is not None:  # stored in rotated coordinates from here on (tail and blocks)
+            new_k, new_v = self.rotation.rotate(new_k, 0), self.rotation.rotate(new_v, 1)
+        self.keys = torch.cat([self.keys, new_k], dim=2)
+        self.values = torch.cat([self.values, new_v], dim=2)
         self._compress_full_blocks()
         shape = torch.Size((self.keys.shape[0], self.keys.shape[1], self.get_seq_length(), self.keys.shape[3]))
         dense_k, dense_v = (key_states, value_states) if was_empty else (None, None)
@@ -337,17 +345,22 @@ class KVCompLayer(CacheLayerMixin):
 
     # -- reading --------------------------------------------------------------------------------
 
-    def dense_kv(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def dense_kv(self, dtype: torch.dtype | None = None, rotated: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """The whole cache dequantised in arrival order: [B, H, kv_len, D] each, in `dtype` (default: the
-        model dtype; float32 keeps the decoded values exact)."""
+        model dtype; float32 keeps the decoded values exact). With a rotation, rotated=True returns the
+        stored (rotated) coordinates, as attention reads them; otherwise K and V are rotated back."""
         dtype = dtype or self.dtype
-        if self.block_table.shape[1] == 0:
-            return self.keys.to(dtype), self.values.to(dtype)
-        k, v = self.store.decode(self.block_table)                       # [B, nb, H, 64, D]
-        b, nb, h, _, d = k.shape
-        k = k.permute(0, 2, 1, 3, 4).reshape(b, h, nb * BLOCK_SIZE, d).to(dtype)
-        v = v.permute(0, 2, 1, 3, 4).reshape(b, h, nb * BLOCK_SIZE, d).to(dtype)
-        return torch.cat([k, self.keys.to(dtype)], 2), torch.cat([v, self.values.to(dtype)], 2)
+        unrotate = self.rotation is not None and not rotated
+        work = torch.float32 if unrotate else dtype  # rotate back in float32, round once
+        k, v = self.keys.to(work), self.values.to(work)
+        if self.block_table.shape[1] > 0:
+            bk, bv = self.store.decode(self.block_table)                       # [B, nb, H, 64, D]
+            b, nb, h, _, d = bk.shape
+            k = torch.cat([bk.permute(0, 2, 1, 3, 4).reshape(b, h, nb * BLOCK_SIZE, d).to(work), k], 2)
+            v = torch.cat([bv.permute(0, 2, 1, 3, 4).reshape(b, h, nb * BLOCK_SIZE, d).to(work), v], 2)
+        if unrotate:
+            k, v = self.rotation.unrotate(k, 0), self.rotation.unrotate(v, 1)
+        return k.to(dtype), v.to(dtype)
 
     def _check_attention_implementation(self) -> None:
         if self.model_config is None:
@@ -394,7 +407,8 @@ class KVCompCache(Cache):
         check_supported(config)
         self.kvcomp_config = resolve_config(kvcomp_config, **overrides)
         n_layers = _text_config(config).num_hidden_layers
-        super().__init__(layers=[KVCompLayer(self.kvcomp_config, config, backend) for _ in range(n_layers)])
+        super().__init__(layers=[KVCompLayer(self.kvcomp_config, config, backend, layer_idx=i)
+                                 for i in range(n_layers)])
 
     def memory_report(self) -> dict:
         """Bytes the cache holds against what a DynamicCache would hold, for K, V and both.

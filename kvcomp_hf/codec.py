@@ -4,6 +4,13 @@ The Triton kernels (kvcomp_hf.kernels) must produce and read exactly these bytes
 
 Pipeline for one block of `block_size` = 64 tokens of one sequence (K and V of all KV heads):
 
+0. Rotate (config.rotation == "hadamard"): the K and V this codec encodes are the model's K and V
+   of layer l in rotated coordinates, x_rot = (x ⊙ s_{l,kv,h}) · H_D per KV head h, with the sign
+   vectors and the block-diagonal Hadamard matrix H_D of kvcomp_hf.rotation (rebuilt from
+   config.rotation_seed and l). The cache applies it before stage 1 (its uncompressed tail holds
+   rotated K/V too), and readers rotate q and un-rotate the attention output: stages 1-4 and the
+   kernels never see the rotation. "none": x_rot = x.
+
 1. Quantise (per token, or per token and KV head: `granularity`). For each group of values x
    with minimum m and maximum M (computed in the model dtype, so m is exact):
        step = bf16_round_toward_zero(rel * (M - m))        # rel*(M-m) computed in float32

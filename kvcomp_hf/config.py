@@ -11,6 +11,7 @@ from typing import Any
 PACK_SIZES = (4, 8, 16)
 REPACK_METHODS = ("none", "median")
 GRANULARITIES = ("token", "token_head")
+ROTATIONS = ("none", "hadamard")  # kvcomp_hf.rotation documents the transform
 MIN_RESIDUAL = 128
 MIN_REL = 1e-4  # keeps the quantised integers within 14 bits (see codec.bits_for_rel)
 MAX_REL = 1.0
@@ -32,6 +33,10 @@ class KVCompConfig:
         "median" sorts tokens by the median of their quantised V values).
     granularity: "token" = one (min, step) per token across all KV heads (PackKV);
         "token_head" = one per token and KV head (no coupling between heads).
+    rotation: "hadamard" stores K and V multiplied by a randomised Hadamard matrix along head_dim
+        (one per layer, K/V and KV head, from rotation_seed), which spreads outlier channels so the
+        per-token range is used by all channels; "none" stores them as they are.
+    rotation_seed: int seed of the rotation's random signs (part of the format).
     """
 
     rel_k: float = 0.1
@@ -41,6 +46,8 @@ class KVCompConfig:
     pack_size: int = 16
     repack: str = "median"
     granularity: str = "token"
+    rotation: str = "none"
+    rotation_seed: int = 0
 
     def __post_init__(self):
         for name in ("rel_k", "rel_v"):
@@ -61,6 +68,11 @@ class KVCompConfig:
             raise ValueError(f"repack must be one of {REPACK_METHODS}, got {self.repack!r}")
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+        if self.rotation not in ROTATIONS:
+            raise ValueError(f"rotation must be one of {ROTATIONS}, got {self.rotation!r}")
+        if isinstance(self.rotation_seed, bool) or not isinstance(self.rotation_seed, int) \
+                or not 0 <= self.rotation_seed < 2**31:
+            raise ValueError(f"rotation_seed must be an int in [0, 2**31), got {self.rotation_seed!r}")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> KVCompConfig:
