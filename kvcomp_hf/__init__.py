@@ -12,11 +12,12 @@ if (_root / "kernels" / "__init__.py").is_file():
     __path__.append(str(_root))
 
 from .cache import CompressedKV, KVCompCache, KVCompLayer, check_supported
+from .compat import CACHE_KWARG, cache_kwargs, returned_cache
 from .config import KVCompConfig, available_presets, load_preset, preset
 from .integration import custom_generate, register
 
 register()
 
-__all__ = ["CompressedKV", "KVCompCache", "KVCompConfig", "KVCompLayer", "available_presets", "check_supported",
-           "custom_generate", "load_preset", "preset", "register"]
+__all__ = ["CACHE_KWARG", "CompressedKV", "KVCompCache", "KVCompConfig", "KVCompLayer", "available_presets",
+           "cache_kwargs", "check_supported", "custom_generate", "load_preset", "preset", "register", "returned_cache"]
 __version__ = "0.1.0"

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 
 from . import codec
 from .codec import BLOCK_SIZE, BlockFormat, EncodedBlocks
@@ -37,6 +37,17 @@ def _use_triton(backend: str, key_states: torch.Tensor, fmt: BlockFormat) -> boo
         raise ValueError(f"backend='triton' needs a CUDA device, a power-of-two head_dim >= 16 and fp16/bf16 "
                          f"K/V; got device {key_states.device}, head_dim {d}, dtype {key_states.dtype}")
     return supported
+
+
+def _length_after_dynamic_crop(length: int, tokens_to_remove) -> int:
+    """The length a DynamicLayer holding `length` tokens has after crop(tokens_to_remove): crop's meaning and its
+    errors changed between transformers releases, so ask the installed DynamicLayer (over a broadcast view of one
+    element, so the probe costs no memory)."""
+    probe = DynamicLayer()
+    probe.keys = probe.values = torch.zeros(1, 1, 1, 1, dtype=torch.bool).expand(1, 1, length, 1)
+    probe.is_initialized = True
+    probe.crop(tokens_to_remove)
+    return probe.get_seq_length()
 
 
 def _text_config(model_config):
@@ -298,17 +309,14 @@ class KVCompLayer(CacheLayerMixin):
         self.values = self.values.repeat_interleave(repeats, dim=0)
         self.block_table = self.block_table.repeat_interleave(repeats, dim=0)
 
-    def crop(self, max_length: int) -> None:
-        """A negative value removes that many tokens from the end; a positive one keeps the first
-        max_length tokens (transformers' deprecated form); 0 does nothing (as DynamicLayer).
-        Blocks past the cut are dropped; a block the cut falls inside is decompressed into the tail."""
-        max_length = int(max_length)
-        if not self.is_initialized or max_length == 0:
-            return
+    def crop(self, tokens_to_remove: int) -> None:
+        """Remove tokens from the end exactly as transformers' DynamicLayer.crop does on the installed version:
+        a negative value removes that many tokens; a positive one keeps the first N tokens up to 5.19 (deprecated)
+        and raises ValueError from 5.20; other arguments raise DynamicLayer's errors. Blocks past the cut are
+        dropped; a block the cut falls inside is decompressed into the tail."""
         length = self.get_seq_length()
-        new_length = length + max_length if max_length < 0 else min(max_length, length)
-        new_length = max(new_length, 0)
-        if new_length == length:
+        new_length = _length_after_dynamic_crop(length, tokens_to_remove)
+        if not self.is_initialized or new_length == length:
             return
         n_blocks = self.block_table.shape[1]
         if new_length >= n_blocks * BLOCK_SIZE:
@@ -394,6 +402,8 @@ class KVCompCache(Cache):
     KVCompCache(model.config, KVCompConfig(rel_k=0.1))     # explicit config
     KVCompCache(model.config, {"preset": "smollm2-135m-instruct", "rel_v": 0.25})
     KVCompCache(model.config, "smollm2-135m-instruct")     # a preset by name
+    model.generate(ids, cache=cache)   # transformers >= 5.24; past_key_values=cache on 5.17-5.23
+                                       # (kvcomp_hf.cache_kwargs(cache) spells it for the installed version)
     Use a fresh cache for every generate() call: a cache passed in is continued, not reset.
     backend: "auto" (Triton kernels on CUDA, PyTorch elsewhere), "torch" or "triton"."""
 
