@@ -19,20 +19,10 @@ from kvcomp_hf.cache import KVCompLayer  # noqa: E402
 from kvcomp_hf.config import KVCompConfig  # noqa: E402
 from kvcomp_hf.rotation import LayerRotation, hadamard_matrix, rotation_signs  # noqa: E402
 
+from helpers import FakeAttention, rel_err  # noqa: E402
+
 HAS_CUDA = torch.cuda.is_available()
 ROTATED = KVCompConfig(rel_k=0.1, rel_v=0.2, rotation="hadamard", rotation_seed=7)
-
-
-class FakeAttention(torch.nn.Module):
-    def __init__(self, groups):
-        super().__init__()
-        self.num_key_value_groups = groups
-        self.is_causal = True
-        self.training = False
-
-
-def rel_err(a, b):
-    return float((a.double() - b.double()).norm() / b.double().norm())
 
 
 def causal_mask(b, q_len, kv_len, device="cpu"):
