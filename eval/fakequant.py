@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import sys
 import time
 from pathlib import Path
@@ -204,7 +205,12 @@ def main(argv=None) -> int:
     p.add_argument("--windows", type=int, default=2)
     p.add_argument("--text", default="pydoc")
     p.add_argument("--bits-at", type=int, default=8192, help="context length the all-in bits/value is given at")
+    p.add_argument("--merge", nargs="*", default=[],
+                   help="only merge: fakequant.json files of earlier runs and eval/perplexity.py results of KIVI "
+                        "(same windows; KIVI's bits/value recomputed at --bits-at) into --out, with the figure")
     args = p.parse_args(argv)
+    if args.merge:
+        return merge(args)
     model, tokenizer = common.load_model(args.model, args.gguf_file, args.device, args.dtype)
     text_name, text = common.load_text(args.text, min_words=args.tokens, order=common.PERPLEXITY_ORDER)
     windows = perplexity.token_windows(tokenizer, text, args.tokens, args.windows)
@@ -216,6 +222,74 @@ def main(argv=None) -> int:
         "suite": "fakequant", "model": common.model_label(args.model, args.gguf_file), "text": text_name,
         "text_sha256": common.text_sha256(text), "tokens": args.tokens, "windows": len(windows),
         "bits_at": args.bits_at, "results": results, "meta": common.run_metadata(args)})
+    return 0
+
+
+def family(spec: str) -> str:
+    if spec.startswith("kivi"):
+        return "KIVI (perplexity.py, same windows)"
+    if "|" in spec or any(f in spec for f in ("repack=none", "pack_size", "granularity=token_head", "edge")):
+        return "kvcomp levers"
+    if "=" not in spec:
+        return "kvcomp presets (old)"
+    return "kvcomp rotated" if "rotation=hadamard" in spec else "kvcomp not rotated"
+
+
+LOG_LINE = re.compile(r"^(?P<spec>\S+): (?P<bits>[\d.]+) bits/value at \d+ \((?P<win>[\d.]+) in the window\), "
+                      r"dNLL (?P<dnll>[-+\d.]+) \[(?P<per>[^\]]*)\], KL (?P<kl>[\d.]+), top-1 (?P<top1>[\d.]+)%")
+
+
+def parse_log(text: str) -> dict[str, dict]:
+    """Results from the progress lines evaluate() prints (one per config)."""
+    out = {}
+    for line in text.splitlines():
+        m = LOG_LINE.match(line.strip())
+        if m:
+            out[m["spec"]] = {"bits_per_value": float(m["bits"]), "bits_per_value_window": float(m["win"]),
+                              "delta_nll": float(m["dnll"]), "kl": float(m["kl"]),
+                              "top1_agreement": float(m["top1"]) / 100,
+                              "delta_nll_per_window": [float(x.strip(" '")) for x in m["per"].split(",")]}
+    return out
+
+
+def merge(args) -> int:
+    """One fakequant.json (+ figure) from several runs and KIVI baselines."""
+    import json
+
+    from eval import plot_frontier
+    from eval.baselines import kivi_bits_per_value
+
+    results, first = {}, None
+    for path in args.merge:
+        if path.endswith(".log"):  # the progress lines of a run stopped before it wrote its JSON
+            results.update(parse_log(Path(path).read_text()))
+            continue
+        d = json.loads(Path(path).read_text())
+        if d.get("suite") == "fakequant":
+            first = first or d
+            results.update(d["results"])
+        else:  # eval/perplexity.py: KIVI rows, bits at bits_at for SmolLM2's head_dim 64
+            for name, r in d["results"].items():
+                if name.startswith("kivi"):
+                    nbits = int(name[4:])
+                    results[name] = {**{k: r[k] for k in ("delta_nll", "kl", "top1_agreement", "nll")},
+                                     "bits_per_value": kivi_bits_per_value(nbits, args.bits_at, head_dim=64)}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    first = first or {"model": "SmolLM2-135M-Instruct.Q4_1", "text": args.text, "tokens": args.tokens,
+                      "windows": args.windows, "bits_at": args.bits_at, "meta": common.run_metadata(args)}
+    doc = {**first, "suite": "perplexity", "method": "fakequant", "results": results,
+           "families": {s: family(s) for s in results}, "merged_from": args.merge}
+    common.write_json(out / "frontier.json", doc)
+    lines = [f"| config | family | bits/value at {first['bits_at']} | ΔNLL | KL | top-1 |", "|---|---|---:|---:|---:|---:|"]
+    for s, r in sorted(results.items(), key=lambda kv: (family(kv[0]), kv[1]["bits_per_value"])):
+        lines.append(f"| {s.replace('|', chr(92) + '|')} | {family(s)} | {r['bits_per_value']:.3f} | "
+                     f"{r['delta_nll']:+.4f} | {r['kl']:.4f} | {100 * r['top1_agreement']:.1f}% |")
+    (out / "frontier.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    print("\n".join(lines))
+    plot_frontier.main([str(out / "frontier.json"), "--ppl-metric", "delta_nll,kl", "--out", str(out / "frontier.png"),
+                        "--title", f"SmolLM2-135M, {first['windows']} x {first['tokens']} tokens (CPU, fake quantisation); "
+                                   f"bits/value at {first['bits_at']} tokens"])
     return 0
 
 

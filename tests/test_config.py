@@ -73,3 +73,16 @@ def test_bad_preset_files(tmp_path):
     unsafe.write_text("config: !!python/object/apply:os.system ['echo hi']\n")
     with pytest.raises(ValueError, match="not valid YAML"):
         load_preset_file(unsafe)
+
+
+def test_default_config_is_the_default_preset_and_uncalibrated_presets_take_it():
+    """configs/default.yaml and KVCompConfig() stay one config; presets not calibrated on their model use it."""
+    import yaml
+
+    from kvcomp_hf.config import CONFIGS_DIR
+
+    assert load_preset("default") == KVCompConfig()
+    for path in CONFIGS_DIR.glob("*.yaml"):
+        doc = yaml.safe_load(path.read_text())
+        if not doc.get("calibrated"):
+            assert load_preset(path.stem) == KVCompConfig(), path.name
