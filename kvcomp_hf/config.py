@@ -40,13 +40,13 @@ class KVCompConfig:
     """
 
     rel_k: float = 0.1
-    rel_v: float = 0.2
+    rel_v: float = 0.15
     block_size: int = 64
     residual_length: int = 128
     pack_size: int = 16
     repack: str = "median"
     granularity: str = "token"
-    rotation: str = "none"
+    rotation: str = "hadamard"
     rotation_seed: int = 0
 
     def __post_init__(self):
