@@ -200,7 +200,7 @@ def evaluate(model, windows: list[list[int]], specs: list[str], bits_at: int, lo
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_common_args(p)
-    p.add_argument("--specs", required=True, help="';'-separated kvcomp specs, each optionally with |edge=N*F, |sink=S")
+    p.add_argument("--specs", default="", help="';'-separated kvcomp specs, each optionally with |edge=N*F, |sink=S")
     p.add_argument("--tokens", type=int, default=2048)
     p.add_argument("--windows", type=int, default=2)
     p.add_argument("--text", default="pydoc")

@@ -42,7 +42,9 @@ DEFAULT_CACHES = [
     *[(f"kvcomp:rel_k={k},rel_v={v},{ROT}", "kvcomp rotated")
       for k, v in ((0.1, 0.2), (0.07, 0.1), (0.12, 0.25), (0.05, 0.1), (0.1, 0.15), (0.15, 0.3), (0.07, 0.15),
                    (0.1, 0.25))],
-    *[(f"kvcomp:rel_k={k},rel_v={v}", "kvcomp not rotated") for k, v in ((0.1, 0.1), (0.07, 0.1), (0.05, 0.1))],
+    *[(f"kvcomp:rel_k={k},rel_v={v},rotation=none", "kvcomp not rotated")
+      for k, v in ((0.1, 0.1), (0.07, 0.1), (0.05, 0.1))],
+    ("kvcomp", "kvcomp new default"),
     (f"kvcomp:rel_k=0.1,rel_v=0.2,{ROT},repack=none", "lever"),
     (f"kvcomp:rel_k=0.1,rel_v=0.2,{ROT},pack_size=8", "lever"),
     (f"kvcomp:rel_k=0.1,rel_v=0.2,{ROT},granularity=token_head", "lever"),
