@@ -122,7 +122,10 @@ class BlockStore:
         self.seg_bytes = torch.zeros(0, 2, h, dtype=torch.int32, device=device)
         self.token_min = torch.zeros(0, 2, BLOCK_SIZE, g, dtype=dtype, device=device)
         self.token_step = torch.zeros(0, 2, BLOCK_SIZE, g, dtype=torch.bfloat16, device=device)
-        self.perm = torch.zeros(0, BLOCK_SIZE, dtype=torch.uint8, device=device)
+        # repack "none" stores no permutation: every block shares one identity row
+        self.has_perm = fmt.repack != "none"
+        rows = 0 if self.has_perm else 1
+        self.perm = torch.arange(BLOCK_SIZE, device=device).to(torch.uint8).repeat(rows, 1)
 
     @staticmethod
     def _grown(t: torch.Tensor, needed: int, factor: float = 2.0) -> torch.Tensor:
@@ -156,10 +159,15 @@ class BlockStore:
             if self.used_bound + max_bytes > self.pool.numel():
                 self.pool = self._grown(self.pool, self.used_bound + max_bytes, factor=1 + POOL_HEADROOM)
         s0, s1 = self.n_slots, self.n_slots + n_blocks
-        for name in ("seg_offset", "seg_bytes", "token_min", "token_step", "perm"):
+        for name in ("seg_offset", "seg_bytes", "token_min", "token_step") + (("perm",) if self.has_perm else ()):
             setattr(self, name, self._grown(getattr(self, name), s1))
         self.n_slots = s1
         return s0, s1
+
+    def perm_of(self, n_slots: int) -> torch.Tensor:
+        """Permutation rows of n_slots slots (for "none": the shared identity row, stride 0; the store
+        kernel then rewrites that row with the identity and the decode kernel does not read it)."""
+        return self.perm if self.has_perm else self.perm.expand(n_slots, BLOCK_SIZE)
 
     def add(self, k: torch.Tensor, v: torch.Tensor, config: KVCompConfig) -> torch.Tensor:
         """Compress k, v [B, H, nb*64, D]; returns the new blocks' slot ids as int32 [B, nb]."""
@@ -172,7 +180,7 @@ class BlockStore:
             s0, s1 = self._reserve(b * nb, max_bytes)
             with torch.cuda.device(self.device):  # Triton launches on the current device (device_map="auto")
                 store_blocks(k, v, config, self.fmt, self.pool, self.pool_used, self.seg_offset, self.token_min,
-                             self.token_step, self.perm, s0, _segbytes_out=self.seg_bytes[s0:s1].view(-1))
+                             self.token_step, self.perm_of(s1), s0, _segbytes_out=self.seg_bytes[s0:s1].view(-1))
             self.used_bound += max_bytes
             if max_bytes >= FIT_POOL_AFTER_BYTES:  # a prefill-sized store: give back its worst-case reservation
                 self.fit_pool()
@@ -189,7 +197,8 @@ class BlockStore:
             self.seg_bytes[s0:s1] = enc.seg_bytes.to(torch.int32)
             self.token_min[s0:s1] = enc.token_min
             self.token_step[s0:s1] = enc.token_step
-            self.perm[s0:s1] = enc.perm
+            if self.has_perm:
+                self.perm[s0:s1] = enc.perm
             self.used_bound += nbytes
             self.pool_used += nbytes
         return torch.arange(s0, s1, dtype=torch.int32, device=self.device).view(b, nb)
@@ -199,7 +208,7 @@ class BlockStore:
         flat = slots.reshape(-1).long()
         enc = EncodedBlocks(data=self.pool, seg_offset=self.seg_offset[flat],
                             seg_bytes=self.seg_bytes[flat].long(), token_min=self.token_min[flat],
-                            token_step=self.token_step[flat], perm=self.perm[flat])
+                            token_step=self.token_step[flat], perm=self.perm_of(self.n_slots)[flat])
         k, v = codec.decode_blocks(enc, self.fmt)
         tail = tuple(k.shape[1:])
         return k.view(*slots.shape, *tail), v.view(*slots.shape, *tail)
@@ -215,7 +224,7 @@ class BlockStore:
             parts = codec.segment_breakdown(seg[:, kv], fmt, kv)
             parts.update({key: value * n for key, value in meta.items()})
             out[name] = parts
-        out["shared"] = {"perm": BLOCK_SIZE * n}
+        out["shared"] = {"perm": BLOCK_SIZE * n if self.has_perm else 0}
         return out
 
 

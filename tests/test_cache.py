@@ -216,7 +216,8 @@ def test_memory_report_counts_every_byte(tiny_llama):
     for layer in cache.layers:
         s = layer.store
         held += s.used_bytes()                                      # every segment byte, padding included
-        held += s.n_slots * (s.seg_offset[0].numel() * (8 + 4) + 2 * 64 * s.fmt.groups * (4 + 2) + 64)
+        perm = 64 if s.has_perm else 0                              # repack "none" stores no permutation
+        held += s.n_slots * (s.seg_offset[0].numel() * (8 + 4) + 2 * 64 * s.fmt.groups * (4 + 2) + perm)
         held += 2 * layer.keys.numel() * 4 + layer.block_table.numel() * 4
     assert report["compressed_bytes"] == pytest.approx(held)
     assert report["bits_per_value"] == pytest.approx(8 * held / (report["dense_bytes"] / 4))
