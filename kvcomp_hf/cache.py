@@ -67,6 +67,30 @@ def check_supported(model_config) -> None:
                          f"{cfg.attention_chunk_size})")
 
 
+def _check_shape_and_backend(model_config, config: KVCompConfig, backend: str) -> None:
+    """What can be known before the first forward: the model's head_dim must suit the block format, and
+    backend="triton" needs a CUDA GPU and a head_dim the kernels take (dtype and device are checked at the
+    first update, when the K/V arrive)."""
+    cfg = _text_config(model_config)
+    heads = getattr(cfg, "num_attention_heads", None)
+    head_dim = getattr(cfg, "head_dim", None) or (cfg.hidden_size // heads if heads and hasattr(cfg, "hidden_size")
+                                                  else None)
+    if not isinstance(head_dim, int):
+        return
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads or 1
+    name = getattr(cfg, "model_type", type(cfg).__name__)
+    try:
+        BlockFormat.from_config(config, kv_heads, head_dim)
+    except ValueError as err:
+        raise ValueError(f"kvcomp cannot store this model's K/V ({name}): {err}") from None
+    if backend == "triton":
+        if not torch.cuda.is_available():
+            raise ValueError("backend='triton' needs a CUDA GPU and none is available; use backend='auto' or 'torch'")
+        if head_dim < 16 or head_dim & (head_dim - 1):
+            raise ValueError(f"backend='triton' needs a power-of-two head_dim >= 16; {name} has head_dim {head_dim} "
+                             "(backend='auto' or 'torch' serve it)")
+
+
 @dataclass
 class CompressedKV:
     """What KVCompLayer.update returns in place of a dense K or V tensor.
@@ -470,6 +494,7 @@ class KVCompCache(Cache):
                              "pass the KVCompConfig, preset name or dict second")
         check_supported(config)
         self.kvcomp_config = resolve_config(kvcomp_config, **overrides)
+        _check_shape_and_backend(config, self.kvcomp_config, backend)
         n_layers = _text_config(config).num_hidden_layers
         super().__init__(layers=[KVCompLayer(self.kvcomp_config, config, backend) for _ in range(n_layers)])
 
