@@ -11,6 +11,10 @@ Pipeline for one block of `block_size` = 64 tokens of one sequence (K and V of a
        x̂    = m + step * q                                  # |x - x̂| <= step / 2 <= rel*(M-m)/2
    step == 0 (a constant group) gives q = 0 and x̂ = m exactly. `bits` depends only on rel:
    bits_for_rel(rel). The group's m is stored in the model dtype, step as bfloat16.
+   A group without a finite range (it holds a NaN or ±inf, or M - m overflows float32) is stored
+   as m = NaN, step = NaN, q = 0: it decodes as NaN (attention over it is NaN, as with a full
+   cache holding an inf), and the packs, bit widths and error bound of every other group are
+   unaffected.
 
 2. Repack ("median"): one permutation of the 64 tokens, shared by K and V and all heads, sorts
    tokens by the lower median of their quantised V integers (over all heads and channels),
@@ -144,6 +148,8 @@ def quantize(x: torch.Tensor, rel: float, bits: int, granularity: str):
     lo = groups.amin(-1)  # [n, T, G], exact in the model dtype
     hi = groups.amax(-1)
     step = round_step_to_bf16(torch.tensor(rel, dtype=torch.float32) * (hi.float() - lo.float()))
+    finite = torch.isfinite(step)  # NaN or ±inf in the group: stored as NaN, q = 0 (see the module docstring)
+    lo, step = lo.masked_fill(~finite, math.nan), step.masked_fill(~finite, math.nan)
     step32 = step.float()
     safe = torch.where(step32 > 0, step32, torch.ones_like(step32))
     q = torch.round((groups.float() - lo.float()[..., None]) / safe[..., None])
