@@ -247,7 +247,8 @@ class BlockStore:
     def decode(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Dequantise blocks (any shape of slot ids) -> float32 K, V [*slots.shape, H, 64, D] in arrival order."""
         flat = slots.reshape(-1).long()
-        enc = EncodedBlocks(data=self.pool, seg_offset=self.seg_offset[flat],
+        data = self.pool[: self.used_bound]  # not the spare capacity: the reader indexes all of `data`
+        enc = EncodedBlocks(data=data, seg_offset=self.seg_offset[flat],
                             seg_bytes=self.seg_bytes[flat].long(), token_min=self.token_min[flat],
                             token_step=self.token_step[flat], perm=self.perm[flat])
         k, v = codec.decode_blocks(enc, self.fmt)
