@@ -15,10 +15,9 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import codec
 from .codec import BLOCK_SIZE, BlockFormat, EncodedBlocks
-from .config import KVCompConfig, resolve_config
+from .config import BACKENDS, KVCompConfig, resolve_config
 
 ATTN_IMPLEMENTATION = "kvcomp"
-BACKENDS = ("auto", "torch", "triton")
 POOL_HEADROOM = 0.125  # byte pools grow (and are fitted) with 12.5% to spare
 FIT_POOL_AFTER_BYTES = 8 << 20  # stores that may reserve more than this are followed by fit_pool()
 COMPACT_SLACK = 0.25  # unreferenced blocks (beam reorder, batch selection, crop) may hold ~25% more slots

@@ -13,6 +13,7 @@ from typing import Any
 PACK_SIZES = (4, 8, 16)
 REPACK_METHODS = ("none", "median")
 GRANULARITIES = ("token", "token_head")
+BACKENDS = ("auto", "torch", "triton")  # KVCompCache(..., backend=): Triton kernels on CUDA, PyTorch, or either
 MIN_RESIDUAL = 128
 MIN_REL = 1e-4  # keeps the quantised integers within 14 bits (see codec.bits_for_rel)
 MAX_REL = 1.0
@@ -109,27 +110,45 @@ def available_presets() -> list[str]:
 def load_preset(name: str, *, _chain: tuple[str, ...] = ()) -> KVCompConfig:
     """Read configs/<name>.yaml (safe YAML). Its `config:` mapping holds KVCompConfig fields (and may name
     another preset to start from); everything else in the file (provenance, measurements) is documentation."""
+    path = _preset_path(name)
+    if name in _chain:
+        raise ValueError(f"preset {name!r} names itself: {' -> '.join(_chain + (name,))}")
+    return load_preset_file(path, _chain=_chain + (name,))
+
+
+def _preset_path(name: str) -> Path:
     if not isinstance(name, str) or not name or "/" in name or "\\" in name or name.startswith("."):
         raise ValueError(f"preset must be a preset name such as 'default', got {name!r}; "
                          f"available: {available_presets()}")
     path = next((d / f"{name}.yaml" for d in _preset_dirs() if (d / f"{name}.yaml").is_file()), None)
     if path is None:
         raise ValueError(f"unknown preset {name!r}; available: {available_presets()}")
-    if name in _chain:
-        raise ValueError(f"preset {name!r} names itself: {' -> '.join(_chain + (name,))}")
-    return load_preset_file(path, _chain=_chain + (name,))
+    return path
 
 
-def load_preset_file(path: str | Path, *, _chain: tuple[str, ...] = ()) -> KVCompConfig:
+def _read_preset_file(path: Path) -> dict[str, Any]:
     import yaml
 
-    path = Path(path)
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ValueError(f"preset file {path} is not valid YAML: {err}") from err
     if not isinstance(data, dict) or not isinstance(data.get("config"), dict):
         raise ValueError(f"preset file {path} must be a mapping with a 'config:' mapping of KVCompConfig fields")
+    return data
+
+
+def preset_info(name: str) -> dict[str, Any]:
+    """What `kvcomp-hf presets` shows: whether the preset was calibrated (its file says `calibrated: true`),
+    for which model, and the config it resolves to."""
+    data = _read_preset_file(_preset_path(name))
+    return {"calibrated": data.get("calibrated") is True, "model": data.get("model"),
+            "config": load_preset(name).to_dict()}
+
+
+def load_preset_file(path: str | Path, *, _chain: tuple[str, ...] = ()) -> KVCompConfig:
+    path = Path(path)
+    data = _read_preset_file(path)
     try:
         return KVCompConfig.from_dict(data["config"], _chain=_chain)
     except ValueError as err:
