@@ -421,8 +421,8 @@ class KVCompLayer(CacheLayerMixin):
         compact is decided from host-side counts, so most calls cost nothing: compact when the rows certainly
         leave COMPACT_SLACK of the slots unreferenced (more slots than block-table entries), or when the store
         grew by COMPACT_SLACK since the last compaction (beams share blocks, so the host cannot count the
-        unreferenced ones without a sync). Either way the store holds at most ~(1 + COMPACT_SLACK) times
-        the slots the rows reference, plus what was added since, and the copying stays linear overall."""
+        unreferenced ones without a sync). So the store holds at most (1 + COMPACT_SLACK) times the slots it
+        kept at its last compaction, syncs O(log n) times over a generation, and copies O(n) bytes in all."""
         n = self.store.n_slots if self.store is not None else 0
         if n == 0:
             return

@@ -11,7 +11,8 @@ import argparse
 import re
 import sys
 
-BACKENDS = ("auto", "torch", "triton")  # as kvcomp_hf.cache.BACKENDS (not imported: it needs transformers)
+from .config import BACKENDS
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
