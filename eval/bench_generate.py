@@ -34,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from kvcomp_hf.compat import CACHE_KWARG, returned_cache
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 GIB = 2 ** 30
 WEIGHTS_NOTE = ("Random weights: the speed and memory of the model and of the dense caches do not depend on the "
@@ -190,7 +192,7 @@ def generate_kwargs(cache: str, model, model_key: str) -> dict:
     if cache.startswith("hf-int"):
         from eval import common
 
-        return {"past_key_values": common.hf_quantized_cache(model.config, int(cache[-1]))}
+        return {CACHE_KWARG: common.hf_quantized_cache(model.config, int(cache[-1]))}
     raise ValueError(f"unknown cache {cache!r}; choose from {CACHES}")
 
 
@@ -319,7 +321,7 @@ def run_generate(model, model_key: str, cache: str, context: int, batch: int, ne
            "decode_ms_per_step": round(1e3 * decode_s / steps, 3) if decode_s else None,
            "decode_ms_per_step_median": round(1e3 * sorted(step_s)[len(step_s) // 2], 3) if step_s else None,
            "total_s": round(t_end - t0, 3), "peak_mem_gib": round(peak / GIB, 3) if peak is not None else None}
-    row.update(cache_numbers(out.past_key_values, model, batch, context + generated - 1))  # last token not cached
+    row.update(cache_numbers(returned_cache(out), model, batch, context + generated - 1))  # last token not cached
     del out, ids
     return row
 

@@ -29,6 +29,8 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
+from kvcomp_hf.compat import CACHE_KWARG
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # scripts run as `python eval/x.py` import `eval.*` and `kvcomp_hf`
     sys.path.insert(0, str(REPO_ROOT))
@@ -501,7 +503,7 @@ def greedy_generate(model, tokenizer, input_ids: list[int] | torch.Tensor, max_n
     if stop:
         kwargs["eos_token_id"] = stop
     if cache is not None:
-        kwargs["past_key_values"] = cache
+        kwargs[CACHE_KWARG] = cache
     out = model.generate(input_ids, **kwargs, temperature=None, top_p=None, top_k=None)
     new = out[0, input_ids.shape[1]:]
     text = tokenizer.decode(new, skip_special_tokens=True)

@@ -48,6 +48,7 @@ if str(REPO_ROOT) not in sys.path:
 import torch  # noqa: E402
 from lm_eval.api.registry import register_model  # noqa: E402
 from lm_eval.models.huggingface import HFLM  # noqa: E402
+from kvcomp_hf.compat import CACHE_KWARG, cache_kwargs  # noqa: E402
 
 from eval import common  # noqa: E402
 
@@ -147,7 +148,7 @@ class KVCompLM(HFLM):
     def _model_generate(self, context, max_length, stop, **generation_kwargs):
         cache = self._new_cache()
         if cache is not None:
-            generation_kwargs["past_key_values"] = cache
+            generation_kwargs[CACHE_KWARG] = cache
         out = super()._model_generate(context, max_length, stop, **generation_kwargs)
         self.kv_stats["generate_calls"] += 1
         self._record(cache, int(out.shape[1]) * int(out.shape[0]))
@@ -168,7 +169,7 @@ class KVCompLM(HFLM):
         with torch.no_grad(), torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
                                              enabled=self.mixed_precision_dtype is not None):
             for start in range(0, inps.shape[1], chunk):
-                out = self.model(input_ids=inps[:, start:start + chunk], past_key_values=cache, use_cache=True)
+                out = self.model(input_ids=inps[:, start:start + chunk], **cache_kwargs(cache), use_cache=True)
                 logits.append(out.logits)
                 self.kv_stats["loglik_forward_passes"] += 1
         self.kv_stats["loglik_calls"] += 1

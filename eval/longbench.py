@@ -49,6 +49,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from eval import longbench_config as C  # noqa: E402
+from kvcomp_hf.compat import CACHE_KWARG  # noqa: E402
 
 # ============================================================================================= metrics
 # Each metric takes (prediction, ground_truth, **kwargs) and returns a score in [0, 1], as LongBench/metrics.py.
@@ -434,7 +435,7 @@ def generate_one(model, tokenizer, input_ids: list[int], max_new_tokens: int, sp
     if min_new_tokens:
         kwargs["min_new_tokens"] = min_new_tokens
     if cache is not None:
-        kwargs["past_key_values"] = cache
+        kwargs[CACHE_KWARG] = cache
     with torch.no_grad():
         out = model.generate(ids, **kwargs)
     new = out[0, ids.shape[1]:]

@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from kvcomp_hf.compat import cache_kwargs
+
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -82,7 +84,7 @@ def evaluate_window(model, ids: list[int], specs: list[common.CacheSpec], chunk:
         target = x[0, s + 1:e + 1].cpu()
         logps = {}
         for name, cache in caches.items():
-            out = model(input_ids=inp, past_key_values=cache, use_cache=True)
+            out = model(input_ids=inp, **cache_kwargs(cache), use_cache=True)
             logps[name] = torch.log_softmax(out.logits[0].float(), dim=-1).cpu()
             del out
         ref_lp = logps[ref] if ref else None

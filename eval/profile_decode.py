@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from kvcomp_hf.compat import cache_kwargs
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from eval.bench_generate import (LLAMA31_8B, SMOLLM2_135M, StepTimer, generate_kwargs,  # noqa: E402
                                  import_kvcomp, llama_config, random_llama, sdpa_backends)
@@ -42,7 +44,7 @@ def _new_cache(cache: str, model, model_key: str):
 def _prefill(model, cache_obj, ids, chunk: int):
     out = None
     for s in range(0, ids.shape[1], chunk):
-        out = model(ids[:, s:s + chunk], past_key_values=cache_obj, use_cache=True, logits_to_keep=1)
+        out = model(ids[:, s:s + chunk], **cache_kwargs(cache_obj), use_cache=True, logits_to_keep=1)
     return out.logits[:, -1:].argmax(-1)
 
 
@@ -76,7 +78,7 @@ def _profile_cache(model, model_key: str, cache: str, context: int, batch: int, 
         for _ in range(steps):
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            tok = model(tok, past_key_values=cache_obj, use_cache=True).logits[:, -1:].argmax(-1)
+            tok = model(tok, **cache_kwargs(cache_obj), use_cache=True).logits[:, -1:].argmax(-1)
             torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
         times.sort()
@@ -84,7 +86,7 @@ def _profile_cache(model, model_key: str, cache: str, context: int, batch: int, 
         n_prof = 4
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(n_prof):
-                tok = model(tok, past_key_values=cache_obj, use_cache=True).logits[:, -1:].argmax(-1)
+                tok = model(tok, **cache_kwargs(cache_obj), use_cache=True).logits[:, -1:].argmax(-1)
             torch.cuda.synchronize()
     events = prof.key_averages()
     gpu_us = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)

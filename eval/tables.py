@@ -12,17 +12,24 @@ import json
 
 def kernels_table(data: dict) -> str:
     info = data["info"]
-    lines = [f"{info['device']}, torch {info['torch']}, triton {info['triton']}, copy bandwidth "
-             f"{info['copy_bandwidth_GBps']:.0f} GB/s; {info['timing']}. Fused decode at 4 warps "
-             "(the default) where the run measured it as a variant.", "",
+    date = f"{info['date']}, " if info.get("date") else ""
+    lines = [f"{date}{info['device']}, torch {info['torch']}, triton {info['triton']}, copy bandwidth "
+             f"{info['copy_bandwidth_GBps']:.0f} GB/s; config {_config(info.get('config', {}))}; {info['timing']}.", "",
              "| shape | context | batch | bits/value | fused ms | SDPA bf16 ms | cuBLAS q·Kᵀ+p·V ms | fused / SDPA speed-up "
              "| fused / roofline | store GB/s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in data["rows"]:
-        fused = (r.get("variants_ms") or {}).get("w4", r["fused_ms"])
+        if "skipped" in r:
+            continue
+        fused = r["fused_ms"]
         lines.append(f"| {r['shape']} | {r['context']} | {r['batch']} | {r['bits_per_value']:.2f} | {fused:.3f} | "
                      f"{r['sdpa_bf16_ms']:.3f} | {r['cublas_ms']:.3f} | {r['sdpa_bf16_ms'] / fused:.2f}x | "
                      f"{fused / r['roofline_ms']:.1f}x | {r['store_GBps_bf16_input']:.0f} |")
     return "\n".join(lines)
+
+
+def _config(cfg: dict) -> str:
+    keys = ("rel_k", "rel_v", "pack_size", "repack", "granularity")
+    return ", ".join(f"{k} {cfg[k]}" for k in keys if k in cfg)
 
 
 def generate_table(data: dict) -> str:

@@ -9,7 +9,7 @@ if __name__ == "kernels":
     __version__ = "N/A"
     __all__ = []
 else:
-    from .decode_attention import choose_splits, decode_attention
+    from .decode_attention import DecodeTuning, choose_tuning, decode_attention
     from .store import encode_blocks_triton, store_blocks
 
-    __all__ = ["store_blocks", "encode_blocks_triton", "decode_attention", "choose_splits"]
+    __all__ = ["store_blocks", "encode_blocks_triton", "decode_attention", "DecodeTuning", "choose_tuning"]

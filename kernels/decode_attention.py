@@ -1,12 +1,14 @@
-"""Triton fused decompress + attention for decode (q_len 1..8), flash-decoding style.
+"""Triton fused decompress + attention for decode (q_len 1..16), flash-decoding style.
 
 Programs run over (batch, kv-head, split of compressed blocks) plus one extra split per
-(batch, kv-head) for the dense tail. Each program unpacks K of a block in registers (pack mins,
-widths, prefix sum of widths, payload fields read through 32-bit words of the pool), scores all
-query rows of the GQA group (q_len x group rows, padded to 16 for the matrix unit), keeps an
-online softmax, unpacks V and accumulates. Scale and min fold out of the inner loop:
-    q . k_hat = step * (q . int) + min * sum(q)
-    sum_t p_t v_hat_t = sum_t (p_t * step_t) int_t + sum_t p_t * min_t
+(batch, kv-head) for the dense tail. Each program walks its blocks; per block and K|V segment it
+reads the pack mins and widths (one exclusive sum of the widths gives every pack's bit offset),
+then the payload as chunks of CJ fields (CJ * width <= 32 bits, two 32-bit words each), unpacks
+the residuals r straight into a [64, D] dot operand (bf16 bit patterns 0x4300 | r = 128 + r), scores
+all query rows of the GQA group (q_len x group rows, padded to 16 for the matrix unit), keeps an
+online softmax and accumulates V. Scale, token min and pack min fold out of the per-value work:
+    q . k_hat_t = step_t * (q . r_t + sum_c q_c pmin_c) + min_t * sum(q)
+    sum_t p_t v_hat_t = sum_t (p_t step_t) r_t + pmin * sum_t p_t step_t + sum_t p_t min_t
 A combine kernel merges the splits (one softmax over all tokens) and writes out in q's dtype.
 Nothing decompressed goes to global memory; accumulation is float32.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -24,92 +27,163 @@ from kvcomp_hf.codec import BLOCK_SIZE, BlockFormat, width_bits
 
 LOG2E = 1.4426950408889634
 
-# Dot precisions for 16-bit models: the integers (up to 11 bits) and 16-bit q/k/v are exact in tf32.
-# The V dot multiplies float32 weights p*step: they are split into a tf32 part and a remainder
-# (two tf32 dots on the same operand), ~float32 precision. KVCOMP_SPLIT_V=0 uses one tf32 dot.
-SPLIT_V_16 = os.environ.get("KVCOMP_SPLIT_V", "1") == "1"
-DECODE_WARPS = int(os.environ.get("KVCOMP_DECODE_WARPS", "0"))  # 0: by head_dim (4 up to D=128: measured best)
-FAST_PATH = os.environ.get("KVCOMP_DECODE_FAST", "1") == "1"  # bf16 operands (16-bit models, bits <= 7)
-NUM_STAGES = 1  # the pipeliner would stage the gathered words through shared memory: slower
+
+@dataclass(frozen=True)
+class DecodeTuning:
+    """Launch settings of the decode kernel, chosen from the shape by `choose_tuning` (or given)."""
+
+    num_warps: int = 4
+    split_waves: int = 16          # aim for this many (batch, head, split) programs per SM
+    min_blocks_per_split: int = 8  # but give every split at least this many blocks
+    prefetch: bool = True          # issue the next block's payload loads before this block's math
+    split_v: bool = True           # V weights as two dots (hi + lo), ~float32 precision; False: one
+                                   # 16-bit dot (~125 fewer SASS per block, weights rounded to 2**-9)
+    maxnreg: int | None = None     # register cap per thread (None: the compiler's choice)
+
+    def splits(self, batch: int, kv_heads: int, nb: int, sms: int) -> tuple[int, int]:
+        """(num_splits, blocks_per_split)."""
+        if nb == 0:
+            return 0, 1
+        want = max(1, math.ceil(self.split_waves * sms / max(1, batch * kv_heads)))
+        ns = max(1, min(want, nb // self.min_blocks_per_split, nb))
+        bps = math.ceil(nb / ns)
+        return math.ceil(nb / bps), bps
+
+
+def choose_tuning(head_dim: int, batch: int = 1, kv_heads: int = 1, nb: int = 0) -> DecodeTuning:
+    """Defaults from the H200 variants run (eval/results/bench_kernels.json): 4 warps up to D=128; with
+    few (batch, head) rows, short contexts want short splits (4 blocks) and long ones long splits (16)."""
+    rows = batch * kv_heads
+    min_blocks = 8 if rows > 16 else (4 if nb < 256 else 16)
+    return DecodeTuning(num_warps=4 if head_dim <= 128 else 8, min_blocks_per_split=min_blocks)
+
+
+def _pow2_floor(x: int) -> int:
+    return 1 << (max(1, x).bit_length() - 1)
+
+
+def chunk_fields(bits: int, pack_size: int) -> int:
+    """Fields per payload chunk: CJ * bits <= 32, a power of two, at most a pack and at most 8 (the
+    unpacker's join tree)."""
+    return min(pack_size, 8, _pow2_floor(32 // bits))
 
 
 @triton.jit
-def _read_fields(seg, bit, L, L_MAX: tl.constexpr):
-    """Fields of width L (int32 0..L_MAX <= 16, or a constant) at int32 bit offsets `bit` relative to
-    the segment's first word `seg` (an int32 pointer)."""
+def _fields(seg, bit, BITS: tl.constexpr):
+    """Fields of BITS (<= 16) bits at int32 bit offsets `bit` relative to the int32 pointer `seg`."""
     w = bit >> 5
     s = (bit & 31).to(tl.uint32)
-    lo = tl.load(seg + w, mask=L > 0, other=0).to(tl.uint32, bitcast=True)
-    hi = tl.load(seg + w + 1, mask=(bit & 31) + L > 32, other=0).to(tl.uint32, bitcast=True)
+    lo = tl.load(seg + w).to(tl.uint32, bitcast=True)
+    hi = tl.load(seg + w + 1, mask=(bit & 31) + BITS > 32, other=0).to(tl.uint32, bitcast=True)
     v = (lo >> s) | ((hi << 1) << (31 - s))
-    return (v & ((tl.full(bit.shape, 1, tl.uint32) << L.to(tl.uint32)) - 1)).to(tl.int32)
+    return (v & ((1 << BITS) - 1)).to(tl.int32)
 
 
 @triton.jit
-def _meta(seg, NP: tl.constexpr, BITS: tl.constexpr, WB: tl.constexpr):
-    """Pack mins and widths of one segment -> int32 [NP] each, in pack order."""
-    i = tl.arange(0, NP)
-    pmin = _read_fields(seg, i * BITS, tl.full([NP], BITS, tl.int32), BITS)
-    width = _read_fields(seg, NP * BITS + i * WB, tl.full([NP], WB, tl.int32), WB)
+def _seg_meta(seg, R: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, WB: tl.constexpr):
+    """Pack mins and widths of one segment -> int32 [D, R] each ([c, p]: pack p*D + c, tokens p*P..)."""
+    i = tl.arange(0, R)[None, :] * D + tl.arange(0, D)[:, None]
+    pmin = _fields(seg, i * BITS, BITS)
+    width = _fields(seg, R * D * BITS + i * WB, WB)
     return pmin, width
 
 
 @triton.jit
-def _payload(seg, start, width, base, P: tl.constexpr, NP: tl.constexpr, CJ: tl.constexpr):
-    """Payload of one segment, one thread per pack: -> int32 [P, NP] (value j of pack i) = field + base.
-
-    start [NP]: bit offset of each pack relative to the segment. A pack is read as P / CJ chunks of CJ
-    values (CJ * width <= 64 bits); each chunk is three (masked) 32-bit words funnelled into one uint64."""
-    NCH: tl.constexpr = P // CJ
-    ch = tl.arange(0, NCH)[:, None]
-    w2d = width[None, :]
-    need = CJ * w2d
-    cs = start[None, :] + ch * need                       # [NCH, NP] chunk start bit
-    wi = cs >> 5
-    r = cs & 31
-    x0 = tl.load(seg + wi, mask=need > 0, other=0).to(tl.uint32, bitcast=True).to(tl.uint64)
-    x1 = tl.load(seg + wi + 1, mask=r + need > 32, other=0).to(tl.uint32, bitcast=True).to(tl.uint64)
-    x2 = tl.load(seg + wi + 2, mask=r + need > 64, other=0).to(tl.uint32, bitcast=True).to(tl.uint64)
-    ru = r.to(tl.uint64)
-    x = ((x0 | (x1 << 32)) >> ru) | ((x2 << 32) << (32 - ru))   # x2 != 0 only when r > 0
-    jj = tl.arange(0, CJ)[None, :, None]
-    sh = (jj * w2d[:, None, :]).to(tl.uint64)            # [1, CJ, NP]
-    mask = ((tl.full([NP], 1, tl.uint32) << width.to(tl.uint32)) - 1)[None, None, :]
-    f = (x[:, None, :] >> sh).to(tl.uint32) & mask       # [NCH, CJ, NP]
-    v = f.to(tl.int32) + base[None, None, :]
-    return tl.reshape(v, (P, NP))
-
-
-@triton.jit
-def _as_operand(v, FAST: tl.constexpr, INTERP: tl.constexpr):
-    """int32 values -> dot operand: bf16 bit patterns 0x4300 + q (= 128 + q, exact) or float32.
-    (The interpreter's bf16 dot is wrong: it gets float32 operands holding the same values.)"""
-    if FAST:
-        if INTERP:
-            return (v - 0x4300 + 128).to(tl.float32)
-        return v.to(tl.int16).to(tl.bfloat16, bitcast=True)
+def _chunk_words(seg, width, META: tl.constexpr, R: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
+                 CJ: tl.constexpr):
+    """Issue the payload loads of one segment: chunk k (tokens k*CJ .. k*CJ+CJ-1) of channel c is
+    CJ fields of L bits (CJ * L <= 32) at a known bit offset, read as two 32-bit words.
+    width [D, R]. Returns (lo, hi, shift, L), each [D, 64 // CJ]."""
+    GP: tl.constexpr = P // CJ
+    if R == 1:
+        excl = tl.cumsum(width, axis=0) - width       # exclusive sum of widths in pack (= channel) order
     else:
-        return v.to(tl.float32)
+        flat = tl.reshape(tl.trans(width), (R * D,))
+        excl = tl.trans(tl.reshape(tl.cumsum(flat, axis=0) - flat, (R, D)))
+    gp = tl.arange(0, GP)[None, None, :]
+    start = META * 8 + P * excl[:, :, None] + gp * (CJ * width[:, :, None])       # [D, R, GP]
+    L = tl.reshape(tl.broadcast_to(width[:, :, None], (D, R, GP)), (D, R * GP))
+    start = tl.reshape(start, (D, R * GP))
+    wi = start >> 5
+    sh = start & 31
+    lo = tl.load(seg + wi, mask=L > 0, other=0).to(tl.uint32, bitcast=True)
+    hi = tl.load(seg + wi + 1, mask=sh + CJ * L > 32, other=0).to(tl.uint32, bitcast=True)
+    return lo, hi, sh, L
 
 
 @triton.jit
-def _k_operand(v, P: tl.constexpr, R: tl.constexpr, D: tl.constexpr):
-    """[P, R*D] (j, r*D + c) -> [D, 64] (c, r*P + j)."""
-    return tl.reshape(tl.permute(tl.reshape(v, (P, R, D)), (2, 1, 0)), (D, R * P))
+def _funnel(lo, hi, sh):
+    """The 32 bits of hi:lo starting at bit sh (0..31)."""
+    s = sh.to(tl.uint32)
+    return (lo >> s) | ((hi << 1) << (31 - s))
 
 
 @triton.jit
-def _v_operand(v, P: tl.constexpr, R: tl.constexpr, D: tl.constexpr):
-    """[P, R*D] (j, r*D + c) -> [64, D] (r*P + j, c)."""
-    return tl.reshape(tl.permute(tl.reshape(v, (P, R, D)), (1, 0, 2)), (R * P, D))
+def _tile(x, L, pmin, CJ: tl.constexpr, D: tl.constexpr, R: tl.constexpr, ADD_MIN: tl.constexpr,
+          FAST: tl.constexpr, INTERP: tl.constexpr):
+    """Payload chunks x [D, 64 // CJ] (see _funnel) -> the block's residuals as a dot operand [D, 64] (channel c,
+    token k*CJ + j): bf16 bit patterns 0x4300 | r (= 128 + r, exact for r < 128) when FAST, else
+    float32 r (pmin + r with ADD_MIN; pmin [D, R]). The CJ fields of a chunk are peeled off one after the other
+    (mask, shift right by L: no per-field shift amounts to keep) in the thread that loaded it, and
+    joined along new minor dimensions (registers), so each thread holds CJ adjacent tokens of one channel."""
+    Lu = L.to(tl.uint32)
+    mask = (tl.full(L.shape, 1, tl.uint32) << Lu) - 1
+    f0 = x & mask
+    x = x >> Lu
+    f1 = x & mask
+    if CJ == 2:
+        v = tl.join(f0, f1)
+    else:
+        x = x >> Lu
+        f2 = x & mask
+        x = x >> Lu
+        f3 = x & mask
+        if CJ == 4:
+            # element (a, b) of the joined dims is field 2a + b
+            v = tl.join(tl.join(f0, f2), tl.join(f1, f3))
+        else:
+            x = x >> Lu
+            f4 = x & mask
+            x = x >> Lu
+            f5 = x & mask
+            x = x >> Lu
+            f6 = x & mask
+            x = x >> Lu
+            f7 = x & mask
+            # element (a, b, c) of the joined dims is field 4a + 2b + c
+            v = tl.join(tl.join(tl.join(f0, f4), tl.join(f2, f6)), tl.join(tl.join(f1, f5), tl.join(f3, f7)))
+    v = tl.reshape(v, (D, 64))
+    if ADD_MIN:  # pmin + r < 2**bits
+        v = v + tl.reshape(tl.broadcast_to(pmin[:, :, None], (D, R, 64 // R)), (D, 64)).to(tl.uint32)
+    if FAST and not INTERP:
+        out = (v | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
+    elif FAST:  # the interpreter's bf16 dot is wrong: float32 operands holding the same values
+        out = (v + 128).to(tl.float32)
+    else:
+        out = v.to(tl.float32)
+    return out
+
+
+@triton.jit
+def _softmax_step(s, valid, m_i, l_i):
+    """Online softmax over one tile of base-2 scores s [M, N] -> (new row max, rescale factor of the old
+    partials, probabilities, new row sums). Fully masked rows keep max -inf and weight 0."""
+    s = tl.where(valid, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    return m_new, alpha, p, l_i * alpha + tl.sum(p, axis=1)
 
 
 @triton.jit
 def _bf16_op(x, INTERP: tl.constexpr):
     """float32 -> bf16 dot operand (float32 holding the bf16 value in the interpreter)."""
     if INTERP:
-        return x.to(tl.bfloat16).to(tl.float32)
-    return x.to(tl.bfloat16)
+        out = x.to(tl.bfloat16).to(tl.float32)
+    else:
+        out = x.to(tl.bfloat16)
+    return out
 
 
 @triton.jit
@@ -132,10 +206,11 @@ def _decode_kernel(q_ptr, sq_b, sq_h, sq_t, sq_d,
                    GROUP: tl.constexpr, QLEN: tl.constexpr, M: tl.constexpr, D: tl.constexpr,
                    P: tl.constexpr, BITS_K: tl.constexpr, BITS_V: tl.constexpr, WB_K: tl.constexpr,
                    WB_V: tl.constexpr, META_K: tl.constexpr, META_V: tl.constexpr,
-                   TOKEN_GRAN: tl.constexpr, HAS_MASK: tl.constexpr,
+                   CJ_K: tl.constexpr, CJ_V: tl.constexpr,
+                   TOKEN_GRAN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_PERM: tl.constexpr,
                    PREC_K: tl.constexpr, PREC_V: tl.constexpr, SPLIT_V: tl.constexpr,
-                   FAST: tl.constexpr, Q_SPLIT: tl.constexpr, SCAN16: tl.constexpr, CJ_K: tl.constexpr,
-                   CJ_V: tl.constexpr, INTERP: tl.constexpr):
+                   FAST: tl.constexpr, Q_SPLIT: tl.constexpr, PREFETCH: tl.constexpr, TAIL16: tl.constexpr,
+                   INTERP: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
     s_id = tl.program_id(2)
@@ -161,121 +236,133 @@ def _decode_kernel(q_ptr, sq_b, sq_h, sq_t, sq_d,
         gsel = h
     if s_id < NS:
         R: tl.constexpr = 64 // P
-        NP: tl.constexpr = R * D
         if FAST:
-            # q as bf16 (hi + lo when q is fp16: exact); integers as bf16 128 + q
+            # q as bf16 (hi + lo when q is fp16: exact); the tile holds 128 + r
             q_hi = _bf16_op(q, INTERP)
             q_lo = _bf16_op(q - q_hi.to(tl.float32), INTERP)
-            offk = 0x4300
+            off = 128.0
         else:
-            offk = 0
+            off = 0.0
         accmin = tl.zeros([M], tl.float32)
         blk_lo = s_id * bps
         blk_hi = tl.minimum(blk_lo + bps, nb)
-        # Software pipeline over blocks (no dependent load chain inside an iteration): iteration
-        # blk loads the slot of blk + 3, the segment offsets of blk + 2 and the pack metadata of
-        # blk + 1, and the payload of blk (its metadata came one iteration earlier).
         last = blk_hi - 1
         bt_row = bt_ptr + b64 * bt_b
+        # Software pipeline: the dependent chain block table -> segment offsets -> pack metadata ->
+        # payload is spread over iterations, so an iteration only waits for loads issued one
+        # iteration earlier (PREFETCH: the payload of the next block too).
         slot = tl.load(bt_row + blk_lo).to(tl.int64)
         slot1 = tl.load(bt_row + tl.minimum(blk_lo + 1, last)).to(tl.int64)
         slot2 = tl.load(bt_row + tl.minimum(blk_lo + 2, last)).to(tl.int64)
-        k_off = tl.load(so_ptr + slot * so_s + h)
-        v_off = tl.load(so_ptr + slot * so_s + so_kv + h)
-        k_off1 = tl.load(so_ptr + slot1 * so_s + h)
-        v_off1 = tl.load(so_ptr + slot1 * so_s + so_kv + h)
-        kpmin, kw = _meta(pool32 + (k_off >> 2), NP, BITS_K, WB_K)
-        vpmin, vw = _meta(pool32 + (v_off >> 2), NP, BITS_V, WB_V)
+        segk = pool32 + (tl.load(so_ptr + slot * so_s + h) >> 2)
+        segv = pool32 + (tl.load(so_ptr + slot * so_s + so_kv + h) >> 2)
+        segk1 = pool32 + (tl.load(so_ptr + slot1 * so_s + h) >> 2)
+        segv1 = pool32 + (tl.load(so_ptr + slot1 * so_s + so_kv + h) >> 2)
+        kpmin, kw = _seg_meta(segk, R, D, BITS_K, WB_K)
+        vpmin, vw = _seg_meta(segv, R, D, BITS_V, WB_V)
+        kpmin1, kw1 = _seg_meta(segk1, R, D, BITS_K, WB_K)
+        vpmin1, vw1 = _seg_meta(segv1, R, D, BITS_V, WB_V)
+        klo, khi, ksh, kL = _chunk_words(segk, kw, META_K, R, D, P, CJ_K)
+        vlo, vhi, vsh, vL = _chunk_words(segv, vw, META_V, R, D, P, CJ_V)
+        kx = _funnel(klo, khi, ksh)
+        vx = _funnel(vlo, vhi, vsh)
         for blk in range(blk_lo, blk_hi):
             slot3 = tl.load(bt_row + tl.minimum(blk + 3, last)).to(tl.int64)
-            k_off2 = tl.load(so_ptr + slot2 * so_s + h)
-            v_off2 = tl.load(so_ptr + slot2 * so_s + so_kv + h)
-            kpmin1, kw1 = _meta(pool32 + (k_off1 >> 2), NP, BITS_K, WB_K)
-            vpmin1, vw1 = _meta(pool32 + (v_off1 >> 2), NP, BITS_V, WB_V)
-            segk = pool32 + (k_off >> 2)
-            segv = pool32 + (v_off >> 2)
-            if SCAN16:  # one scan for both segments: the sums of widths stay below 2**16
-                cw = kw | (vw << 16)
-                ex = tl.cumsum(cw, axis=0) - cw
-                kex = ex & 0xFFFF
-                vex = ex >> 16
+            segk2 = pool32 + (tl.load(so_ptr + slot2 * so_s + h) >> 2)
+            segv2 = pool32 + (tl.load(so_ptr + slot2 * so_s + so_kv + h) >> 2)
+            kpmin2, kw2 = _seg_meta(segk2, R, D, BITS_K, WB_K)
+            vpmin2, vw2 = _seg_meta(segv2, R, D, BITS_V, WB_V)
+            if PREFETCH:
+                klo1, khi1, ksh1, kL1 = _chunk_words(segk1, kw1, META_K, R, D, P, CJ_K)
+                vlo1, vhi1, vsh1, vL1 = _chunk_words(segv1, vw1, META_V, R, D, P, CJ_V)
+            kmin = tl.load(tmin_ptr + slot * tm_s + idx * tm_t + gsel).to(tl.float32)
+            kstep = tl.load(tstep_ptr + slot * ts_s + idx * ts_t + gsel).to(tl.float32)
+            vmin = tl.load(tmin_ptr + slot * tm_s + tm_kv + idx * tm_t + gsel).to(tl.float32)
+            vstep = tl.load(tstep_ptr + slot * ts_s + ts_kv + idx * ts_t + gsel).to(tl.float32)
+            if HAS_PERM:
+                pos = blk * 64 + tl.load(perm_ptr + slot * pm_s + idx).to(tl.int32)
             else:
-                kex = tl.cumsum(kw, axis=0) - kw
-                vex = tl.cumsum(vw, axis=0) - vw
-            perm = tl.load(perm_ptr + slot * pm_s + idx).to(tl.int32)
-            pos = blk * 64 + perm
+                pos = blk * 64 + idx
             valid = pos[None, :] <= qpos[:, None]
             if HAS_MASK:
                 ok = tl.load(valid_ptr + b64 * va_b + pos).to(tl.int1)
                 valid = valid & ok[None, :]
-            kmin = tl.load(tmin_ptr + slot * tm_s + idx * tm_t + gsel).to(tl.float32)
-            kstep = tl.load(tstep_ptr + slot * ts_s + idx * ts_t + gsel).to(tl.float32)
-            kint = _payload(segk, META_K * 8 + P * kex, kw, kpmin + offk, P, NP, CJ_K)
-            kT = _k_operand(_as_operand(kint, FAST, INTERP), P, R, D)
+            # scores: q . x_hat = step * (q . r + q . pmin) + min * sum(q)
+            kt = _tile(kx, kL, kpmin, CJ_K, D, R, True, FAST, INTERP)
             if FAST:
-                s = tl.dot(q_hi, kT)
+                s = tl.dot(q_hi, kt)
                 if Q_SPLIT:
-                    s = tl.dot(q_lo, kT, s)
-                kmin = kmin - 128.0 * kstep
+                    s = tl.dot(q_lo, kt, s)
             else:
-                s = tl.dot(q, kT, input_precision=PREC_K)
+                s = tl.dot(q, kt, input_precision=PREC_K)
+            s = s - off * qsum[:, None]  # the K tile holds pmin + r (+ off)
             s = (s * kstep[None, :] + qsum[:, None] * kmin[None, :]) * scale_log2
-            s = tl.where(valid, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            vmin = tl.load(tmin_ptr + slot * tm_s + tm_kv + idx * tm_t + gsel).to(tl.float32)
-            vstep = tl.load(tstep_ptr + slot * ts_s + ts_kv + idx * ts_t + gsel).to(tl.float32)
-            vint = _payload(segv, META_V * 8 + P * vex, vw, vpmin + offk, P, NP, CJ_V)
-            vop = _v_operand(_as_operand(vint, FAST, INTERP), P, R, D)
+            m_new, alpha, p, l_i = _softmax_step(s, valid, m_i, l_i)
+            # values: sum_t p x_hat = sum_t (p step) r + sum_p (sum_t p step) pmin + sum_t p min
+            vt = tl.trans(_tile(vx, vL, vpmin, CJ_V, D, R, R > 1, FAST, INTERP))
             w = p * vstep[None, :]
             if FAST:
-                vmin = vmin - 128.0 * vstep
                 w_hi = _bf16_op(w, INTERP)
-                w_lo = _bf16_op(w - w_hi.to(tl.float32), INTERP)
-                pv = tl.dot(w_hi, vop)
-                pv = tl.dot(w_lo, vop, pv)
+                pv = tl.dot(w_hi, vt)
+                if SPLIT_V:  # the bf16 rounding remainder of the weights: ~float32 weights
+                    pv = tl.dot(_bf16_op(w - w_hi.to(tl.float32), INTERP), vt, pv)
+                else:  # the offset and min corrections must use the weights the dot used (128 + r)
+                    w = w_hi.to(tl.float32)
             elif SPLIT_V:
                 w_hi, w_lo = _split_tf32(w)
-                pv = tl.dot(w_hi, vop, input_precision=PREC_V)
-                pv = tl.dot(w_lo, vop, pv, input_precision=PREC_V)
+                pv = tl.dot(w_hi, vt, input_precision=PREC_V)
+                pv = tl.dot(w_lo, vt, pv, input_precision=PREC_V)
             else:
-                pv = tl.dot(w, vop, input_precision=PREC_V)
+                pv = tl.dot(w, vt, input_precision=PREC_V)
+            if R == 1:  # pack-64 V mins fold out of the tile: 1-D vectors, no [M, D] layout conversion
+                pv += tl.sum(w, axis=1)[:, None] * (tl.reshape(vpmin, (D,)).to(tl.float32) - off)[None, :]
+            else:
+                pv -= off * tl.sum(w, axis=1)[:, None]
             acc = acc * alpha[:, None] + pv
             accmin = accmin * alpha + tl.sum(p * vmin[None, :], axis=1)
             m_i = m_new
+            # rotate the pipeline
+            if not PREFETCH:
+                klo1, khi1, ksh1, kL1 = _chunk_words(segk1, kw1, META_K, R, D, P, CJ_K)
+                vlo1, vhi1, vsh1, vL1 = _chunk_words(segv1, vw1, META_V, R, D, P, CJ_V)
+            kx, kL = _funnel(klo1, khi1, ksh1), kL1
+            vx, vL = _funnel(vlo1, vhi1, vsh1), vL1
+            kpmin, vpmin = kpmin1, vpmin1
+            kpmin1, kw1, vpmin1, vw1 = kpmin2, kw2, vpmin2, vw2
+            segk1, segv1 = segk2, segv2
             slot, slot1, slot2 = slot1, slot2, slot3
-            k_off, v_off, k_off1, v_off1 = k_off1, v_off1, k_off2, v_off2
-            kpmin, kw, vpmin, vw = kpmin1, kw1, vpmin1, vw1
         acc = acc + accmin[:, None]
     else:
+        if TAIL16:  # q and the tail in one 16-bit dtype: native operands (exact products), half the registers
+            q16 = q.to(q_ptr.dtype.element_ty)
         for t0 in range(0, T, 64):
             t = t0 + idx
             tok = t < T
             kx = tl.load(kt_ptr + b64 * skt_b + h.to(tl.int64) * skt_h + t.to(tl.int64)[:, None] * skt_t
-                         + cols[None, :] * skt_d, mask=tok[:, None], other=0.0).to(tl.float32)
-            s = tl.dot(q, tl.trans(kx), input_precision=PREC_K) * scale_log2
+                         + cols[None, :] * skt_d, mask=tok[:, None], other=0.0)
+            if TAIL16:
+                s = tl.dot(q16, tl.trans(kx)) * scale_log2
+            else:
+                s = tl.dot(q, tl.trans(kx.to(tl.float32)), input_precision=PREC_K) * scale_log2
             pos = nb * 64 + t
             valid = tok[None, :] & (pos[None, :] <= qpos[:, None])
             if HAS_MASK:
                 ok = tl.load(valid_ptr + b64 * va_b + pos, mask=tok, other=0).to(tl.int1)
                 valid = valid & ok[None, :]
-            s = tl.where(valid, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
+            m_new, alpha, p, l_i = _softmax_step(s, valid, m_i, l_i)
             vx = tl.load(vt_ptr + b64 * svt_b + h.to(tl.int64) * svt_h + t.to(tl.int64)[:, None] * svt_t
-                         + cols[None, :] * svt_d, mask=tok[:, None], other=0.0).to(tl.float32)
-            if SPLIT_V:
+                         + cols[None, :] * svt_d, mask=tok[:, None], other=0.0)
+            if TAIL16:  # p = hi + lo in the tail dtype (~2**-16 relative)
+                p_hi = p.to(vx.dtype)
+                p_lo = (p - p_hi.to(tl.float32)).to(vx.dtype)
+                pv = tl.dot(p_hi, vx)
+                pv = tl.dot(p_lo, vx, pv)
+            elif SPLIT_V:
                 p_hi, p_lo = _split_tf32(p)
-                pv = tl.dot(p_hi, vx, input_precision=PREC_V)
-                pv = tl.dot(p_lo, vx, pv, input_precision=PREC_V)
+                pv = tl.dot(p_hi, vx.to(tl.float32), input_precision=PREC_V)
+                pv = tl.dot(p_lo, vx.to(tl.float32), pv, input_precision=PREC_V)
             else:
-                pv = tl.dot(p, vx, input_precision=PREC_V)
+                pv = tl.dot(p, vx.to(tl.float32), input_precision=PREC_V)
             acc = acc * alpha[:, None] + pv
             m_i = m_new
     # partials [B, H, NS + 1, M] and [B, H, NS + 1, M, D]
@@ -332,31 +419,13 @@ def _num_sms(device: torch.device) -> int:
     return _SM_COUNT[key]
 
 
-SPLIT_WAVES = int(os.environ.get("KVCOMP_SPLIT_WAVES", "16"))  # programs per SM to aim for
-MIN_BLOCKS_PER_SPLIT = int(os.environ.get("KVCOMP_MIN_BLOCKS_PER_SPLIT", "16"))
-
-
-def choose_splits(batch: int, kv_heads: int, nb: int, sms: int) -> tuple[int, int]:
-    """(num_splits, blocks_per_split) so that batch*kv_heads*num_splits fills the chip (~SPLIT_WAVES
-    programs per SM, several resident at a time) with at least MIN_BLOCKS_PER_SPLIT blocks each."""
-    if nb == 0:
-        return 0, 1
-    want = max(1, math.ceil(SPLIT_WAVES * sms / max(1, batch * kv_heads)))
-    ns = max(1, min(want, nb // MIN_BLOCKS_PER_SPLIT, nb))
-    bps = math.ceil(nb / ns)
-    return math.ceil(nb / bps), bps
-
-
-def _pow2_floor(x: int) -> int:
-    return 1 << (max(1, x).bit_length() - 1)
-
-
 _STATIC: dict = {}
 
 
-def _static_args(fmt: BlockFormat, q_dtype, tail_dtype, group: int, qlen: int, D: int, has_mask: bool):
+def _static_args(fmt: BlockFormat, q_dtype, tail_dtype, group: int, qlen: int, D: int, has_mask: bool,
+                 tuning: DecodeTuning):
     """Constexpr arguments and launch settings of one configuration (cached: the hot path is per step)."""
-    key = (fmt, q_dtype, tail_dtype, group, qlen, D, has_mask, DECODE_WARPS, FAST_PATH)
+    key = (fmt, q_dtype, tail_dtype, group, qlen, D, has_mask, tuning)
     hit = _STATIC.get(key)
     if hit is not None:
         return hit
@@ -364,18 +433,20 @@ def _static_args(fmt: BlockFormat, q_dtype, tail_dtype, group: int, qlen: int, D
     sixteen = q_dtype in (torch.float16, torch.bfloat16) and tail_dtype in (torch.float16, torch.bfloat16)
     prec_k = "tf32" if sixteen and fmt.bits_k <= 11 else "ieee"
     prec_v = "tf32" if sixteen and fmt.bits_v <= 11 else "ieee"
-    fast = sixteen and fmt.bits_k <= 7 and fmt.bits_v <= 7 and FAST_PATH
-    P = fmt.pack_size
-    NP = BLOCK_SIZE // P * D
+    fast = sixteen and fmt.bits_k <= 7 and fmt.bits_v <= 7
     consts = dict(
-        GROUP=group, QLEN=qlen, M=M, D=D, P=P, BITS_K=fmt.bits_k, BITS_V=fmt.bits_v,
+        GROUP=group, QLEN=qlen, M=M, D=D, P=fmt.pack_size, BITS_K=fmt.bits_k, BITS_V=fmt.bits_v,
         WB_K=width_bits(fmt.bits_k), WB_V=width_bits(fmt.bits_v), META_K=fmt.meta_bytes(0),
-        META_V=fmt.meta_bytes(1), TOKEN_GRAN=fmt.granularity == "token", HAS_MASK=has_mask,
-        PREC_K=prec_k, PREC_V=prec_v, SPLIT_V=SPLIT_V_16 and prec_v == "tf32",
-        FAST=fast, INTERP=os.environ.get("TRITON_INTERPRET", "0") == "1", Q_SPLIT=q_dtype != torch.bfloat16,
-        SCAN16=fmt.bits_k * NP < (1 << 16) and fmt.bits_v * NP < (1 << 15),
-        CJ_K=min(P, _pow2_floor(64 // fmt.bits_k)), CJ_V=min(P, _pow2_floor(64 // fmt.bits_v)),
-        num_warps=DECODE_WARPS or (4 if D <= 128 else 8), num_stages=NUM_STAGES)
+        META_V=fmt.meta_bytes(1), CJ_K=chunk_fields(fmt.bits_k, fmt.pack_size),
+        CJ_V=chunk_fields(fmt.bits_v, fmt.pack_size), TOKEN_GRAN=fmt.granularity == "token",
+        HAS_MASK=has_mask, HAS_PERM=fmt.repack != "none",
+        PREC_K=prec_k, PREC_V=prec_v, SPLIT_V=tuning.split_v and prec_v == "tf32",
+        FAST=fast, Q_SPLIT=q_dtype != torch.bfloat16, PREFETCH=tuning.prefetch,
+        TAIL16=sixteen and q_dtype == tail_dtype and os.environ.get("TRITON_INTERPRET", "0") != "1",
+        INTERP=os.environ.get("TRITON_INTERPRET", "0") == "1",
+        num_warps=tuning.num_warps, num_stages=1)
+    if tuning.maxnreg:
+        consts["maxnreg"] = tuning.maxnreg
     comb = dict(GROUP=group, QLEN=qlen, M=M, D=D, SP=64, SC=8, num_warps=4 if D <= 128 else 8)
     hit = (M, consts, comb)
     _STATIC[key] = hit
@@ -383,7 +454,7 @@ def _static_args(fmt: BlockFormat, q_dtype, tail_dtype, group: int, qlen: int, D
 
 
 def decode_attention(q, k_tail, v_tail, pool, seg_offset, token_min, token_step, perm, block_table, kv_valid,
-                     scaling, fmt: BlockFormat, num_splits: int | None = None):
+                     scaling, fmt: BlockFormat, num_splits: int | None = None, tuning: DecodeTuning | None = None):
     """Attention of the last q_len positions over compressed blocks + dense tail.
 
     q [B, Hq, q_len, D]; k_tail, v_tail [B, H, T, D]; block_table int32 [B, nb]; kv_valid bool
@@ -410,7 +481,8 @@ def decode_attention(q, k_tail, v_tail, pool, seg_offset, token_min, token_step,
     kv_len = nb * BLOCK_SIZE + T
     group = Hq // H
     dev = q.device
-    M, consts, comb = _static_args(fmt, q.dtype, k_tail.dtype, group, QLEN, D, kv_valid is not None)
+    tuning = tuning or choose_tuning(D, B, H, nb)
+    M, consts, comb = _static_args(fmt, q.dtype, k_tail.dtype, group, QLEN, D, kv_valid is not None, tuning)
     if kv_valid is not None:
         if kv_valid.shape != (B, kv_len):
             raise ValueError(f"kv_valid must be [B, {kv_len}], got {tuple(kv_valid.shape)}")
@@ -421,7 +493,7 @@ def decode_attention(q, k_tail, v_tail, pool, seg_offset, token_min, token_step,
     else:
         valid_arg, va_b = block_table, 0
     if num_splits is None:
-        ns, bps = choose_splits(B, H, nb, _num_sms(dev))
+        ns, bps = tuning.splits(B, H, nb, _num_sms(dev))
     else:
         ns = min(nb, max(1, num_splits)) if nb else 0
         bps = math.ceil(nb / ns) if ns else 1

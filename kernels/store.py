@@ -20,15 +20,14 @@ Three launches per call, no host synchronisation:
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from kvcomp_hf.codec import BLOCK_SIZE, BlockFormat, EncodedBlocks, width_bits
 
-STORE_WARPS = int(os.environ.get("KVCOMP_STORE_WARPS", "0"))  # 0: by head_dim
+from .decode_attention import chunk_fields
+
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,13 +326,72 @@ def _pack_one(pool32, x, lo, step, seg_off, P: tl.constexpr, D: tl.constexpr, BI
     _or_fields(pool32, start, res, width, P, (P * BITS + 63) // 64)
 
 
+@triton.jit
+def _meta_words(pmin, width, D: tl.constexpr, BITS: tl.constexpr, WB: tl.constexpr, NW: tl.constexpr):
+    """The first NW (a power of two; the caller masks) 32-bit words of a pack-64 segment's metadata: D mins of BITS bits, then D widths of
+    WB bits, then zero padding. pmin, width: int32 [D]."""
+    w = tl.arange(0, NW)[:, None]
+    c = tl.arange(0, D)[None, :]
+    out = tl.zeros([NW], tl.int64)
+    for sec in tl.static_range(2):
+        if sec == 0:
+            f = pmin[None, :].to(tl.int64)
+            sh = c * BITS - 32 * w
+            nb = BITS
+        else:
+            f = width[None, :].to(tl.int64)
+            sh = D * BITS + c * WB - 32 * w
+            nb = WB
+        part = tl.where(sh >= 0, f << tl.maximum(sh, 0).to(tl.int64), f >> tl.maximum(-sh, 0).to(tl.int64))
+        part = tl.where((sh < 32) & (sh + nb > 0), part & 0xFFFFFFFF, 0)
+        out += tl.sum(part, axis=1)  # disjoint bits: sum == or
+    return out.to(tl.uint32).to(tl.int32, bitcast=True)
+
+
+@triton.jit
+def _write_pack64(pool32, x, lo, step, seg_off, D: tl.constexpr, BITS: tl.constexpr, WB: tl.constexpr,
+                  META: tl.constexpr, MW: tl.constexpr, CW: tl.constexpr, CJ: tl.constexpr):
+    """One segment with pack_size 64, written with plain stores (no atomics, no zeroing): the
+    program owns every word of it. Channel c's 64 fields of L_c bits fill 2 * L_c words.
+    MW, CW: powers of two >= META // 4 and >= 2 * BITS (tile sizes); CJ: fields per 32-bit chunk
+    (a power of two, CJ * BITS <= 32)."""
+    MAXV: tl.constexpr = (1 << BITS) - 1
+    NCH: tl.constexpr = 64 // CJ
+    q = _quant(x, lo, step, MAXV)                                   # [64, D]
+    pmin = tl.min(q, axis=0)
+    width = _bitlen(tl.max(q, axis=0) - pmin, BITS)                  # [D]
+    r = (q - pmin[None, :]).to(tl.int64)
+    # chunks: CJ consecutive fields of one channel -> bits j * L of one value (at most 32 bits)
+    r3 = tl.reshape(r, (NCH, CJ, D))
+    jL = tl.arange(0, CJ)[None, :, None] * width[None, None, :]
+    chunk = tl.sum(r3 << jL.to(tl.int64), axis=1)                  # [NCH, D]
+    # words: word w of a channel holds bits 32w.. of its stream; chunk g starts at bit g * CJ * L
+    w = tl.arange(0, CW)[:, None, None]
+    g = tl.arange(0, NCH)[None, :, None]
+    sh = g * (CJ * width[None, None, :]) - 32 * w                    # [NWC, NCH, D]
+    cx = chunk[None, :, :]
+    part = tl.where(sh >= 0, cx << tl.maximum(sh, 0).to(tl.int64), cx >> tl.maximum(-sh, 0).to(tl.int64))
+    part = tl.where((sh < 32) & (sh + CJ * width[None, None, :] > 0), part & 0xFFFFFFFF, 0)
+    words = tl.sum(part, axis=1).to(tl.uint32).to(tl.int32, bitcast=True)   # [CW, D]
+    excl = tl.cumsum(width, axis=0) - width
+    w0 = seg_off // 4
+    wpos = w0 + META // 4 + 2 * excl[None, :] + tl.arange(0, CW)[:, None]
+    tl.store(pool32 + wpos, words, mask=tl.arange(0, CW)[:, None] < 2 * width[None, :])
+    mw = tl.arange(0, MW)
+    tl.store(pool32 + w0 + mw, _meta_words(pmin, width, D, BITS, WB, MW), mask=mw < META // 4)
+
+
 @triton.jit(do_not_specialize=["ks_b", "ks_h", "vs_b", "vs_h", "nb", "slot_start"])
 def _pack_kernel(k_ptr, v_ptr, ks_b, ks_h, ks_t, ks_d, vs_b, vs_h, vs_t, vs_d, nb,
                  tmin_ptr, tstep_ptr, tm_s, tm_kv, tm_t, ts_s, ts_kv, ts_t,
                  perm_ptr, pm_s, so_ptr, so_s, so_kv, slot_start, pool32,
                  D: tl.constexpr, P: tl.constexpr, BITS_K: tl.constexpr, BITS_V: tl.constexpr,
                  META_K: tl.constexpr, META_V: tl.constexpr, TOKEN_GRAN: tl.constexpr,
-                 WB_K: tl.constexpr, WB_V: tl.constexpr, ZBLOCK: tl.constexpr):
+                 WB_K: tl.constexpr, WB_V: tl.constexpr, ZBLOCK: tl.constexpr,
+                 MW_K: tl.constexpr, MW_V: tl.constexpr, CW_K: tl.constexpr, CW_V: tl.constexpr,
+                 CJ_K: tl.constexpr, CJ_V: tl.constexpr):
+    # pack_size 64: each program writes its segments with plain stores (_write_pack64); smaller
+    # packs start at arbitrary bits and are OR-ed in with atomics (_pack_one).
     n = tl.program_id(0)
     h = tl.program_id(1)
     b = n // nb
@@ -350,12 +408,18 @@ def _pack_kernel(k_ptr, v_ptr, ks_b, ks_h, ks_t, ks_d, vs_b, vs_h, vs_t, vs_d, n
     klo = tl.load(tmin_ptr + slot * tm_s + idx * tm_t + g).to(tl.float32)
     kst = tl.load(tstep_ptr + slot * ts_s + idx * ts_t + g).to(tl.float32)
     k_off = tl.load(so_ptr + slot * so_s + h)
-    _pack_one(pool32, kx, klo, kst, k_off, P, D, BITS_K, WB_K, META_K, ZBLOCK)
+    if P == 64:
+        _write_pack64(pool32, kx, klo, kst, k_off, D, BITS_K, WB_K, META_K, MW_K, CW_K, CJ_K)
+    else:
+        _pack_one(pool32, kx, klo, kst, k_off, P, D, BITS_K, WB_K, META_K, ZBLOCK)
     vx = _load_tile(v_ptr, b.to(tl.int64) * vs_b + h * vs_h, prow, vs_t, vs_d, D)
     vlo = tl.load(tmin_ptr + slot * tm_s + tm_kv + idx * tm_t + g).to(tl.float32)
     vst = tl.load(tstep_ptr + slot * ts_s + ts_kv + idx * ts_t + g).to(tl.float32)
     v_off = tl.load(so_ptr + slot * so_s + so_kv + h)
-    _pack_one(pool32, vx, vlo, vst, v_off, P, D, BITS_V, WB_V, META_V, ZBLOCK)
+    if P == 64:
+        _write_pack64(pool32, vx, vlo, vst, v_off, D, BITS_V, WB_V, META_V, MW_V, CW_V, CJ_V)
+    else:
+        _pack_one(pool32, vx, vlo, vst, v_off, P, D, BITS_V, WB_V, META_V, ZBLOCK)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -382,12 +446,13 @@ def _check_inputs(k: torch.Tensor, v: torch.Tensor, fmt: BlockFormat):
 
 
 def store_blocks(k, v, config, fmt, pool, pool_used, seg_offset, token_min, token_step, perm, slot_start,
-                 _segbytes_out=None):
+                 _segbytes_out=None, num_warps: tuple[int, int] | None = None):
     """Compress k, v [B, H, nb*64, D] (block n = b*nb + i goes to slot slot_start + n).
 
     Segments are appended at pool_used in (block, K then V, head) order, seg_offset/token_min/
     token_step/perm of the slots are written, and pool_used (int64 [1], on device) is advanced.
-    No host synchronisation. The caller guarantees pool capacity and slot capacity."""
+    No host synchronisation. The caller guarantees pool capacity and slot capacity.
+    num_warps: (stats kernel, pack kernel) warps; default by head_dim."""
     _check_inputs(k, v, fmt)
     B, H, Tk, D = k.shape
     nb = Tk // BLOCK_SIZE
@@ -403,13 +468,13 @@ def store_blocks(k, v, config, fmt, pool, pool_used, seg_offset, token_min, toke
                   META_K=fmt.meta_bytes(0), META_V=fmt.meta_bytes(1), TOKEN_GRAN=token_gran)
     if (fmt.groups > 1 and (token_min.stride(3) != 1 or token_step.stride(3) != 1)) or perm.stride(1) != 1:
         raise ValueError("token_min/token_step/perm must have a contiguous last dim")
-    nw = STORE_WARPS or (8 if D <= 64 else 16)
+    nw_stats, nw = num_warps or ((8, 8) if D <= 64 else (16, 16))
     _stats_kernel[(n,)](
         k, v, *k.stride(), *v.stride(), nb, H,
         token_min, token_step, token_min.stride(0), token_min.stride(1), token_min.stride(2),
         token_step.stride(0), token_step.stride(1), token_step.stride(2),
         perm, perm.stride(0), slot_start, segbytes, float(config.rel_k), float(config.rel_v),
-        MEDIAN=fmt.repack == "median", num_warps=nw, num_stages=1, **common)
+        MEDIAN=fmt.repack == "median", num_warps=nw_stats, num_stages=1, **common)
     _offsets_kernel[(1,)](segbytes, n * 2 * H, pool_used, seg_offset, seg_offset.stride(0), slot_start, H,
                           BLOCK=1024, num_warps=4)
     _pack_kernel[(n, H)](
@@ -417,7 +482,11 @@ def store_blocks(k, v, config, fmt, pool, pool_used, seg_offset, token_min, toke
         token_min, token_step, token_min.stride(0), token_min.stride(1), token_min.stride(2),
         token_step.stride(0), token_step.stride(1), token_step.stride(2),
         perm, perm.stride(0), seg_offset, seg_offset.stride(0), seg_offset.stride(1), slot_start, pool32,
-        WB_K=width_bits(fmt.bits_k), WB_V=width_bits(fmt.bits_v), ZBLOCK=256, num_warps=nw, num_stages=1, **common)
+        WB_K=width_bits(fmt.bits_k), WB_V=width_bits(fmt.bits_v), ZBLOCK=256,
+        MW_K=triton.next_power_of_2(fmt.meta_bytes(0) // 4), MW_V=triton.next_power_of_2(fmt.meta_bytes(1) // 4),
+        CW_K=2 * triton.next_power_of_2(fmt.bits_k), CW_V=2 * triton.next_power_of_2(fmt.bits_v),
+        CJ_K=chunk_fields(fmt.bits_k, 64), CJ_V=chunk_fields(fmt.bits_v, 64),
+        num_warps=nw, num_stages=1, **common)
 
 
 def encode_blocks_triton(k: torch.Tensor, v: torch.Tensor, config) -> tuple[EncodedBlocks, BlockFormat]:

@@ -16,6 +16,7 @@ if (_root / "kernels" / "__init__.py").is_file():
 # Public names, imported on first use (PEP 562), so that submodules which need no transformers
 # (kvcomp_hf.config, the command line) load in a fraction of a second.
 _PUBLIC = {"CompressedKV": "cache", "KVCompCache": "cache", "KVCompLayer": "cache", "check_supported": "cache",
+           "CACHE_KWARG": "compat", "cache_kwargs": "compat", "returned_cache": "compat",
            "KVCompConfig": "config", "available_presets": "config", "load_preset": "config", "preset": "config",
            "custom_generate": "integration", "register": "integration"}
 __all__ = sorted(_PUBLIC)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 
 from . import codec
 from .codec import BLOCK_SIZE, BlockFormat, EncodedBlocks
@@ -36,6 +36,17 @@ def _use_triton(backend: str, key_states: torch.Tensor, fmt: BlockFormat) -> boo
         raise ValueError(f"backend='triton' needs a CUDA device, a power-of-two head_dim >= 16 and fp16/bf16 "
                          f"K/V; got device {key_states.device}, head_dim {d}, dtype {key_states.dtype}")
     return supported
+
+
+def _length_after_dynamic_crop(length: int, tokens_to_remove) -> int:
+    """The length a DynamicLayer holding `length` tokens has after crop(tokens_to_remove): crop's meaning and its
+    errors changed between transformers releases, so ask the installed DynamicLayer (over a broadcast view of one
+    element, so the probe costs no memory)."""
+    probe = DynamicLayer()
+    probe.keys = probe.values = torch.zeros(1, 1, 1, 1, dtype=torch.bool).expand(1, 1, length, 1)
+    probe.is_initialized = True
+    probe.crop(tokens_to_remove)
+    return probe.get_seq_length()
 
 
 def _text_config(model_config):
@@ -134,7 +145,10 @@ class BlockStore:
         self.seg_bytes = torch.zeros(0, 2, h, dtype=torch.int32, device=device)
         self.token_min = torch.zeros(0, 2, BLOCK_SIZE, g, dtype=dtype, device=device)
         self.token_step = torch.zeros(0, 2, BLOCK_SIZE, g, dtype=torch.bfloat16, device=device)
-        self.perm = torch.zeros(0, BLOCK_SIZE, dtype=torch.uint8, device=device)
+        # repack "none" stores no permutation: every block shares one identity row
+        self.has_perm = fmt.repack != "none"
+        rows = 0 if self.has_perm else 1
+        self.perm = torch.arange(BLOCK_SIZE, device=device).to(torch.uint8).repeat(rows, 1)
 
     @staticmethod
     def _grown(t: torch.Tensor, needed: int, factor: float = 2.0) -> torch.Tensor:
@@ -182,7 +196,7 @@ class BlockStore:
         self.pool_used.fill_(used)
         self.used_bound = used
         self.seg_offset = new_offset.view(n_keep, *self.seg_offset.shape[1:])
-        for name in ("seg_bytes", "token_min", "token_step", "perm"):
+        for name in ("seg_bytes", "token_min", "token_step") + (("perm",) if self.has_perm else ()):
             setattr(self, name, getattr(self, name)[keep])
         self.n_slots = n_keep
         return renumber[block_table.long()]
@@ -205,10 +219,15 @@ class BlockStore:
             if self.used_bound + max_bytes > self.pool.numel():
                 self.pool = self._grown(self.pool, self.used_bound + max_bytes, factor=1 + POOL_HEADROOM)
         s0, s1 = self.n_slots, self.n_slots + n_blocks
-        for name in ("seg_offset", "seg_bytes", "token_min", "token_step", "perm"):
+        for name in ("seg_offset", "seg_bytes", "token_min", "token_step") + (("perm",) if self.has_perm else ()):
             setattr(self, name, self._grown(getattr(self, name), s1))
         self.n_slots = s1
         return s0, s1
+
+    def perm_of(self, n_slots: int) -> torch.Tensor:
+        """Permutation rows of n_slots slots (for "none": the shared identity row, stride 0; the store
+        kernel then rewrites that row with the identity and the decode kernel does not read it)."""
+        return self.perm if self.has_perm else self.perm.expand(n_slots, BLOCK_SIZE)
 
     def add(self, k: torch.Tensor, v: torch.Tensor, config: KVCompConfig) -> torch.Tensor:
         """Compress k, v [B, H, nb*64, D]; returns the new blocks' slot ids as int32 [B, nb]."""
@@ -221,7 +240,7 @@ class BlockStore:
             s0, s1 = self._reserve(b * nb, max_bytes)
             with torch.cuda.device(self.device):  # Triton launches on the current device (device_map="auto")
                 store_blocks(k, v, config, self.fmt, self.pool, self.pool_used, self.seg_offset, self.token_min,
-                             self.token_step, self.perm, s0, _segbytes_out=self.seg_bytes[s0:s1].view(-1))
+                             self.token_step, self.perm_of(s1), s0, _segbytes_out=self.seg_bytes[s0:s1].view(-1))
             self.used_bound += max_bytes
             if max_bytes >= FIT_POOL_AFTER_BYTES:  # a prefill-sized store: give back its worst-case reservation
                 self.fit_pool()
@@ -238,7 +257,8 @@ class BlockStore:
             self.seg_bytes[s0:s1] = enc.seg_bytes.to(torch.int32)
             self.token_min[s0:s1] = enc.token_min
             self.token_step[s0:s1] = enc.token_step
-            self.perm[s0:s1] = enc.perm
+            if self.has_perm:
+                self.perm[s0:s1] = enc.perm
             self.used_bound += nbytes
             self.pool_used += nbytes
         return torch.arange(s0, s1, dtype=torch.int32, device=self.device).view(b, nb)
@@ -249,7 +269,7 @@ class BlockStore:
         data = self.pool[: self.used_bound]  # not the spare capacity: the reader indexes all of `data`
         enc = EncodedBlocks(data=data, seg_offset=self.seg_offset[flat],
                             seg_bytes=self.seg_bytes[flat].long(), token_min=self.token_min[flat],
-                            token_step=self.token_step[flat], perm=self.perm[flat])
+                            token_step=self.token_step[flat], perm=self.perm_of(self.n_slots)[flat])
         k, v = codec.decode_blocks(enc, self.fmt)
         tail = tuple(k.shape[1:])
         return k.view(*slots.shape, *tail), v.view(*slots.shape, *tail)
@@ -265,7 +285,7 @@ class BlockStore:
             parts = codec.segment_breakdown(seg[:, kv], fmt, kv)
             parts.update({key: value * n for key, value in meta.items()})
             out[name] = parts
-        out["shared"] = {"perm": BLOCK_SIZE * n}
+        out["shared"] = {"perm": BLOCK_SIZE * n if self.has_perm else 0}
         return out
 
 
@@ -369,17 +389,14 @@ class KVCompLayer(CacheLayerMixin):
         self.values = self.values.repeat_interleave(repeats, dim=0)
         self.block_table = self.block_table.repeat_interleave(repeats, dim=0)
 
-    def crop(self, max_length: int) -> None:
-        """A negative value removes that many tokens from the end; a positive one keeps the first
-        max_length tokens (transformers' deprecated form); 0 does nothing (as DynamicLayer).
-        Blocks past the cut are dropped; a block the cut falls inside is decompressed into the tail."""
-        max_length = int(max_length)
-        if not self.is_initialized or max_length == 0:
-            return
+    def crop(self, tokens_to_remove: int) -> None:
+        """Remove tokens from the end exactly as transformers' DynamicLayer.crop does on the installed version:
+        a negative value removes that many tokens; a positive one keeps the first N tokens up to 5.19 (deprecated)
+        and raises ValueError from 5.20; other arguments raise DynamicLayer's errors. Blocks past the cut are
+        dropped; a block the cut falls inside is decompressed into the tail."""
         length = self.get_seq_length()
-        new_length = length + max_length if max_length < 0 else min(max_length, length)
-        new_length = max(new_length, 0)
-        if new_length == length:
+        new_length = _length_after_dynamic_crop(length, tokens_to_remove)
+        if not self.is_initialized or new_length == length:
             return
         n_blocks = self.block_table.shape[1]
         if new_length >= n_blocks * BLOCK_SIZE:
@@ -482,6 +499,8 @@ class KVCompCache(Cache):
     KVCompCache(model.config, KVCompConfig(rel_k=0.1))     # explicit config
     KVCompCache(model.config, {"preset": "smollm2-135m-instruct", "rel_v": 0.25})
     KVCompCache(model.config, "smollm2-135m-instruct")     # a preset by name
+    model.generate(ids, cache=cache)   # transformers >= 5.24; past_key_values=cache on 5.17-5.23
+                                       # (kvcomp_hf.cache_kwargs(cache) spells it for the installed version)
     Use a fresh cache for every generate() call: a cache passed in is continued, not reset.
     backend: "auto" (Triton kernels on CUDA, PyTorch elsewhere), "torch" or "triton"."""
 

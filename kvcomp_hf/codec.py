@@ -30,10 +30,14 @@ Pipeline for one block of `block_size` = 64 tokens of one sequence (K and V of a
    stream bit n is bit (n % 8) of byte (n // 8)):
        [pack mins  : n_packs fields of `bits` bits, pack order]
        [pack widths: n_packs fields of width_bits(bits) = bit_length(bits) bits, pack order]
+       [zero padding up to a multiple of 4 bytes: the payload starts on a 32-bit word]
        [payload    : pack after pack in pack order; value j of pack i (token p*P + j) is an
                      L_i-bit field at payload bit (P * sum_{i' < i} L_i' + j * L_i)]
        [zero padding up to a multiple of 4 bytes]
    n_packs is a multiple of 8 (head_dim % 8 == 0), so both metadata sections end on a byte.
+   With pack_size 64 (the default) a pack is one channel of the whole block: its L-bit fields fill
+   2*L whole 32-bit words, so every channel starts on a word and the decode kernel reads it with
+   fixed-shape loads (one exclusive sum of D widths per segment, no per-16-token packs).
 
 4. Storage of a batch of n blocks (EncodedBlocks): the segments back to back in `data` in the
    order (block, K then V, head), each starting at a 4-byte-aligned offset; `seg_offset` and
@@ -104,8 +108,9 @@ class BlockFormat:
         return (self.bits_k, self.bits_v)[kv]
 
     def meta_bytes(self, kv: int) -> int:
+        """Pack mins + widths, padded to a multiple of 4 bytes so that the payload starts on a 32-bit word."""
         b = self.bits(kv)
-        return self.n_packs * (b + width_bits(b)) // 8
+        return _round_up4(self.n_packs * (b + width_bits(b)) // 8)
 
     def max_segment_bytes(self, kv: int) -> int:
         return _round_up4(self.meta_bytes(kv) + BLOCK_SIZE * self.head_dim * self.bits(kv) // 8)

@@ -10,7 +10,7 @@ from pathlib import Path
 from collections.abc import Mapping
 from typing import Any
 
-PACK_SIZES = (4, 8, 16)
+PACK_SIZES = (4, 8, 16, 64)
 REPACK_METHODS = ("none", "median")
 GRANULARITIES = ("token", "token_head")
 BACKENDS = ("auto", "torch", "triton")  # KVCompCache(..., backend=): Triton kernels on CUDA, PyTorch, or either
@@ -35,8 +35,10 @@ class KVCompConfig:
     block_size: tokens per compressed block (repacking and the block table work in these units).
     residual_length: the most recent tokens kept uncompressed in the model dtype.
     pack_size: tokens per bit-packing pack (one channel): each pack stores its own min and width.
+        64 (one pack per channel and block) is what the fused decode kernel reads fastest.
     repack: token order inside a block before bit-packing ("none" keeps arrival order,
-        "median" sorts tokens by the median of their quantised V values).
+        "median" sorts tokens by the median of their quantised V values; with pack_size 64 the
+        order changes no byte, so "none" is the default).
     granularity: "token" = one (min, step) per token across all KV heads (PackKV);
         "token_head" = one per token and KV head (no coupling between heads).
     """
@@ -45,8 +47,8 @@ class KVCompConfig:
     rel_v: float = 0.2
     block_size: int = 64
     residual_length: int = 128
-    pack_size: int = 16
-    repack: str = "median"
+    pack_size: int = 64
+    repack: str = "none"
     granularity: str = "token"
 
     def __post_init__(self):

@@ -155,7 +155,7 @@ def run_demo(tokens: int = 4000, device: str = "auto", preset: str = "smollm2-13
     if backend == "auto":
         kvcomp_kwargs = {"cache_implementation": "kvcomp", "cache_config": {"preset": preset}}
     else:
-        kvcomp_kwargs = {"past_key_values": kvcomp_hf.KVCompCache(model.config, preset, backend=backend)}
+        kvcomp_kwargs = {kvcomp_hf.CACHE_KWARG: kvcomp_hf.KVCompCache(model.config, preset, backend=backend)}
 
     messages = passkey_messages(tokenizer, tokens, key)
     inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
@@ -172,7 +172,7 @@ def run_demo(tokens: int = 4000, device: str = "auto", preset: str = "smollm2-13
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
-        cache = out.past_key_values
+        cache = kvcomp_hf.returned_cache(out)
         report = cache.memory_report() if hasattr(cache, "memory_report") else dense_report(cache)
         answer = tokenizer.decode(out.sequences[0, n:], skip_special_tokens=True).strip()
         results[name] = {"answer": answer, "seconds": seconds, "memory": report}

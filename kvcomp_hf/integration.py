@@ -2,8 +2,12 @@
 
 transformers 5.x has no registry for cache implementations, so `register()` patches exactly two
 points (the list `GenerationConfig.validate` checks, and `GenerationMixin._prepare_cache_for_generation`)
-plus a thin wrapper around `generate` that restores the attention implementation it had to switch.
-All of it is idempotent. `custom_generate` offers the same without any patch.
+plus a thin wrapper around `generate` that restores the attention implementation it had to switch and
+checks that generate() used the KVCompCache it was given. All of it is idempotent. `custom_generate`
+offers the same without any patch.
+
+The cache travels through generate() under one keyword, which transformers renamed: `cache` from 5.24,
+`past_key_values` before (compat.CACHE_KWARG is the installed version's name).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from transformers.utils import logging
 
 from .attention import kvcomp_attention_forward
 from .cache import ATTN_IMPLEMENTATION, KVCompCache
+from .compat import CACHE_KWARG, OLD_CACHE_KWARG
 
 CACHE_IMPLEMENTATION = "kvcomp"
 logger = logging.get_logger(__name__)
@@ -44,10 +49,10 @@ def _patched_prepare_cache(original):
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         if generation_config.cache_implementation != CACHE_IMPLEMENTATION:
             return original(self, generation_config, model_kwargs, *args, **kwargs)
-        user_cache = model_kwargs.get("past_key_values")
+        user_cache = model_kwargs.get(CACHE_KWARG)
         if user_cache is not None and not isinstance(user_cache, KVCompCache):
-            raise ValueError("cache_implementation='kvcomp' and past_key_values are mutually exclusive: "
-                             "pass one or the other")
+            raise ValueError(f"cache_implementation='kvcomp' and {CACHE_KWARG}={type(user_cache).__name__}(...) are "
+                             "mutually exclusive: pass one or the other")
         if generation_config.use_cache is False:
             return None
         previous = use_kvcomp_attention(self)
@@ -56,22 +61,46 @@ def _patched_prepare_cache(original):
         if user_cache is not None:  # continuing a kvcomp cache (an assistant model's, between its calls)
             user_cache._is_user_defined = True
         else:
-            model_kwargs["past_key_values"] = _new_cache(self, generation_config.cache_config)
+            model_kwargs[CACHE_KWARG] = _new_cache(self, generation_config.cache_config)
+            if getattr(generation_config, "is_assistant", False):  # as transformers does for the caches it builds
+                model_kwargs[CACHE_KWARG].activate_past_recording()
         return None
 
     _prepare_cache_for_generation._kvcomp_patched = True
     return _prepare_cache_for_generation
 
 
+def _passed_kvcomp_cache(kwargs: dict) -> KVCompCache | None:
+    """The KVCompCache a generate() call was given, under either keyword; an error where transformers would
+    drop it (given both keywords, transformers 5.24 keeps `cache` and ignores `past_key_values`)."""
+    given = {name: kwargs[name] for name in {CACHE_KWARG, OLD_CACHE_KWARG} if kwargs.get(name) is not None}
+    caches = [c for c in given.values() if isinstance(c, KVCompCache)]
+    if len(given) > 1 and caches and given[CACHE_KWARG] is not given[OLD_CACHE_KWARG]:
+        raise ValueError(f"generate() got two caches, cache={type(given[CACHE_KWARG]).__name__}(...) and "
+                         f"past_key_values={type(given[OLD_CACHE_KWARG]).__name__}(...): transformers would use only "
+                         f"one of them; pass the KVCompCache once, as {CACHE_KWARG}=")
+    if caches and kwargs.get("use_cache") is False:
+        raise ValueError("generate() got a KVCompCache and use_cache=False, so the cache would not be used: "
+                         "drop use_cache=False or the cache")
+    return caches[0] if caches else None
+
+
 def _patched_generate(original):
     @functools.wraps(original)
     def generate(self, *args, **kwargs):
+        user_cache = _passed_kvcomp_cache(kwargs)
+        length_before = user_cache.get_seq_length() if user_cache is not None else 0
         try:
-            return original(self, *args, **kwargs)
+            out = original(self, *args, **kwargs)
         finally:
             previous = self.__dict__.pop("_kvcomp_restore_attention", None)
             if previous is not None:
                 self.set_attn_implementation(previous)
+        if user_cache is not None and user_cache.get_seq_length() == length_before:
+            raise RuntimeError("generate() did not use the KVCompCache it was given (it still holds "
+                               f"{length_before} tokens): this transformers version may have replaced it with a "
+                               f"cache of its own; pass the cache as {CACHE_KWARG}=")
+        return out
 
     generate._kvcomp_patched = True
     return generate
@@ -95,9 +124,13 @@ def custom_generate(model, input_ids, logits_processor=None, stopping_criteria=N
                     kvcomp_config=None, **model_kwargs):
     """generate() with a fresh KVCompCache and no patching:
     model.generate(ids, custom_generate=kvcomp_hf.custom_generate, kvcomp_config={"rel_k": 0.1})"""
+    given = model_kwargs.get(CACHE_KWARG)
+    if getattr(given, "_is_user_defined", False):  # transformers' own cache for the call is replaced below
+        raise ValueError(f"custom_generate=kvcomp_hf.custom_generate builds its own KVCompCache: drop "
+                         f"{CACHE_KWARG}={type(given).__name__}(...) or call generate() without custom_generate")
     previous = use_kvcomp_attention(model)
     try:
-        model_kwargs["past_key_values"] = _new_cache(model, kvcomp_config)
+        model_kwargs[CACHE_KWARG] = _new_cache(model, kvcomp_config)
         method = GenerationMixin._beam_search if generation_config.num_beams > 1 else GenerationMixin._sample
         return method(model, input_ids, logits_processor=logits_processor, stopping_criteria=stopping_criteria,
                       generation_config=generation_config, **model_kwargs)

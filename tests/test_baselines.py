@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from kvcomp_hf import cache_kwargs
+
 from eval import baselines, common
 from eval.baselines import KIVICache, KIVILayer, fake_quantize, kivi_bits_per_value
 
@@ -82,14 +84,14 @@ def test_kivi_cache_in_a_model_and_fp32_accounting(tiny_llama):
     ids = torch.randint(3, 200, (1, 200))
     cache = KIVICache(tiny_llama.config, nbits=2)
     with torch.no_grad():
-        out = tiny_llama(input_ids=ids, past_key_values=cache, use_cache=True)
+        out = tiny_llama(input_ids=ids, **cache_kwargs(cache), use_cache=True)
         full = tiny_llama(input_ids=ids, use_cache=True)
     torch.testing.assert_close(out.logits, full.logits)  # prefill reads its own K/V exactly
     assert cache.get_seq_length() == 200
     rep = cache.memory_report()
     assert rep["fp_bits"] == 32  # fp32 model: residual, scales and zeros counted at 32 bits
     with torch.no_grad():
-        nxt = tiny_llama(input_ids=ids[:, :1], past_key_values=cache, use_cache=True)
+        nxt = tiny_llama(input_ids=ids[:, :1], **cache_kwargs(cache), use_cache=True)
     assert nxt.logits.shape[1] == 1 and cache.get_seq_length() == 201
 
 
@@ -105,7 +107,7 @@ def test_hf_quantized_cache_if_backend_available(tiny_llama):
     cache = common.make_cache("hf-int4", tiny_llama)
     ids = torch.randint(3, 200, (1, 300))
     with torch.no_grad():
-        tiny_llama(input_ids=ids, past_key_values=cache, use_cache=True)
-        tiny_llama(input_ids=ids[:, :1], past_key_values=cache, use_cache=True)
+        tiny_llama(input_ids=ids, **cache_kwargs(cache), use_cache=True)
+        tiny_llama(input_ids=ids[:, :1], **cache_kwargs(cache), use_cache=True)
     bpv = common.cache_bits_per_value(cache)
     assert 4 < bpv < 32

@@ -8,6 +8,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import kvcomp_hf
 from kvcomp_hf import KVCompCache, KVCompConfig
+from kvcomp_hf import CACHE_KWARG, cache_kwargs, returned_cache
 from kvcomp_hf.attention import kvcomp_attention_forward
 from kvcomp_hf.cache import KVCompLayer
 
@@ -38,16 +39,16 @@ def test_seq_lengths_mask_sizes_and_attention_match_dynamic_cache(tiny_llama):
     torch.manual_seed(1)
     ids = torch.randint(3, 256, (2, 150))
     with torch.no_grad():
-        out_ours = tiny_llama(ids, past_key_values=ours, use_cache=True)
-        out_ref = tiny_llama(ids, past_key_values=ref, use_cache=True)
+        out_ours = tiny_llama(ids, **cache_kwargs(ours), use_cache=True)
+        out_ref = tiny_llama(ids, **cache_kwargs(ref), use_cache=True)
         for step in range(200):
             for layer in range(config.num_hidden_layers):
                 assert ours.get_seq_length(layer) == ref.get_seq_length(layer)
                 assert ours.get_mask_sizes(1, layer) == ref.get_mask_sizes(1, layer)
             nxt = out_ref.logits[:, -1:].argmax(-1)
             attn_out.clear()
-            out_ours = tiny_llama(nxt, past_key_values=ours, use_cache=True)
-            out_ref = tiny_llama(nxt, past_key_values=ref, use_cache=True)
+            out_ours = tiny_llama(nxt, **cache_kwargs(ours), use_cache=True)
+            out_ref = tiny_llama(nxt, **cache_kwargs(ref), use_cache=True)
             assert rel_err(out_ours.logits, out_ref.logits) < 1e-3
             n = config.num_hidden_layers  # attention-module outputs, layer by layer: ours then dense
             for got, want in zip(attn_out[:n], attn_out[n:]):
@@ -137,7 +138,7 @@ def test_beam_search_sampling_and_lengths(tiny_llama):
     ids = torch.randint(3, 256, (2, 220))
     beams_ref = tiny_llama.generate(ids, num_beams=3, max_new_tokens=70, do_sample=False)
     cache = KVCompCache(tiny_llama.config, {"rel_k": 1e-4, "rel_v": 1e-4})
-    beams = tiny_llama.generate(ids, num_beams=3, max_new_tokens=70, do_sample=False, past_key_values=cache,
+    beams = tiny_llama.generate(ids, num_beams=3, max_new_tokens=70, do_sample=False, **cache_kwargs(cache),
                                 return_dict_in_generate=True)
     assert torch.equal(beams.sequences, beams_ref)
     assert cache.get_seq_length() == beams.sequences.shape[1] - 1
@@ -145,7 +146,7 @@ def test_beam_search_sampling_and_lengths(tiny_llama):
 
     sampled = tiny_llama.generate(ids, do_sample=True, top_k=20, max_new_tokens=70, cache_implementation="kvcomp",
                                   return_dict_in_generate=True)
-    assert sampled.past_key_values.get_seq_length() == sampled.sequences.shape[1] - 1
+    assert returned_cache(sampled).get_seq_length() == sampled.sequences.shape[1] - 1
 
 
 def test_assisted_decoding_crops_consistently(tiny_llama):
@@ -155,7 +156,7 @@ def test_assisted_decoding_crops_consistently(tiny_llama):
     ref = tiny_llama.generate(ids, max_new_tokens=60, do_sample=False)
     cache = KVCompCache(tiny_llama.config, {"rel_k": 1e-4, "rel_v": 1e-4})
     out = tiny_llama.generate(ids, max_new_tokens=60, do_sample=False, assistant_model=assistant,
-                              past_key_values=cache, return_dict_in_generate=True)
+                              **cache_kwargs(cache), return_dict_in_generate=True)
     assert torch.equal(out.sequences, ref)
     assert cache.get_seq_length() == out.sequences.shape[1] - 1
 
@@ -172,10 +173,32 @@ def test_crop_into_compressed_blocks_reopens_them():
     assert layer.block_table.shape[1] == 3
     k2, v2 = layer.dense_kv()
     assert torch.equal(k2, dense_k[:, :, :200]) and torch.equal(v2, dense_v[:, :, :200])
-    layer.crop(150)  # positive: absolute length
+    layer.crop(-50)
     assert layer.get_seq_length() == 150 and torch.equal(layer.dense_kv()[0], dense_k[:, :, :150])
     layer.update(k[:, :, :10], v[:, :, :10])
     assert layer.get_seq_length() == 160
+
+
+@pytest.mark.parametrize("tokens", [-200, -64, -1, 0, 150, 400, 1000, -1000, 1.5, -1.5, "3"])
+def test_crop_follows_dynamic_layer_on_the_installed_transformers(tokens):
+    """Positive values keep the first N tokens up to transformers 5.19 and raise from 5.20; whatever the
+    installed version does with an argument, KVCompLayer does the same: same error type, or same tokens kept."""
+    torch.manual_seed(9)
+    k, v = torch.randn(2, 2, 400, 16), torch.randn(2, 2, 400, 16)
+    ours, ref = KVCompLayer(KVCompConfig()), DynamicLayer()
+    ours.update(k, v)
+    ref.update(k, v)
+    dense_k, _ = ours.dense_kv()
+    try:
+        ref.crop(tokens)
+    except Exception as error:  # noqa: BLE001  (whatever DynamicLayer raises, we must raise too)
+        with pytest.raises(type(error)):
+            ours.crop(tokens)
+        assert ours.get_seq_length() == 400
+        return
+    ours.crop(tokens)
+    assert ours.get_seq_length() == ref.get_seq_length()
+    assert torch.equal(ours.dense_kv()[0], dense_k[:, :, :ref.get_seq_length()])
 
 
 def test_reorder_select_and_repeat_follow_rows():
@@ -196,7 +219,7 @@ def test_memory_report_counts_every_byte(tiny_llama):
     cache = KVCompCache(tiny_llama.config)
     ids = torch.randint(3, 256, (2, 500))
     with torch.no_grad():
-        tiny_llama(ids, past_key_values=cache, use_cache=True)
+        tiny_llama(ids, **cache_kwargs(cache), use_cache=True)
     report = cache.memory_report()
     n_layers, b, h, d = 2, 2, 2, 16
     assert report["tokens"] == 500
@@ -205,7 +228,8 @@ def test_memory_report_counts_every_byte(tiny_llama):
     for layer in cache.layers:
         s = layer.store
         held += s.used_bytes()                                      # every segment byte, padding included
-        held += s.n_slots * (s.seg_offset[0].numel() * (8 + 4) + 2 * 64 * s.fmt.groups * (4 + 2) + 64)
+        perm = 64 if s.has_perm else 0                              # repack "none" stores no permutation
+        held += s.n_slots * (s.seg_offset[0].numel() * (8 + 4) + 2 * 64 * s.fmt.groups * (4 + 2) + perm)
         held += 2 * layer.keys.numel() * 4 + layer.block_table.numel() * 4
     assert report["compressed_bytes"] == pytest.approx(held)
     assert report["bits_per_value"] == pytest.approx(8 * held / (report["dense_bytes"] / 4))
@@ -221,7 +245,7 @@ def test_memory_report_counts_every_byte(tiny_llama):
 def test_reset_empties_the_cache(tiny_llama):
     cache = KVCompCache(tiny_llama.config)
     with torch.no_grad():
-        tiny_llama(torch.randint(3, 256, (1, 300)), past_key_values=cache, use_cache=True)
+        tiny_llama(torch.randint(3, 256, (1, 300)), **cache_kwargs(cache), use_cache=True)
     cache.reset()
     assert cache.get_seq_length() == 0 and cache.memory_report()["compressed_bytes"] == 0
 
@@ -231,7 +255,7 @@ def test_entry_points_agree(tiny_llama):
     cfg = {"rel_k": 0.1, "rel_v": 0.2}
     a = tiny_llama.generate(ids, max_new_tokens=20, do_sample=False, cache_implementation="kvcomp", cache_config=cfg)
     b = tiny_llama.generate(ids, max_new_tokens=20, do_sample=False,
-                            past_key_values=KVCompCache(tiny_llama.config, KVCompConfig(**cfg)))
+                            **cache_kwargs(KVCompCache(tiny_llama.config, KVCompConfig(**cfg))))
     c = tiny_llama.generate(ids, max_new_tokens=20, do_sample=False, custom_generate=kvcomp_hf.custom_generate,
                             kvcomp_config=cfg)
     d = tiny_llama.generate(ids, max_new_tokens=20, do_sample=False, cache_implementation="kvcomp",
@@ -243,7 +267,7 @@ def test_wrong_attention_implementation(tiny_llama):
     tiny_llama.set_attn_implementation("sdpa")
     ids = torch.randint(3, 256, (1, 20))
     with pytest.raises(ValueError, match="attn_implementation='kvcomp'"):
-        tiny_llama.generate(ids, max_new_tokens=2, past_key_values=KVCompCache(tiny_llama.config))
+        tiny_llama.generate(ids, max_new_tokens=2, **cache_kwargs(KVCompCache(tiny_llama.config)))
     # cache_implementation switches for the call and restores afterwards
     out = tiny_llama.generate(ids, max_new_tokens=2, cache_implementation="kvcomp")
     assert out.shape[1] == 22
@@ -255,9 +279,16 @@ def test_bad_cache_arguments(tiny_llama):
         KVCompCache(KVCompConfig())
     with pytest.raises(ValueError, match="pack_size"):
         KVCompCache(tiny_llama.config, {"pack_size": 3})
-    with pytest.raises(ValueError, match="mutually exclusive|Passing both"):
-        tiny_llama.generate(torch.ones(1, 4, dtype=torch.long), cache_implementation="kvcomp",
-                            past_key_values=DynamicCache(config=tiny_llama.config), max_new_tokens=1)
+    ids = torch.ones(1, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="mutually exclusive"):
+        tiny_llama.generate(ids, cache_implementation="kvcomp", **cache_kwargs(DynamicCache(config=tiny_llama.config)),
+                            max_new_tokens=1)
+    with pytest.raises(ValueError, match="use_cache=False"):
+        tiny_llama.generate(ids, use_cache=False, **cache_kwargs(KVCompCache(tiny_llama.config)), max_new_tokens=1)
+    if CACHE_KWARG == "cache":  # transformers 5.24+: given both names, transformers would drop past_key_values
+        with pytest.raises(ValueError, match="two caches"):
+            tiny_llama.generate(ids, cache=DynamicCache(config=tiny_llama.config),
+                                past_key_values=KVCompCache(tiny_llama.config), max_new_tokens=1)
 
 
 def test_unsupported_models_fail_clearly():

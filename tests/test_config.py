@@ -8,7 +8,7 @@ from kvcomp_hf.config import KVCompConfig, load_preset, load_preset_file, resolv
 
 def test_defaults_are_valid_and_frozen():
     cfg = KVCompConfig()
-    assert cfg.block_size == 64 and cfg.residual_length >= 128 and cfg.pack_size in (4, 8, 16)
+    assert cfg.block_size == 64 and cfg.residual_length >= 128 and cfg.pack_size in (4, 8, 16, 64)
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.rel_k = 0.5
 
@@ -18,7 +18,7 @@ def test_defaults_are_valid_and_frozen():
     ("rel_k", "0.1", "rel_k"), ("rel_k", True, "rel_k"),
     ("block_size", 32, "block_size must be 64"),
     ("residual_length", 64, ">= 128"), ("residual_length", 200.0, "residual_length"),
-    ("pack_size", 5, "(4, 8, 16)"), ("pack_size", 32, "(4, 8, 16)"),
+    ("pack_size", 5, "(4, 8, 16, 64)"), ("pack_size", 32, "(4, 8, 16, 64)"),
     ("repack", "greedy", "('none', 'median')"),
     ("granularity", "channel", "('token', 'token_head')"),
 ])

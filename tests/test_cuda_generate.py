@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import kvcomp_hf
+from kvcomp_hf import cache_kwargs
 from kvcomp_hf.demo import load_smollm2, offline_document, passkey_messages
 
 pytestmark = [pytest.mark.cuda, pytest.mark.slow]
@@ -26,11 +27,11 @@ def _teacher_forced_argmax(model, inputs, tokens, backend):
     cache = kvcomp_hf.KVCompCache(model.config, "smollm2-135m-instruct", backend=backend)
     picks, logits = [], []
     with torch.no_grad():
-        out = model(**inputs, past_key_values=cache)
+        out = model(**inputs, **cache_kwargs(cache))
         for t in range(tokens.numel()):
             logits.append(out.logits[0, -1].float())
             picks.append(int(logits[-1].argmax()))
-            out = model(tokens[t:t + 1].view(1, 1), past_key_values=cache)
+            out = model(tokens[t:t + 1].view(1, 1), **cache_kwargs(cache))
     return torch.tensor(picks, device="cuda"), torch.stack(logits)
 
 
@@ -53,7 +54,7 @@ def test_triton_and_torch_paths_generate_the_same_tokens():
         outs = {}
         for backend in ("triton", "torch"):
             cache = kvcomp_hf.KVCompCache(model.config, "smollm2-135m-instruct", backend=backend)
-            outs[backend] = model.generate(**inputs, past_key_values=cache, max_new_tokens=96, do_sample=False)[0, n:]
+            outs[backend] = model.generate(**inputs, **cache_kwargs(cache), max_new_tokens=96, do_sample=False)[0, n:]
             assert cache.layers[0].use_triton == (backend == "triton")
         reference = outs["torch"]
         picks = {be: _teacher_forced_argmax(model, inputs, reference, be) for be in ("triton", "torch")}
@@ -87,7 +88,7 @@ def test_fused_attention_matches_dense_path_inside_a_model():
                                            return_tensors="pt", return_dict=True).to("cuda")
     cache = kvcomp_hf.KVCompCache(model.config, "smollm2-135m-instruct")
     with torch.no_grad():
-        model(**inputs, past_key_values=cache)
+        model(**inputs, **cache_kwargs(cache))
     torch.manual_seed(0)
     for layer, attn in zip(cache.layers, model.model.layers):
         q = torch.randn(1, model.config.num_attention_heads, 1, 64, device="cuda", dtype=torch.bfloat16)
@@ -123,10 +124,10 @@ def test_tiny_model_on_cuda_backends_agree(dtype):
         m = mask.clone()
         out = []
         with torch.no_grad():
-            out.append(model(ids, attention_mask=m, past_key_values=cache).logits[:, -1])
+            out.append(model(ids, attention_mask=m, **cache_kwargs(cache)).logits[:, -1])
             for t in range(steps.shape[1]):
                 m = torch.cat([m, torch.ones_like(m[:, :1])], 1)
-                out.append(model(steps[:, t:t + 1], attention_mask=m, past_key_values=cache).logits[:, -1])
+                out.append(model(steps[:, t:t + 1], attention_mask=m, **cache_kwargs(cache)).logits[:, -1])
         assert cache.layers[0].use_triton == (backend == "triton")
         logits[backend] = torch.stack(out).float()
     err = (logits["triton"] - logits["torch"]).norm(dim=-1) / logits["torch"].norm(dim=-1)
@@ -134,6 +135,6 @@ def test_tiny_model_on_cuda_backends_agree(dtype):
     assert float(err.max()) < 2e-2
     for backend in ("triton", "torch"):
         cache = kvcomp_hf.KVCompCache(model.config, cfg, backend=backend)
-        out = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=80, min_new_tokens=80,
+        out = model.generate(ids, attention_mask=mask, **cache_kwargs(cache), max_new_tokens=80, min_new_tokens=80,
                              num_beams=3, do_sample=False)
         assert cache.get_seq_length() == out.shape[1] - 1

@@ -16,7 +16,7 @@ pytest.importorskip("triton")
 
 from kvcomp_hf import codec  # noqa: E402
 from kvcomp_hf.config import KVCompConfig  # noqa: E402
-from kvcomp_hf.kernels import decode_attention, encode_blocks_triton, store_blocks  # noqa: E402
+from kvcomp_hf.kernels import DecodeTuning, decode_attention, encode_blocks_triton, store_blocks  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 DEV = "cuda" if HAS_CUDA else "cpu"
@@ -60,6 +60,11 @@ STORE_CASES = [
     (4, "none", "token_head", 0.2, 0.1, torch.bfloat16, True),
     (8, "median", "token_head", 0.05, 0.2, torch.float16, False),
     (16, "median", "token", 0.01, 0.3, torch.float32, True),
+    # pack 64 (the default): plain-store writer; widths that do not divide 32, > 8 bits, D=16 metadata padding
+    (64, "none", "token", 0.1, 0.2, torch.bfloat16, True),
+    (64, "median", "token_head", 0.05, 0.3, torch.float16, False),
+    (64, "none", "token", 0.003, 0.03, torch.bfloat16, True),
+    (64, "none", "token_head", 0.02, 0.7, torch.float32, True),
 ]
 
 
@@ -163,7 +168,7 @@ def _reference(q, fmt, k, v, pool, seg_offset, token_min, token_step, perm, bloc
 
 
 def _check_decode(B, H, group, nb, T, D, QL, dtype, cfg, seed, padding=True, shuffle=False, num_splits=None,
-                  device=DEV, ref_dtype=torch.float64):
+                  device=DEV, ref_dtype=torch.float64, tuning=None):
     gen = torch.Generator().manual_seed(seed)
     fmt, k, v, pool, so, tm, ts, pm, bt = _build_cache(B, H, nb, T, D, dtype, cfg, gen, shuffle, device)
     q = torch.randn(B, H * group, QL, D, generator=gen).to(dtype).to(device)
@@ -177,7 +182,7 @@ def _check_decode(B, H, group, nb, T, D, QL, dtype, cfg, seed, padding=True, shu
     scaling = 1.0 / math.sqrt(D)
     out = torch.full_like(q, float("nan"))
     out = decode_attention(q, k[:, :, nb * 64:], v[:, :, nb * 64:], pool, so, tm, ts, pm, bt, kv_valid, scaling,
-                           fmt, num_splits=num_splits)
+                           fmt, num_splits=num_splits, tuning=tuning)
     assert out.shape == q.shape and out.dtype == q.dtype
     assert not out.isnan().any(), "output not fully written"
     ref = _reference(q, fmt, k, v, pool, so, tm, ts, pm, bt, kv_valid, scaling, ref_dtype)
@@ -195,6 +200,8 @@ DECODE_CASES = [
     (2, 2, 1, 0, 9, 16, 4, torch.bfloat16, {}, None),
     (2, 2, 2, 1, 0, 16, 8, torch.float32, {"pack_size": 4, "rel_k": 0.02, "repack": "none"}, None),
     (1, 2, 4, 4, 130, 32, 1, torch.float16, {"rel_k": 0.05, "rel_v": 0.1}, 3),
+    (2, 2, 4, 3, 1, 32, 1, torch.bfloat16, {"rel_k": 0.003, "rel_v": 0.3}, None),  # 9-bit K: float32 operands
+    (1, 1, 8, 2, 3, 64, 2, torch.bfloat16, {"pack_size": 16, "repack": "median"}, 2),
 ]
 
 
@@ -202,6 +209,13 @@ DECODE_CASES = [
 def test_decode_attention(B, H, group, nb, T, D, QL, dtype, kw, splits):
     skip_fp32_on_gpu(dtype)
     _check_decode(B, H, group, nb, T, D, QL, dtype, KVCompConfig(**kw), seed=nb * 100 + T + QL, num_splits=splits)
+
+
+@pytest.mark.parametrize("tuning", [DecodeTuning(prefetch=False, split_v=False, min_blocks_per_split=1),
+                                    DecodeTuning(num_warps=8, split_waves=1)])
+def test_decode_attention_tunings(tuning):
+    """Other compiled variants of the tuning object compute the same attention."""
+    _check_decode(2, 2, 4, 5, 3, 32, 1, torch.bfloat16, KVCompConfig(), seed=3, tuning=tuning)
 
 
 def test_decode_attention_shared_slots_no_padding():
@@ -240,9 +254,21 @@ def test_decode_attention_cuda(ctx, B, D, dtype):
                   ref_dtype=torch.float32)
 
 
+CUDA_DECODE_CASES = [
+    # (B, H, group, nb, T, D, q_len, dtype, cfg kwargs, splits): the compiled variants beyond the default shape
+    (2, 2, 4, 60, 140, 128, 4, torch.bfloat16, {}, None),
+    (2, 2, 1, 40, 150, 64, 9, torch.bfloat16, {}, None),                         # q_len 9, no GQA
+    (1, 2, 8, 30, 131, 256, 1, torch.float16, {}, 3),                            # head_dim 256 (8 warps), GQA 8
+    (2, 2, 1, 20, 129, 128, 16, torch.float16, {}, 2),                           # q_len 16
+    (2, 2, 4, 33, 129, 128, 1, torch.bfloat16, {"rel_k": 0.003}, None),          # 9-bit K: float32 operands
+    (2, 1, 4, 20, 130, 128, 1, torch.float16, {"pack_size": 16, "repack": "median"}, 4),  # the compact layout
+    (1, 2, 4, 10, 128, 64, 2, torch.bfloat16, {"pack_size": 4, "granularity": "token_head"}, None),
+]
+
+
 @pytest.mark.cuda
 @cuda_only
-@pytest.mark.parametrize("QL", [4, 8])
-def test_decode_attention_cuda_multi_query(QL):
-    _check_decode(2, 8, 4, 60, 140, 128, QL, torch.bfloat16, KVCompConfig(), seed=QL, device="cuda",
-                  ref_dtype=torch.float32)
+@pytest.mark.parametrize("B,H,group,nb,T,D,QL,dtype,kw,splits", CUDA_DECODE_CASES)
+def test_decode_attention_cuda_variants(B, H, group, nb, T, D, QL, dtype, kw, splits):
+    _check_decode(B, H, group, nb, T, D, QL, dtype, KVCompConfig(**kw), seed=nb + QL + D, num_splits=splits,
+                  device="cuda", ref_dtype=torch.float32)

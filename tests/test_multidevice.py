@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import kvcomp_hf
+from kvcomp_hf import CACHE_KWARG, returned_cache
 from helpers import tiny_llama_config
 
 PROMPT_LEN = 300      # > residual (128) + 2 blocks, so blocks are compressed in prefill and decode
@@ -47,12 +48,12 @@ def _greedy(model, ids, cache_config=None):
     kwargs = dict(max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
     if cache_config is not None:
         model.set_attn_implementation("kvcomp")
-        kwargs["past_key_values"] = kvcomp_hf.KVCompCache(model.config, cache_config)
+        kwargs[CACHE_KWARG] = kvcomp_hf.KVCompCache(model.config, cache_config)
     else:
         model.set_attn_implementation("sdpa")
     with torch.no_grad():
         out = model.generate(ids.to(model.device), attention_mask=torch.ones_like(ids).to(model.device), **kwargs)
-    return out.sequences[:, ids.shape[1]:].cpu(), out.past_key_values
+    return out.sequences[:, ids.shape[1]:].cpu(), returned_cache(out)
 
 
 def _assert_storage_on_kv_device(cache, expected_devices=None):
@@ -142,19 +143,16 @@ def _tp_worker(rank, world, path, port, ids, queue):
                       MASTER_PORT=str(port))
     try:
         import torch.distributed as dist
-        from transformers import AutoModelForCausalLM
+        from torch.distributed.device_mesh import init_device_mesh
 
+        from eval.bench_multigpu import load_tp
 
+        torch.set_num_threads(1)  # two ranks on a small CPU: more threads only contend
         dist.init_process_group("gloo", rank=rank, world_size=world)
-        try:
-            from transformers.distributed import DistributedConfig
-
-            kwargs = {"distributed_config": DistributedConfig(tp_plan="auto")}
-        except (ImportError, TypeError):
-            kwargs = {"tp_plan": "auto"}
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa",
-                                                     **kwargs).eval()
-        model.generation_config.eos_token_id = None
+        # an explicit CPU mesh: left to itself, transformers builds the mesh on the machine's accelerator
+        # (cuda:rank on a GPU machine), under this gloo group
+        model = load_tp(path, torch.float32, init_device_mesh("cpu", (world,)))
+        assert model.device.type == "cpu"
         result = {"rank": rank}
         for name, cfg in (("dense", None), ("token_head", {"granularity": "token_head"}),
                           ("token", {"granularity": "token"})):
@@ -234,3 +232,70 @@ def test_two_gpus_layers_split():
     _assert_storage_on_kv_device(cache, ["cuda:0", "cuda:1"])
     assert all(layer.use_triton for layer in cache.layers)
     assert torch.equal(out, ref)
+
+
+# ------------------------------------------------------------------------------------- benchmark (CPU parts)
+
+
+def test_bench_multigpu_quick_equality_rows(tmp_path, monkeypatch):
+    """eval/bench_multigpu.py --quick: the single-device reference and the benchmark model are built from one
+    seed, so greedy tokens agree per cache, and each row carries that result and its cache bytes."""
+    from eval.bench_multigpu import main
+
+    monkeypatch.setenv("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "1"))  # --quick sets it; undo after
+
+    out = tmp_path / "mg.json"
+    result = main(["--quick", "--context", "200", "--new-tokens", "3", "--eq-context", "200", "--eq-tokens", "4",
+                   "--out", str(out)])
+    assert out.is_file()
+    assert result["equality"]["dynamic"]["greedy_equal"] and result["equality"]["kvcomp"]["greedy_equal"]
+    rows = {r["cache"]: r for r in result["rows"]}
+    assert rows["dynamic"]["greedy_equal"] is True and rows["kvcomp"]["greedy_equal"] is True
+    assert rows["kvcomp"]["storage_on_layer_device"] is True
+    assert rows["kvcomp"]["cache_bytes"] < rows["dynamic"]["cache_bytes"]
+    assert rows["dynamic"]["cache_tokens"] == 200 + 3 - 1
+
+
+def test_bench_random_model_same_weights_any_device_map():
+    """Each parameter has its own seeded generator, so the values do not depend on the device map."""
+    from eval.bench_multigpu import random_model, spread_device_map
+
+    config = tiny_llama_config()
+    a = random_model(config, {"": "cpu"}, torch.float32, draw_on_cpu=True)
+    b = random_model(config, spread_device_map(config.num_hidden_layers, ["cpu", "cpu"]), torch.float32)
+    c = random_model(config, {"": "cpu"}, torch.float32, seed=1)
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not torch.equal(sa["model.layers.0.self_attn.q_proj.weight"], sc["model.layers.0.self_attn.q_proj.weight"])
+
+
+def test_bench_capacity_arithmetic():
+    """The 80-layer capacity: on every device, reserve + tokens x (layers x cache bytes per token per layer +
+    transient) fits the free memory, and one token more does not fit the tightest device."""
+    from eval.bench_multigpu import GIB, fits_from_measurements
+
+    bench = {"layers": 4, "weights_gib_per_device": {"cuda:0": 10.0, "cuda:1": 11.0}, "rows": [
+        {"cache": "dynamic", "cache_tokens": 1024, "batch": 2,  # 2 GiB of cache, 1 GiB per device
+         "allocated_gib_per_gpu_after": {"cuda:0": 11.0, "cuda:1": 12.0},
+         "peak_mem_gib_per_gpu": {"cuda:0": 14.0, "cuda:1": 12.5}},
+        {"cache": "kvcomp", "cache_tokens": 1024, "batch": 2,
+         "allocated_gib_per_gpu_after": {"cuda:0": 10.25, "cuda:1": 11.25},
+         "peak_mem_gib_per_gpu": {"cuda:0": 13.25, "cuda:1": 11.5}},
+        {"cache": "dynamic-oom", "oom": True}]}
+    free = {"cuda:0": 60 * GIB, "cuda:1": 50 * GIB}
+    layers = {"cuda:0": 40, "cuda:1": 40}
+    transient = {"dynamic": 4096.0, "kvcomp": 8192.0}
+    fits = fits_from_measurements(bench, free, layers, transient, new_tokens=16)
+    assert set(fits) == {"dynamic", "kvcomp", "kvcomp_over_dynamic_tokens"}
+    for cache, resident_gib in (("dynamic", 2.0), ("kvcomp", 0.5)):
+        per_token_layer = resident_gib * GIB / (2048 * 4)
+        extra = transient[cache] + (per_token_layer if cache == "kvcomp" else 0)
+        reserve = 3 * GIB  # the larger of peak - allocated-after over the devices
+        f = fits[cache]
+        assert f["working_memory_reserve_gib"] == 3.0
+        need = {d: reserve + f["tokens_fit"] * (layers[d] * per_token_layer + extra) for d in free}
+        assert all(need[d] <= free[d] for d in free)
+        tightest = min(free, key=lambda d: (free[d] - reserve) / (layers[d] * per_token_layer + extra))
+        assert reserve + (f["tokens_fit"] + 1) * (layers[tightest] * per_token_layer + extra) > free[tightest]
+        assert f["max_batch_at_context"]["32768"] == f["tokens_fit"] // (32768 + 16)
+    assert fits["kvcomp"]["tokens_fit"] > 3 * fits["dynamic"]["tokens_fit"]

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import kvcomp_hf
+from kvcomp_hf import cache_kwargs
 from kvcomp_hf.demo import offline_text, passkey_messages
 
 pytestmark = pytest.mark.slow
@@ -28,7 +29,7 @@ def teacher_forced_logprobs(model, ids, cache, chunk=128):
     out = []
     with torch.no_grad():
         for start in range(0, ids.shape[1], chunk):
-            logits = model(ids[:, start:start + chunk], past_key_values=cache, use_cache=True).logits
+            logits = model(ids[:, start:start + chunk], **cache_kwargs(cache), use_cache=True).logits
             out.append(torch.log_softmax(logits.float(), -1))
     return torch.cat(out, 1)[0]
 

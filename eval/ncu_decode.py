@@ -1,0 +1,53 @@
+"""One Llama-3.1-8B-shaped layer (32 q heads, 8 KV heads, D=128, bf16) compressed with the default config, then
+a few fused decode calls: a target for Nsight Compute (the H200 run in kernels/NOTES.md):
+
+ncu --clock-control none -k regex:_decode_kernel -s 2 -c 1 --section SpeedOfLight --section Occupancy \
+    --section WarpStateStats --section SchedulerStats python eval/ncu_decode.py --context 32768 --batch 8"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from kvcomp_hf import codec  # noqa: E402
+from kvcomp_hf.config import KVCompConfig  # noqa: E402
+from kvcomp_hf.kernels import decode_attention, store_blocks  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--context", type=int, default=32768)
+    ap.add_argument("--batch", type=int, default=8)
+    args = ap.parse_args()
+    B, Hq, H, D, ctx = args.batch, 32, 8, 128, args.context
+    cfg = KVCompConfig()
+    fmt = codec.BlockFormat.from_config(cfg, H, D)
+    nb = (ctx - cfg.residual_length) // 64
+    k = torch.randn(B, H, ctx, D, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(B, H, ctx, D, device="cuda", dtype=torch.bfloat16)
+    q = torch.randn(B, Hq, 1, D, device="cuda", dtype=torch.bfloat16)
+    S = B * nb
+    pool = torch.empty(S * H * (fmt.max_segment_bytes(0) + fmt.max_segment_bytes(1)), dtype=torch.uint8, device="cuda")
+    pool_used = torch.zeros(1, dtype=torch.int64, device="cuda")
+    seg_offset = torch.empty(S, 2, H, dtype=torch.int64, device="cuda")
+    token_min = torch.empty(S, 2, 64, 1, dtype=torch.bfloat16, device="cuda")
+    token_step = torch.empty(S, 2, 64, 1, dtype=torch.bfloat16, device="cuda")
+    perm = torch.empty(S, 64, dtype=torch.uint8, device="cuda")
+    store_blocks(k[:, :, :nb * 64], v[:, :, :nb * 64], cfg, fmt, pool, pool_used, seg_offset, token_min, token_step,
+                 perm, 0)
+    bt = torch.arange(S, dtype=torch.int32, device="cuda").view(B, nb)
+    for _ in range(4):
+        decode_attention(q, k[:, :, nb * 64:], v[:, :, nb * 64:], pool, seg_offset, token_min, token_step, perm, bt,
+                         None, 1 / math.sqrt(D), fmt)
+    torch.cuda.synchronize()
+    print("ok")
+
+
+if __name__ == "__main__":
+    main()
