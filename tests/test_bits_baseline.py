@@ -4,6 +4,7 @@ CPU run counts the full cache at 32 bits, as it counts kvcomp's float32 tail), a
 import pytest
 import torch
 
+import kvcomp_hf
 from eval import common, longbench, lm_eval_model, make_results, perplexity, synthetic
 
 
@@ -41,7 +42,7 @@ def test_estimates_and_plain_caches_use_the_model_dtype(tiny_fp32):
 
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(torch.tensor([[5, 6, 7]]), past_key_values=cache, use_cache=True)
+        model(torch.tensor([[5, 6, 7]]), use_cache=True, **kvcomp_hf.cache_kwargs(cache))
     assert common.cache_report(cache)["bits_per_value"] == 32
     bf16 = model.to(torch.bfloat16)
     try:

@@ -4,6 +4,7 @@ the cache holds apart from what its rows use."""
 import pytest
 import torch
 
+import kvcomp_hf
 import kvcomp_hf.cache as cache_module
 from kvcomp_hf import KVCompCache, KVCompConfig
 from kvcomp_hf.cache import KVCompLayer
@@ -14,16 +15,21 @@ def referenced_segment_bytes(layer):
     return int(layer.store.seg_bytes[slots].sum())
 
 
-def filled_layer(batch, tokens, seed):
+def filled_layer(batch, tokens, seed, config=KVCompConfig()):
     torch.manual_seed(seed)
-    layer = KVCompLayer(KVCompConfig())
+    layer = KVCompLayer(config)
     k, v = torch.randn(batch, 2, tokens, 16), torch.randn(batch, 2, tokens, 16)
     layer.update(k, v)
     return layer
 
 
-def test_beam_reorder_frees_blocks_no_row_references():
-    layer = filled_layer(3, 400, seed=0)                    # 3 rows x 4 blocks, none shared
+# the default layout shares one identity permutation row; PackKV's stores one per block
+LAYOUTS = [KVCompConfig(), KVCompConfig(pack_size=16, repack="median")]
+
+
+@pytest.mark.parametrize("config", LAYOUTS, ids=["pack64", "pack16-median"])
+def test_beam_reorder_frees_blocks_no_row_references(config):
+    layer = filled_layer(3, 400, seed=0, config=config)     # 3 rows x 4 blocks, none shared
     k, v = layer.dense_kv()
     assert layer.store.n_slots == 12
     layer.reorder_cache(torch.tensor([1, 1, 1]))             # beams 0 and 2 die: their 8 blocks are orphans
@@ -78,8 +84,9 @@ def test_batch_select_frees_the_dropped_rows_blocks_and_report_counts_them(monke
     assert torch.equal(layer.dense_kv()[0], k[[0]])
 
 
-def test_crop_frees_dropped_blocks():
-    layer = filled_layer(1, 1000, seed=3)                    # 13 blocks + tail
+@pytest.mark.parametrize("config", LAYOUTS, ids=["pack64", "pack16-median"])
+def test_crop_frees_dropped_blocks(config):
+    layer = filled_layer(1, 1000, seed=3, config=config)    # 13 blocks + tail
     k, _ = layer.dense_kv()
     layer.crop(-700)
     assert layer.store.n_slots == 4 and layer.store.used_bytes() == referenced_segment_bytes(layer)
@@ -90,7 +97,7 @@ def test_beam_search_holds_few_unreferenced_blocks(tiny_llama):
     torch.manual_seed(4)
     ids = torch.randint(3, 256, (1, 300))
     cache = KVCompCache(tiny_llama.config, {"rel_k": 1e-4, "rel_v": 1e-4})
-    out = tiny_llama.generate(ids, num_beams=3, max_new_tokens=40, do_sample=False, past_key_values=cache)
+    out = tiny_llama.generate(ids, num_beams=3, max_new_tokens=40, do_sample=False, **kvcomp_hf.cache_kwargs(cache))
     assert torch.equal(out, tiny_llama.generate(ids, num_beams=3, max_new_tokens=40, do_sample=False))
     report = cache.memory_report()
     referenced = sum(torch.unique(layer.block_table).numel() for layer in cache.layers)

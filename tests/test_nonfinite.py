@@ -60,10 +60,11 @@ def test_a_range_that_overflows_float32_is_stored_as_nan():
     check_bound_and_nan(k, k_hat, 0.1, "token", (0, 9, 0))
 
 
-@pytest.mark.parametrize("granularity,repack,dtype", [("token", "median", torch.bfloat16),
-                                                      ("token_head", "median", torch.float16),
-                                                      ("token_head", "none", torch.float32)])
-def test_triton_store_writes_the_codec_bytes_for_non_finite_values(granularity, repack, dtype):
+@pytest.mark.parametrize("granularity,repack,pack,dtype", [("token", "median", 8, torch.bfloat16),
+                                                           ("token_head", "median", 16, torch.float16),
+                                                           ("token_head", "none", 8, torch.float32),
+                                                           ("token", "none", 64, torch.bfloat16)])
+def test_triton_store_writes_the_codec_bytes_for_non_finite_values(granularity, repack, pack, dtype):
     pytest.importorskip("triton")
     from kvcomp_hf.kernels import encode_blocks_triton
 
@@ -71,7 +72,7 @@ def test_triton_store_writes_the_codec_bytes_for_non_finite_values(granularity, 
         pytest.skip("float32 K/V take the PyTorch path on CUDA")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(2)
-    cfg = KVCompConfig(granularity=granularity, repack=repack, pack_size=8)
+    cfg = KVCompConfig(granularity=granularity, repack=repack, pack_size=pack)
     k, v = torch.randn(2, 2, 64, 16), torch.randn(2, 2, 64, 16)
     for i, bad in enumerate(BAD):
         k[i % 2, i % 2, 3 + 20 * i, 5] = bad
