@@ -108,8 +108,9 @@ def render(root: Path) -> str:
              "bits/value counts everything each cache holds (payload, scales/zeros or per-token min/step, pack "
              "headers, tables, the uncompressed residual) per stored K/V value. Every cache of a table is counted "
              "in the K/V dtype of its run (residual and scales included), so the full cache is that dtype's width; "
-             "each header names the dtype (older results without it: see their command). Synthetic scores are RULER-style on offline haystacks, not comparable to published RULER "
-             "numbers; compare caches within one table.\n")
+             "each header names the dtype (older results without it: see their command). Synthetic scores are "
+             "RULER-style on offline haystacks, not comparable to published RULER numbers; compare caches within "
+             "one table.\n")
     if not sections:
         return intro + "\nNo results yet.\n"
     return intro + "\n" + "\n".join(sections)

@@ -191,9 +191,9 @@ def bit_length(x: torch.Tensor) -> torch.Tensor:
 
 
 def _write_fields(stream: torch.Tensor, values: torch.Tensor, nbits: torch.Tensor, offsets: torch.Tensor):
-    """Write field values (int64, each < 2**nbits <= 2**16) at stream bit offsets. stream: int64, one entry per
-    byte plus 3 spare entries (a zero-width field may start at the very end). A field covers at most 3 bytes; fields never overlap, so adding each field's
-    three byte parts into the stream sets exactly its bits."""
+    """Write field values (int64, each < 2**nbits <= 2**16) at stream bit offsets. stream: int64, one entry
+    per byte plus 3 spare entries (a zero-width field may start at the very end). A field covers at most 3
+    bytes and fields never overlap, so adding each field's three byte parts into the stream sets its bits."""
     shifted = values << (offsets & 7)
     byte = offsets >> 3
     for i in range(3):
