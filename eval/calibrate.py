@@ -228,7 +228,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     result = {"model": model_id, "name": name, "rows": rows, "full": {"synthetic": full_scores,
               "perplexity": {k: v for k, v in ppl.get("full", {}).items() if k != "cache"}},
-              "chosen": chosen, "meta": common.run_metadata(args)}
+              "chosen": chosen, "kv_dtype": common.kv_dtype(model), "meta": common.run_metadata(args)}
     common.write_json(work / "calibration.json", result)
     if chosen is None:
         print("no config of the grid meets the budget; widen the grid towards smaller rel_k/rel_v", file=sys.stderr)
