@@ -177,7 +177,9 @@ def hf_quantized_bits_per_value(cache, group_size: int = 64) -> float | None:
         if not n or layer.keys is None:
             continue
         resid = layer.keys.shape[-2] if layer.keys.dim() == 4 else 0
-        per_tok = layer.keys.shape[0] * layer.keys.shape[1] * layer.keys.shape[3] if layer.keys.dim() == 4 else 0
+        # right after quantising, the residual buffer is an empty 1-d tensor: take the shape from the quantised part
+        shaped = layer.keys if layer.keys.dim() == 4 else getattr(layer, "_quantized_keys", None)
+        per_tok = shaped.shape[0] * shaped.shape[1] * shaped.shape[3] if shaped is not None and shaped.dim() == 4 else 0
         if per_tok == 0:
             continue
         q = n - resid

@@ -13,6 +13,13 @@
         --lengths 4096,8192 --samples 20 --out eval/results/calib-llama31
 
 Work files (perplexity grid, synthetic predictions) go to --out and are reused when the command is re-run.
+
+Quick mode (--quick): minutes on one GPU or a CPU. A grid of rotated configs (rotation="hadamard", per-token
+scales) is screened by eval/fakequant.py (one forward pass per config and window, --ppl-windows windows of
+--ppl-tokens tokens, default 2 x 2048); the config with the fewest bits/value all-in (at --bits-at tokens)
+whose NLL increase is within budget is written, with its provenance. No synthetic check.
+
+    python eval/calibrate.py --quick --model meta-llama/Llama-3.1-8B-Instruct --name llama-3.1-8b-instruct
 """
 
 from __future__ import annotations
@@ -105,7 +112,8 @@ def write_preset(path: Path, chosen: dict[str, Any], provenance: dict[str, Any],
     doc = {"calibrated": True, "model": model_id,
            "source": "eval/calibrate.py: most compressive config within the accuracy budget "
                      f"(perplexity NLL increase <= {provenance['budget']['max_nll_increase']} nats, "
-                     f"synthetic score drop <= {provenance['budget']['max_score_drop_pct']}% relative)",
+                     + (f"synthetic score drop <= {provenance['budget']['max_score_drop_pct']}% relative)"
+                        if provenance["budget"]["max_score_drop_pct"] is not None else "no synthetic check)"),
            "config": chosen, "provenance": provenance}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(header + yaml.safe_dump(doc, sort_keys=False, width=120), encoding="utf-8")
@@ -115,8 +123,53 @@ def floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x.strip()]
 
 
+QUICK_GRID = [(0.15, 0.3), (0.12, 0.25), (0.1, 0.25), (0.1, 0.2), (0.1, 0.15), (0.07, 0.15), (0.07, 0.12),
+              (0.07, 0.1), (0.05, 0.1), (0.05, 0.07), (0.035, 0.07)]
+
+
+def run_quick(args: argparse.Namespace) -> dict[str, Any]:
+    """Fake-quantisation screen of QUICK_GRID (rotated, per-token scales); writes the preset."""
+    from eval import fakequant
+
+    model_id = args.model_id or common.model_label(args.model, args.gguf_file)
+    name = args.name or slug(model_id.split("/")[-1])
+    output = Path(args.output) if args.output else CONFIGS_DIR / f"{name}.yaml"
+    model, tokenizer = common.load_model(args.model, args.gguf_file, args.device, args.dtype)
+    text_name, text = common.load_text(args.text, min_words=args.ppl_tokens, order=common.PERPLEXITY_ORDER)
+    windows = perplexity.token_windows(tokenizer, text, args.ppl_tokens, args.ppl_windows)
+    specs = {f"kvcomp:rel_k={k},rel_v={v},rotation=hadamard,granularity=token": (k, v) for k, v in QUICK_GRID}
+    res = fakequant.evaluate(model, windows, list(specs), args.bits_at)
+    ok = [s for s in specs if res[s]["delta_nll"] <= args.max_nll_increase]
+    meta = common.run_metadata(args)
+    result = {"model": model_id, "name": name, "quick": True, "results": res, "meta": meta}
+    if not ok:
+        print("no config of the quick grid meets the budget; run the full calibration", file=sys.stderr)
+        return result
+    best = min(ok, key=lambda s: res[s]["bits_per_value"])
+    chosen = common.parse_cache_spec(best).kvcomp_config().to_dict()
+    provenance = {
+        "command": meta["command"], "date": datetime.date.today().isoformat(), "device": meta["device"],
+        "torch": meta["torch"], "transformers": meta["transformers"], "git_commit": meta.get("git_commit"),
+        "method": "eval/calibrate.py --quick: eval/fakequant.py screen (no synthetic check)",
+        "budget": {"max_nll_increase": args.max_nll_increase, "max_score_drop_pct": None},
+        "data": {"perplexity": {"text": text_name, "text_sha256": common.text_sha256(text),
+                                "tokens": args.ppl_tokens, "windows": len(windows)}},
+        "measured": {"chosen": {"bits_per_value_at": args.bits_at, **{k: _round(res[best][k], 4) for k in
+                                ("bits_per_value", "delta_nll", "kl", "top1_agreement")}}},
+        "grid": [{"rel_k": specs[s][0], "rel_v": specs[s][1], "bits_per_value": _round(res[s]["bits_per_value"]),
+                  "delta_nll": _round(res[s]["delta_nll"], 4), "kl": _round(res[s]["kl"], 4)} for s in specs],
+    }
+    write_preset(output, chosen, provenance, model_id)
+    result["chosen"] = best
+    print(f"chosen {best}: {res[best]['bits_per_value']:.3f} bits/value at {args.bits_at} tokens, "
+          f"dNLL {res[best]['delta_nll']:+.4f}; wrote {output}")
+    return result
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     common.set_seed(args.seed)
+    if args.quick:
+        return run_quick(args)
     model_id = args.model_id or common.model_label(args.model, args.gguf_file)
     name = args.name or slug(model_id.split("/")[-1])
     work = Path(args.out or f"eval/results/calibrate-{name}")
@@ -172,7 +225,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     result = {"model": model_id, "name": name, "rows": rows, "full": {"synthetic": full_scores,
               "perplexity": {k: v for k, v in ppl.get("full", {}).items() if k != "cache"}},
-              "chosen": chosen, "meta": common.run_metadata(args)}
+              "chosen": chosen, "kv_dtype": common.kv_dtype(model), "meta": common.run_metadata(args)}
     common.write_json(work / "calibration.json", result)
     if chosen is None:
         print("no config of the grid meets the budget; widen the grid towards smaller rel_k/rel_v", file=sys.stderr)
@@ -234,6 +287,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop after this many synthetic checks (0 = no limit)")
     p.add_argument("--skip-synthetic", action="store_true", help="choose on the perplexity budget alone")
     p.add_argument("--skip-ppl", action="store_true", help="choose on the synthetic budget alone")
+    p.add_argument("--quick", action="store_true",
+                   help="minutes: fake-quantisation screen of a rotated grid (--ppl-tokens 2048 --ppl-windows 2 "
+                        "unless given), no synthetic check")
+    p.add_argument("--bits-at", type=int, default=8192, help="--quick: context length bits/value are given at")
     return p
 
 
@@ -248,6 +305,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                 args.max_nll_increase = float(val)
             else:
                 raise ValueError(f"--budget takes score=<pct>,nll=<nats>; got {item!r}")
+    if args.quick and "--ppl-tokens" not in (argv or sys.argv):
+        args.ppl_tokens = 2048
+    if args.quick and "--ppl-windows" not in (argv or sys.argv):
+        args.ppl_windows = 2
     if args.skip_ppl and args.skip_synthetic:
         raise ValueError("--skip-ppl and --skip-synthetic together leave nothing to calibrate on")
     return args

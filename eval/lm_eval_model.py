@@ -217,6 +217,7 @@ def run(args: argparse.Namespace, model=None, tokenizer=None) -> dict[str, Any]:
     gen_kwargs = _parse_json_arg(args.gen_kwargs)
     summary: dict[str, Any] = {"model": common.model_label(args.model or "", args.gguf_file), "tasks": tasks,
                                "caches": [s.name for s in specs], "results": {}, "bits_per_value": {},
+                               "kv_dtype": common.kv_dtype(model),
                                "cache_use": {}, "meta": common.run_metadata(args)}
     # indexing lm-eval's ~thousands of built-in task files takes seconds: once for all caches (or skip them)
     task_manager = TaskManager(include_path=include or None, include_defaults=not args.only_include_path,
@@ -268,7 +269,8 @@ def render_markdown(summary: dict[str, Any]) -> str:
             cells.append(f"{v:.4f}" if isinstance(v, (int, float)) else "–")
         lines.append(f"| {task} | {m} | " + " | ".join(cells) + " |")
     bpv = summary["bits_per_value"]
-    lines += ["", "| bits/value | " + " | ".join("–" if bpv.get(c) is None else f"{bpv[c]:.2f}" for c in caches)
+    lines += ["", f"| {common.bits_header(summary.get('kv_dtype'))} | "
+              + " | ".join("–" if bpv.get(c) is None else f"{bpv[c]:.2f}" for c in caches)
               + " |", "|---|" + "---:|" * len(caches), ""]
     return "\n".join(lines) + "\n"
 

@@ -474,8 +474,8 @@ def _weighted_bpv(records: list[dict]) -> float | None:
 
 def run(args: argparse.Namespace, model=None, tokenizer=None) -> dict[str, Any]:
     """Generate what is missing, then score everything selected; returns the scores.json object."""
-    from eval.common import (eos_ids, load_model, model_label, parse_cache_list, progress, run_metadata, set_seed,
-                             write_json, ResumableJsonl)
+    from eval.common import (eos_ids, kv_dtype, load_model, model_label, parse_cache_list, progress, run_metadata,
+                             set_seed, write_json, ResumableJsonl)
 
     if args.e and args.v2:
         raise SystemExit("--e and --v2 are different benchmarks; pick one")
@@ -546,7 +546,8 @@ def run(args: argparse.Namespace, model=None, tokenizer=None) -> dict[str, Any]:
     # ---- score (only the selected samples, so every cache is scored on the same set)
     result: dict[str, Any] = {"scores": {}, "averages": {}, "bits_per_value": {}, "n_samples": {},
                               "benchmark": "longbench_v2" if args.v2 else ("longbench_e" if args.e else "longbench"),
-                              "caches": [s.name for s in specs], "tasks": tasks, "max_length": max_length}
+                              "caches": [s.name for s in specs], "tasks": tasks, "max_length": max_length,
+                              "kv_dtype": kv_dtype(model)}
     if args.e:
         result["buckets"] = {}
     if args.v2:
@@ -644,7 +645,10 @@ def render_markdown(result: dict[str, Any]) -> str:
                 b = result["buckets"].get(c, {}).get(t, {})
                 cells.append(" / ".join(_fmt(b.get(k)) for k in C.E_BUCKETS))
             lines.append(f"| {t} | " + " | ".join(cells) + " |")
-    lines += ["", "| bits/value | " + " | ".join(_fmt(result["bits_per_value"].get(c)) for c in caches) + " |",
+    from eval.common import bits_header
+
+    lines += ["", f"| {bits_header(result.get('kv_dtype'))} | "
+              + " | ".join(_fmt(result["bits_per_value"].get(c)) for c in caches) + " |",
               "|---|" + "---:|" * len(caches), ""]
     lines.append("(partial) = not every task of the average was run; see scores.json `*_missing`.")
     return "\n".join(lines) + "\n"

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from eval import common
 from eval import perplexity as ppl_mod
 from eval import synthetic as syn_mod
 
@@ -48,7 +49,8 @@ def section_synthetic(data, path, root) -> str:
     head = (f"## Synthetic suite: {data.get('model')} ({data.get('metric', '')})\n\n"
             f"{data.get('samples_per_task')} samples per task and length; haystack {data.get('haystack')} "
             f"(sha256 {str(data.get('haystack_sha256', ''))[:12]}).\n\n")
-    return head + syn_mod.markdown_table(data, data["caches"], data["tasks"], data["lengths"]) + "\n" + \
+    return head + syn_mod.markdown_table(data, data["caches"], data["tasks"], data["lengths"],
+                                         data.get("kv_dtype")) + "\n" + \
         _provenance(data, path, root) + "\n"
 
 
@@ -56,12 +58,14 @@ def section_perplexity(data, path, root) -> str:
     head = (f"## Perplexity through the cache: {data.get('model')}\n\n"
             f"Text {data.get('text')} (sha256 {str(data.get('text_sha256', ''))[:12]}), {data.get('windows')} window(s) "
             f"of {data.get('tokens')} tokens, chunk {data.get('chunk')}.\n\n")
-    return head + ppl_mod.markdown(data["results"], data["caches"]) + "\n\n" + _provenance(data, path, root) + "\n"
+    return (head + ppl_mod.markdown(data["results"], data["caches"], data.get("kv_dtype")) + "\n\n"
+            + _provenance(data, path, root) + "\n")
 
 
 def section_calibration(data, path, root) -> str:
     lines = [f"## Calibration: {data.get('model')} -> configs/{data.get('name')}.yaml\n",
-             "| config | bits/value | ΔNLL | KL | top-1 | synthetic avg |", "|---|---:|---:|---:|---:|---|"]
+             f"| config | {common.bits_header(data.get('kv_dtype'))} | ΔNLL | KL | top-1 | synthetic avg |",
+             "|---|---:|---:|---:|---:|---|"]
     for r in data["rows"]:
         mark = " **(chosen)**" if data.get("chosen") and r["cache"] == data["chosen"]["cache"] else ""
         syn = ", ".join(f"{k}: {v}" for k, v in r.get("synthetic", {}).items()) if r.get("synthetic") else "-"
@@ -73,8 +77,8 @@ def section_calibration(data, path, root) -> str:
 
 
 def section_generic(data, path, root) -> str:
-    lines = [f"## {data.get('suite', path.stem)}: {data.get('model', '')}\n", "| cache | bits/value | score |",
-             "|---|---:|---:|"]
+    lines = [f"## {data.get('suite', path.stem)}: {data.get('model', '')}\n",
+             f"| cache | {common.bits_header(data.get('kv_dtype'))} | score |", "|---|---:|---:|"]
     for cache, r in data["results"].items():
         if isinstance(r, dict):
             lines.append(f"| {cache} | {_fmt(r.get('bits_per_value'))} | {_fmt(r.get('score'), 2)} |")
@@ -97,7 +101,7 @@ def render(root: Path) -> str:
             continue
         if data.get("suite") == "synthetic":
             sections.append(section_synthetic(data, path, root))
-        elif data.get("suite") == "perplexity":
+        elif data.get("suite") == "perplexity" and "caches" in data:  # (eval.frontier's frontier.json: its own format)
             sections.append(section_perplexity(data, path, root))
         elif "rows" in data and "chosen" in data:
             sections.append(section_calibration(data, path, root))
@@ -106,10 +110,11 @@ def render(root: Path) -> str:
             sections.append(section_generic(data, path, root))
     intro = ("Generated from the JSON under `eval/results/`. "
              "bits/value counts everything each cache holds (payload, scales/zeros or per-token min/step, pack "
-             "headers, tables, the uncompressed residual) per stored K/V value, with the residual and scales in the "
-             "dtype of the run (32-bit on the CPU fp32 runs, 16-bit on GPU bf16/fp16 runs); full = 16 by "
-             "convention. Synthetic scores are RULER-style on offline haystacks, not comparable to published RULER "
-             "numbers; compare caches within one table.\n")
+             "headers, tables, the uncompressed residual) per stored K/V value. Every cache of a table is counted "
+             "in the K/V dtype of its run (residual and scales included), so the full cache is that dtype's width; "
+             "each header names the dtype (older results without it: see their command). Synthetic scores are "
+             "RULER-style on offline haystacks, not comparable to published RULER numbers; compare caches within "
+             "one table.\n")
     if not sections:
         return intro + "\nNo results yet.\n"
     return intro + "\n" + "\n".join(sections)

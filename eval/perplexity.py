@@ -93,7 +93,7 @@ def evaluate_window(model, ids: list[int], specs: list[common.CacheSpec], chunk:
                 # KL(ref || this) = sum p_ref (log p_ref - log p_this)
                 kl[name][s:e] = (ref_lp.exp() * (ref_lp - lp)).sum(-1).double()
                 top1[name][s:e] = lp.argmax(-1) == ref_top
-    reports = {name: common.cache_report(c, n) for name, c in caches.items()}
+    reports = {name: common.cache_report(c, n, model) for name, c in caches.items()}
     return {"n_tokens": n, "nll": nll, "kl": kl if ref else None, "top1": top1 if ref else None, "reports": reports}
 
 
@@ -132,8 +132,9 @@ def summarise(per_window: list[dict[str, Any]], names: list[str], reference: str
     return out
 
 
-def markdown(results: dict[str, Any], names: list[str]) -> str:
-    lines = ["| cache | bits/value | perplexity | NLL | ΔNLL vs full | KL(full‖cache) | top-1 agree |",
+def markdown(results: dict[str, Any], names: list[str], kv_dtype: str | None = None) -> str:
+    lines = [f"| cache | {common.bits_header(kv_dtype)} | perplexity | NLL | ΔNLL vs full | KL(full‖cache) | "
+             "top-1 agree |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for name in names:
         r = results[name]
@@ -168,11 +169,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result = {
         "suite": "perplexity", "model": common.model_label(args.model, args.gguf_file),
         "text": text_name, "text_sha256": common.text_sha256(text), "tokens": args.tokens, "chunk": args.chunk,
-        "windows": len(windows), "caches": names, "results": results,
+        "windows": len(windows), "caches": names, "results": results, "kv_dtype": common.kv_dtype(model),
         "seconds": round(time.time() - t0, 1), "meta": common.run_metadata(args),
     }
     common.write_json(out / "perplexity.json", result)
-    table = markdown(results, names)
+    table = markdown(results, names, result["kv_dtype"])
     (out / "perplexity.md").write_text(
         f"# Perplexity through the cache: {result['model']}, {text_name}, {len(windows)} x {args.tokens} tokens, "
         f"chunk {args.chunk}\n\n{table}\n\nCommand: `{result['meta']['command']}`\n", encoding="utf-8")

@@ -2,7 +2,8 @@
 
 Reads any mix of:
   synthetic scores.json   (eval/synthetic.py)     y = average score at each length (one series per length)
-  perplexity.json         (eval/perplexity.py)    y = top-1 agreement with the full cache (%), or --ppl-metric
+  perplexity.json         (eval/perplexity.py, eval/frontier.py)  y = top-1 agreement with the full cache (%),
+                          or --ppl-metric (a comma list: one panel each); eval/frontier.py's families are series
   calibration.json        (eval/calibrate.py)     y = NLL increase of every grid config
   generic {"results": {cache: {"score": y, "bits_per_value": x}}} (e.g. LongBench summaries)
 
@@ -33,15 +34,19 @@ def series_from(path: Path, ppl_metric: str = "top1_agreement") -> list[dict[str
                     pts.append((bits, row["avg"], cache))
             out.append({"label": f"{model} synthetic @{L}", "ylabel": "synthetic avg score", "points": pts})
     elif data.get("suite") == "perplexity":
-        pts = []
-        for cache, r in data["results"].items():
-            y = r.get(ppl_metric)
-            if y is not None and r.get("bits_per_value") is not None:
-                pts.append((r["bits_per_value"], 100 * y if ppl_metric == "top1_agreement" else y, cache))
-        ylabel = {"top1_agreement": "top-1 agreement with full cache (%)", "delta_nll": "NLL increase (nats)",
-                  "kl": "KL(full || cache)", "perplexity": "perplexity"}.get(ppl_metric, ppl_metric)
-        out.append({"label": f"{model} ppl {data.get('text', '')} {data.get('tokens', '')} tok", "ylabel": ylabel,
-                    "points": pts})
+        families = data.get("families") or {}  # eval/frontier.py: one series per family of caches
+        for metric in ppl_metric.split(","):
+            ylabel = {"top1_agreement": "top-1 agreement with full cache (%)", "delta_nll": "NLL increase (nats)",
+                      "kl": "KL(full || cache)", "perplexity": "perplexity"}.get(metric, metric)
+            groups: dict[str, list] = {}
+            for cache, r in data["results"].items():
+                y = r.get(metric)
+                if y is None or r.get("bits_per_value") is None or (families and cache == "full"):
+                    continue
+                label = families.get(cache) or f"{model} ppl {data.get('text', '')} {data.get('tokens', '')} tok"
+                groups.setdefault(label, []).append(
+                    (r["bits_per_value"], 100 * y if metric == "top1_agreement" else y, _short(cache)))
+            out += [{"label": label, "ylabel": ylabel, "points": pts} for label, pts in groups.items()]
     elif "rows" in data and "chosen" in data:
         pts = [(r["bits_per_value"], r["delta_nll"], r["cache"]) for r in data["rows"]
                if r.get("bits_per_value") is not None and r.get("delta_nll") is not None]
@@ -51,6 +56,14 @@ def series_from(path: Path, ppl_metric: str = "top1_agreement") -> list[dict[str
                if isinstance(r, dict) and r.get("bits_per_value") is not None and r.get("score") is not None]
         out.append({"label": f"{model} {data.get('suite', path.stem)}", "ylabel": "score", "points": pts})
     return [s for s in out if s["points"]]
+
+
+def _short(cache: str) -> str:
+    """A compact point label: kvcomp specs lose their prefix and the rotation field (the series says it)."""
+    for old, new in (("kvcomp:", ""), (",rotation=hadamard", ""), ("rotation=hadamard,", ""), ("rel_k=", "k"),
+                     (",rel_v=", "/v"), ("granularity=", ""), ("pack_size=", "p")):
+        cache = cache.replace(old, new)
+    return cache
 
 
 def plot(series: list[dict[str, Any]], out: Path, title: str | None = None) -> Path:
@@ -68,6 +81,8 @@ def plot(series: list[dict[str, Any]], out: Path, title: str | None = None) -> P
             ax.plot(xs, ys, marker="o", linestyle=":", alpha=0.8, label=s["label"])
             for x, y, name in pts:
                 ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        if ylabel.startswith(("NLL", "KL")):  # spans two orders of magnitude; symlog keeps 0 on the axis
+            ax.set_yscale("symlog", linthresh=0.005)
         ax.set_xlabel("bits per K/V value (everything counted)")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
@@ -85,8 +100,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("results", nargs="+", help="results JSON files")
     p.add_argument("--out", default="eval/results/frontier.png")
-    p.add_argument("--ppl-metric", default="top1_agreement", choices=["top1_agreement", "delta_nll", "kl",
-                                                                      "perplexity"])
+    p.add_argument("--ppl-metric", default="top1_agreement",
+                   help="comma list of top1_agreement, delta_nll, kl, perplexity (one panel each)")
     p.add_argument("--title", default=None)
     args = p.parse_args(argv)
     series = [s for f in args.results for s in series_from(Path(f), args.ppl_metric)]

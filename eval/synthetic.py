@@ -408,11 +408,12 @@ def aggregate(records: list[dict], caches: list[str], tasks: list[str], lengths:
     return {"scores": scores, "bits_per_value": bits}
 
 
-def markdown_table(agg: dict[str, Any], caches: list[str], tasks: list[str], lengths: list[int]) -> str:
+def markdown_table(agg: dict[str, Any], caches: list[str], tasks: list[str], lengths: list[int],
+                   kv_dtype: str | None = None) -> str:
     lines = []
     for L in lengths:
         lines.append(f"### {L} tokens\n")
-        lines.append("| cache | bits/value | " + " | ".join(tasks) + " | avg |")
+        lines.append(f"| cache | {common.bits_header(kv_dtype)} | " + " | ".join(tasks) + " | avg |")
         lines.append("|---|---:|" + "---:|" * (len(tasks) + 1))
         for c in caches:
             row = agg["scores"].get(c, {}).get(str(L))
@@ -473,13 +474,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "haystack": suite.source_name, "haystack_sha256": suite.text_sha256,
         "tasks": tasks, "lengths": lengths, "samples_per_task": args.samples, "caches": cache_names,
         "metric": "string_match_all x100 (RULER-style, haystack %s)" % suite.source_name,
-        **agg, "meta": common.run_metadata(args),
+        "kv_dtype": common.kv_dtype(model), **agg, "meta": common.run_metadata(args),
     }
     common.write_json(out / "scores.json", result)
+    table = markdown_table(agg, cache_names, tasks, lengths, result["kv_dtype"])
     (out / "scores.md").write_text(f"# Synthetic suite: {result['model']} (haystack: {suite.source_name})\n\n"
-                                   + markdown_table(agg, cache_names, tasks, lengths)
-                                   + f"\nCommand: `{result['meta']['command']}`\n", encoding="utf-8")
-    print(markdown_table(agg, cache_names, tasks, lengths))
+                                   + table + f"\nCommand: `{result['meta']['command']}`\n", encoding="utf-8")
+    print(table)
     return result
 
 

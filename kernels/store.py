@@ -54,6 +54,22 @@ def _step_of(lo, hi, rel):
 
 
 @triton.jit
+def _stored_stats(lo, hi, nonfinite, rel):
+    """(min, step) as stored. nonfinite = sum(x - x) over the group: 0, or NaN when the group holds a NaN or
+    ±inf (tl.min/tl.max may skip NaN). Such a group, or one whose range overflows, is stored as NaN, NaN
+    (codec.quantize)."""
+    step = _step_of(lo, hi, rel)
+    bad = (nonfinite != 0) | (step == float("inf"))
+    return tl.where(bad, float("nan"), lo), tl.where(bad, float("nan"), step)
+
+
+@triton.jit
+def _row_stats(x, rel):
+    """Stored (min, step) of each row of x [64, D] (granularity "token_head")."""
+    return _stored_stats(tl.min(x, axis=1), tl.max(x, axis=1), tl.sum(x - x, axis=1), rel)
+
+
+@triton.jit
 def _quant(x, lo, step, MAXV: tl.constexpr):
     """x [64, D] float32, lo/step [64] float32 -> int32 [64, D]."""
     pos = step > 0
@@ -154,6 +170,8 @@ def _stats_kernel(k_ptr, v_ptr, ks_b, ks_h, ks_t, ks_d, vs_b, vs_h, vs_t, vs_d,
     khi = tl.full([64], float("-inf"), tl.float32)
     vlo = tl.full([64], float("inf"), tl.float32)
     vhi = tl.full([64], float("-inf"), tl.float32)
+    knf = tl.zeros([64], tl.float32)
+    vnf = tl.zeros([64], tl.float32)
     if TOKEN_GRAN:
         for h in range(H):
             kx = _load_tile(k_ptr, kbase + h * ks_h, rows, ks_t, ks_d, D)
@@ -162,8 +180,10 @@ def _stats_kernel(k_ptr, v_ptr, ks_b, ks_h, ks_t, ks_d, vs_b, vs_h, vs_t, vs_d,
             khi = tl.maximum(khi, tl.max(kx, axis=1))
             vlo = tl.minimum(vlo, tl.min(vx, axis=1))
             vhi = tl.maximum(vhi, tl.max(vx, axis=1))
-    kstep = _step_of(klo, khi, rel_k)
-    vstep = _step_of(vlo, vhi, rel_v)
+            knf += tl.sum(kx - kx, axis=1)
+            vnf += tl.sum(vx - vx, axis=1)
+    klo, kstep = _stored_stats(klo, khi, knf, rel_k)
+    vlo, vstep = _stored_stats(vlo, vhi, vnf, rel_v)
 
     # median repack: lower median of the H*D V integers of each token
     if MEDIAN:
@@ -180,8 +200,8 @@ def _stats_kernel(k_ptr, v_ptr, ks_b, ks_h, ks_t, ks_d, vs_b, vs_h, vs_t, vs_d,
                 if TOKEN_GRAN:
                     qv = _quant(vx, vlo, vstep, MAXV)
                 else:
-                    hlo = tl.min(vx, axis=1)
-                    qv = _quant(vx, hlo, _step_of(hlo, tl.max(vx, axis=1), rel_v), MAXV)
+                    hlo, hst = _row_stats(vx, rel_v)
+                    qv = _quant(vx, hlo, hst, MAXV)
                 for bb in tl.static_range(NBIN - 1):
                     c_b = tl.sum((qv <= bb).to(tl.int32), axis=1)
                     cnt += tl.where(bins[None, :] == bb, c_b[:, None], 0)
@@ -197,8 +217,8 @@ def _stats_kernel(k_ptr, v_ptr, ks_b, ks_h, ks_t, ks_d, vs_b, vs_h, vs_t, vs_d,
                     if TOKEN_GRAN:
                         qv = _quant(vx, vlo, vstep, MAXV)
                     else:
-                        hlo = tl.min(vx, axis=1)
-                        qv = _quant(vx, hlo, _step_of(hlo, tl.max(vx, axis=1), rel_v), MAXV)
+                        hlo, hst = _row_stats(vx, rel_v)
+                        qv = _quant(vx, hlo, hst, MAXV)
                     cnt += tl.sum((qv <= mid[:, None]).to(tl.int32), axis=1)
                 ok = cnt >= target
                 hi_m = tl.where(ok, mid, hi_m)
@@ -229,8 +249,7 @@ def _stats_kernel(k_ptr, v_ptr, ks_b, ks_h, ks_t, ks_d, vs_b, vs_h, vs_t, vs_d,
         if TOKEN_GRAN:
             qk = _quant(kx, klo, kstep, MAXK)
         else:
-            hklo = tl.min(kx, axis=1)
-            hkst = _step_of(hklo, tl.max(kx, axis=1), rel_k)
+            hklo, hkst = _row_stats(kx, rel_k)
             qk = _quant(kx, hklo, hkst, MAXK)
             tl.store(tmin_ptr + slot * tm_s + idx * tm_t + h, hklo.to(tmin_ptr.dtype.element_ty))
             tl.store(tstep_ptr + slot * ts_s + idx * ts_t + h, hkst.to(tl.bfloat16))
@@ -241,8 +260,7 @@ def _stats_kernel(k_ptr, v_ptr, ks_b, ks_h, ks_t, ks_d, vs_b, vs_h, vs_t, vs_d,
         if TOKEN_GRAN:
             qv = _quant(vx, vlo, vstep, MAXV)
         else:
-            hvlo = tl.min(vx, axis=1)
-            hvst = _step_of(hvlo, tl.max(vx, axis=1), rel_v)
+            hvlo, hvst = _row_stats(vx, rel_v)
             qv = _quant(vx, hvlo, hvst, MAXV)
             tl.store(tmin_ptr + slot * tm_s + tm_kv + idx * tm_t + h, hvlo.to(tmin_ptr.dtype.element_ty))
             tl.store(tstep_ptr + slot * ts_s + ts_kv + idx * ts_t + h, hvst.to(tl.bfloat16))

@@ -25,26 +25,31 @@ def kvcomp_attention_forward(module: torch.nn.Module, query: torch.Tensor, key, 
             key, value = key.dense, value.dense
         else:
             layer = key.layer
-            if query.shape[2] <= MAX_FUSED_QUERIES:
-                if layer.use_triton and _mask_is_boolean(attention_mask):
-                    scale = scaling if scaling is not None else module.scaling
-                    return fused_attention(layer, query, attention_mask, scale), None
-                return _exact_dense_attention(module, layer, query, attention_mask, scaling, dropout, **kwargs)
-            key, value = layer.dense_kv()
+            decode_sized = query.shape[2] <= MAX_FUSED_QUERIES
+            if decode_sized and layer.use_triton and _mask_is_boolean(attention_mask):
+                scale = scaling if scaling is not None else module.scaling
+                return fused_attention(layer, query, attention_mask, scale), None
+            return _dense_attention(module, layer, query, attention_mask, scaling, dropout, decode_sized, **kwargs)
     return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                   **kwargs)
 
 
-def _exact_dense_attention(module, layer, query, attention_mask, scaling, dropout, **kwargs):
-    """Decode-sized queries on the PyTorch path: SDPA in float32 over the exactly decoded K/V, as the fused
-    kernel computes (rounding decoded K/V to a 16-bit dtype first would add up to 2**-9 relative error
-    on top of the error bound). Long prefill chunks stay in the model dtype, for speed."""
+def _dense_attention(module, layer, query, attention_mask, scaling, dropout, exact: bool, **kwargs):
+    """SDPA over the layer dequantised to dense. Decode-sized queries (exact=True) run in float32 over the
+    exactly decoded K/V, as the fused kernel computes (rounding decoded K/V to a 16-bit dtype first would
+    add up to 2**-9 relative error on top of the error bound); long prefill chunks stay in the model dtype,
+    for speed. A rotated layer is read in its stored coordinates: q is rotated once, the output rotated
+    back once."""
+    dtype = torch.float32 if exact else layer.dtype
     mask = attention_mask
-    if isinstance(mask, torch.Tensor) and mask.is_floating_point():
+    if exact and isinstance(mask, torch.Tensor) and mask.is_floating_point():
         mask = mask.float()
-    key, value = layer.dense_kv(torch.float32)
-    out, weights = sdpa_attention_forward(module, query.float(), key, value, mask, scaling=scaling,
-                                          dropout=dropout, **kwargs)
+    rot = layer.rotation
+    q = query.to(dtype) if rot is None else rot.rotate_query(query.to(dtype))
+    key, value = layer.dense_kv(dtype, rotated=True)
+    out, weights = sdpa_attention_forward(module, q, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
+    if rot is not None:  # out is [B, T, H_q, D]
+        out = rot.unrotate_output(out.transpose(1, 2)).transpose(1, 2)
     return out.to(query.dtype), weights
 
 
@@ -57,9 +62,13 @@ def fused_attention(layer, query: torch.Tensor, attention_mask: torch.Tensor | N
     from kvcomp_hf.kernels import decode_attention
 
     store = layer.store
+    rot = layer.rotation  # the layer holds rotated K/V: rotate q once before, the output once after
+    q = query if rot is None else rot.rotate_query(query)
     # The kernel applies causality itself; the mask's last query row carries the padding of every key.
     kv_valid = None if attention_mask is None else attention_mask[:, 0, -1, :]
     with torch.cuda.device(query.device):  # Triton launches on the current device (device_map="auto")
-        out = decode_attention(query, layer.keys, layer.values, store.pool, store.seg_offset, store.token_min,
+        out = decode_attention(q, layer.keys, layer.values, store.pool, store.seg_offset, store.token_min,
                                store.token_step, store.perm, layer.block_table, kv_valid, scaling, layer.fmt)
+    if rot is not None:
+        out = rot.unrotate_output(out)
     return out.transpose(1, 2).contiguous()

@@ -15,12 +15,13 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 
 from . import codec
 from .codec import BLOCK_SIZE, BlockFormat, EncodedBlocks
-from .config import KVCompConfig, resolve_config
+from .config import BACKENDS, KVCompConfig, resolve_config
+from .rotation import LayerRotation
 
 ATTN_IMPLEMENTATION = "kvcomp"
-BACKENDS = ("auto", "torch", "triton")
 POOL_HEADROOM = 0.125  # byte pools grow (and are fitted) with 12.5% to spare
 FIT_POOL_AFTER_BYTES = 8 << 20  # stores that may reserve more than this are followed by fit_pool()
+COMPACT_SLACK = 0.25  # unreferenced blocks (beam reorder, batch selection, crop) may hold ~25% more slots
 
 
 def _use_triton(backend: str, key_states: torch.Tensor, fmt: BlockFormat) -> bool:
@@ -75,6 +76,30 @@ def check_supported(model_config) -> None:
     if getattr(cfg, "attention_chunk_size", None):
         raise ValueError(f"kvcomp does not support chunked attention ({name}: attention_chunk_size="
                          f"{cfg.attention_chunk_size})")
+
+
+def _check_shape_and_backend(model_config, config: KVCompConfig, backend: str) -> None:
+    """What can be known before the first forward: the model's head_dim must suit the block format, and
+    backend="triton" needs a CUDA GPU and a head_dim the kernels take (dtype and device are checked at the
+    first update, when the K/V arrive)."""
+    cfg = _text_config(model_config)
+    heads = getattr(cfg, "num_attention_heads", None)
+    head_dim = getattr(cfg, "head_dim", None) or (cfg.hidden_size // heads if heads and hasattr(cfg, "hidden_size")
+                                                  else None)
+    if not isinstance(head_dim, int):
+        return
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads or 1
+    name = getattr(cfg, "model_type", type(cfg).__name__)
+    try:
+        BlockFormat.from_config(config, kv_heads, head_dim)
+    except ValueError as err:
+        raise ValueError(f"kvcomp cannot store this model's K/V ({name}): {err}") from None
+    if backend == "triton":
+        if not torch.cuda.is_available():
+            raise ValueError("backend='triton' needs a CUDA GPU and none is available; use backend='auto' or 'torch'")
+        if head_dim < 16 or head_dim & (head_dim - 1):
+            raise ValueError(f"backend='triton' needs a power-of-two head_dim >= 16; {name} has head_dim {head_dim} "
+                             "(backend='auto' or 'torch' serve it)")
 
 
 @dataclass
@@ -146,6 +171,43 @@ class BlockStore:
             pool[:used] = self.pool[:used]
             self.pool = pool
 
+    def compact(self, block_table: torch.Tensor) -> torch.Tensor:
+        """Drop the blocks that block_table does not reference and move the others to the front of the
+        pool (in slot order, so every segment moves towards the start); returns block_table renumbered.
+        Two host syncs (how many slots and bytes are kept) and one copy of the kept bytes: call it rarely
+        (KVCompLayer._maybe_compact decides when)."""
+        live = torch.zeros(self.n_slots, dtype=torch.bool, device=self.device)
+        live[block_table.reshape(-1).long()] = True
+        keep = live.nonzero().squeeze(1)
+        n_keep = keep.numel()
+        if n_keep == self.n_slots:
+            return block_table
+        renumber = torch.zeros(self.n_slots, dtype=torch.int32, device=self.device)
+        renumber[keep] = torch.arange(n_keep, dtype=torch.int32, device=self.device)
+        size = self.seg_bytes[keep].reshape(-1).long()
+        old_offset = self.seg_offset[keep].reshape(-1)
+        new_offset = size.cumsum(0) - size
+        used = int(size.sum()) if n_keep else 0
+        pool = torch.zeros((int(used * (1 + POOL_HEADROOM)) + 4095) // 4096 * 4096 if used else 0,
+                           dtype=torch.uint8, device=self.device)
+        if used:
+            _move_segments(self.pool, old_offset, pool, new_offset, size,
+                           max(self.fmt.max_segment_bytes(0), self.fmt.max_segment_bytes(1)))
+        self.pool = pool
+        self.pool_used.fill_(used)
+        self.used_bound = used
+        self.seg_offset = new_offset.view(n_keep, *self.seg_offset.shape[1:])
+        for name in ("seg_bytes", "token_min", "token_step") + (("perm",) if self.has_perm else ()):
+            setattr(self, name, getattr(self, name)[keep])
+        self.n_slots = n_keep
+        return renumber[block_table.long()]
+
+    def allocated_bytes(self) -> dict[str, int]:
+        """Bytes the store's tensors occupy, spare capacity included: the byte pool and the per-slot arrays."""
+        meta = sum(t.numel() * t.element_size() for t in (self.seg_offset, self.seg_bytes, self.token_min,
+                                                           self.token_step, self.perm, self.pool_used))
+        return {"pool": self.pool.numel(), "slot_metadata": meta}
+
     def used_bytes(self) -> int:
         """Exact pool bytes in use (a host sync on CUDA; not for the hot path)."""
         self.used_bound = int(self.pool_used.item())
@@ -205,7 +267,8 @@ class BlockStore:
     def decode(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Dequantise blocks (any shape of slot ids) -> float32 K, V [*slots.shape, H, 64, D] in arrival order."""
         flat = slots.reshape(-1).long()
-        enc = EncodedBlocks(data=self.pool, seg_offset=self.seg_offset[flat],
+        data = self.pool[: self.used_bound]  # not the spare capacity: the reader indexes all of `data`
+        enc = EncodedBlocks(data=data, seg_offset=self.seg_offset[flat],
                             seg_bytes=self.seg_bytes[flat].long(), token_min=self.token_min[flat],
                             token_step=self.token_step[flat], perm=self.perm_of(self.n_slots)[flat])
         k, v = codec.decode_blocks(enc, self.fmt)
@@ -227,17 +290,33 @@ class BlockStore:
         return out
 
 
+def _move_segments(src: torch.Tensor, src_offset: torch.Tensor, dst: torch.Tensor, dst_offset: torch.Tensor,
+                   size: torch.Tensor, max_size: int, chunk_bytes: int = 1 << 24) -> None:
+    """Copy segments of `size` bytes from src_offset in src to dst_offset in dst, without a host sync:
+    each segment is read through a window of max_size bytes; bytes past its size go to dst's last byte,
+    which lies past the copied bytes (the caller allocates headroom). chunk_bytes bounds the temporaries."""
+    trash = dst.numel() - 1
+    j = torch.arange(max_size, device=src.device)
+    per_chunk = max(1, chunk_bytes // max_size)
+    for s in range(0, size.numel(), per_chunk):
+        inside = j < size[s:s + per_chunk, None]
+        read = torch.where(inside, src_offset[s:s + per_chunk, None] + j, 0)
+        write = torch.where(inside, dst_offset[s:s + per_chunk, None] + j, trash)
+        dst[write.reshape(-1)] = src[read.reshape(-1)]
+
+
 class KVCompLayer(CacheLayerMixin):
     """One layer: tail buffer (model dtype) + compressed blocks + block table."""
 
     is_compileable = False
     is_croppable = True
 
-    def __init__(self, config: KVCompConfig, model_config=None, backend: str = "auto"):
+    def __init__(self, config: KVCompConfig, model_config=None, backend: str = "auto", layer_idx: int = 0):
         super().__init__()
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.config = config
+        self.layer_idx = layer_idx  # selects the layer's rotation (config.rotation)
         self.model_config = model_config
         self.backend = backend
         self._clear()
@@ -246,6 +325,8 @@ class KVCompLayer(CacheLayerMixin):
         self.keys = self.values = None  # the tail buffer, [B, H, T, D]
         self.store: BlockStore | None = None
         self.block_table: torch.Tensor | None = None  # int32 [B, n_blocks]
+        self.rotation: LayerRotation | None = None  # set: blocks and tail hold rotated K/V
+        self.slots_after_compact = 0  # the store's slot count after the last compaction (see _maybe_compact)
         self.is_initialized = False
 
     # -- transformers layer contract ------------------------------------------------------------
@@ -259,6 +340,8 @@ class KVCompLayer(CacheLayerMixin):
         self.keys = key_states.new_zeros(b, h, 0, d)
         self.values = value_states.new_zeros(b, h, 0, d)
         self.block_table = torch.zeros(b, 0, dtype=torch.int32, device=self.device)
+        if self.config.rotation == "hadamard":
+            self.rotation = LayerRotation(self.config.rotation_seed, self.layer_idx, h, d, self.device)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -271,8 +354,11 @@ class KVCompLayer(CacheLayerMixin):
                              f"match the cache's [batch={self.keys.shape[0]}, kv_heads={self.keys.shape[1]}, *, "
                              f"head_dim={self.keys.shape[3]}]")
         was_empty = self.get_seq_length() == 0
-        self.keys = torch.cat([self.keys, key_states.to(self.dtype)], dim=2)
-        self.values = torch.cat([self.values, value_states.to(self.dtype)], dim=2)
+        new_k, new_v = key_states.to(self.dtype), value_states.to(self.dtype)
+        if self.rotation is not None:  # stored in rotated coordinates from here on (tail and blocks)
+            new_k, new_v = self.rotation.rotate(new_k, 0), self.rotation.rotate(new_v, 1)
+        self.keys = torch.cat([self.keys, new_k], dim=2)
+        self.values = torch.cat([self.values, new_v], dim=2)
         self._compress_full_blocks()
         shape = torch.Size((self.keys.shape[0], self.keys.shape[1], self.get_seq_length(), self.keys.shape[3]))
         dense_k, dense_v = (key_states, value_states) if was_empty else (None, None)
@@ -302,6 +388,7 @@ class KVCompLayer(CacheLayerMixin):
         idx = indices.to(self.device)
         self.keys, self.values = self.keys[idx], self.values[idx]
         self.block_table = self.block_table[idx]
+        self._maybe_compact()
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if not self.is_initialized:
@@ -332,6 +419,7 @@ class KVCompLayer(CacheLayerMixin):
         keep = new_length - keep_blocks * BLOCK_SIZE
         self.keys, self.values = k[:, :, :keep].contiguous(), v[:, :, :keep].contiguous()
         self.block_table = self.block_table[:, :keep_blocks]
+        self._maybe_compact()
 
     def offload(self):
         raise NotImplementedError("kvcomp does not support cache offloading (it already compresses the cache)")
@@ -352,19 +440,40 @@ class KVCompLayer(CacheLayerMixin):
         self.keys = self.keys[:, :, n_tokens:].clone()
         self.values = self.values[:, :, n_tokens:].clone()
 
+    def _maybe_compact(self) -> None:
+        """Free the blocks no row references any more, amortised. Beam reorder, batch selection and crop
+        only rewrite the block table; the blocks they drop stay in the store until a compaction. Whether to
+        compact is decided from host-side counts, so most calls cost nothing: compact when the rows certainly
+        leave COMPACT_SLACK of the slots unreferenced (more slots than block-table entries), or when the store
+        grew by COMPACT_SLACK since the last compaction (beams share blocks, so the host cannot count the
+        unreferenced ones without a sync). So the store holds at most (1 + COMPACT_SLACK) times the slots it
+        kept at its last compaction, syncs O(log n) times over a generation, and copies O(n) bytes in all."""
+        n = self.store.n_slots if self.store is not None else 0
+        if n == 0:
+            return
+        certain = n - self.block_table.numel()
+        if certain >= COMPACT_SLACK * n or n >= (1 + COMPACT_SLACK) * self.slots_after_compact:
+            self.block_table = self.store.compact(self.block_table)
+            self.slots_after_compact = self.store.n_slots
+
     # -- reading --------------------------------------------------------------------------------
 
-    def dense_kv(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def dense_kv(self, dtype: torch.dtype | None = None, rotated: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """The whole cache dequantised in arrival order: [B, H, kv_len, D] each, in `dtype` (default: the
-        model dtype; float32 keeps the decoded values exact)."""
+        model dtype; float32 keeps the decoded values exact). With a rotation, rotated=True returns the
+        stored (rotated) coordinates, as attention reads them; otherwise K and V are rotated back."""
         dtype = dtype or self.dtype
-        if self.block_table.shape[1] == 0:
-            return self.keys.to(dtype), self.values.to(dtype)
-        k, v = self.store.decode(self.block_table)                       # [B, nb, H, 64, D]
-        b, nb, h, _, d = k.shape
-        k = k.permute(0, 2, 1, 3, 4).reshape(b, h, nb * BLOCK_SIZE, d).to(dtype)
-        v = v.permute(0, 2, 1, 3, 4).reshape(b, h, nb * BLOCK_SIZE, d).to(dtype)
-        return torch.cat([k, self.keys.to(dtype)], 2), torch.cat([v, self.values.to(dtype)], 2)
+        unrotate = self.rotation is not None and not rotated
+        work = torch.float32 if unrotate else dtype  # rotate back in float32, round once
+        k, v = self.keys.to(work), self.values.to(work)
+        if self.block_table.shape[1] > 0:
+            bk, bv = self.store.decode(self.block_table)                       # [B, nb, H, 64, D]
+            b, nb, h, _, d = bk.shape
+            k = torch.cat([bk.permute(0, 2, 1, 3, 4).reshape(b, h, nb * BLOCK_SIZE, d).to(work), k], 2)
+            v = torch.cat([bv.permute(0, 2, 1, 3, 4).reshape(b, h, nb * BLOCK_SIZE, d).to(work), v], 2)
+        if unrotate:
+            k, v = self.rotation.unrotate(k, 0), self.rotation.unrotate(v, 1)
+        return k.to(dtype), v.to(dtype)
 
     def _check_attention_implementation(self) -> None:
         if self.model_config is None:
@@ -377,18 +486,23 @@ class KVCompLayer(CacheLayerMixin):
                 f"model.set_attn_implementation({ATTN_IMPLEMENTATION!r}) (after `import kvcomp_hf`)")
 
     def memory_report(self) -> dict:
-        """Bytes this layer holds, by part, for K and V (tail included), and the dense equivalent."""
+        """Bytes the rows use, by part, for K and V (tail included), the dense equivalent, and what the
+        layer's tensors occupy (`held`: allocated capacity and blocks no row references included)."""
         parts = {"k": {}, "v": {}, "shared": {}}
         if not self.is_initialized:
-            return {"tokens": 0, "dense_bytes": {"k": 0, "v": 0}, "parts": parts}
+            return {"tokens": 0, "dense_bytes": {"k": 0, "v": 0}, "parts": parts, "held": {}, "unreferenced_blocks": 0}
         slots = torch.unique(self.block_table)
+        tail = self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+        held = {**self.store.allocated_bytes(), "pool_in_use": self.store.used_bytes(), "tail": tail,
+                "block_table": self.block_table.numel() * self.block_table.element_size()}
         parts = self.store.bytes_of(slots)
         parts["k"]["tail"] = self.keys.numel() * self.keys.element_size()
         parts["v"]["tail"] = self.values.numel() * self.values.element_size()
         parts["shared"]["block_table"] = self.block_table.numel() * self.block_table.element_size()
         b, h, _, d = self.keys.shape
         dense = b * h * self.get_seq_length() * d * self.keys.element_size()
-        return {"tokens": self.get_seq_length(), "dense_bytes": {"k": dense, "v": dense}, "parts": parts}
+        return {"tokens": self.get_seq_length(), "dense_bytes": {"k": dense, "v": dense}, "parts": parts,
+                "held": held, "unreferenced_blocks": self.store.n_slots - slots.numel()}
 
 
 class KVCompCache(Cache):
@@ -412,17 +526,31 @@ class KVCompCache(Cache):
                              "pass the KVCompConfig, preset name or dict second")
         check_supported(config)
         self.kvcomp_config = resolve_config(kvcomp_config, **overrides)
+        _check_shape_and_backend(config, self.kvcomp_config, backend)
         n_layers = _text_config(config).num_hidden_layers
-        super().__init__(layers=[KVCompLayer(self.kvcomp_config, config, backend) for _ in range(n_layers)])
+        super().__init__(layers=[KVCompLayer(self.kvcomp_config, config, backend, layer_idx=i)
+                                 for i in range(n_layers)])
 
     def memory_report(self) -> dict:
-        """Bytes the cache holds against what a DynamicCache would hold, for K, V and both.
+        """Bytes the cache uses and holds, against what a DynamicCache would hold, for K, V and both.
 
-        compressed_bytes counts everything: bit-packed payload, pack minimums and widths (and
-        alignment padding), per-token min and step, segment offsets, repacking permutations,
-        block tables and the uncompressed tail buffer."""
+        compressed_bytes (and bits_per_value, compression_ratio) counts everything the cache's rows
+        use: bit-packed payload, pack minimums and widths (and alignment padding), per-token min and
+        step, segment offsets, repacking permutations, block tables and the uncompressed tail buffer.
+        held_bytes counts what the cache's tensors occupy: the byte pools and per-block arrays as
+        allocated (growth headroom, and blocks no row references any more until the next compaction,
+        see KVCompLayer._maybe_compact), tails and block tables; held_parts splits it (pool_in_use is
+        the part of the pools that holds blocks, referenced or not), unreferenced_blocks counts those
+        blocks."""
         reports = [layer.memory_report() for layer in self.layers]
         out = {"tokens": max((r["tokens"] for r in reports), default=0), "layers": len(reports)}
+        held_parts: dict[str, int] = {}
+        for r in reports:
+            for key, value in r["held"].items():
+                held_parts[key] = held_parts.get(key, 0) + value
+        out["held_bytes"] = sum(value for key, value in held_parts.items() if key != "pool_in_use")
+        out["held_parts"] = held_parts
+        out["unreferenced_blocks"] = sum(r["unreferenced_blocks"] for r in reports)
         parts_total: dict[str, dict[str, int]] = {"k": {}, "v": {}, "shared": {}}
         for r in reports:
             for group, parts in r["parts"].items():

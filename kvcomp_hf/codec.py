@@ -4,6 +4,13 @@ The Triton kernels (kvcomp_hf.kernels) must produce and read exactly these bytes
 
 Pipeline for one block of `block_size` = 64 tokens of one sequence (K and V of all KV heads):
 
+0. Rotate (config.rotation == "hadamard"): the K and V this codec encodes are the model's K and V
+   of layer l in rotated coordinates, x_rot = (x ⊙ s_{l,kv,h}) · H_D per KV head h, with the sign
+   vectors and the block-diagonal Hadamard matrix H_D of kvcomp_hf.rotation (rebuilt from
+   config.rotation_seed and l). The cache applies it before stage 1 (its uncompressed tail holds
+   rotated K/V too), and readers rotate q and un-rotate the attention output: stages 1-4 and the
+   kernels never see the rotation. "none": x_rot = x.
+
 1. Quantise (per token, or per token and KV head: `granularity`). For each group of values x
    with minimum m and maximum M (computed in the model dtype, so m is exact):
        step = bf16_round_toward_zero(rel * (M - m))        # rel*(M-m) computed in float32
@@ -11,6 +18,10 @@ Pipeline for one block of `block_size` = 64 tokens of one sequence (K and V of a
        x̂    = m + step * q                                  # |x - x̂| <= step / 2 <= rel*(M-m)/2
    step == 0 (a constant group) gives q = 0 and x̂ = m exactly. `bits` depends only on rel:
    bits_for_rel(rel). The group's m is stored in the model dtype, step as bfloat16.
+   A group without a finite range (it holds a NaN or ±inf, or M - m overflows float32) is stored
+   as m = NaN, step = NaN, q = 0: it decodes as NaN (attention over it is NaN, as with a full
+   cache holding an inf), and the packs, bit widths and error bound of every other group are
+   unaffected.
 
 2. Repack ("median"): one permutation of the 64 tokens, shared by K and V and all heads, sorts
    tokens by the lower median of their quantised V integers (over all heads and channels),
@@ -149,6 +160,8 @@ def quantize(x: torch.Tensor, rel: float, bits: int, granularity: str):
     lo = groups.amin(-1)  # [n, T, G], exact in the model dtype
     hi = groups.amax(-1)
     step = round_step_to_bf16(torch.tensor(rel, dtype=torch.float32) * (hi.float() - lo.float()))
+    finite = torch.isfinite(step)  # NaN or ±inf in the group: stored as NaN, q = 0 (see the module docstring)
+    lo, step = lo.masked_fill(~finite, math.nan), step.masked_fill(~finite, math.nan)
     step32 = step.float()
     safe = torch.where(step32 > 0, step32, torch.ones_like(step32))
     q = torch.round((groups.float() - lo.float()[..., None]) / safe[..., None])
@@ -184,11 +197,14 @@ def bit_length(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _write_fields(stream_bits: torch.Tensor, values: torch.Tensor, nbits: torch.Tensor, offsets: torch.Tensor):
-    """Set field values (int64) of nbits bits at stream bit offsets; stream_bits is uint8 0/1 per bit."""
-    for k in range(int(nbits.max()) if nbits.numel() else 0):
-        sel = nbits > k
-        stream_bits[offsets[sel] + k] = ((values[sel] >> k) & 1).to(torch.uint8)
+def _write_fields(stream: torch.Tensor, values: torch.Tensor, nbits: torch.Tensor, offsets: torch.Tensor):
+    """Write field values (int64, each < 2**nbits <= 2**16) at stream bit offsets. stream: int64, one entry
+    per byte plus 3 spare entries (a zero-width field may start at the very end). A field covers at most 3
+    bytes and fields never overlap, so adding each field's three byte parts into the stream sets its bits."""
+    shifted = values << (offsets & 7)
+    byte = offsets >> 3
+    for i in range(3):
+        stream.index_add_(0, byte + i, (shifted >> (8 * i)) & 0xFF)
 
 
 def _read_fields(words: torch.Tensor, nbits: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -202,11 +218,6 @@ def _byte_words(data: torch.Tensor) -> torch.Tensor:
     the extra entry serves zero-width fields that start at the very end."""
     padded = torch.cat([data, data.new_zeros(3)]).to(torch.int32)
     return padded[:-2] | (padded[1:-1] << 8) | (padded[2:] << 16)
-
-
-def _bits_to_bytes(stream_bits: torch.Tensor) -> torch.Tensor:
-    weights = (1 << torch.arange(8, device=stream_bits.device)).to(torch.int32)
-    return (stream_bits.view(-1, 8).to(torch.int32) * weights).sum(-1).to(torch.uint8)
 
 
 def _segment_layout(q: torch.Tensor, fmt: BlockFormat, kv: int):
@@ -245,7 +256,7 @@ def encode_blocks(k: torch.Tensor, v: torch.Tensor, config: KVCompConfig) -> tup
     ends = seg_bytes.flatten().cumsum(0)
     seg_offset = (ends - seg_bytes.flatten()).view(n, 2, h)
     total = int(ends[-1]) if ends.numel() else 0
-    stream = torch.zeros(total * 8, dtype=torch.uint8, device=k.device)
+    stream = torch.zeros(total + 3, dtype=torch.int64, device=k.device)  # bytes (see _write_fields)
 
     for kv, (pmin, width, residual, _) in enumerate(layouts):
         b = fmt.bits(kv)
@@ -264,18 +275,20 @@ def encode_blocks(k: torch.Tensor, v: torch.Tensor, config: KVCompConfig) -> tup
         nbits = width[..., None].expand_as(vals)
         _write_fields(stream, vals.flatten().long(), nbits.flatten(), offsets.flatten())
 
-    enc = EncodedBlocks(data=_bits_to_bytes(stream), seg_offset=seg_offset, seg_bytes=seg_bytes,
+    enc = EncodedBlocks(data=stream[:total].to(torch.uint8), seg_offset=seg_offset, seg_bytes=seg_bytes,
                         token_min=token_min, token_step=token_step, perm=perm.to(torch.uint8))
     return enc, fmt
 
 
-def decode_segments(data: torch.Tensor, seg_offset: torch.Tensor, fmt: BlockFormat, kv: int) -> torch.Tensor:
-    """Read the integers of segments at byte offsets seg_offset [...] -> int64 [..., 64, D] (permuted order)."""
+def decode_segments(data: torch.Tensor, seg_offset: torch.Tensor, fmt: BlockFormat, kv: int,
+                    words: torch.Tensor | None = None) -> torch.Tensor:
+    """Read the integers of segments at byte offsets seg_offset [...] -> int64 [..., 64, D] (permuted order).
+    words: _byte_words(data), when the caller reads several times from the same data."""
     shape = seg_offset.shape
     base = seg_offset.reshape(-1, 1) * 8
     b, wb, p, d = fmt.bits(kv), width_bits(fmt.bits(kv)), fmt.pack_size, fmt.head_dim
     idx = torch.arange(fmt.n_packs, device=data.device)
-    words = _byte_words(data)
+    words = _byte_words(data) if words is None else words
     pmin = _read_fields(words, torch.full_like(idx, b), base + idx * b)
     width = _read_fields(words, torch.full_like(idx, wb), base + fmt.n_packs * b + idx * wb)
     pack_start = base + fmt.meta_bytes(kv) * 8 + p * (width.cumsum(-1) - width)   # [S, np]
@@ -289,8 +302,9 @@ def decode_segments(data: torch.Tensor, seg_offset: torch.Tensor, fmt: BlockForm
 def decode_blocks(enc: EncodedBlocks, fmt: BlockFormat, original_order: bool = True):
     """-> (k_hat, v_hat) float32 [n, H, 64, D]; in arrival order unless original_order=False."""
     out = []
+    words = _byte_words(enc.data)
     for kv in (0, 1):
-        q = decode_segments(enc.data, enc.seg_offset[:, kv], fmt, kv)     # [n, H, 64, D]
+        q = decode_segments(enc.data, enc.seg_offset[:, kv], fmt, kv, words)     # [n, H, 64, D]
         x = dequantize(q, enc.token_min[:, kv], enc.token_step[:, kv])
         if original_order:
             x = unpermute(x, enc.perm)
@@ -302,7 +316,9 @@ def unpermute(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     """Undo the in-block permutation along dim 2 of [n, H, 64, D]."""
     n, h, t, d = x.shape
     inverse = perm.long().argsort(dim=-1)
-    return x.gather(2, inverse[:, None, :, None].expand(n, h, t, d))
+    # whole rows of D values (one index_select) rather than a gather of every value
+    rows = (inverse[:, None, :] + t * torch.arange(n * h, device=x.device).view(n, h, 1)).reshape(-1)
+    return x.reshape(n * h * t, d).index_select(0, rows).view(n, h, t, d)
 
 
 # ---------------------------------------------------------------------------------------------

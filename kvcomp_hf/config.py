@@ -4,19 +4,27 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 PACK_SIZES = (4, 8, 16, 64)
 REPACK_METHODS = ("none", "median")
 GRANULARITIES = ("token", "token_head")
+ROTATIONS = ("none", "hadamard")  # kvcomp_hf.rotation documents the transform
+BACKENDS = ("auto", "torch", "triton")  # KVCompCache(..., backend=): Triton kernels on CUDA, PyTorch, or either
 MIN_RESIDUAL = 128
 MIN_REL = 1e-4  # keeps the quantised integers within 14 bits (see codec.bits_for_rel)
 MAX_REL = 1.0
 
 # A source checkout reads <repo>/configs; an installed wheel carries the same files as kvcomp_hf.configs.
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def _is_int(value) -> bool:
+    return type(value) is int
 
 
 @dataclass(frozen=True)
@@ -34,43 +42,60 @@ class KVCompConfig:
         order changes no byte, so "none" is the default).
     granularity: "token" = one (min, step) per token across all KV heads (PackKV);
         "token_head" = one per token and KV head (no coupling between heads).
+    rotation: "hadamard" stores K and V multiplied by a randomised Hadamard matrix along head_dim
+        (one per layer, K/V and KV head, from rotation_seed), which spreads outlier channels so the
+        per-token range is used by all channels; "none" stores them as they are.
+    rotation_seed: int seed of the rotation's random signs (part of the format).
     """
 
     rel_k: float = 0.1
-    rel_v: float = 0.2
+    rel_v: float = 0.15
     block_size: int = 64
     residual_length: int = 128
     pack_size: int = 64
     repack: str = "none"
     granularity: str = "token"
+    rotation: str = "hadamard"
+    rotation_seed: int = 0
 
     def __post_init__(self):
         for name in ("rel_k", "rel_v"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            # any real number (numpy's float32 included), not a bool; stored as a Python float
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
                 raise ValueError(f"{name} must be a number in [{MIN_REL}, {MAX_REL}], got {value!r}")
             if not MIN_REL <= value <= MAX_REL:
                 raise ValueError(f"{name} must be in [{MIN_REL}, {MAX_REL}], got {value!r}")
             object.__setattr__(self, name, float(value))
-        if self.block_size != 64 or isinstance(self.block_size, bool):
+        for name in ("block_size", "residual_length", "pack_size"):
+            value = getattr(self, name)  # integers only (numpy's included): 16.0 is refused, not truncated
+            if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+                object.__setattr__(self, name, int(value))
+        if not _is_int(self.block_size) or self.block_size != 64:
             raise ValueError(f"block_size must be 64 (the only block size the kernels support), got {self.block_size!r}")
-        if isinstance(self.residual_length, bool) or not isinstance(self.residual_length, int) \
-                or self.residual_length < MIN_RESIDUAL:
+        if not _is_int(self.residual_length) or self.residual_length < MIN_RESIDUAL:
             raise ValueError(f"residual_length must be an int >= {MIN_RESIDUAL}, got {self.residual_length!r}")
-        if self.pack_size not in PACK_SIZES or isinstance(self.pack_size, bool):
-            raise ValueError(f"pack_size must be one of {PACK_SIZES}, got {self.pack_size!r}")
+        if not _is_int(self.pack_size) or self.pack_size not in PACK_SIZES:
+            raise ValueError(f"pack_size must be one of {PACK_SIZES} (an int), got {self.pack_size!r}")
         if self.repack not in REPACK_METHODS:
             raise ValueError(f"repack must be one of {REPACK_METHODS}, got {self.repack!r}")
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+        if self.rotation not in ROTATIONS:
+            raise ValueError(f"rotation must be one of {ROTATIONS}, got {self.rotation!r}")
+        if isinstance(self.rotation_seed, bool) or not isinstance(self.rotation_seed, int) \
+                or not 0 <= self.rotation_seed < 2**31:
+            raise ValueError(f"rotation_seed must be an int in [0, 2**31), got {self.rotation_seed!r}")
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> KVCompConfig:
-        """Build from a dict; a "preset" key loads that preset first and lets the other keys override it."""
-        if not isinstance(values, dict):
-            raise ValueError(f"cache_config must be a dict of KVCompConfig fields, got {type(values).__name__}")
+    def from_dict(cls, values: Mapping[str, Any], *, _chain: tuple[str, ...] = ()) -> KVCompConfig:
+        """Build from a dict; a "preset" key loads that preset first and lets the other keys override it.
+        (_chain: the presets being loaded, so a preset that names itself fails clearly.)"""
+        if not isinstance(values, Mapping):
+            raise ValueError(f"cache_config must be a dict of KVCompConfig fields (or a preset name), got "
+                             f"{type(values).__name__} {values!r}")
         values = dict(values)
-        base = load_preset(values.pop("preset")) if "preset" in values else cls()
+        base = load_preset(values.pop("preset"), _chain=_chain) if "preset" in values else cls()
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -96,30 +121,50 @@ def available_presets() -> list[str]:
     return sorted({p.stem for d in _preset_dirs() for p in d.glob("*.yaml")})
 
 
-def load_preset(name: str) -> KVCompConfig:
-    """Read configs/<name>.yaml (safe YAML). Its `config:` mapping holds KVCompConfig fields;
-    everything else in the file (provenance, measurements) is documentation."""
+def load_preset(name: str, *, _chain: tuple[str, ...] = ()) -> KVCompConfig:
+    """Read configs/<name>.yaml (safe YAML). Its `config:` mapping holds KVCompConfig fields (and may name
+    another preset to start from); everything else in the file (provenance, measurements) is documentation."""
+    path = _preset_path(name)
+    if name in _chain:
+        raise ValueError(f"preset {name!r} names itself: {' -> '.join(_chain + (name,))}")
+    return load_preset_file(path, _chain=_chain + (name,))
+
+
+def _preset_path(name: str) -> Path:
     if not isinstance(name, str) or not name or "/" in name or "\\" in name or name.startswith("."):
         raise ValueError(f"preset must be a preset name such as 'default', got {name!r}; "
                          f"available: {available_presets()}")
     path = next((d / f"{name}.yaml" for d in _preset_dirs() if (d / f"{name}.yaml").is_file()), None)
     if path is None:
         raise ValueError(f"unknown preset {name!r}; available: {available_presets()}")
-    return load_preset_file(path)
+    return path
 
 
-def load_preset_file(path: str | Path) -> KVCompConfig:
+def _read_preset_file(path: Path) -> dict[str, Any]:
     import yaml
 
-    path = Path(path)
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ValueError(f"preset file {path} is not valid YAML: {err}") from err
     if not isinstance(data, dict) or not isinstance(data.get("config"), dict):
         raise ValueError(f"preset file {path} must be a mapping with a 'config:' mapping of KVCompConfig fields")
+    return data
+
+
+def preset_info(name: str) -> dict[str, Any]:
+    """What `kvcomp-hf presets` shows: whether the preset was calibrated (its file says `calibrated: true`),
+    for which model, and the config it resolves to."""
+    data = _read_preset_file(_preset_path(name))
+    return {"calibrated": data.get("calibrated") is True, "model": data.get("model"),
+            "config": load_preset(name).to_dict()}
+
+
+def load_preset_file(path: str | Path, *, _chain: tuple[str, ...] = ()) -> KVCompConfig:
+    path = Path(path)
+    data = _read_preset_file(path)
     try:
-        return KVCompConfig.from_dict(data["config"])
+        return KVCompConfig.from_dict(data["config"], _chain=_chain)
     except ValueError as err:
         raise ValueError(f"preset file {path}: {err}") from err
 
@@ -137,4 +182,6 @@ def resolve_config(config: KVCompConfig | dict | str | None = None, **overrides)
         config = {"preset": config}
     if isinstance(config, KVCompConfig):
         return dataclasses.replace(config, **overrides) if overrides else config
+    if not isinstance(config, Mapping):
+        KVCompConfig.from_dict(config)  # raises the error that names what is accepted
     return KVCompConfig.from_dict({**config, **overrides})

@@ -40,7 +40,8 @@ def use_kvcomp_attention(model) -> str | None:
 
 
 def _new_cache(model, cache_config) -> KVCompCache:
-    return KVCompCache(model.config.get_text_config(decoder=True), copy.deepcopy(cache_config or {}))
+    config = {} if cache_config is None else copy.deepcopy(cache_config)  # 0 or [] is an error, not the defaults
+    return KVCompCache(model.config.get_text_config(decoder=True), config)
 
 
 def _patched_prepare_cache(original):

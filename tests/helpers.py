@@ -1,5 +1,7 @@
 """Shared test helpers (importable as `helpers`: pytest puts tests/ on sys.path)."""
 
+import torch
+
 
 def tiny_llama_config(**overrides):
     from transformers import LlamaConfig
@@ -9,3 +11,17 @@ def tiny_llama_config(**overrides):
                   eos_token_id=2)
     values.update(overrides)
     return LlamaConfig(**values)
+
+
+class FakeAttention(torch.nn.Module):
+    """What kvcomp's attention function reads of an attention module."""
+
+    def __init__(self, groups):
+        super().__init__()
+        self.num_key_value_groups = groups
+        self.is_causal = True
+        self.training = False
+
+
+def rel_err(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())

@@ -12,21 +12,9 @@ from kvcomp_hf import CACHE_KWARG, cache_kwargs, returned_cache
 from kvcomp_hf.attention import kvcomp_attention_forward
 from kvcomp_hf.cache import KVCompLayer
 
-from helpers import tiny_llama_config
+from helpers import FakeAttention, rel_err, tiny_llama_config
 
 NEAR_LOSSLESS = KVCompConfig(rel_k=1e-3, rel_v=1e-3)
-
-
-class FakeAttention(torch.nn.Module):
-    def __init__(self, groups):
-        super().__init__()
-        self.num_key_value_groups = groups
-        self.is_causal = True
-        self.training = False
-
-
-def rel_err(a, b):
-    return float((a.double() - b.double()).norm() / b.double().norm())
 
 
 def test_seq_lengths_mask_sizes_and_attention_match_dynamic_cache(tiny_llama):

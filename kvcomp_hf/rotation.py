@@ -1,0 +1,88 @@
+"""Format stage 0: the randomised Hadamard rotation of K and V along head_dim (config.rotation).
+
+Per-token quantisation spends its range on the largest channel of a token; K has a few outlier
+channels, so most channels of a token use a small part of the range. An orthonormal rotation spreads
+every outlier over all channels (QuaRot, RotateKV, vLLM's int4_per_token_head, llama.cpp's rotated
+K cache do the same), and attention does not change: q·k = (qR)·(kR) and p·V = ((p·V R) Rᵀ).
+
+With row vectors x [.., D] of one KV head h of one layer, K (kv=0) or V (kv=1):
+
+    x_rot = (x ⊙ s) · H_D                 s = signs(seed, layer, kv)[h]  in {-1, +1}^D
+    x     = (x_rot · H_Dᵀ) ⊙ s
+
+H_D is the orthonormal Sylvester Hadamard matrix (entries ±1/sqrt(B)) of size B = the largest power
+of two dividing D, repeated block-diagonally D / B times (B = D for head_dim 64, 128, 256).
+The signs come from torch's CPU Mersenne-Twister generator seeded with
+    seed * 1_000_003 + 2 * layer + kv
+as 1 - 2 * torch.randint(0, 2, (H, D)) (one row per KV head), so a reader with the config and the
+layer index rebuilds R exactly. Random signs matter: the plain Hadamard matrix keeps structured
+inputs (e.g. a channel pattern repeated across tokens) structured.
+
+The cache holds everything of a rotated layer (compressed blocks and the uncompressed tail) in
+rotated coordinates. Attention rotates q once with the K rotation of its KV head and un-rotates the
+output once with the V rotation, per step, never per block.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_SEED_STRIDE = 1_000_003
+
+
+def hadamard_block_size(head_dim: int) -> int:
+    """The largest power of two dividing head_dim (head_dim itself for 64, 128, 256)."""
+    if head_dim <= 0:
+        raise ValueError(f"head_dim must be positive, got {head_dim}")
+    return head_dim & -head_dim
+
+
+def hadamard_matrix(head_dim: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Orthonormal block-diagonal Sylvester Hadamard matrix [D, D] (symmetric)."""
+    b = hadamard_block_size(head_dim)
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < b:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    h = h / h.shape[0] ** 0.5
+    return torch.block_diag(*([h] * (head_dim // b))).to(dtype)
+
+
+def rotation_signs(seed: int, layer: int, kv: int, num_heads: int, head_dim: int) -> torch.Tensor:
+    """float32 [H, D] of ±1: the sign flips of layer `layer`, K (kv=0) or V (kv=1), one row per KV head."""
+    gen = torch.Generator().manual_seed(seed * _SEED_STRIDE + 2 * layer + kv)
+    return (1 - 2 * torch.randint(0, 2, (num_heads, head_dim), generator=gen)).to(torch.float32)
+
+
+class LayerRotation:
+    """The rotations of one layer's K and V, applied to [B, H, T, D] tensors (float32 arithmetic)."""
+
+    def __init__(self, seed: int, layer: int, num_heads: int, head_dim: int, device: torch.device):
+        self.num_heads = num_heads
+        self.h = hadamard_matrix(head_dim).to(device)
+        self.signs = torch.stack([rotation_signs(seed, layer, kv, num_heads, head_dim)
+                                  for kv in (0, 1)]).to(device)          # [2, H, D]
+
+    def _signs_for(self, kv: int, heads: int) -> torch.Tensor:
+        """[heads, 1, D]: a query/output head uses the rotation of its KV head (GQA: consecutive groups)."""
+        s = self.signs[kv]
+        if heads != self.num_heads:
+            if heads % self.num_heads:
+                raise ValueError(f"{heads} query heads do not share {self.num_heads} KV heads evenly")
+            s = s.repeat_interleave(heads // self.num_heads, dim=0)
+        return s[:, None, :]
+
+    def rotate(self, x: torch.Tensor, kv: int) -> torch.Tensor:
+        """x [B, H, T, D] (H = KV heads, or query heads sharing them) -> x_rot in x's dtype."""
+        return ((x.float() * self._signs_for(kv, x.shape[1])) @ self.h).to(x.dtype)
+
+    def unrotate(self, x: torch.Tensor, kv: int) -> torch.Tensor:
+        """Inverse of rotate: x_rot [B, H, T, D] -> x in x_rot's dtype."""
+        return ((x.float() @ self.h.T) * self._signs_for(kv, x.shape[1])).to(x.dtype)
+
+    def rotate_query(self, q: torch.Tensor) -> torch.Tensor:
+        """q [B, H_q, T, D] -> q rotated like the keys it scores against (q_rot · k_rot = q · k)."""
+        return self.rotate(q, 0)
+
+    def unrotate_output(self, o: torch.Tensor) -> torch.Tensor:
+        """o_rot = p · V_rot [B, H_q, T, D] -> o = o_rot · Rᵀ in original coordinates."""
+        return self.unrotate(o, 1)
