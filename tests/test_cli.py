@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import kvcomp_hf.demo
-from kvcomp_hf import cli
+from kvcomp_hf import KVCompConfig, cli
 
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
 
@@ -55,7 +55,8 @@ def test_presets_say_which_are_calibrated(capsys):
     cli.main(["presets"])
     lines = dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines())
     assert lines["smollm2-135m-instruct"].startswith("calibrated on HuggingFaceTB/SmolLM2-135M-Instruct; rel_k=0.05")
-    assert lines["default"].startswith("not calibrated; rel_k=0.1, rel_v=0.15")
+    default = KVCompConfig()
+    assert lines["default"].startswith(f"not calibrated; rel_k={default.rel_k}, rel_v={default.rel_v}")
 
 
 def run_command(*args):
