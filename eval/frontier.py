@@ -99,7 +99,7 @@ def run_worker(args: argparse.Namespace) -> None:
     text_name, text = common.load_text(args.text, min_words=args.tokens, order=common.PERPLEXITY_ORDER)
     windows = perplexity.token_windows(tokenizer, text, args.tokens, args.windows)
     out = Path(args.out)
-    perplexity._new_cache = lambda spec, m: make_cache(spec.name, m)  # specs with the edge option too
+    perplexity._new_cache = lambda spec, m, n_tokens: make_cache(spec.name, m)  # specs with the edge option too
     for spec in args.worker_specs.split(";"):
         t0 = time.time()
         try:
@@ -193,7 +193,7 @@ def run(args: argparse.Namespace) -> int:
     env = dict(os.environ)
     procs = []
     for i, share in enumerate(s for s in shares if s):
-        cmd = [sys.executable, __file__, "--worker-specs", ";".join(share), "--out", str(out), "--tokens",
+        cmd = [sys.executable, "-m", "eval.frontier", "--worker-specs", ";".join(share), "--out", str(out), "--tokens",
                str(args.tokens), "--windows", str(args.windows), "--chunk", str(args.chunk), "--text", args.text,
                "--model", args.model, "--device", args.device, "--dtype", args.dtype]
         if args.gguf_file:

@@ -16,6 +16,7 @@ per quarter of the positions (later positions read more compressed context).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import sys
 import time
@@ -60,6 +61,11 @@ def _new_cache(spec: common.CacheSpec, model, n_tokens: int):
     return cache
 
 
+def _sdpa_backends(spec):
+    """full:flash's SDPA backends; nothing for a spec that is only a name (eval.frontier's edge-lever specs)."""
+    return common.sdpa_backends(spec) if isinstance(spec, common.CacheSpec) else contextlib.nullcontext()
+
+
 @torch.no_grad()
 def evaluate_window(model, ids: list[int], specs: list[common.CacheSpec], chunk: int,
                     reference: str = "full", progress_desc: str | None = None) -> dict[str, Any]:
@@ -81,7 +87,7 @@ def evaluate_window(model, ids: list[int], specs: list[common.CacheSpec], chunk:
         target = x[0, s + 1:e + 1].cpu()
         logps = {}
         for name, cache in caches.items():
-            with common.sdpa_backends(specs_by_name[name]):
+            with _sdpa_backends(specs_by_name[name]):
                 out = model(input_ids=inp, **cache_kwargs(cache), use_cache=True)
             logps[name] = torch.log_softmax(out.logits[0].float(), dim=-1).cpu()
             del out
