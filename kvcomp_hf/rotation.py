@@ -54,38 +54,34 @@ def rotation_signs(seed: int, layer: int, kv: int, num_heads: int, head_dim: int
 
 
 class LayerRotation:
-    """The rotations of one layer's K and V, applied to [B, H, T, D] tensors (float32 arithmetic).
-
-    Each head's R = diag(s) · H_D is built once, so a rotation is one batched matmul (a decode step
-    rotates the new K/V, q and the output: few launches matter there)."""
+    """The rotations of one layer's K and V, applied to [B, H, T, D] tensors (float32 arithmetic)."""
 
     def __init__(self, seed: int, layer: int, num_heads: int, head_dim: int, device: torch.device):
         self.num_heads = num_heads
         self.h = hadamard_matrix(head_dim).to(device)
         self.signs = torch.stack([rotation_signs(seed, layer, kv, num_heads, head_dim)
                                   for kv in (0, 1)]).to(device)          # [2, H, D]
-        self._matrices: dict[tuple[int, int], torch.Tensor] = {}
+        self._query_signs: dict[tuple[int, int], torch.Tensor] = {}  # (kv, query heads) -> expanded signs
 
-    def _matrix(self, kv: int, heads: int) -> torch.Tensor:
-        """[heads, D, D]: R of each head; a query/output head uses the R of its KV head (GQA: consecutive
-        groups)."""
-        key = (kv, heads)
-        if key not in self._matrices:
-            s = self.signs[kv]
-            if heads != self.num_heads:
-                if heads % self.num_heads:
-                    raise ValueError(f"{heads} query heads do not share {self.num_heads} KV heads evenly")
-                s = s.repeat_interleave(heads // self.num_heads, dim=0)
-            self._matrices[key] = s[:, :, None] * self.h
-        return self._matrices[key]
+    def _signs_for(self, kv: int, heads: int) -> torch.Tensor:
+        """[heads, 1, D]: a query/output head uses the rotation of its KV head (GQA: consecutive groups).
+        The expansion for query heads is built once, not at every decode step."""
+        if heads == self.num_heads:
+            return self.signs[kv][:, None, :]
+        if (kv, heads) not in self._query_signs:
+            if heads % self.num_heads:
+                raise ValueError(f"{heads} query heads do not share {self.num_heads} KV heads evenly")
+            s = self.signs[kv].repeat_interleave(heads // self.num_heads, dim=0)
+            self._query_signs[(kv, heads)] = s[:, None, :]
+        return self._query_signs[(kv, heads)]
 
     def rotate(self, x: torch.Tensor, kv: int) -> torch.Tensor:
         """x [B, H, T, D] (H = KV heads, or query heads sharing them) -> x_rot in x's dtype."""
-        return (x.float() @ self._matrix(kv, x.shape[1])).to(x.dtype)
+        return ((x.float() * self._signs_for(kv, x.shape[1])) @ self.h).to(x.dtype)
 
     def unrotate(self, x: torch.Tensor, kv: int) -> torch.Tensor:
         """Inverse of rotate: x_rot [B, H, T, D] -> x in x_rot's dtype."""
-        return (x.float() @ self._matrix(kv, x.shape[1]).transpose(-1, -2)).to(x.dtype)
+        return ((x.float() @ self.h.T) * self._signs_for(kv, x.shape[1])).to(x.dtype)
 
     def rotate_query(self, q: torch.Tensor) -> torch.Tensor:
         """q [B, H_q, T, D] -> q rotated like the keys it scores against (q_rot · k_rot = q · k)."""
