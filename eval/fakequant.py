@@ -4,20 +4,22 @@ Teacher-forcing through a KVCompCache in 64-token chunks re-decodes the compress
 on a CPU that takes minutes per config. This screen computes the same attention in one forward pass over
 the window: query i, in the chunk starting at s = 64 * floor(i / 64), reads token j through the codec
 (rotation, codec.quantize, codec.dequantize, rotation back) when the cache would hold j compressed at that
-chunk, i.e. j < 64 * floor((s - 64) / 64) (the update compresses before attending, leaving 128..191
-tokens exact), and exactly otherwise. codec.dequantize(codec.quantize(x)) is what decode_blocks returns
+chunk, i.e. j < 64 * floor((s + 64 - R) / 64) with R = residual_length (the update compresses before
+attending, leaving R..R+63 tokens exact), and exactly otherwise. codec.dequantize(codec.quantize(x)) is what decode_blocks returns
 for the stored bytes (bit packing and repacking are lossless), so this equals eval/perplexity.py
 --chunk 64 up to floating-point order.
 
 Bits/value are counted from the bytes the codec writes for the window's compressed blocks
 (encode_blocks: payload, pack minimums and widths, padding) plus per-block metadata (token min in bf16,
-step, segment offsets and sizes, permutation, block-table entry) and the bf16 tail, as
-KVCompCache.memory_report counts them for a 16-bit model, both at the window's length and
-extrapolated to --bits-at tokens (the same bytes per block, a 128-token tail).
+step, segment offsets and sizes, the permutation when repack is not "none", block-table entry) and the
+bf16 tail, as KVCompCache.memory_report counts them for a 16-bit model, both at the window's length and
+extrapolated to --bits-at tokens (the same bytes per block, a tail of R + (bits_at - R) % 64 tokens).
 
 Levers beyond KVCompConfig fields, appended to a kvcomp spec with "|":
     edge=N*F   the first and last N layers use rel_k, rel_v times F
     sink=S     the first S tokens stay exact (counted as 16-bit values)
+    resid=R    R recent tokens stay exact instead of residual_length (a screen for values below
+               KVCompConfig's minimum)
 
     python -m eval.fakequant --tokens 2048 --windows 2 --out eval/results/fakequant-smollm2-2k
 """
@@ -48,6 +50,11 @@ class Scheme:
     config: KVCompConfig | None  # None: the exact (full) cache
     edge: tuple[int, float] | None = None
     sink: int = 0
+    resid: int | None = None  # None: the config's residual_length
+
+    @property
+    def residual(self) -> int:
+        return self.resid if self.resid is not None else self.config.residual_length
 
 
 def parse_scheme(spec: str) -> Scheme:
@@ -62,8 +69,10 @@ def parse_scheme(spec: str) -> Scheme:
             scheme.edge = (int(n), float(f))
         elif key == "sink":
             scheme.sink = int(val)
+        elif key == "resid" and int(val) >= 1:
+            scheme.resid = int(val)
         else:
-            raise ValueError(f"lever must be edge=N*F or sink=S, got {opt!r} in {spec!r}")
+            raise ValueError(f"lever must be edge=N*F, sink=S or resid=R (R >= 1), got {opt!r} in {spec!r}")
     return scheme
 
 
@@ -98,13 +107,15 @@ def block_bytes(k: torch.Tensor, v: torch.Tensor, cfg: KVCompConfig, rot: LayerR
     blocks = [x[0, :, :n_blocks * 64].reshape(h, n_blocks, 64, d).transpose(0, 1) for x in (kr, vr)]
     enc, fmt = codec.encode_blocks(blocks[0].contiguous(), blocks[1].contiguous(), cfg)
     meta = sum(codec.metadata_bytes_per_block(fmt, torch.bfloat16).values()) * 2  # K and V
-    return int(enc.seg_bytes.sum()) + n_blocks * (meta + codec.BLOCK_SIZE + 4)  # + perm + block-table entry
+    perm = codec.BLOCK_SIZE if cfg.repack != "none" else 0  # the cache keeps no permutation for arrival order
+    return int(enc.seg_bytes.sum()) + n_blocks * (meta + perm + 4)  # + block-table entry
 
 
-def compressed_before(positions: torch.Tensor) -> torch.Tensor:
-    """Tokens the cache holds compressed when the chunk of each query position attends."""
+def compressed_before(positions: torch.Tensor, residual: int) -> torch.Tensor:
+    """Tokens the cache holds compressed when the chunk of each query position attends (the update stores
+    the chunk's tokens, then compresses every complete block beyond `residual` recent tokens)."""
     s = positions // CHUNK * CHUNK
-    return torch.clamp((s - 64) // 64 * 64, min=0)
+    return torch.clamp((s + CHUNK - residual) // 64 * 64, min=0)
 
 
 def fakequant_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -120,8 +131,8 @@ def fakequant_attention(module, query, key, value, attention_mask, scaling=None,
     kf, vf = key.float(), value.float()
     kh, vh = fake_quant(kf, cfg, 0, rot), fake_quant(vf, cfg, 1, rot)
     pos = torch.arange(t, device=key.device)
-    comp = (pos[None, :] < compressed_before(pos)[:, None]) & (pos[None, :] >= scheme.sink)  # [Tq, Tk]
-    n_blocks = int(max((t - 128) // 64, 0))
+    comp = (pos[None, :] < compressed_before(pos, scheme.residual)[:, None]) & (pos[None, :] >= scheme.sink)
+    n_blocks = int(max((t - scheme.residual) // 64, 0))
     State.bits.append((block_bytes(kf, vf, cfg, rot, n_blocks), n_blocks, h, d))
     group = query.shape[1] // h
     qf = query.float()
@@ -134,11 +145,12 @@ def fakequant_attention(module, query, key, value, attention_mask, scaling=None,
     return out.transpose(1, 2).to(query.dtype), None
 
 
-def window_bits(t: int, sink: int, bits_at: int) -> tuple[float, float]:
+def window_bits(t: int, sink: int, bits_at: int, residual: int) -> tuple[float, float]:
     """All-in bits/value of the window (at its length) and at bits_at tokens (the window's bytes per block,
-    a 128-token tail). Exact sink tokens are counted as 16-bit values on top of the blocks (an upper bound)."""
+    the tail the cache holds at bits_at). Exact sink tokens are counted as 16-bit values on top of the blocks
+    (an upper bound)."""
     win = at = values_win = values_at = 0.0
-    nb_at = (bits_at - 128) // 64
+    nb_at = (bits_at - residual) // 64
     tail_at = bits_at - nb_at * 64
     for nbytes, nb, h, d in State.bits:
         token_bytes = h * d * 2 * 2  # K and V of one token in bf16
@@ -178,7 +190,7 @@ def evaluate(model, windows: list[list[int]], specs: list[str], bits_at: int, lo
             kl.append((rl.exp() * (rl - lp)).sum(-1))
             top1.append((lp.argmax(-1) == rl.argmax(-1)).double())
             if scheme.config is not None:
-                b_win, b_at = window_bits(len(ids), scheme.sink, bits_at)
+                b_win, b_at = window_bits(len(ids), scheme.sink, bits_at, scheme.residual)
                 bpv.append(b_win)
                 bpv_at.append(b_at)
         nll_all, ref_all = torch.cat(nll), torch.cat(ref_nll)
@@ -197,7 +209,7 @@ def evaluate(model, windows: list[list[int]], specs: list[str], bits_at: int, lo
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_common_args(p)
-    p.add_argument("--specs", default="", help="';'-separated kvcomp specs, each optionally with |edge=N*F, |sink=S")
+    p.add_argument("--specs", default="", help="';'-separated kvcomp specs, each optionally with |edge=N*F, |sink=S, |resid=R")
     p.add_argument("--tokens", type=int, default=2048)
     p.add_argument("--windows", type=int, default=2)
     p.add_argument("--text", default="pydoc")

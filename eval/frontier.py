@@ -1,9 +1,11 @@
-"""The accuracy-per-bit frontier in one run: perplexity through many caches, in parallel worker processes.
+"""The accuracy-per-bit frontier in one run: perplexity through many caches, one after another in one process.
 
-Every cache spec is teacher-forced through the model beside the full cache (eval/perplexity.py's
-evaluate_window) over --windows windows of --tokens tokens; workers (separate processes, each loading the
-model once) share one GPU, which small models leave mostly idle. Each finished spec is written at once, so
-a run stopped by --time-budget keeps what it finished. The merge writes
+The full cache runs once per window (its next-token log-probabilities stay on the device); then every cache spec
+is teacher-forced over the same --windows windows of --tokens tokens in --chunk-token steps, exactly as
+eval/perplexity.py does, and compared with it on the device (NLL increase, KL, top-1). After the last chunk the
+window's final token is stored too, so bits/value are those of a cache holding the whole window (8,192 tokens:
+a 128-token kvcomp tail). Each finished spec is written at once (spec_<hash>.json), so a run stopped by
+--time-budget keeps what it finished, and a re-run skips it. The merge writes
 
     <out>/perplexity.json   (suite "perplexity": what eval/plot_frontier.py reads)
     <out>/frontier.md       bits/value all-in, ΔNLL, KL, top-1, and the bits/value of each part of the cache
@@ -11,8 +13,10 @@ a run stopped by --time-budget keeps what it finished. The merge writes
 
 Spec extension for the per-layer lever: a kvcomp spec may end in "|edge=N*F": the first and last N layers
 use rel_k and rel_v multiplied by F (e.g. "kvcomp:rotation=hadamard|edge=2*0.5").
+--backend torch runs kvcomp's store through the reference codec (the same bytes as the Triton store, which
+its tests check; no kernel compilation per bit width).
 
-    python -m eval.frontier --workers 12 --tokens 8192 --windows 2 --out eval/results/frontier-smollm2
+    python -m eval.frontier --tokens 8192 --windows 2 --time-budget 420 --out eval/results/frontier-smollm2
 """
 
 from __future__ import annotations
@@ -21,14 +25,15 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from eval import common, perplexity
+from kvcomp_hf.compat import cache_kwargs
 
 ROT = "rotation=hadamard"
 # (spec, family) in priority order: baselines, the rel sweep with and without rotation, then the levers
@@ -68,10 +73,17 @@ def split_edge(spec: str) -> tuple[str, tuple[int, float] | None]:
     return base, (int(n), float(f))
 
 
-def make_cache(spec: str, model):
-    """common.make_cache (a DynamicCache for "full"), plus the edge-layer lever (first/last N layers at F x rel)."""
+def make_cache(spec: str, model, backend: str = "auto"):
+    """common.make_cache (a DynamicCache for "full"), kvcomp on `backend`, plus the edge-layer lever (first/last N
+    layers at F x rel)."""
     base, edge = split_edge(spec)
-    cache = common.make_cache(base, model)
+    parsed = common.parse_cache_spec(base)
+    if parsed.kind == "kvcomp":
+        import kvcomp_hf
+
+        cache = kvcomp_hf.KVCompCache(model.config, parsed.kvcomp_config(), backend=backend)
+    else:
+        cache = common.make_cache(parsed, model)
     if cache is None:
         from transformers import DynamicCache
 
@@ -89,32 +101,65 @@ def _spec_file(out: Path, spec: str) -> Path:
     return out / f"spec_{hashlib.sha1(spec.encode()).hexdigest()[:12]}.json"
 
 
-class _Spec:  # what evaluate_window needs of a spec: a name, and a cache from perplexity._new_cache
-    def __init__(self, name):
-        self.name = name
+@torch.no_grad()
+def teacher_force(model, ids: list[int], cache, chunk: int, ref: list[torch.Tensor] | None = None):
+    """Feed `ids` through `cache` in chunks, then the final token (so the cache holds the whole window).
+    Without `ref`: returns the log-probabilities of every chunk (on the device) and the per-position NLL.
+    With `ref` (the full cache's chunks): returns per-position NLL, KL(ref || this) and top-1 agreement."""
+    x = torch.tensor([ids], dtype=torch.long, device=model.device)
+    n = x.shape[1]
+    logps, nll, kl, top1 = [], [], [], []
+    for i, s in enumerate(range(0, n - 1, chunk)):
+        e = min(s + chunk, n - 1)
+        out = model(input_ids=x[:, s:e], use_cache=True, **cache_kwargs(cache))
+        lp = torch.log_softmax(out.logits[0].float(), dim=-1)
+        nll.append(-lp.gather(-1, x[0, s + 1:e + 1, None])[:, 0])
+        if ref is None:
+            logps.append(lp)
+        else:
+            kl.append((ref[i].exp() * (ref[i] - lp)).sum(-1))
+            top1.append(lp.argmax(-1) == ref[i].argmax(-1))
+    model(input_ids=x[:, n - 1:], use_cache=True, **cache_kwargs(cache))
+    cpu = [torch.cat(v).double().cpu() if v else None for v in (nll, kl, top1)]
+    return (logps, cpu[0]) if ref is None else cpu
 
 
-def run_worker(args: argparse.Namespace) -> None:
-    model, tokenizer = common.load_model(args.model, args.gguf_file, args.device, args.dtype)
-    text_name, text = common.load_text(args.text, min_words=args.tokens, order=common.PERPLEXITY_ORDER)
-    windows = perplexity.token_windows(tokenizer, text, args.tokens, args.windows)
-    out = Path(args.out)
-    perplexity._new_cache = lambda spec, m, n_tokens: make_cache(spec.name, m)  # specs with the edge option too
-    for spec in args.worker_specs.split(";"):
+def run_specs(model, windows: list[list[int]], specs: list[str], args: argparse.Namespace, out: Path,
+              extra: dict[str, Any], log=print) -> None:
+    """The full cache once per window, then every spec not already in `out`, until --time-budget runs out."""
+    t_start = time.time()
+    refs = []
+    for ids in windows:
+        cache = make_cache("full", model)
+        logps, nll = teacher_force(model, ids, cache, args.chunk)
+        refs.append((logps, nll, common.cache_report(cache, len(ids), model)))
+    log(f"reference (full cache): {len(windows)} x {len(windows[0])} tokens ({time.time() - t_start:.0f}s)")
+    for spec in specs:
+        if _spec_file(out, spec).exists():
+            continue
+        if time.time() - t_start > args.time_budget:
+            log(f"time budget spent: {spec} not run")
+            continue
         t0 = time.time()
         try:
-            per_window = [perplexity.evaluate_window(model, ids, [_Spec("full"), _Spec(spec)], args.chunk)
-                          for ids in windows]
+            per_window = []
+            for ids, (logps, ref_nll, ref_report) in zip(windows, refs):
+                cache = make_cache(spec, model, args.backend)
+                nll, kl, top1 = teacher_force(model, ids, cache, args.chunk, logps)
+                per_window.append({"n_tokens": len(ids), "nll": {"full": ref_nll, spec: nll},
+                                   "kl": {"full": torch.zeros_like(kl), spec: kl},
+                                   "top1": {"full": torch.ones_like(top1, dtype=torch.bool), spec: top1.bool()},
+                                   "reports": {"full": ref_report, spec: common.cache_report(cache, len(ids), model)}})
+                del cache
         except Exception as err:  # noqa: BLE001 - one failing baseline must not cost the others
-            print(f"FAILED {spec}: {err!r}", flush=True)
+            log(f"FAILED {spec}: {err!r}")
             common.write_json(_spec_file(out, spec), {"cache": spec, "error": repr(err)})
             continue
         res = perplexity.summarise(per_window, ["full", spec])
-        common.write_json(_spec_file(out, spec),
-                          {"cache": spec, "result": res[spec], "full": res["full"], "seconds": time.time() - t0,
-                           "text": text_name, "text_sha256": common.text_sha256(text)})
-        print(f"done {spec}: {_num(res[spec]['bits_per_value'], '.3f')} bits/value, "
-              f"dNLL {_num(res[spec]['delta_nll'], '+.4f')} ({time.time() - t0:.0f}s)", flush=True)
+        common.write_json(_spec_file(out, spec), {"cache": spec, "result": res[spec], "full": res["full"],
+                                                  "seconds": time.time() - t0, **extra})
+        log(f"done {spec}: {_num(res[spec]['bits_per_value'], '.3f')} bits/value, "
+            f"dNLL {_num(res[spec]['delta_nll'], '+.4f')}, KL {_num(res[spec]['kl'], '.4f')} ({time.time() - t0:.0f}s)")
 
 
 def _num(x, fmt: str) -> str:
@@ -179,35 +224,18 @@ def merge(out: Path, families: dict[str, str], args: argparse.Namespace, seconds
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if args.caches:
-        pairs = [(s, "") for s in args.caches.split(";") if s]
-    else:
-        pairs = DEFAULT_CACHES
+    pairs = [(s, "") for s in args.caches.split(";") if s] if args.caches else DEFAULT_CACHES
     families = dict(pairs)
-    for s in families:  # fail now on a bad spec, not inside a worker
+    for s in families:  # fail now on a bad spec, not after the reference pass
         common.parse_cache_spec(split_edge(s)[0])
-    todo = [s for s in families if not _spec_file(out, s).exists()]
-    n = max(1, min(args.workers, len(todo)))
-    shares = [todo[i::n] for i in range(n)]  # round-robin keeps each worker's first specs the important ones
     t0 = time.time()
-    env = dict(os.environ)
-    procs = []
-    for i, share in enumerate(s for s in shares if s):
-        cmd = [sys.executable, "-m", "eval.frontier", "--worker-specs", ";".join(share), "--out", str(out), "--tokens",
-               str(args.tokens), "--windows", str(args.windows), "--chunk", str(args.chunk), "--text", args.text,
-               "--model", args.model, "--device", args.device, "--dtype", args.dtype]
-        if args.gguf_file:
-            cmd += ["--gguf-file", args.gguf_file]
-        log = open(out / f"worker{i}.log", "w")
-        procs.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log))
-    for p, log in procs:
-        left = args.time_budget - (time.time() - t0)
-        try:
-            p.wait(timeout=max(left, 1))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-        log.close()
+    todo = [s for s in families if not _spec_file(out, s).exists()]
+    if todo:
+        model, tokenizer = common.load_model(args.model, args.gguf_file, args.device, args.dtype)
+        text_name, text = common.load_text(args.text, min_words=args.tokens, order=common.PERPLEXITY_ORDER)
+        windows = perplexity.token_windows(tokenizer, text, args.tokens, args.windows)
+        run_specs(model, windows, todo, args, out, {"text": text_name, "text_sha256": common.text_sha256(text)},
+                  log=lambda line: print(line, flush=True))
     merge(out, families, args, time.time() - t0)
     if not args.no_plot:
         from eval import plot_frontier
@@ -225,10 +253,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--windows", type=int, default=2)
     p.add_argument("--chunk", type=int, default=64)
     p.add_argument("--text", default="pydoc")
-    p.add_argument("--workers", type=int, default=4, help="worker processes (each loads the model once)")
-    p.add_argument("--time-budget", type=float, default=3600, help="seconds; workers still running are stopped")
+    p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton"),
+                   help="kvcomp's store and decode: Triton on CUDA (auto), or the PyTorch reference codec (torch)")
+    p.add_argument("--time-budget", type=float, default=3600,
+                   help="seconds; no spec is started after this (the finished ones are kept)")
     p.add_argument("--no-plot", action="store_true")
-    p.add_argument("--worker-specs", default=None, help=argparse.SUPPRESS)
     return p
 
 
@@ -236,9 +265,6 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.out is None:
         args.out = "eval/results/frontier"
-    if args.worker_specs:
-        run_worker(args)
-        return 0
     return run(args)
 
 
