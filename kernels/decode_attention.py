@@ -39,6 +39,7 @@ class DecodeTuning:
     split_v: bool = True           # V weights as two dots (hi + lo), ~float32 precision; False: one
                                    # 16-bit dot (~125 fewer SASS per block, weights rounded to 2**-9)
     maxnreg: int | None = None     # register cap per thread (None: the compiler's choice)
+    tokens_in_m: bool = False      # _tokens_in_m_kernel (block tokens as the matrix M dimension)
 
     def splits(self, batch: int, kv_heads: int, nb: int, sms: int) -> tuple[int, int]:
         """(num_splits, blocks_per_split)."""
@@ -372,6 +373,167 @@ def _decode_kernel(q_ptr, sq_b, sq_h, sq_t, sq_d,
     tl.store(acc_ptr + (pbase + rows.to(tl.int64))[:, None] * D + cols[None, :], acc, mask=row_ok[:, None])
 
 
+@triton.jit
+def _softmax_step_t(s, valid, m_i, l_i):
+    """_softmax_step over a transposed tile: s [N tokens, M rows], reductions along axis 0."""
+    s = tl.where(valid, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=0))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[None, :])
+    return m_new, alpha, p, l_i * alpha + tl.sum(p, axis=0)
+
+
+@triton.jit
+def _fixed_chunk_x(seg, BITS: tl.constexpr, D: tl.constexpr, CJ: tl.constexpr):
+    """Payload chunks of a fixed-width segment (every channel's 64 fields BITS wide, no pack metadata):
+    [D, 64 // CJ], CJ fields each, channel c at word 2 * BITS * c."""
+    k = tl.arange(0, 64 // CJ)[None, :]
+    start = tl.arange(0, D)[:, None] * (64 * BITS) + k * (CJ * BITS)
+    wi = start >> 5
+    lo = tl.load(seg + wi).to(tl.uint32, bitcast=True)
+    if (32 % BITS) == 0:  # chunks never straddle a word
+        x = lo >> (start & 31).to(tl.uint32)
+    else:
+        sh = start & 31
+        hi = tl.load(seg + wi + 1, mask=sh + CJ * BITS > 32, other=0).to(tl.uint32, bitcast=True)
+        x = _funnel(lo, hi, sh)
+    return x
+
+
+@triton.jit(do_not_specialize=["skt_b", "skt_h", "svt_b", "svt_h", "T", "bt_b", "nb", "va_b", "bps", "NS"])
+def _tokens_in_m_kernel(q_ptr, sq_b, sq_h, sq_t, sq_d,
+                        kt_ptr, skt_b, skt_h, skt_t, skt_d, vt_ptr, svt_b, svt_h, svt_t, svt_d, T,
+                        pool32, so_ptr, so_s, so_kv,
+                        tmin_ptr, tm_s, tm_kv, tm_t, tstep_ptr, ts_s, ts_kv, ts_t,
+                        bt_ptr, bt_b, nb,
+                        valid_ptr, va_b,
+                        m_ptr, l_ptr, acc_ptr,
+                        scale_log2, bps, NS,
+                        GROUP: tl.constexpr, QLEN: tl.constexpr, M: tl.constexpr, D: tl.constexpr,
+                        P: tl.constexpr, BITS_K: tl.constexpr, BITS_V: tl.constexpr, WB_K: tl.constexpr,
+                        WB_V: tl.constexpr, META_K: tl.constexpr, META_V: tl.constexpr,
+                        CJ_K: tl.constexpr, CJ_V: tl.constexpr, FIXED: tl.constexpr,
+                        TOKEN_GRAN: tl.constexpr, HAS_MASK: tl.constexpr, Q_SPLIT: tl.constexpr,
+                        TAIL: tl.constexpr, INTERP: tl.constexpr):
+    """The decode kernel with the 64 tokens of a block as the M dimension of both matrix products:
+    scores^T [64, M] = K_tile [64, D] . q^T [D, M] and out^T [D, M] += V_tile^T [D, 64] . w^T [64, M],
+    so the unpacked tiles are the A operands and the few query rows (GQA x q_len, padded) are N.
+    TAIL: the program reads the dense tail instead of blocks (its own launch, split index NS)."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    s_id = tl.program_id(2)
+    H = tl.num_programs(1)
+    b64 = b.to(tl.int64)
+    rows = tl.arange(0, M)
+    row_ok = rows < GROUP * QLEN
+    g = rows // QLEN
+    qi = rows % QLEN
+    kv_len = nb * 64 + T
+    qpos = kv_len - QLEN + qi
+    cols = tl.arange(0, D)
+    qT = tl.load(q_ptr + b64 * sq_b + (h * GROUP + g).to(tl.int64)[None, :] * sq_h + qi[None, :] * sq_t
+                 + cols[:, None] * sq_d, mask=row_ok[None, :], other=0.0)          # [D, M]
+    q32 = qT.to(tl.float32)
+    m_i = tl.full([M], float("-inf"), tl.float32)
+    l_i = tl.zeros([M], tl.float32)
+    accT = tl.zeros([D, M], tl.float32)
+    idx = tl.arange(0, 64)
+    if not TAIL:
+        qsum = tl.sum(q32, axis=0)
+        if TOKEN_GRAN:
+            gsel = 0
+        else:
+            gsel = h
+        R: tl.constexpr = 64 // P
+        q_hi = _bf16_op(q32, INTERP)
+        q_lo = _bf16_op(q32 - q_hi.to(tl.float32), INTERP)
+        accmin = tl.zeros([M], tl.float32)
+        blk_lo = s_id * bps
+        blk_hi = tl.minimum(blk_lo + bps, nb)
+        bt_row = bt_ptr + b64 * bt_b
+        for blk in range(blk_lo, blk_hi):
+            slot = tl.load(bt_row + blk).to(tl.int64)
+            segk = pool32 + (tl.load(so_ptr + slot * so_s + h) >> 2)
+            segv = pool32 + (tl.load(so_ptr + slot * so_s + so_kv + h) >> 2)
+            if FIXED:
+                kx = _fixed_chunk_x(segk, BITS_K, D, CJ_K)
+                vx = _fixed_chunk_x(segv, BITS_V, D, CJ_V)
+                kL = tl.full(kx.shape, BITS_K, tl.int32)
+                vL = tl.full(vx.shape, BITS_V, tl.int32)
+                kpmin = tl.zeros([D, R], tl.int32)
+                vpmin = tl.zeros([D, R], tl.int32)
+            else:
+                kpmin, kw = _seg_meta(segk, R, D, BITS_K, WB_K)
+                vpmin, vw = _seg_meta(segv, R, D, BITS_V, WB_V)
+                klo, khi, ksh, kL = _chunk_words(segk, kw, META_K, R, D, P, CJ_K)
+                vlo, vhi, vsh, vL = _chunk_words(segv, vw, META_V, R, D, P, CJ_V)
+                kx = _funnel(klo, khi, ksh)
+                vx = _funnel(vlo, vhi, vsh)
+            kmin = tl.load(tmin_ptr + slot * tm_s + idx * tm_t + gsel).to(tl.float32)
+            kstep = tl.load(tstep_ptr + slot * ts_s + idx * ts_t + gsel).to(tl.float32)
+            vmin = tl.load(tmin_ptr + slot * tm_s + tm_kv + idx * tm_t + gsel).to(tl.float32)
+            vstep = tl.load(tstep_ptr + slot * ts_s + ts_kv + idx * ts_t + gsel).to(tl.float32)
+            pos = blk * 64 + idx
+            valid = pos[:, None] <= qpos[None, :]
+            if HAS_MASK:
+                ok = tl.load(valid_ptr + b64 * va_b + pos).to(tl.int1)
+                valid = valid & ok[:, None]
+            # scores: q . x_hat = step * (q . (pmin + r)) + min * sum(q); the tile holds 128 + pmin + r
+            kt = tl.trans(_tile(kx, kL, kpmin, CJ_K, D, R, not FIXED, True, INTERP))     # [64, D]
+            s = tl.dot(kt, q_hi)
+            if Q_SPLIT:
+                s = tl.dot(kt, q_lo, s)
+            s = ((s - 128.0 * qsum[None, :]) * kstep[:, None] + kmin[:, None] * qsum[None, :]) * scale_log2
+            m_new, alpha, p, l_i = _softmax_step_t(s, valid, m_i, l_i)
+            # values: sum_t p x_hat = sum_t w (128 + pmin + r) - 128 sum_t w + sum_t p min, w = p step
+            vt = _tile(vx, vL, vpmin, CJ_V, D, R, R > 1 and not FIXED, True, INTERP)     # [D, 64]
+            w_hi = _bf16_op(p * vstep[:, None], INTERP)
+            pv = tl.dot(vt, w_hi)                                                     # [D, M]
+            wsum = tl.sum(w_hi.to(tl.float32), axis=0)  # the offset correction uses the weights the dot used
+            if R == 1 and not FIXED:
+                pv += (tl.reshape(vpmin, (D,)).to(tl.float32) - 128.0)[:, None] * wsum[None, :]
+            else:
+                pv -= 128.0 * wsum[None, :]
+            accT = accT * alpha[None, :] + pv
+            accmin = accmin * alpha + tl.sum(p * vmin[:, None], axis=0)
+            m_i = m_new
+        accT = accT + accmin[None, :]
+        part = s_id
+    else:
+        for t0 in range(0, T, 64):
+            t = t0 + idx
+            tok = t < T
+            kx = tl.load(kt_ptr + b64 * skt_b + h.to(tl.int64) * skt_h + t.to(tl.int64)[:, None] * skt_t
+                         + cols[None, :] * skt_d, mask=tok[:, None], other=0.0)       # [64, D]
+            if INTERP:  # the interpreter's 16-bit dots are wrong: float32 operands, same values
+                s = tl.dot(kx.to(tl.float32), q32, input_precision="ieee") * scale_log2
+            else:
+                s = tl.dot(kx, qT) * scale_log2
+            pos = nb * 64 + t
+            valid = tok[:, None] & (pos[:, None] <= qpos[None, :])
+            if HAS_MASK:
+                ok = tl.load(valid_ptr + b64 * va_b + pos, mask=tok, other=0).to(tl.int1)
+                valid = valid & ok[:, None]
+            m_new, alpha, p, l_i = _softmax_step_t(s, valid, m_i, l_i)
+            vx = tl.load(vt_ptr + b64 * svt_b + h.to(tl.int64) * svt_h + t.to(tl.int64)[None, :] * svt_t
+                         + cols[:, None] * svt_d, mask=tok[None, :], other=0.0)       # [D, 64]
+            if INTERP:
+                pv = tl.dot(vx.to(tl.float32), p, input_precision="ieee")
+            else:  # p = hi + lo in the tail dtype (~2**-16 relative)
+                p_hi = p.to(vx.dtype)
+                p_lo = (p - p_hi.to(tl.float32)).to(vx.dtype)
+                pv = tl.dot(vx, p_hi)
+                pv = tl.dot(vx, p_lo, pv)
+            accT = accT * alpha[None, :] + pv
+            m_i = m_new
+        part = NS
+    pbase = ((b64 * H + h) * (NS + 1) + part) * M
+    tl.store(m_ptr + pbase + rows, m_i, mask=row_ok)
+    tl.store(l_ptr + pbase + rows, l_i, mask=row_ok)
+    tl.store(acc_ptr + (pbase + rows.to(tl.int64))[None, :] * D + cols[:, None], accT, mask=row_ok[None, :])
+
+
 @triton.jit(do_not_specialize=["NSP1"])
 def _combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, so_b, so_h, so_t, so_d, H, NSP1,
                     GROUP: tl.constexpr, QLEN: tl.constexpr, M: tl.constexpr, D: tl.constexpr,
@@ -505,6 +667,25 @@ def decode_attention(q, k_tail, v_tail, pool, seg_offset, token_min, token_step,
     n_ml = B * H * (ns + 1) * M
     m_part, l_part, acc_part = part[:n_ml], part[n_ml:2 * n_ml], part[2 * n_ml:]
     pool32 = pool[: pool.numel() // 4 * 4].view(torch.int32)
+    if consts["FAST"] and q.dtype == k_tail.dtype and not consts["HAS_PERM"] and \
+            (tuning.tokens_in_m or fmt.layout == "fixed"):
+        tm = {k: consts[k] for k in ("GROUP", "QLEN", "M", "D", "P", "BITS_K", "BITS_V", "WB_K", "WB_V", "META_K",
+                                     "META_V", "CJ_K", "CJ_V", "TOKEN_GRAN", "HAS_MASK", "Q_SPLIT", "INTERP",
+                                     "num_warps", "num_stages")}
+        args = (q, *q.stride(), k_tail, *k_tail.stride(), v_tail, *v_tail.stride(), T,
+                pool32, seg_offset, seg_offset.stride(0), seg_offset.stride(1),
+                token_min, token_min.stride(0), token_min.stride(1), token_min.stride(2),
+                token_step, token_step.stride(0), token_step.stride(1), token_step.stride(2),
+                block_table, block_table.stride(0), nb, valid_arg, va_b, m_part, l_part, acc_part,
+                float(scaling) * LOG2E, bps, ns)
+        if ns:
+            _tokens_in_m_kernel[(B, H, ns)](*args, FIXED=fmt.layout == "fixed", TAIL=False, **tm)
+        _tokens_in_m_kernel[(B, H, 1)](*args, FIXED=fmt.layout == "fixed", TAIL=True, **tm)
+        _combine_kernel[(B, Hq, QLEN)](m_part, l_part, acc_part, out, *out.stride(), H, ns + 1, **comb)
+        return out
+    if fmt.layout == "fixed":
+        raise ValueError("layout='fixed' is read by the fused kernel only for fp16/bf16 q and tail of one dtype "
+                         "and at most 7 bits per value")
     _decode_kernel[(B, H, ns + 1)](
         q, *q.stride(), k_tail, *k_tail.stride(), v_tail, *v_tail.stride(), T,
         pool32, seg_offset, seg_offset.stride(0), seg_offset.stride(1),
