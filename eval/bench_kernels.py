@@ -190,7 +190,7 @@ def kernel_report(asm_dir=None):
                 for ck in caches[0].values():
                     rep.append(dict(kernel=kern.fn.__name__, regs=ck.n_regs, spills=ck.n_spills,
                                     smem=ck.metadata.shared, warps=ck.metadata.num_warps))
-                    if asm_dir and kern in (da._decode_kernel, da._tokens_in_m_kernel) and "cubin" in ck.asm:
+                    if asm_dir and kern is da._tokens_in_m_kernel and "cubin" in ck.asm:
                         name = f"{kern.fn.__name__}_w{ck.metadata.num_warps}_r{ck.n_regs}_{len(rep)}.cubin"
                         with open(os.path.join(asm_dir, name), "wb") as f:
                             f.write(ck.asm["cubin"])

@@ -385,20 +385,58 @@ def _softmax_step_t(s, valid, m_i, l_i):
 
 
 @triton.jit
-def _fixed_chunk_x(seg, BITS: tl.constexpr, D: tl.constexpr, CJ: tl.constexpr):
-    """Payload chunks of a fixed-width segment (every channel's 64 fields BITS wide, no pack metadata):
-    [D, 64 // CJ], CJ fields each, channel c at word 2 * BITS * c."""
-    k = tl.arange(0, 64 // CJ)[None, :]
-    start = tl.arange(0, D)[:, None] * (64 * BITS) + k * (CJ * BITS)
-    wi = start >> 5
-    lo = tl.load(seg + wi).to(tl.uint32, bitcast=True)
-    if (32 % BITS) == 0:  # chunks never straddle a word
-        x = lo >> (start & 31).to(tl.uint32)
+def _meta(seg, R: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, WB: tl.constexpr, FIXED: tl.constexpr):
+    """(pack mins, widths) [D, R] of a segment; layout "fixed": 0 and BITS, nothing loaded."""
+    if FIXED:
+        pmin = tl.zeros([D, R], tl.int32)
+        width = tl.full([D, R], BITS, tl.int32)
     else:
-        sh = start & 31
-        hi = tl.load(seg + wi + 1, mask=sh + CJ * BITS > 32, other=0).to(tl.uint32, bitcast=True)
+        pmin, width = _seg_meta(seg, R, D, BITS, WB)
+    return pmin, width
+
+
+@triton.jit
+def _words(seg, width, META: tl.constexpr, R: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
+           BITS: tl.constexpr, CJ: tl.constexpr, FIXED: tl.constexpr):
+    """Issue the payload loads of a segment: (lo, hi, shift, L) [D, 64 // CJ] as _chunk_words. Layout "fixed":
+    channel c at word 2 * BITS * c, no metadata; with BITS dividing 32 no chunk straddles a word and the
+    word index is affine in (c, k), so the loads vectorise (segments of this layout are 16-byte aligned)."""
+    if FIXED:
+        k = tl.arange(0, 64 // CJ)[None, :]
+        c = tl.arange(0, D)[:, None]
+        L = tl.full([D, 64 // CJ], BITS, tl.int32)
+        if (32 % BITS) == 0:
+            per: tl.constexpr = 32 // (CJ * BITS)  # chunks per word
+            lo = tl.load(seg + c * (2 * BITS) + k // per).to(tl.uint32, bitcast=True)
+            sh = (k % per) * (CJ * BITS)
+            hi = lo
+        else:
+            start = c * (64 * BITS) + k * (CJ * BITS)
+            wi = start >> 5
+            sh = start & 31
+            lo = tl.load(seg + wi).to(tl.uint32, bitcast=True)
+            hi = tl.load(seg + wi + 1, mask=sh + CJ * BITS > 32, other=0).to(tl.uint32, bitcast=True)
+    else:
+        lo, hi, sh, L = _chunk_words(seg, width, META, R, D, P, CJ)
+    return lo, hi, sh, L
+
+
+@triton.jit
+def _chunks(lo, hi, sh, BITS: tl.constexpr, FIXED: tl.constexpr):
+    """The loaded words of _words -> payload chunks (CJ fields from bit 0)."""
+    if FIXED and (32 % BITS) == 0:
+        x = lo >> sh.to(tl.uint32)
+    else:
         x = _funnel(lo, hi, sh)
     return x
+
+
+@triton.jit
+def _seg_ptr(pool32, so_ptr, slot, so_s, kv_off, h, FIXED: tl.constexpr):
+    off = tl.load(so_ptr + slot * so_s + kv_off + h) >> 2
+    if FIXED:
+        off = tl.multiple_of(off, 4)
+    return pool32 + off
 
 
 @triton.jit(do_not_specialize=["skt_b", "skt_h", "svt_b", "svt_h", "T", "bt_b", "nb", "va_b", "bps", "NS"])
@@ -451,35 +489,55 @@ def _tokens_in_m_kernel(q_ptr, sq_b, sq_h, sq_t, sq_d,
         accmin = tl.zeros([M], tl.float32)
         blk_lo = s_id * bps
         blk_hi = tl.minimum(blk_lo + bps, nb)
+        last = blk_hi - 1
         bt_row = bt_ptr + b64 * bt_b
+        # Software pipeline over the dependent loads block table -> segment offset -> pack metadata ->
+        # payload: each load uses a value loaded one iteration earlier, so no iteration waits on a load
+        # it issued itself. Entering the iteration of block i: slots of i..i+3, segments of i..i+2,
+        # metadata of i..i+1, payload words of i.
+        slot = tl.load(bt_row + blk_lo).to(tl.int64)
+        slot1 = tl.load(bt_row + tl.minimum(blk_lo + 1, last)).to(tl.int64)
+        slot2 = tl.load(bt_row + tl.minimum(blk_lo + 2, last)).to(tl.int64)
+        slot3 = tl.load(bt_row + tl.minimum(blk_lo + 3, last)).to(tl.int64)
+        segk = _seg_ptr(pool32, so_ptr, slot, so_s, 0, h, FIXED)
+        segv = _seg_ptr(pool32, so_ptr, slot, so_s, so_kv, h, FIXED)
+        segk1 = _seg_ptr(pool32, so_ptr, slot1, so_s, 0, h, FIXED)
+        segv1 = _seg_ptr(pool32, so_ptr, slot1, so_s, so_kv, h, FIXED)
+        segk2 = _seg_ptr(pool32, so_ptr, slot2, so_s, 0, h, FIXED)
+        segv2 = _seg_ptr(pool32, so_ptr, slot2, so_s, so_kv, h, FIXED)
+        kpmin, kw = _meta(segk, R, D, BITS_K, WB_K, FIXED)
+        vpmin, vw = _meta(segv, R, D, BITS_V, WB_V, FIXED)
+        kpmin1, kw1 = _meta(segk1, R, D, BITS_K, WB_K, FIXED)
+        vpmin1, vw1 = _meta(segv1, R, D, BITS_V, WB_V, FIXED)
+        klo, khi, ksh, kL = _words(segk, kw, META_K, R, D, P, BITS_K, CJ_K, FIXED)
+        vlo, vhi, vsh, vL = _words(segv, vw, META_V, R, D, P, BITS_V, CJ_V, FIXED)
+        kmin = tl.load(tmin_ptr + slot * tm_s + idx * tm_t + gsel).to(tl.float32)
+        kstep = tl.load(tstep_ptr + slot * ts_s + idx * ts_t + gsel).to(tl.float32)
+        vmin = tl.load(tmin_ptr + slot * tm_s + tm_kv + idx * tm_t + gsel).to(tl.float32)
+        vstep = tl.load(tstep_ptr + slot * ts_s + ts_kv + idx * ts_t + gsel).to(tl.float32)
         for blk in range(blk_lo, blk_hi):
-            slot = tl.load(bt_row + blk).to(tl.int64)
-            segk = pool32 + (tl.load(so_ptr + slot * so_s + h) >> 2)
-            segv = pool32 + (tl.load(so_ptr + slot * so_s + so_kv + h) >> 2)
-            if FIXED:
-                kx = _fixed_chunk_x(segk, BITS_K, D, CJ_K)
-                vx = _fixed_chunk_x(segv, BITS_V, D, CJ_V)
-                kL = tl.full(kx.shape, BITS_K, tl.int32)
-                vL = tl.full(vx.shape, BITS_V, tl.int32)
-                kpmin = tl.zeros([D, R], tl.int32)
-                vpmin = tl.zeros([D, R], tl.int32)
-            else:
-                kpmin, kw = _seg_meta(segk, R, D, BITS_K, WB_K)
-                vpmin, vw = _seg_meta(segv, R, D, BITS_V, WB_V)
-                klo, khi, ksh, kL = _chunk_words(segk, kw, META_K, R, D, P, CJ_K)
-                vlo, vhi, vsh, vL = _chunk_words(segv, vw, META_V, R, D, P, CJ_V)
-                kx = _funnel(klo, khi, ksh)
-                vx = _funnel(vlo, vhi, vsh)
-            kmin = tl.load(tmin_ptr + slot * tm_s + idx * tm_t + gsel).to(tl.float32)
-            kstep = tl.load(tstep_ptr + slot * ts_s + idx * ts_t + gsel).to(tl.float32)
-            vmin = tl.load(tmin_ptr + slot * tm_s + tm_kv + idx * tm_t + gsel).to(tl.float32)
-            vstep = tl.load(tstep_ptr + slot * ts_s + ts_kv + idx * ts_t + gsel).to(tl.float32)
+            slot4 = tl.load(bt_row + tl.minimum(blk + 4, last)).to(tl.int64)
+            segk3 = _seg_ptr(pool32, so_ptr, slot3, so_s, 0, h, FIXED)
+            segv3 = _seg_ptr(pool32, so_ptr, slot3, so_s, so_kv, h, FIXED)
+            kpmin2, kw2 = _meta(segk2, R, D, BITS_K, WB_K, FIXED)
+            vpmin2, vw2 = _meta(segv2, R, D, BITS_V, WB_V, FIXED)
+            klo1, khi1, ksh1, kL1 = _words(segk1, kw1, META_K, R, D, P, BITS_K, CJ_K, FIXED)
+            vlo1, vhi1, vsh1, vL1 = _words(segv1, vw1, META_V, R, D, P, BITS_V, CJ_V, FIXED)
+            kmin1 = tl.load(tmin_ptr + slot1 * tm_s + idx * tm_t + gsel).to(tl.float32)
+            kstep1 = tl.load(tstep_ptr + slot1 * ts_s + idx * ts_t + gsel).to(tl.float32)
+            vmin1 = tl.load(tmin_ptr + slot1 * tm_s + tm_kv + idx * tm_t + gsel).to(tl.float32)
+            vstep1 = tl.load(tstep_ptr + slot1 * ts_s + ts_kv + idx * ts_t + gsel).to(tl.float32)
+            kx = _chunks(klo, khi, ksh, BITS_K, FIXED)
+            vx = _chunks(vlo, vhi, vsh, BITS_V, FIXED)
             pos = blk * 64 + idx
             valid = pos[:, None] <= qpos[None, :]
             if HAS_MASK:
                 ok = tl.load(valid_ptr + b64 * va_b + pos).to(tl.int1)
                 valid = valid & ok[:, None]
             # scores: q . x_hat = step * (q . (pmin + r)) + min * sum(q); the tile holds 128 + pmin + r
+            if FIXED:  # constant widths: the unpack's shifts and masks fold into immediates
+                kL = tl.full(kx.shape, BITS_K, tl.int32)
+                vL = tl.full(vx.shape, BITS_V, tl.int32)
             kt = tl.trans(_tile(kx, kL, kpmin, CJ_K, D, R, not FIXED, True, INTERP))     # [64, D]
             s = tl.dot(kt, q_hi)
             if Q_SPLIT:
@@ -498,6 +556,12 @@ def _tokens_in_m_kernel(q_ptr, sq_b, sq_h, sq_t, sq_d,
             accT = accT * alpha[None, :] + pv
             accmin = accmin * alpha + tl.sum(p * vmin[:, None], axis=0)
             m_i = m_new
+            # rotate the pipeline
+            klo, khi, ksh, kL, vlo, vhi, vsh, vL = klo1, khi1, ksh1, kL1, vlo1, vhi1, vsh1, vL1
+            kpmin, vpmin, kpmin1, kw1, vpmin1, vw1 = kpmin1, vpmin1, kpmin2, kw2, vpmin2, vw2
+            kmin, kstep, vmin, vstep = kmin1, kstep1, vmin1, vstep1
+            segk1, segv1, segk2, segv2 = segk2, segv2, segk3, segv3
+            slot1, slot2, slot3 = slot2, slot3, slot4
         accT = accT + accmin[None, :]
         part = s_id
     else:
