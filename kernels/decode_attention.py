@@ -166,6 +166,26 @@ def _tile(x, L, pmin, CJ: tl.constexpr, D: tl.constexpr, R: tl.constexpr, ADD_MI
 
 
 @triton.jit
+def _tile_paired4(x, D: tl.constexpr, INTERP: tl.constexpr):
+    """Words of a 4-bit fixed segment in pair order (codec: BlockFormat.paired), x [D, 8] -> [D, 64] bf16
+    holding 128 + q: t = (x >> 4j) & 0x000F000F | 0x43004300 is the bf16 pair of tokens 8w + 2j, 8w + 2j + 1."""
+    halves = []
+    for j in tl.static_range(4):
+        if INTERP:  # float32 operands holding the same values (the interpreter's bf16 dot is wrong)
+            lo = (((x >> (4 * j)) & 15) + 128).to(tl.float32)
+            hi = (((x >> (4 * j + 16)) & 15) + 128).to(tl.float32)
+        else:
+            t = ((x >> (4 * j)) & 0x000F000F) | 0x43004300
+            lo = (t & 0xFFFF).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+            hi = (t >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        halves.append((lo, hi))
+    # element (a, b) of the inner joins is pair j = 2a + b; the outer join adds the token's parity
+    lo_t = tl.join(tl.join(halves[0][0], halves[2][0]), tl.join(halves[1][0], halves[3][0]))
+    hi_t = tl.join(tl.join(halves[0][1], halves[2][1]), tl.join(halves[1][1], halves[3][1]))
+    return tl.reshape(tl.join(lo_t, hi_t), (D, 64))
+
+
+@triton.jit
 def _softmax_step(s, valid, m_i, l_i):
     """Online softmax over one tile of base-2 scores s [M, N] -> (new row max, rescale factor of the old
     partials, probabilities, new row sums). Fully masked rows keep max -inf and weight 0."""
@@ -439,7 +459,7 @@ def _seg_ptr(pool32, so_ptr, slot, so_s, kv_off, h, FIXED: tl.constexpr):
     return pool32 + off
 
 
-@triton.jit(do_not_specialize=["skt_b", "skt_h", "svt_b", "svt_h", "T", "bt_b", "nb", "va_b", "bps", "NS"])
+@triton.jit(do_not_specialize=["skt_b", "skt_h", "svt_b", "svt_h", "T", "bt_b", "nb", "va_b", "bps", "NS", "NPART"])
 def _tokens_in_m_kernel(q_ptr, sq_b, sq_h, sq_t, sq_d,
                         kt_ptr, skt_b, skt_h, skt_t, skt_d, vt_ptr, svt_b, svt_h, svt_t, svt_d, T,
                         pool32, so_ptr, so_s, so_kv,
@@ -447,7 +467,7 @@ def _tokens_in_m_kernel(q_ptr, sq_b, sq_h, sq_t, sq_d,
                         bt_ptr, bt_b, nb,
                         valid_ptr, va_b,
                         m_ptr, l_ptr, acc_ptr,
-                        scale_log2, bps, NS,
+                        scale_log2, bps, NS, NPART,
                         GROUP: tl.constexpr, QLEN: tl.constexpr, M: tl.constexpr, D: tl.constexpr,
                         P: tl.constexpr, BITS_K: tl.constexpr, BITS_V: tl.constexpr, WB_K: tl.constexpr,
                         WB_V: tl.constexpr, META_K: tl.constexpr, META_V: tl.constexpr,
@@ -457,7 +477,8 @@ def _tokens_in_m_kernel(q_ptr, sq_b, sq_h, sq_t, sq_d,
     """The decode kernel with the 64 tokens of a block as the M dimension of both matrix products:
     scores^T [64, M] = K_tile [64, D] . q^T [D, M] and out^T [D, M] += V_tile^T [D, 64] . w^T [64, M],
     so the unpacked tiles are the A operands and the few query rows (GQA x q_len, padded) are N.
-    TAIL: the program reads the dense tail instead of blocks (its own launch, split index NS)."""
+    TAIL: the program reads 64 tokens of the dense tail instead of blocks (its own launch; chunk j is split
+    NS + j), so the tail costs one chunk's latency, not ceil(T / 64) chunks in sequence."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     s_id = tl.program_id(2)
@@ -538,14 +559,20 @@ def _tokens_in_m_kernel(q_ptr, sq_b, sq_h, sq_t, sq_d,
             if FIXED:  # constant widths: the unpack's shifts and masks fold into immediates
                 kL = tl.full(kx.shape, BITS_K, tl.int32)
                 vL = tl.full(vx.shape, BITS_V, tl.int32)
-            kt = tl.trans(_tile(kx, kL, kpmin, CJ_K, D, R, not FIXED, True, INTERP))     # [64, D]
+            if FIXED and BITS_K == 4:
+                kt = tl.trans(_tile_paired4(kx, D, INTERP))
+            else:
+                kt = tl.trans(_tile(kx, kL, kpmin, CJ_K, D, R, not FIXED, True, INTERP))     # [64, D]
             s = tl.dot(kt, q_hi)
             if Q_SPLIT:
                 s = tl.dot(kt, q_lo, s)
             s = ((s - 128.0 * qsum[None, :]) * kstep[:, None] + kmin[:, None] * qsum[None, :]) * scale_log2
             m_new, alpha, p, l_i = _softmax_step_t(s, valid, m_i, l_i)
             # values: sum_t p x_hat = sum_t w (128 + pmin + r) - 128 sum_t w + sum_t p min, w = p step
-            vt = _tile(vx, vL, vpmin, CJ_V, D, R, R > 1 and not FIXED, True, INTERP)     # [D, 64]
+            if FIXED and BITS_V == 4:
+                vt = _tile_paired4(vx, D, INTERP)
+            else:
+                vt = _tile(vx, vL, vpmin, CJ_V, D, R, R > 1 and not FIXED, True, INTERP)     # [D, 64]
             w_hi = _bf16_op(p * vstep[:, None], INTERP)
             pv = tl.dot(vt, w_hi)                                                     # [D, M]
             wsum = tl.sum(w_hi.to(tl.float32), axis=0)  # the offset correction uses the weights the dot used
@@ -564,8 +591,8 @@ def _tokens_in_m_kernel(q_ptr, sq_b, sq_h, sq_t, sq_d,
             slot1, slot2, slot3 = slot2, slot3, slot4
         accT = accT + accmin[None, :]
         part = s_id
-    else:
-        for t0 in range(0, T, 64):
+    else:  # tail chunk s_id: tokens 64 * s_id .. of the dense tail (one program per chunk)
+        for t0 in range(64 * s_id, tl.minimum(T, 64 * s_id + 64), 64):
             t = t0 + idx
             tok = t < T
             kx = tl.load(kt_ptr + b64 * skt_b + h.to(tl.int64) * skt_h + t.to(tl.int64)[:, None] * skt_t
@@ -591,8 +618,8 @@ def _tokens_in_m_kernel(q_ptr, sq_b, sq_h, sq_t, sq_d,
                 pv = tl.dot(vx, p_lo, pv)
             accT = accT * alpha[None, :] + pv
             m_i = m_new
-        part = NS
-    pbase = ((b64 * H + h) * (NS + 1) + part) * M
+        part = NS + s_id
+    pbase = ((b64 * H + h) * NPART + part) * M
     tl.store(m_ptr + pbase + rows, m_i, mask=row_ok)
     tl.store(l_ptr + pbase + rows, l_i, mask=row_ok)
     tl.store(acc_ptr + (pbase + rows.to(tl.int64))[None, :] * D + cols[:, None], accT, mask=row_ok[None, :])
@@ -727,12 +754,15 @@ def decode_attention(q, k_tail, v_tail, pool, seg_offset, token_min, token_step,
     out = torch.empty_like(q)
     if B == 0 or Hq == 0:
         return out
-    part = torch.empty(B * H * (ns + 1) * M * (D + 2), dtype=torch.float32, device=dev)
-    n_ml = B * H * (ns + 1) * M
+    tail_chunks = max(1, math.ceil(T / BLOCK_SIZE))
+    tm_kernel = consts["FAST"] and q.dtype == k_tail.dtype and not consts["HAS_PERM"] and \
+        (tuning.tokens_in_m or fmt.layout == "fixed")
+    n_part = ns + (tail_chunks if tm_kernel else 1)
+    part = torch.empty(B * H * n_part * M * (D + 2), dtype=torch.float32, device=dev)
+    n_ml = B * H * n_part * M
     m_part, l_part, acc_part = part[:n_ml], part[n_ml:2 * n_ml], part[2 * n_ml:]
     pool32 = pool[: pool.numel() // 4 * 4].view(torch.int32)
-    if consts["FAST"] and q.dtype == k_tail.dtype and not consts["HAS_PERM"] and \
-            (tuning.tokens_in_m or fmt.layout == "fixed"):
+    if tm_kernel:
         tm = {k: consts[k] for k in ("GROUP", "QLEN", "M", "D", "P", "BITS_K", "BITS_V", "WB_K", "WB_V", "META_K",
                                      "META_V", "CJ_K", "CJ_V", "TOKEN_GRAN", "HAS_MASK", "Q_SPLIT", "INTERP",
                                      "num_warps", "num_stages")}
@@ -741,11 +771,11 @@ def decode_attention(q, k_tail, v_tail, pool, seg_offset, token_min, token_step,
                 token_min, token_min.stride(0), token_min.stride(1), token_min.stride(2),
                 token_step, token_step.stride(0), token_step.stride(1), token_step.stride(2),
                 block_table, block_table.stride(0), nb, valid_arg, va_b, m_part, l_part, acc_part,
-                float(scaling) * LOG2E, bps, ns)
+                float(scaling) * LOG2E, bps, ns, n_part)
         if ns:
             _tokens_in_m_kernel[(B, H, ns)](*args, FIXED=fmt.layout == "fixed", TAIL=False, **tm)
-        _tokens_in_m_kernel[(B, H, 1)](*args, FIXED=fmt.layout == "fixed", TAIL=True, **tm)
-        _combine_kernel[(B, Hq, QLEN)](m_part, l_part, acc_part, out, *out.stride(), H, ns + 1, **comb)
+        _tokens_in_m_kernel[(B, H, tail_chunks)](*args, FIXED=fmt.layout == "fixed", TAIL=True, **tm)
+        _combine_kernel[(B, Hq, QLEN)](m_part, l_part, acc_part, out, *out.stride(), H, n_part, **comb)
         return out
     if fmt.layout == "fixed":
         raise ValueError("layout='fixed' is read by the fused kernel only for fp16/bf16 q and tail of one dtype "
