@@ -56,7 +56,10 @@ def choose_tuning(head_dim: int, batch: int = 1, kv_heads: int = 1, nb: int = 0)
     few (batch, head) rows, short contexts want short splits (4 blocks) and long ones long splits (16)."""
     rows = batch * kv_heads
     min_blocks = 8 if rows > 16 else (4 if nb < 256 else 16)
-    return DecodeTuning(num_warps=4 if head_dim <= 128 else 8, min_blocks_per_split=min_blocks)
+    # the tokens-in-M kernel wins with many (batch, head) rows or long contexts (0.45 vs 0.50 ms at 32K x 8,
+    # 0.26 vs 0.29 ms at 128K x 1) and loses at 8K-32K x 1 (0.09 vs 0.06-0.08 ms): bench_kernels, H200
+    return DecodeTuning(num_warps=4 if head_dim <= 128 else 8, min_blocks_per_split=min_blocks,
+                        tokens_in_m=rows >= 32 or nb >= 1024)
 
 
 def _pow2_floor(x: int) -> int:
@@ -166,22 +169,30 @@ def _tile(x, L, pmin, CJ: tl.constexpr, D: tl.constexpr, R: tl.constexpr, ADD_MI
 
 
 @triton.jit
+def _pair4(x, j: tl.constexpr, INTERP: tl.constexpr):
+    """Tokens 8w + 2j (low half) and 8w + 2j + 1 (high half) of 4-bit pair-order words x, as 128 + q:
+    t = (x >> 4j) & 0x000F000F | 0x43004300 holds both as bf16 bit patterns."""
+    if INTERP:  # float32 operands holding the same values (the interpreter's bf16 dot is wrong)
+        lo = (((x >> (4 * j)) & 15) + 128).to(tl.float32)
+        hi = (((x >> (4 * j + 16)) & 15) + 128).to(tl.float32)
+    else:
+        t = ((x >> (4 * j)) & 0x000F000F) | 0x43004300
+        lo = (t & 0xFFFF).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        hi = (t >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return lo, hi
+
+
+@triton.jit
 def _tile_paired4(x, D: tl.constexpr, INTERP: tl.constexpr):
-    """Words of a 4-bit fixed segment in pair order (codec: BlockFormat.paired), x [D, 8] -> [D, 64] bf16
-    holding 128 + q: t = (x >> 4j) & 0x000F000F | 0x43004300 is the bf16 pair of tokens 8w + 2j, 8w + 2j + 1."""
-    halves = []
-    for j in tl.static_range(4):
-        if INTERP:  # float32 operands holding the same values (the interpreter's bf16 dot is wrong)
-            lo = (((x >> (4 * j)) & 15) + 128).to(tl.float32)
-            hi = (((x >> (4 * j + 16)) & 15) + 128).to(tl.float32)
-        else:
-            t = ((x >> (4 * j)) & 0x000F000F) | 0x43004300
-            lo = (t & 0xFFFF).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-            hi = (t >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-        halves.append((lo, hi))
+    """Words of a 4-bit fixed segment in pair order (codec: BlockFormat.paired), x [D, 8] -> [D, 64] holding
+    128 + q (bf16; float32 in the interpreter)."""
+    lo0, hi0 = _pair4(x, 0, INTERP)
+    lo1, hi1 = _pair4(x, 1, INTERP)
+    lo2, hi2 = _pair4(x, 2, INTERP)
+    lo3, hi3 = _pair4(x, 3, INTERP)
     # element (a, b) of the inner joins is pair j = 2a + b; the outer join adds the token's parity
-    lo_t = tl.join(tl.join(halves[0][0], halves[2][0]), tl.join(halves[1][0], halves[3][0]))
-    hi_t = tl.join(tl.join(halves[0][1], halves[2][1]), tl.join(halves[1][1], halves[3][1]))
+    lo_t = tl.join(tl.join(lo0, lo2), tl.join(lo1, lo3))
+    hi_t = tl.join(tl.join(hi0, hi2), tl.join(hi1, hi3))
     return tl.reshape(tl.join(lo_t, hi_t), (D, 64))
 
 
@@ -765,7 +776,7 @@ def decode_attention(q, k_tail, v_tail, pool, seg_offset, token_min, token_step,
     if tm_kernel:
         tm = {k: consts[k] for k in ("GROUP", "QLEN", "M", "D", "P", "BITS_K", "BITS_V", "WB_K", "WB_V", "META_K",
                                      "META_V", "CJ_K", "CJ_V", "TOKEN_GRAN", "HAS_MASK", "Q_SPLIT", "INTERP",
-                                     "num_warps", "num_stages")}
+                                     "num_warps", "num_stages", "maxnreg") if k in consts}
         args = (q, *q.stride(), k_tail, *k_tail.stride(), v_tail, *v_tail.stride(), T,
                 pool32, seg_offset, seg_offset.stride(0), seg_offset.stride(1),
                 token_min, token_min.stride(0), token_min.stride(1), token_min.stride(2),
