@@ -57,6 +57,10 @@ VARIANTS = {  # name -> DecodeTuning fields that differ from the default tuning
     "r168": dict(maxnreg=168), "r128": dict(maxnreg=128),
     "waves8": dict(split_waves=8), "waves32": dict(split_waves=32),
     "min4": dict(min_blocks_per_split=4), "min16": dict(min_blocks_per_split=16),
+    "tm": dict(tokens_in_m=True), "tm8": dict(tokens_in_m=True, num_warps=8), "tm2": dict(tokens_in_m=True, num_warps=2),
+    "tmmin16": dict(tokens_in_m=True, min_blocks_per_split=16), "tmwaves4": dict(tokens_in_m=True, split_waves=4),
+    "tmr128": dict(tokens_in_m=True, maxnreg=128), "tmr160": dict(tokens_in_m=True, maxnreg=160),
+    "old": dict(tokens_in_m=False), "oneblk": dict(two_blocks=False), "sv0": dict(split_v=False),
 }
 
 
@@ -182,19 +186,29 @@ def kernel_report(asm_dir=None):
     da = sys.modules[decode_attention.__module__]
     st = sys.modules[store_blocks.__module__]
     rep = []
-    for kern in (da._decode_kernel, da._combine_kernel, st._stats_kernel, st._pack_kernel):
+    for kern in (da._decode_kernel, da._tokens_in_m_kernel, da._combine_kernel, st._stats_kernel, st._pack_kernel):
         try:
             for caches in kern.device_caches.values():
                 for ck in caches[0].values():
                     rep.append(dict(kernel=kern.fn.__name__, regs=ck.n_regs, spills=ck.n_spills,
                                     smem=ck.metadata.shared, warps=ck.metadata.num_warps))
-                    if asm_dir and kern is da._decode_kernel and "cubin" in ck.asm:
-                        name = f"decode_w{ck.metadata.num_warps}_r{ck.n_regs}_{len(rep)}.cubin"
+                    if asm_dir and kern is da._tokens_in_m_kernel and "cubin" in ck.asm:
+                        name = f"{kern.fn.__name__}_w{ck.metadata.num_warps}_r{ck.n_regs}_{len(rep)}.cubin"
                         with open(os.path.join(asm_dir, name), "wb") as f:
                             f.write(ck.asm["cubin"])
         except Exception as err:
             rep.append(dict(kernel=getattr(kern, "__name__", "?"), error=str(err)[:100]))
     return rep
+
+
+def _config_value(text: str):
+    """'64' -> 64, '0.1' -> 0.1, anything else stays a string."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def main():
@@ -216,8 +230,7 @@ def main():
     dev = "cuda"
     torch.manual_seed(0)
     overrides = dict(kv.split("=") for kv in args.config.split(",") if kv)
-    cfg = KVCompConfig.from_dict({k: (v if k in ("repack", "granularity") else float(v) if "." in v else int(v))
-                                  for k, v in overrides.items()})
+    cfg = KVCompConfig.from_dict({k: _config_value(v) for k, v in overrides.items()})
     bw = copy_bandwidth(dev)
     import triton
     info = dict(device=torch.cuda.get_device_name(), sms=_num_sms(torch.device(dev)), torch=torch.__version__,

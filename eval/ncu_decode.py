@@ -15,14 +15,18 @@ from kvcomp_hf import codec
 from kvcomp_hf.config import KVCompConfig
 from kvcomp_hf.kernels import decode_attention, store_blocks
 
+from eval.bench_kernels import _config_value
+
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--context", type=int, default=32768)
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--config", default="", help="KVCompConfig overrides, e.g. layout=fixed,rel_k=0.0667,rel_v=0.143")
     args = ap.parse_args()
     B, Hq, H, D, ctx = args.batch, 32, 8, 128, args.context
-    cfg = KVCompConfig()
+    cfg = KVCompConfig.from_dict({k: _config_value(v) for k, v in
+                                  (kv.split("=") for kv in args.config.split(",") if kv)})
     fmt = codec.BlockFormat.from_config(cfg, H, D)
     nb = (ctx - cfg.residual_length) // 64
     k = torch.randn(B, H, ctx, D, device="cuda", dtype=torch.bfloat16)

@@ -39,6 +39,8 @@ class DecodeTuning:
     split_v: bool = True           # V weights as two dots (hi + lo), ~float32 precision; False: one
                                    # 16-bit dot (~125 fewer SASS per block, weights rounded to 2**-9)
     maxnreg: int | None = None     # register cap per thread (None: the compiler's choice)
+    tokens_in_m: bool = False      # _tokens_in_m_kernel (block tokens as the matrix M dimension)
+    two_blocks: bool = True        # fixed 4-bit K and V: two blocks per iteration of that kernel
 
     def splits(self, batch: int, kv_heads: int, nb: int, sms: int) -> tuple[int, int]:
         """(num_splits, blocks_per_split)."""
@@ -55,7 +57,10 @@ def choose_tuning(head_dim: int, batch: int = 1, kv_heads: int = 1, nb: int = 0)
     few (batch, head) rows, short contexts want short splits (4 blocks) and long ones long splits (16)."""
     rows = batch * kv_heads
     min_blocks = 8 if rows > 16 else (4 if nb < 256 else 16)
-    return DecodeTuning(num_warps=4 if head_dim <= 128 else 8, min_blocks_per_split=min_blocks)
+    # the tokens-in-M kernel wins with many (batch, head) rows or long contexts (0.45 vs 0.50 ms at 32K x 8,
+    # 0.26 vs 0.29 ms at 128K x 1) and loses at 8K-32K x 1 (0.09 vs 0.06-0.08 ms): bench_kernels, H200
+    return DecodeTuning(num_warps=4 if head_dim <= 128 else 8, min_blocks_per_split=min_blocks,
+                        tokens_in_m=rows >= 32 or nb >= 1024)
 
 
 def _pow2_floor(x: int) -> int:
@@ -162,6 +167,34 @@ def _tile(x, L, pmin, CJ: tl.constexpr, D: tl.constexpr, R: tl.constexpr, ADD_MI
     else:
         out = v.to(tl.float32)
     return out
+
+
+@triton.jit
+def _pair4(x, j: tl.constexpr, INTERP: tl.constexpr):
+    """Tokens 8w + 2j (low half) and 8w + 2j + 1 (high half) of 4-bit pair-order words x, as 128 + q:
+    t = (x >> 4j) & 0x000F000F | 0x43004300 holds both as bf16 bit patterns."""
+    if INTERP:  # float32 operands holding the same values (the interpreter's bf16 dot is wrong)
+        lo = (((x >> (4 * j)) & 15) + 128).to(tl.float32)
+        hi = (((x >> (4 * j + 16)) & 15) + 128).to(tl.float32)
+    else:
+        t = ((x >> (4 * j)) & 0x000F000F) | 0x43004300
+        lo = (t & 0xFFFF).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        hi = (t >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return lo, hi
+
+
+@triton.jit
+def _tile_paired4(x, INTERP: tl.constexpr):
+    """Words of 4-bit fixed segments in pair order (codec: BlockFormat.paired), x [..., 8] -> [..., 8, 2, 2, 2]
+    holding 128 + q (bf16; float32 in the interpreter); reshaped by the caller to [..., 64]."""
+    lo0, hi0 = _pair4(x, 0, INTERP)
+    lo1, hi1 = _pair4(x, 1, INTERP)
+    lo2, hi2 = _pair4(x, 2, INTERP)
+    lo3, hi3 = _pair4(x, 3, INTERP)
+    # element (a, b) of the inner joins is pair j = 2a + b; the outer join adds the token's parity
+    lo_t = tl.join(tl.join(lo0, lo2), tl.join(lo1, lo3))
+    hi_t = tl.join(tl.join(hi0, hi2), tl.join(hi1, hi3))
+    return tl.join(lo_t, hi_t)  # [..., 8 words, 2, 2, 2]: token 8w + 2j + parity in row-major order
 
 
 @triton.jit
@@ -372,6 +405,333 @@ def _decode_kernel(q_ptr, sq_b, sq_h, sq_t, sq_d,
     tl.store(acc_ptr + (pbase + rows.to(tl.int64))[:, None] * D + cols[None, :], acc, mask=row_ok[:, None])
 
 
+@triton.jit
+def _softmax_step_t(s, valid, m_i, l_i):
+    """_softmax_step over a transposed tile: s [N tokens, M rows], reductions along axis 0."""
+    s = tl.where(valid, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=0))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[None, :])
+    return m_new, alpha, p, l_i * alpha + tl.sum(p, axis=0)
+
+
+@triton.jit
+def _meta(seg, R: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, WB: tl.constexpr, FIXED: tl.constexpr):
+    """(pack mins, widths) [D, R] of a segment; layout "fixed": 0 and BITS, nothing loaded."""
+    if FIXED:
+        pmin = tl.zeros([D, R], tl.int32)
+        width = tl.full([D, R], BITS, tl.int32)
+    else:
+        pmin, width = _seg_meta(seg, R, D, BITS, WB)
+    return pmin, width
+
+
+@triton.jit
+def _words(seg, width, META: tl.constexpr, R: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
+           BITS: tl.constexpr, CJ: tl.constexpr, FIXED: tl.constexpr):
+    """Issue the payload loads of a segment: (lo, hi, shift, L) [D, 64 // CJ] as _chunk_words. Layout "fixed":
+    channel c at word 2 * BITS * c, no metadata; with BITS dividing 32 no chunk straddles a word and the
+    word index is affine in (c, k), so the loads vectorise (segments of this layout are 16-byte aligned)."""
+    if FIXED:
+        k = tl.arange(0, 64 // CJ)[None, :]
+        c = tl.arange(0, D)[:, None]
+        L = tl.full([D, 64 // CJ], BITS, tl.int32)
+        if (32 % BITS) == 0:
+            per: tl.constexpr = 32 // (CJ * BITS)  # chunks per word
+            lo = tl.load(seg + c * (2 * BITS) + k // per).to(tl.uint32, bitcast=True)
+            sh = (k % per) * (CJ * BITS)
+            hi = lo
+        else:
+            start = c * (64 * BITS) + k * (CJ * BITS)
+            wi = start >> 5
+            sh = start & 31
+            lo = tl.load(seg + wi).to(tl.uint32, bitcast=True)
+            hi = tl.load(seg + wi + 1, mask=sh + CJ * BITS > 32, other=0).to(tl.uint32, bitcast=True)
+    else:
+        lo, hi, sh, L = _chunk_words(seg, width, META, R, D, P, CJ)
+    return lo, hi, sh, L
+
+
+@triton.jit
+def _chunks(lo, hi, sh, BITS: tl.constexpr, FIXED: tl.constexpr):
+    """The loaded words of _words -> payload chunks (CJ fields from bit 0)."""
+    if FIXED and (32 % BITS) == 0:
+        x = lo >> sh.to(tl.uint32)
+    else:
+        x = _funnel(lo, hi, sh)
+    return x
+
+
+@triton.jit
+def _seg_ptr(pool32, so_ptr, slot, so_s, kv_off, h, FIXED: tl.constexpr):
+    off = tl.load(so_ptr + slot * so_s + kv_off + h) >> 2
+    if FIXED:
+        off = tl.multiple_of(off, 4)
+    return pool32 + off
+
+
+@triton.jit
+def _weighted_values(vt, w, SPLIT_V: tl.constexpr, INTERP: tl.constexpr):
+    """vt [D, N] (128 + q as bf16) times weights w [N, M] -> (out^T [D, M], sum of the weights the dot used [M]).
+    SPLIT_V: w = hi + lo as two bf16 dots (~float32 weights); else one dot over bf16 weights (rounded 2**-9),
+    and the sum uses the rounded weights so that the 128 offset cancels exactly."""
+    w_hi = _bf16_op(w, INTERP)
+    pv = tl.dot(vt, w_hi)
+    if SPLIT_V:
+        pv = tl.dot(vt, _bf16_op(w - w_hi.to(tl.float32), INTERP), pv)
+        wsum = tl.sum(w, axis=0)
+    else:
+        wsum = tl.sum(w_hi.to(tl.float32), axis=0)
+    return pv, wsum
+
+
+@triton.jit
+def _pair_stats(tmin_ptr, tm_s, tm_kv, tm_t, tstep_ptr, ts_s, ts_kv, ts_t, sl, gsel):
+    """Token min/step of K and V of the two blocks in slots sl [2] -> four [128] float32 vectors."""
+    i = tl.arange(0, 128)
+    two = tl.arange(0, 2)
+    slot = tl.where(i < 64, tl.sum(tl.where(two == 0, sl, 0)), tl.sum(tl.where(two == 1, sl, 0)))
+    t = i % 64
+    kmin = tl.load(tmin_ptr + slot * tm_s + t * tm_t + gsel).to(tl.float32)
+    kstep = tl.load(tstep_ptr + slot * ts_s + t * ts_t + gsel).to(tl.float32)
+    vmin = tl.load(tmin_ptr + slot * tm_s + tm_kv + t * tm_t + gsel).to(tl.float32)
+    vstep = tl.load(tstep_ptr + slot * ts_s + ts_kv + t * ts_t + gsel).to(tl.float32)
+    return kmin, kstep, vmin, vstep
+
+
+@triton.jit
+def _pair_words(pool32, off, D: tl.constexpr):
+    """The 4-bit fixed segments at word offsets off [2] -> their words [2, D, 8] (channel c at word 8c)."""
+    c = tl.arange(0, D)[None, :, None]
+    w = tl.arange(0, 8)[None, None, :]
+    return tl.load(pool32 + off[:, None, None] + c * 8 + w).to(tl.uint32, bitcast=True)
+
+
+@triton.jit
+def _pair_blocks(accT, accmin, m_i, l_i, q_hi, q_lo, qsum, qpos, pool32, so_ptr, so_s, so_kv, tmin_ptr, tm_s, tm_kv,
+                 tm_t, tstep_ptr, ts_s, ts_kv, ts_t, bt_row, blk_lo, blk_hi, h, gsel, valid_ptr, va_off,
+                 scale_log2, D: tl.constexpr, HAS_MASK: tl.constexpr, Q_SPLIT: tl.constexpr, SPLIT_V: tl.constexpr,
+                 INTERP: tl.constexpr):
+    """The fast path of the block loop: layout "fixed" with 4-bit K and V, two blocks (128 tokens) per
+    iteration, so the per-iteration work (softmax reductions across the warps, barriers, rescaling) is shared
+    by twice the tokens. Pipeline: the words of the next pair, the segment offsets of the pair after it and
+    the slots of the third pair are loaded one iteration ahead. A pair's second block past blk_hi reads the
+    last block again and is masked out."""
+    two = tl.arange(0, 2)
+    i128 = tl.arange(0, 128)
+    last = blk_hi - 1
+    sl = tl.load(bt_row + tl.minimum(blk_lo + two, last)).to(tl.int64)
+    sl1 = tl.load(bt_row + tl.minimum(blk_lo + 2 + two, last)).to(tl.int64)
+    sl2 = tl.load(bt_row + tl.minimum(blk_lo + 4 + two, last)).to(tl.int64)
+    ko = tl.multiple_of(tl.load(so_ptr + sl * so_s + h) >> 2, 4)
+    vo = tl.multiple_of(tl.load(so_ptr + sl * so_s + so_kv + h) >> 2, 4)
+    ko1 = tl.multiple_of(tl.load(so_ptr + sl1 * so_s + h) >> 2, 4)
+    vo1 = tl.multiple_of(tl.load(so_ptr + sl1 * so_s + so_kv + h) >> 2, 4)
+    kw = _pair_words(pool32, ko, D)
+    vw = _pair_words(pool32, vo, D)
+    kmin, kstep, vmin, vstep = _pair_stats(tmin_ptr, tm_s, tm_kv, tm_t, tstep_ptr, ts_s, ts_kv, ts_t, sl, gsel)
+    for blk in range(blk_lo, blk_hi, 2):
+        sl3 = tl.load(bt_row + tl.minimum(blk + 6 + two, last)).to(tl.int64)
+        ko2 = tl.multiple_of(tl.load(so_ptr + sl2 * so_s + h) >> 2, 4)
+        vo2 = tl.multiple_of(tl.load(so_ptr + sl2 * so_s + so_kv + h) >> 2, 4)
+        kw1 = _pair_words(pool32, ko1, D)
+        vw1 = _pair_words(pool32, vo1, D)
+        kmin1, kstep1, vmin1, vstep1 = _pair_stats(tmin_ptr, tm_s, tm_kv, tm_t, tstep_ptr, ts_s, ts_kv, ts_t, sl1,
+                                                   gsel)
+        pos = blk * 64 + i128
+        valid = (pos[:, None] <= qpos[None, :]) & (pos < blk_hi * 64)[:, None]
+        if HAS_MASK:
+            ok = tl.load(valid_ptr + va_off + pos, mask=pos < blk_hi * 64, other=0).to(tl.int1)
+            valid = valid & ok[:, None]
+        kt = tl.reshape(tl.permute(tl.reshape(_tile_paired4(kw, INTERP), (2, D, 64)), (0, 2, 1)), (128, D))
+        s = tl.dot(kt, q_hi)
+        if Q_SPLIT:
+            s = tl.dot(kt, q_lo, s)
+        s = ((s - 128.0 * qsum[None, :]) * kstep[:, None] + kmin[:, None] * qsum[None, :]) * scale_log2
+        m_new, alpha, p, l_i = _softmax_step_t(s, valid, m_i, l_i)
+        vt = tl.reshape(tl.permute(tl.reshape(_tile_paired4(vw, INTERP), (2, D, 64)), (1, 0, 2)), (D, 128))
+        pv, wsum = _weighted_values(vt, p * vstep[:, None], SPLIT_V, INTERP)
+        pv -= 128.0 * wsum[None, :]
+        accT = accT * alpha[None, :] + pv
+        accmin = accmin * alpha + tl.sum(p * vmin[:, None], axis=0)
+        m_i = m_new
+        kw, vw, ko1, vo1, sl1, sl2 = kw1, vw1, ko2, vo2, sl2, sl3
+        kmin, kstep, vmin, vstep = kmin1, kstep1, vmin1, vstep1
+    return accT, accmin, m_i, l_i
+
+
+@triton.jit(do_not_specialize=["skt_b", "skt_h", "svt_b", "svt_h", "T", "bt_b", "nb", "va_b", "bps", "NS", "NPART"])
+def _tokens_in_m_kernel(q_ptr, sq_b, sq_h, sq_t, sq_d,
+                        kt_ptr, skt_b, skt_h, skt_t, skt_d, vt_ptr, svt_b, svt_h, svt_t, svt_d, T,
+                        pool32, so_ptr, so_s, so_kv,
+                        tmin_ptr, tm_s, tm_kv, tm_t, tstep_ptr, ts_s, ts_kv, ts_t,
+                        bt_ptr, bt_b, nb,
+                        valid_ptr, va_b,
+                        m_ptr, l_ptr, acc_ptr,
+                        scale_log2, bps, NS, NPART,
+                        GROUP: tl.constexpr, QLEN: tl.constexpr, M: tl.constexpr, D: tl.constexpr,
+                        P: tl.constexpr, BITS_K: tl.constexpr, BITS_V: tl.constexpr, WB_K: tl.constexpr,
+                        WB_V: tl.constexpr, META_K: tl.constexpr, META_V: tl.constexpr,
+                        CJ_K: tl.constexpr, CJ_V: tl.constexpr, FIXED: tl.constexpr,
+                        TOKEN_GRAN: tl.constexpr, HAS_MASK: tl.constexpr, Q_SPLIT: tl.constexpr,
+                        TAIL: tl.constexpr, INTERP: tl.constexpr, PAIRS: tl.constexpr = False,
+                        SPLIT_V: tl.constexpr = True):
+    """The decode kernel with the 64 tokens of a block as the M dimension of both matrix products:
+    scores^T [64, M] = K_tile [64, D] . q^T [D, M] and out^T [D, M] += V_tile^T [D, 64] . w^T [64, M],
+    so the unpacked tiles are the A operands and the few query rows (GQA x q_len, padded) are N.
+    TAIL: the program reads 64 tokens of the dense tail instead of blocks (its own launch; chunk j is split
+    NS + j), so the tail costs one chunk's latency, not ceil(T / 64) chunks in sequence."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    s_id = tl.program_id(2)
+    H = tl.num_programs(1)
+    b64 = b.to(tl.int64)
+    rows = tl.arange(0, M)
+    row_ok = rows < GROUP * QLEN
+    g = rows // QLEN
+    qi = rows % QLEN
+    kv_len = nb * 64 + T
+    qpos = kv_len - QLEN + qi
+    cols = tl.arange(0, D)
+    qT = tl.load(q_ptr + b64 * sq_b + (h * GROUP + g).to(tl.int64)[None, :] * sq_h + qi[None, :] * sq_t
+                 + cols[:, None] * sq_d, mask=row_ok[None, :], other=0.0)          # [D, M]
+    q32 = qT.to(tl.float32)
+    m_i = tl.full([M], float("-inf"), tl.float32)
+    l_i = tl.zeros([M], tl.float32)
+    accT = tl.zeros([D, M], tl.float32)
+    idx = tl.arange(0, 64)
+    if not TAIL:
+        qsum = tl.sum(q32, axis=0)
+        if TOKEN_GRAN:
+            gsel = 0
+        else:
+            gsel = h
+        R: tl.constexpr = 64 // P
+        q_hi = _bf16_op(q32, INTERP)
+        q_lo = _bf16_op(q32 - q_hi.to(tl.float32), INTERP)
+        accmin = tl.zeros([M], tl.float32)
+        blk_lo = s_id * bps
+        blk_hi = tl.minimum(blk_lo + bps, nb)
+        last = blk_hi - 1
+        bt_row = bt_ptr + b64 * bt_b
+        if PAIRS:
+            accT, accmin, m_i, l_i = _pair_blocks(
+                accT, accmin, m_i, l_i, q_hi, q_lo, qsum, qpos, pool32, so_ptr, so_s, so_kv, tmin_ptr, tm_s, tm_kv,
+                tm_t, tstep_ptr, ts_s, ts_kv, ts_t, bt_row, blk_lo, blk_hi, h, gsel, valid_ptr, b64 * va_b,
+                scale_log2, D, HAS_MASK, Q_SPLIT, SPLIT_V, INTERP)
+        else:
+            # Software pipeline over the dependent loads block table -> segment offset -> pack metadata ->
+            # payload: each load uses a value loaded one iteration earlier, so no iteration waits on a load
+            # it issued itself. Entering the iteration of block i: slots of i..i+3, segments of i..i+2,
+            # metadata of i..i+1, payload words of i.
+            slot = tl.load(bt_row + blk_lo).to(tl.int64)
+            slot1 = tl.load(bt_row + tl.minimum(blk_lo + 1, last)).to(tl.int64)
+            slot2 = tl.load(bt_row + tl.minimum(blk_lo + 2, last)).to(tl.int64)
+            slot3 = tl.load(bt_row + tl.minimum(blk_lo + 3, last)).to(tl.int64)
+            segk = _seg_ptr(pool32, so_ptr, slot, so_s, 0, h, FIXED)
+            segv = _seg_ptr(pool32, so_ptr, slot, so_s, so_kv, h, FIXED)
+            segk1 = _seg_ptr(pool32, so_ptr, slot1, so_s, 0, h, FIXED)
+            segv1 = _seg_ptr(pool32, so_ptr, slot1, so_s, so_kv, h, FIXED)
+            segk2 = _seg_ptr(pool32, so_ptr, slot2, so_s, 0, h, FIXED)
+            segv2 = _seg_ptr(pool32, so_ptr, slot2, so_s, so_kv, h, FIXED)
+            kpmin, kw = _meta(segk, R, D, BITS_K, WB_K, FIXED)
+            vpmin, vw = _meta(segv, R, D, BITS_V, WB_V, FIXED)
+            kpmin1, kw1 = _meta(segk1, R, D, BITS_K, WB_K, FIXED)
+            vpmin1, vw1 = _meta(segv1, R, D, BITS_V, WB_V, FIXED)
+            klo, khi, ksh, kL = _words(segk, kw, META_K, R, D, P, BITS_K, CJ_K, FIXED)
+            vlo, vhi, vsh, vL = _words(segv, vw, META_V, R, D, P, BITS_V, CJ_V, FIXED)
+            kmin = tl.load(tmin_ptr + slot * tm_s + idx * tm_t + gsel).to(tl.float32)
+            kstep = tl.load(tstep_ptr + slot * ts_s + idx * ts_t + gsel).to(tl.float32)
+            vmin = tl.load(tmin_ptr + slot * tm_s + tm_kv + idx * tm_t + gsel).to(tl.float32)
+            vstep = tl.load(tstep_ptr + slot * ts_s + ts_kv + idx * ts_t + gsel).to(tl.float32)
+            for blk in range(blk_lo, blk_hi):
+                slot4 = tl.load(bt_row + tl.minimum(blk + 4, last)).to(tl.int64)
+                segk3 = _seg_ptr(pool32, so_ptr, slot3, so_s, 0, h, FIXED)
+                segv3 = _seg_ptr(pool32, so_ptr, slot3, so_s, so_kv, h, FIXED)
+                kpmin2, kw2 = _meta(segk2, R, D, BITS_K, WB_K, FIXED)
+                vpmin2, vw2 = _meta(segv2, R, D, BITS_V, WB_V, FIXED)
+                klo1, khi1, ksh1, kL1 = _words(segk1, kw1, META_K, R, D, P, BITS_K, CJ_K, FIXED)
+                vlo1, vhi1, vsh1, vL1 = _words(segv1, vw1, META_V, R, D, P, BITS_V, CJ_V, FIXED)
+                kmin1 = tl.load(tmin_ptr + slot1 * tm_s + idx * tm_t + gsel).to(tl.float32)
+                kstep1 = tl.load(tstep_ptr + slot1 * ts_s + idx * ts_t + gsel).to(tl.float32)
+                vmin1 = tl.load(tmin_ptr + slot1 * tm_s + tm_kv + idx * tm_t + gsel).to(tl.float32)
+                vstep1 = tl.load(tstep_ptr + slot1 * ts_s + ts_kv + idx * ts_t + gsel).to(tl.float32)
+                kx = _chunks(klo, khi, ksh, BITS_K, FIXED)
+                vx = _chunks(vlo, vhi, vsh, BITS_V, FIXED)
+                pos = blk * 64 + idx
+                valid = pos[:, None] <= qpos[None, :]
+                if HAS_MASK:
+                    ok = tl.load(valid_ptr + b64 * va_b + pos).to(tl.int1)
+                    valid = valid & ok[:, None]
+                # scores: q . x_hat = step * (q . (pmin + r)) + min * sum(q); the tile holds 128 + pmin + r
+                if FIXED:  # constant widths: the unpack's shifts and masks fold into immediates
+                    kL = tl.full(kx.shape, BITS_K, tl.int32)
+                    vL = tl.full(vx.shape, BITS_V, tl.int32)
+                if FIXED and BITS_K == 4:
+                    kt = tl.trans(tl.reshape(_tile_paired4(kx, INTERP), (D, 64)))
+                else:
+                    kt = tl.trans(_tile(kx, kL, kpmin, CJ_K, D, R, not FIXED, True, INTERP))     # [64, D]
+                s = tl.dot(kt, q_hi)
+                if Q_SPLIT:
+                    s = tl.dot(kt, q_lo, s)
+                s = ((s - 128.0 * qsum[None, :]) * kstep[:, None] + kmin[:, None] * qsum[None, :]) * scale_log2
+                m_new, alpha, p, l_i = _softmax_step_t(s, valid, m_i, l_i)
+                # values: sum_t p x_hat = sum_t w (128 + pmin + r) - 128 sum_t w + sum_t p min, w = p step
+                if FIXED and BITS_V == 4:
+                    vt = tl.reshape(_tile_paired4(vx, INTERP), (D, 64))
+                else:
+                    vt = _tile(vx, vL, vpmin, CJ_V, D, R, R > 1 and not FIXED, True, INTERP)     # [D, 64]
+                pv, wsum = _weighted_values(vt, p * vstep[:, None], SPLIT_V, INTERP)     # [D, M], [M]
+                if R == 1 and not FIXED:
+                    pv += (tl.reshape(vpmin, (D,)).to(tl.float32) - 128.0)[:, None] * wsum[None, :]
+                else:
+                    pv -= 128.0 * wsum[None, :]
+                accT = accT * alpha[None, :] + pv
+                accmin = accmin * alpha + tl.sum(p * vmin[:, None], axis=0)
+                m_i = m_new
+                # rotate the pipeline
+                klo, khi, ksh, kL, vlo, vhi, vsh, vL = klo1, khi1, ksh1, kL1, vlo1, vhi1, vsh1, vL1
+                kpmin, vpmin, kpmin1, kw1, vpmin1, vw1 = kpmin1, vpmin1, kpmin2, kw2, vpmin2, vw2
+                kmin, kstep, vmin, vstep = kmin1, kstep1, vmin1, vstep1
+                segk1, segv1, segk2, segv2 = segk2, segv2, segk3, segv3
+                slot1, slot2, slot3 = slot2, slot3, slot4
+        accT = accT + accmin[None, :]
+        part = s_id
+    else:  # tail chunk s_id: tokens 64 * s_id .. of the dense tail (one program per chunk)
+        for t0 in range(64 * s_id, tl.minimum(T, 64 * s_id + 64), 64):
+            t = t0 + idx
+            tok = t < T
+            kx = tl.load(kt_ptr + b64 * skt_b + h.to(tl.int64) * skt_h + t.to(tl.int64)[:, None] * skt_t
+                         + cols[None, :] * skt_d, mask=tok[:, None], other=0.0)       # [64, D]
+            if INTERP:  # the interpreter's 16-bit dots are wrong: float32 operands, same values
+                s = tl.dot(kx.to(tl.float32), q32, input_precision="ieee") * scale_log2
+            else:
+                s = tl.dot(kx, qT) * scale_log2
+            pos = nb * 64 + t
+            valid = tok[:, None] & (pos[:, None] <= qpos[None, :])
+            if HAS_MASK:
+                ok = tl.load(valid_ptr + b64 * va_b + pos, mask=tok, other=0).to(tl.int1)
+                valid = valid & ok[:, None]
+            m_new, alpha, p, l_i = _softmax_step_t(s, valid, m_i, l_i)
+            vx = tl.load(vt_ptr + b64 * svt_b + h.to(tl.int64) * svt_h + t.to(tl.int64)[None, :] * svt_t
+                         + cols[:, None] * svt_d, mask=tok[None, :], other=0.0)       # [D, 64]
+            if INTERP:
+                pv = tl.dot(vx.to(tl.float32), p, input_precision="ieee")
+            else:  # p = hi + lo in the tail dtype (~2**-16 relative)
+                p_hi = p.to(vx.dtype)
+                p_lo = (p - p_hi.to(tl.float32)).to(vx.dtype)
+                pv = tl.dot(vx, p_hi)
+                pv = tl.dot(vx, p_lo, pv)
+            accT = accT * alpha[None, :] + pv
+            m_i = m_new
+        part = NS + s_id
+    pbase = ((b64 * H + h) * NPART + part) * M
+    tl.store(m_ptr + pbase + rows, m_i, mask=row_ok)
+    tl.store(l_ptr + pbase + rows, l_i, mask=row_ok)
+    tl.store(acc_ptr + (pbase + rows.to(tl.int64))[None, :] * D + cols[:, None], accT, mask=row_ok[None, :])
+
+
 @triton.jit(do_not_specialize=["NSP1"])
 def _combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, so_b, so_h, so_t, so_d, H, NSP1,
                     GROUP: tl.constexpr, QLEN: tl.constexpr, M: tl.constexpr, D: tl.constexpr,
@@ -501,10 +861,34 @@ def decode_attention(q, k_tail, v_tail, pool, seg_offset, token_min, token_step,
     out = torch.empty_like(q)
     if B == 0 or Hq == 0:
         return out
-    part = torch.empty(B * H * (ns + 1) * M * (D + 2), dtype=torch.float32, device=dev)
-    n_ml = B * H * (ns + 1) * M
+    tail_chunks = max(1, math.ceil(T / BLOCK_SIZE))
+    tm_kernel = consts["FAST"] and q.dtype == k_tail.dtype and not consts["HAS_PERM"] and \
+        (tuning.tokens_in_m or fmt.layout == "fixed")
+    n_part = ns + (tail_chunks if tm_kernel else 1)
+    part = torch.empty(B * H * n_part * M * (D + 2), dtype=torch.float32, device=dev)
+    n_ml = B * H * n_part * M
     m_part, l_part, acc_part = part[:n_ml], part[n_ml:2 * n_ml], part[2 * n_ml:]
     pool32 = pool[: pool.numel() // 4 * 4].view(torch.int32)
+    if tm_kernel:
+        tm = {k: consts[k] for k in ("GROUP", "QLEN", "M", "D", "P", "BITS_K", "BITS_V", "WB_K", "WB_V", "META_K",
+                                     "META_V", "CJ_K", "CJ_V", "TOKEN_GRAN", "HAS_MASK", "Q_SPLIT", "INTERP",
+                                     "num_warps", "num_stages", "maxnreg") if k in consts}
+        args = (q, *q.stride(), k_tail, *k_tail.stride(), v_tail, *v_tail.stride(), T,
+                pool32, seg_offset, seg_offset.stride(0), seg_offset.stride(1),
+                token_min, token_min.stride(0), token_min.stride(1), token_min.stride(2),
+                token_step, token_step.stride(0), token_step.stride(1), token_step.stride(2),
+                block_table, block_table.stride(0), nb, valid_arg, va_b, m_part, l_part, acc_part,
+                float(scaling) * LOG2E, bps, ns, n_part)
+        if ns:
+            pairs = tuning.two_blocks and fmt.paired(0) and fmt.paired(1)
+            _tokens_in_m_kernel[(B, H, ns)](*args, FIXED=fmt.layout == "fixed", TAIL=False, PAIRS=pairs,
+                                            SPLIT_V=tuning.split_v, **tm)
+        _tokens_in_m_kernel[(B, H, tail_chunks)](*args, FIXED=fmt.layout == "fixed", TAIL=True, **tm)
+        _combine_kernel[(B, Hq, QLEN)](m_part, l_part, acc_part, out, *out.stride(), H, n_part, **comb)
+        return out
+    if fmt.layout == "fixed":
+        raise ValueError("layout='fixed' is read by the fused kernel only for fp16/bf16 q and tail of one dtype "
+                         "and at most 7 bits per value")
     _decode_kernel[(B, H, ns + 1)](
         q, *q.stride(), k_tail, *k_tail.stride(), v_tail, *v_tail.stride(), T,
         pool32, seg_offset, seg_offset.stride(0), seg_offset.stride(1),

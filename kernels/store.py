@@ -153,7 +153,7 @@ def _stats_kernel(k_ptr, v_ptr, ks_b, ks_h, ks_t, ks_d, vs_b, vs_h, vs_t, vs_d,
                   rel_k, rel_v,
                   D: tl.constexpr, P: tl.constexpr, BITS_K: tl.constexpr, BITS_V: tl.constexpr,
                   META_K: tl.constexpr, META_V: tl.constexpr,
-                  TOKEN_GRAN: tl.constexpr, MEDIAN: tl.constexpr):
+                  TOKEN_GRAN: tl.constexpr, MEDIAN: tl.constexpr, FIXED: tl.constexpr):
     n = tl.program_id(0)
     b = n // nb
     i = n % nb
@@ -243,30 +243,42 @@ def _stats_kernel(k_ptr, v_ptr, ks_b, ks_h, ks_t, ks_d, vs_b, vs_h, vs_t, vs_d,
         tl.store(tstep_ptr + slot * ts_s + idx * ts_t, kstep.to(tl.bfloat16))
         tl.store(tstep_ptr + slot * ts_s + ts_kv + idx * ts_t, vstep.to(tl.bfloat16))
 
-    # segment sizes, in permuted order (K then V, one tile live at a time)
-    for h in range(H):
-        kx = _load_tile(k_ptr, kbase + h * ks_h, prow, ks_t, ks_d, D)
-        if TOKEN_GRAN:
-            qk = _quant(kx, klo, kstep, MAXK)
-        else:
-            hklo, hkst = _row_stats(kx, rel_k)
-            qk = _quant(kx, hklo, hkst, MAXK)
-            tl.store(tmin_ptr + slot * tm_s + idx * tm_t + h, hklo.to(tmin_ptr.dtype.element_ty))
-            tl.store(tstep_ptr + slot * ts_s + idx * ts_t + h, hkst.to(tl.bfloat16))
-        _q3, _pm, wk = _pack_geometry(qk, P, D, BITS_K)
-        bk = (META_K + (P * tl.sum(tl.sum(wk, axis=1), axis=0) + 7) // 8 + 3) // 4 * 4
-        tl.store(segbytes_ptr + (n * 2) * H + h, bk)
-        vx = _load_tile(v_ptr, vbase + h * vs_h, prow, vs_t, vs_d, D)
-        if TOKEN_GRAN:
-            qv = _quant(vx, vlo, vstep, MAXV)
-        else:
-            hvlo, hvst = _row_stats(vx, rel_v)
-            qv = _quant(vx, hvlo, hvst, MAXV)
-            tl.store(tmin_ptr + slot * tm_s + tm_kv + idx * tm_t + h, hvlo.to(tmin_ptr.dtype.element_ty))
-            tl.store(tstep_ptr + slot * ts_s + ts_kv + idx * ts_t + h, hvst.to(tl.bfloat16))
-        _q3, _pm, wv = _pack_geometry(qv, P, D, BITS_V)
-        bv = (META_V + (P * tl.sum(tl.sum(wv, axis=1), axis=0) + 7) // 8 + 3) // 4 * 4
-        tl.store(segbytes_ptr + (n * 2 + 1) * H + h, bv)
+    # segment sizes, in permuted order (K then V, one tile live at a time); layout "fixed": constant
+    if FIXED:
+        for h in range(H):
+            tl.store(segbytes_ptr + (n * 2) * H + h, 8 * D * BITS_K)
+            tl.store(segbytes_ptr + (n * 2 + 1) * H + h, 8 * D * BITS_V)
+            if not TOKEN_GRAN:
+                hklo, hkst = _row_stats(_load_tile(k_ptr, kbase + h * ks_h, prow, ks_t, ks_d, D), rel_k)
+                tl.store(tmin_ptr + slot * tm_s + idx * tm_t + h, hklo.to(tmin_ptr.dtype.element_ty))
+                tl.store(tstep_ptr + slot * ts_s + idx * ts_t + h, hkst.to(tl.bfloat16))
+                hvlo, hvst = _row_stats(_load_tile(v_ptr, vbase + h * vs_h, prow, vs_t, vs_d, D), rel_v)
+                tl.store(tmin_ptr + slot * tm_s + tm_kv + idx * tm_t + h, hvlo.to(tmin_ptr.dtype.element_ty))
+                tl.store(tstep_ptr + slot * ts_s + ts_kv + idx * ts_t + h, hvst.to(tl.bfloat16))
+    else:
+        for h in range(H):
+            kx = _load_tile(k_ptr, kbase + h * ks_h, prow, ks_t, ks_d, D)
+            if TOKEN_GRAN:
+                qk = _quant(kx, klo, kstep, MAXK)
+            else:
+                hklo, hkst = _row_stats(kx, rel_k)
+                qk = _quant(kx, hklo, hkst, MAXK)
+                tl.store(tmin_ptr + slot * tm_s + idx * tm_t + h, hklo.to(tmin_ptr.dtype.element_ty))
+                tl.store(tstep_ptr + slot * ts_s + idx * ts_t + h, hkst.to(tl.bfloat16))
+            _q3, _pm, wk = _pack_geometry(qk, P, D, BITS_K)
+            bk = (META_K + (P * tl.sum(tl.sum(wk, axis=1), axis=0) + 7) // 8 + 3) // 4 * 4
+            tl.store(segbytes_ptr + (n * 2) * H + h, bk)
+            vx = _load_tile(v_ptr, vbase + h * vs_h, prow, vs_t, vs_d, D)
+            if TOKEN_GRAN:
+                qv = _quant(vx, vlo, vstep, MAXV)
+            else:
+                hvlo, hvst = _row_stats(vx, rel_v)
+                qv = _quant(vx, hvlo, hvst, MAXV)
+                tl.store(tmin_ptr + slot * tm_s + tm_kv + idx * tm_t + h, hvlo.to(tmin_ptr.dtype.element_ty))
+                tl.store(tstep_ptr + slot * ts_s + ts_kv + idx * ts_t + h, hvst.to(tl.bfloat16))
+            _q3, _pm, wv = _pack_geometry(qv, P, D, BITS_V)
+            bv = (META_V + (P * tl.sum(tl.sum(wv, axis=1), axis=0) + 7) // 8 + 3) // 4 * 4
+            tl.store(segbytes_ptr + (n * 2 + 1) * H + h, bv)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -350,7 +362,7 @@ def _meta_words(pmin, width, D: tl.constexpr, BITS: tl.constexpr, WB: tl.constex
 
 @triton.jit
 def _write_pack64(pool32, x, lo, step, seg_off, D: tl.constexpr, BITS: tl.constexpr, WB: tl.constexpr,
-                  META: tl.constexpr, MW: tl.constexpr, CW: tl.constexpr, CJ: tl.constexpr):
+                  META: tl.constexpr, MW: tl.constexpr, CW: tl.constexpr, CJ: tl.constexpr, FIXED: tl.constexpr):
     """One segment with pack_size 64, written with plain stores (no atomics, no zeroing): the
     program owns every word of it. Channel c's 64 fields of L_c bits fill 2 * L_c words.
     MW, CW: powers of two >= META // 4 and >= 2 * BITS (tile sizes); CJ: fields per 32-bit chunk
@@ -358,12 +370,20 @@ def _write_pack64(pool32, x, lo, step, seg_off, D: tl.constexpr, BITS: tl.conste
     MAXV: tl.constexpr = (1 << BITS) - 1
     NCH: tl.constexpr = 64 // CJ
     q = _quant(x, lo, step, MAXV)                                   # [64, D]
-    pmin = tl.min(q, axis=0)
-    width = _bitlen(tl.max(q, axis=0) - pmin, BITS)                  # [D]
+    if FIXED:
+        pmin = tl.zeros([D], tl.int32)
+        width = tl.full([D], BITS, tl.int32)
+    else:
+        pmin = tl.min(q, axis=0)
+        width = _bitlen(tl.max(q, axis=0) - pmin, BITS)              # [D]
     r = (q - pmin[None, :]).to(tl.int64)
     # chunks: CJ consecutive fields of one channel -> bits j * L of one value (at most 32 bits)
     r3 = tl.reshape(r, (NCH, CJ, D))
-    jL = tl.arange(0, CJ)[None, :, None] * width[None, None, :]
+    j = tl.arange(0, CJ)[None, :, None]
+    if FIXED and BITS == 4:  # pair order (codec: BlockFormat.paired): a chunk is one word
+        jL = (j // 2) * BITS + (j % 2) * 16 + 0 * width[None, None, :]
+    else:
+        jL = j * width[None, None, :]
     chunk = tl.sum(r3 << jL.to(tl.int64), axis=1)                  # [NCH, D]
     # words: word w of a channel holds bits 32w.. of its stream; chunk g starts at bit g * CJ * L
     w = tl.arange(0, CW)[:, None, None]
@@ -377,8 +397,9 @@ def _write_pack64(pool32, x, lo, step, seg_off, D: tl.constexpr, BITS: tl.conste
     w0 = seg_off // 4
     wpos = w0 + META // 4 + 2 * excl[None, :] + tl.arange(0, CW)[:, None]
     tl.store(pool32 + wpos, words, mask=tl.arange(0, CW)[:, None] < 2 * width[None, :])
-    mw = tl.arange(0, MW)
-    tl.store(pool32 + w0 + mw, _meta_words(pmin, width, D, BITS, WB, MW), mask=mw < META // 4)
+    if not FIXED:
+        mw = tl.arange(0, MW)
+        tl.store(pool32 + w0 + mw, _meta_words(pmin, width, D, BITS, WB, MW), mask=mw < META // 4)
 
 
 @triton.jit(do_not_specialize=["ks_b", "ks_h", "vs_b", "vs_h", "nb", "slot_start"])
@@ -389,7 +410,7 @@ def _pack_kernel(k_ptr, v_ptr, ks_b, ks_h, ks_t, ks_d, vs_b, vs_h, vs_t, vs_d, n
                  META_K: tl.constexpr, META_V: tl.constexpr, TOKEN_GRAN: tl.constexpr,
                  WB_K: tl.constexpr, WB_V: tl.constexpr, ZBLOCK: tl.constexpr,
                  MW_K: tl.constexpr, MW_V: tl.constexpr, CW_K: tl.constexpr, CW_V: tl.constexpr,
-                 CJ_K: tl.constexpr, CJ_V: tl.constexpr):
+                 CJ_K: tl.constexpr, CJ_V: tl.constexpr, FIXED: tl.constexpr):
     # pack_size 64: each program writes its segments with plain stores (_write_pack64); smaller
     # packs start at arbitrary bits and are OR-ed in with atomics (_pack_one).
     n = tl.program_id(0)
@@ -409,7 +430,7 @@ def _pack_kernel(k_ptr, v_ptr, ks_b, ks_h, ks_t, ks_d, vs_b, vs_h, vs_t, vs_d, n
     kst = tl.load(tstep_ptr + slot * ts_s + idx * ts_t + g).to(tl.float32)
     k_off = tl.load(so_ptr + slot * so_s + h)
     if P == 64:
-        _write_pack64(pool32, kx, klo, kst, k_off, D, BITS_K, WB_K, META_K, MW_K, CW_K, CJ_K)
+        _write_pack64(pool32, kx, klo, kst, k_off, D, BITS_K, WB_K, META_K, MW_K, CW_K, CJ_K, FIXED)
     else:
         _pack_one(pool32, kx, klo, kst, k_off, P, D, BITS_K, WB_K, META_K, ZBLOCK)
     vx = _load_tile(v_ptr, b.to(tl.int64) * vs_b + h * vs_h, prow, vs_t, vs_d, D)
@@ -417,7 +438,7 @@ def _pack_kernel(k_ptr, v_ptr, ks_b, ks_h, ks_t, ks_d, vs_b, vs_h, vs_t, vs_d, n
     vst = tl.load(tstep_ptr + slot * ts_s + ts_kv + idx * ts_t + g).to(tl.float32)
     v_off = tl.load(so_ptr + slot * so_s + so_kv + h)
     if P == 64:
-        _write_pack64(pool32, vx, vlo, vst, v_off, D, BITS_V, WB_V, META_V, MW_V, CW_V, CJ_V)
+        _write_pack64(pool32, vx, vlo, vst, v_off, D, BITS_V, WB_V, META_V, MW_V, CW_V, CJ_V, FIXED)
     else:
         _pack_one(pool32, vx, vlo, vst, v_off, P, D, BITS_V, WB_V, META_V, ZBLOCK)
 
@@ -465,7 +486,8 @@ def store_blocks(k, v, config, fmt, pool, pool_used, seg_offset, token_min, toke
     segbytes = _segbytes_out if _segbytes_out is not None else torch.empty(n * 2 * H, dtype=torch.int32, device=k.device)
     token_gran = fmt.granularity == "token"
     common = dict(D=D, P=fmt.pack_size, BITS_K=fmt.bits_k, BITS_V=fmt.bits_v,
-                  META_K=fmt.meta_bytes(0), META_V=fmt.meta_bytes(1), TOKEN_GRAN=token_gran)
+                  META_K=fmt.meta_bytes(0), META_V=fmt.meta_bytes(1), TOKEN_GRAN=token_gran,
+                  FIXED=fmt.layout == "fixed")
     if (fmt.groups > 1 and (token_min.stride(3) != 1 or token_step.stride(3) != 1)) or perm.stride(1) != 1:
         raise ValueError("token_min/token_step/perm must have a contiguous last dim")
     nw_stats, nw = num_warps or ((8, 8) if D <= 64 else (16, 16))

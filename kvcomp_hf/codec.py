@@ -45,6 +45,13 @@ Pipeline for one block of `block_size` = 64 tokens of one sequence (K and V of a
    With pack_size 64 (the default) a pack is one channel of the whole block: its L-bit fields fill
    2*L whole 32-bit words, so every channel starts on a word and the decode kernel reads it with
    fixed-shape loads (one exclusive sum of D widths per segment, no per-16-token packs).
+   Layout "fixed" (config.layout): no metadata sections; every pack is one channel of the block
+   (pack_size 64) with pmin = 0 and L = bits, so the segment is the D channels' 64 `bits`-bit fields
+   of q itself, channel c at 32-bit word 2 * bits * c, and every segment has 8 * D * bits bytes.
+   With bits 4 the 8 fields of each 32-bit word are in pair order: field j of word w (token 8w + j of
+   the channel) sits at bit (j // 2) * 4 + (j % 2) * 16, so tokens 2i and 2i + 1 occupy the same bits of
+   the low and the high half-word (the decode kernel turns both into bf16 with one shift and one
+   mask). Other widths are the plain little-endian stream.
 
 4. Storage of a batch of n blocks (EncodedBlocks): the segments back to back in `data` in the
    order (block, K then V, head), each starting at a 4-byte-aligned offset; `seg_offset` and
@@ -63,6 +70,7 @@ import torch
 from .config import KVCompConfig
 
 BLOCK_SIZE = 64
+MAX_FIXED_BITS = 7  # the fused kernel's operand trick (bf16 bits 0x4300 | q = 128 + q) needs q < 128
 MAX_BITS = 16  # fields are read through 3-byte windows: offset-in-byte (<= 7) + bits <= 24
 
 
@@ -94,14 +102,18 @@ class BlockFormat:
     bits_v: int
     granularity: str
     repack: str
+    layout: str = "packed"
 
     @classmethod
     def from_config(cls, config: KVCompConfig, num_heads: int, head_dim: int) -> BlockFormat:
         if head_dim % 8 != 0:
             raise ValueError(f"head_dim must be a multiple of 8 for kvcomp, got {head_dim}")
-        return cls(num_heads=num_heads, head_dim=head_dim, pack_size=config.pack_size,
-                   bits_k=bits_for_rel(config.rel_k), bits_v=bits_for_rel(config.rel_v),
-                   granularity=config.granularity, repack=config.repack)
+        bits_k, bits_v = bits_for_rel(config.rel_k), bits_for_rel(config.rel_v)
+        if config.layout == "fixed" and max(bits_k, bits_v) > MAX_FIXED_BITS:
+            raise ValueError(f"layout='fixed' stores at most {MAX_FIXED_BITS} bits per value (rel >= 1/125); rel_k="
+                             f"{config.rel_k} needs {bits_k}, rel_v={config.rel_v} needs {bits_v}")
+        return cls(num_heads=num_heads, head_dim=head_dim, pack_size=config.pack_size, bits_k=bits_k, bits_v=bits_v,
+                   granularity=config.granularity, repack=config.repack, layout=config.layout)
 
     @property
     def groups(self) -> int:
@@ -116,8 +128,23 @@ class BlockFormat:
 
     def meta_bytes(self, kv: int) -> int:
         """Pack mins + widths, padded to a multiple of 4 bytes so that the payload starts on a 32-bit word."""
+        if self.layout == "fixed":
+            return 0
         b = self.bits(kv)
         return _round_up4(self.n_packs * (b + width_bits(b)) // 8)
+
+    def paired(self, kv: int) -> bool:
+        """Layout "fixed" with 4-bit fields stores each 32-bit word's fields in pair order (see the module
+        docstring): one shift and one mask then give two adjacent tokens as the two halves of a word."""
+        return self.layout == "fixed" and self.bits(kv) == 4
+
+    def field_offsets(self, kv: int, width: torch.Tensor, device) -> torch.Tensor:
+        """Bit offset of field j (j = 0 .. pack_size - 1) inside its pack, for packs of `width` bits."""
+        j = torch.arange(self.pack_size, device=device)
+        if not self.paired(kv):
+            return j * width
+        per_word = 32 // self.bits(kv)
+        return j // per_word * 32 + (j % per_word) // 2 * width + (j % 2) * 16
 
     def max_segment_bytes(self, kv: int) -> int:
         return _round_up4(self.meta_bytes(kv) + BLOCK_SIZE * self.head_dim * self.bits(kv) // 8)
@@ -225,8 +252,12 @@ def _segment_layout(q: torch.Tensor, fmt: BlockFormat, kv: int):
     n, h, t, d = q.shape
     p = fmt.pack_size
     packs = q.reshape(n, h, t // p, p, d)
-    pmin = packs.amin(3)                               # [n, H, 64/P, D]
-    width = bit_length(packs.amax(3) - pmin)           # [n, H, 64/P, D]
+    if fmt.layout == "fixed":
+        pmin = torch.zeros_like(packs[:, :, :, 0])
+        width = torch.full_like(pmin, fmt.bits(kv))
+    else:
+        pmin = packs.amin(3)                           # [n, H, 64/P, D]
+        width = bit_length(packs.amax(3) - pmin)       # [n, H, 64/P, D]
     residual = packs - pmin[:, :, :, None, :]          # [n, H, 64/P, P, D]
     payload_bits = p * width.sum(dim=(2, 3))           # [n, H]
     seg_bytes = _round_up4(fmt.meta_bytes(kv) + (payload_bits + 7) // 8)
@@ -263,15 +294,15 @@ def encode_blocks(k: torch.Tensor, v: torch.Tensor, config: KVCompConfig) -> tup
         wb = width_bits(b)
         base = seg_offset[:, kv, :, None] * 8                          # [n, H, 1] bit offset
         idx = torch.arange(fmt.n_packs, device=k.device)
-        _write_fields(stream, pmin.flatten().long(), torch.full((pmin.numel(),), b, device=k.device),
-                      (base + idx * b).flatten())
-        _write_fields(stream, width.flatten().long(), torch.full((width.numel(),), wb, device=k.device),
-                      (base + fmt.n_packs * b + idx * wb).flatten())
+        if fmt.layout == "packed":
+            _write_fields(stream, pmin.flatten().long(), torch.full((pmin.numel(),), b, device=k.device),
+                          (base + idx * b).flatten())
+            _write_fields(stream, width.flatten().long(), torch.full((width.numel(),), wb, device=k.device),
+                          (base + fmt.n_packs * b + idx * wb).flatten())
         pack_start = base + fmt.meta_bytes(kv) * 8 + fmt.pack_size * (width.cumsum(-1) - width)  # [n,H,np]
         # residual [n, H, 64/P, P, D] -> pack order (p, c) then value j: [n, H, np, P]
         vals = residual.permute(0, 1, 2, 4, 3).reshape(n, h, fmt.n_packs, fmt.pack_size)
-        j = torch.arange(fmt.pack_size, device=k.device)
-        offsets = pack_start[..., None] + j * width[..., None]
+        offsets = pack_start[..., None] + fmt.field_offsets(kv, width[..., None], k.device)
         nbits = width[..., None].expand_as(vals)
         _write_fields(stream, vals.flatten().long(), nbits.flatten(), offsets.flatten())
 
@@ -289,11 +320,15 @@ def decode_segments(data: torch.Tensor, seg_offset: torch.Tensor, fmt: BlockForm
     b, wb, p, d = fmt.bits(kv), width_bits(fmt.bits(kv)), fmt.pack_size, fmt.head_dim
     idx = torch.arange(fmt.n_packs, device=data.device)
     words = _byte_words(data) if words is None else words
-    pmin = _read_fields(words, torch.full_like(idx, b), base + idx * b)
-    width = _read_fields(words, torch.full_like(idx, wb), base + fmt.n_packs * b + idx * wb)
+    if fmt.layout == "fixed":
+        pmin = torch.zeros_like(base + idx)
+        width = torch.full_like(pmin, b)
+    else:
+        pmin = _read_fields(words, torch.full_like(idx, b), base + idx * b)
+        width = _read_fields(words, torch.full_like(idx, wb), base + fmt.n_packs * b + idx * wb)
     pack_start = base + fmt.meta_bytes(kv) * 8 + p * (width.cumsum(-1) - width)   # [S, np]
-    j = torch.arange(p, device=data.device)
-    vals = _read_fields(words, width[..., None].expand(-1, -1, p), pack_start[..., None] + j * width[..., None])
+    vals = _read_fields(words, width[..., None].expand(-1, -1, p),
+                        pack_start[..., None] + fmt.field_offsets(kv, width[..., None], data.device))
     q = (vals + pmin[..., None])                                   # [S, np, P], np = (64/P) * D in (p, c) order
     q = q.view(-1, BLOCK_SIZE // p, d, p).permute(0, 1, 3, 2).reshape(-1, BLOCK_SIZE, d)
     return q.view(*shape, BLOCK_SIZE, d)

@@ -13,6 +13,7 @@ from typing import Any
 PACK_SIZES = (4, 8, 16, 64)
 REPACK_METHODS = ("none", "median")
 GRANULARITIES = ("token", "token_head")
+LAYOUTS = ("packed", "fixed")  # kvcomp_hf/codec.py specifies both
 ROTATIONS = ("none", "hadamard")  # kvcomp_hf.rotation documents the transform
 BACKENDS = ("auto", "torch", "triton")  # KVCompCache(..., backend=): Triton kernels on CUDA, PyTorch, or either
 MIN_RESIDUAL = 128
@@ -42,6 +43,10 @@ class KVCompConfig:
         order changes no byte, so "none" is the default).
     granularity: "token" = one (min, step) per token across all KV heads (PackKV);
         "token_head" = one per token and KV head (no coupling between heads).
+    layout: "packed" stores each pack's minimum and bit width and only the bits each pack needs (fewest
+        bytes); "fixed" stores every value in exactly bits_for_rel(rel) bits, no pack metadata, every segment
+        the same size (trades bytes for a simpler, faster decode; pairs with rel = 1 / (2**bits - 1), which
+        uses every code of the width). "fixed" needs pack_size 64 and repack "none".
     rotation: "hadamard" stores K and V multiplied by a randomised Hadamard matrix along head_dim
         (one per layer, K/V and KV head, from rotation_seed), which spreads outlier channels so the
         per-token range is used by all channels; "none" stores them as they are.
@@ -55,6 +60,7 @@ class KVCompConfig:
     pack_size: int = 64
     repack: str = "none"
     granularity: str = "token"
+    layout: str = "packed"
     rotation: str = "hadamard"
     rotation_seed: int = 0
 
@@ -81,6 +87,11 @@ class KVCompConfig:
             raise ValueError(f"repack must be one of {REPACK_METHODS}, got {self.repack!r}")
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+        if self.layout == "fixed" and (self.pack_size != 64 or self.repack != "none"):
+            raise ValueError(f"layout='fixed' stores whole channels of a block in arrival order: it needs pack_size=64 "
+                             f"and repack='none', got pack_size={self.pack_size!r}, repack={self.repack!r}")
         if self.rotation not in ROTATIONS:
             raise ValueError(f"rotation must be one of {ROTATIONS}, got {self.rotation!r}")
         if isinstance(self.rotation_seed, bool) or not isinstance(self.rotation_seed, int) \
