@@ -9,6 +9,8 @@ in PyTorch. Ordinary tensors (any other cache) go straight to SDPA, so "kvcomp" 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -65,8 +67,9 @@ def fused_attention(layer, query: torch.Tensor, attention_mask: torch.Tensor | N
     rot = layer.rotation  # the layer holds rotated K/V: rotate q once before, the output once after
     q = query if rot is None else rot.rotate_query(query)
     # The kernel applies causality itself; the mask's last query row carries the padding of every key.
-    kv_valid = None if attention_mask is None else attention_mask[:, 0, -1, :]
-    with torch.cuda.device(query.device):  # Triton launches on the current device (device_map="auto")
+    kv_valid = None if attention_mask is None else layer.storage_order(attention_mask[:, 0, -1, :])
+    # Triton launches on the current device (device_map="auto"); on the CPU the interpreter runs it (tests)
+    with torch.cuda.device(query.device) if query.is_cuda else contextlib.nullcontext():
         out = decode_attention(q, layer.keys, layer.values, store.pool, store.seg_offset, store.token_min,
                                store.token_step, store.perm, layer.block_table, kv_valid, scaling, layer.fmt)
     if rot is not None:

@@ -4,6 +4,12 @@ Per layer: a tail buffer of the most recent tokens in the model dtype, and a Blo
 compressed 64-token blocks (a byte pool + per-block metadata), addressed per sequence through a
 block table [batch, blocks]. Beam reorder and batch selection permute table rows (blocks are
 shared, never copied); crop drops blocks and re-opens a partial one into the tail.
+
+With config.sink_tokens = S > 0 the first S tokens stay in the tail too: once a layer holds blocks,
+its tail is [tokens 0..S-1, the most recent tokens] and the blocks hold the tokens in between.
+Attention reads the layer in storage order (blocks, then the tail); it is invariant to the order of
+the keys, so only a padding mask has to follow (KVCompLayer.storage_order); dense_kv returns arrival
+order.
 """
 
 from __future__ import annotations
@@ -407,15 +413,18 @@ class KVCompLayer(CacheLayerMixin):
         if not self.is_initialized or new_length == length:
             return
         n_blocks = self.block_table.shape[1]
-        if new_length >= n_blocks * BLOCK_SIZE:
+        s = self.n_sinks()
+        if new_length >= s + n_blocks * BLOCK_SIZE:
             keep = new_length - n_blocks * BLOCK_SIZE
             self.keys, self.values = self.keys[:, :, :keep], self.values[:, :, :keep]
             return
-        keep_blocks = new_length // BLOCK_SIZE
+        keep_blocks = max(new_length - s, 0) // BLOCK_SIZE
         k, v = self.store.decode(self.block_table[:, keep_blocks:])      # [B, nb', H, 64, D]
         b, nb, h, _, d = k.shape
-        k = torch.cat([k.permute(0, 2, 1, 3, 4).reshape(b, h, nb * BLOCK_SIZE, d).to(self.dtype), self.keys], 2)
-        v = torch.cat([v.permute(0, 2, 1, 3, 4).reshape(b, h, nb * BLOCK_SIZE, d).to(self.dtype), self.values], 2)
+        k = k.permute(0, 2, 1, 3, 4).reshape(b, h, nb * BLOCK_SIZE, d).to(self.dtype)
+        v = v.permute(0, 2, 1, 3, 4).reshape(b, h, nb * BLOCK_SIZE, d).to(self.dtype)
+        k = torch.cat([self.keys[:, :, :s], k, self.keys[:, :, s:]], 2)  # the sinks stay first in the tail
+        v = torch.cat([self.values[:, :, :s], v, self.values[:, :, s:]], 2)
         keep = new_length - keep_blocks * BLOCK_SIZE
         self.keys, self.values = k[:, :, :keep].contiguous(), v[:, :, :keep].contiguous()
         self.block_table = self.block_table[:, :keep_blocks]
@@ -429,16 +438,31 @@ class KVCompLayer(CacheLayerMixin):
 
     # -- compression ----------------------------------------------------------------------------
 
+    def n_sinks(self) -> int:
+        """Sink tokens at the front of the tail: config.sink_tokens once the layer holds blocks, else 0 (a
+        layer without blocks holds its tokens in arrival order)."""
+        return self.config.sink_tokens if self.block_table.shape[1] else 0
+
+    def storage_order(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., kv_len] over the layer's tokens in arrival order (a padding mask) -> the order attention
+        reads them: blocks, then the tail (sinks first, see the module docstring)."""
+        s = self.n_sinks()
+        if s == 0:
+            return x
+        n = self.block_table.shape[1] * BLOCK_SIZE
+        return torch.cat([x[..., s:s + n], x[..., :s], x[..., s + n:]], -1)
+
     def _compress_full_blocks(self) -> None:
-        n_blocks = (self.keys.shape[2] - self.config.residual_length) // BLOCK_SIZE
+        s = min(self.config.sink_tokens, self.keys.shape[2])  # the first tokens stay in the tail
+        n_blocks = (self.keys.shape[2] - s - self.config.residual_length) // BLOCK_SIZE
         if n_blocks <= 0:
             return
         n_tokens = n_blocks * BLOCK_SIZE
-        slots = self.store.add(self.keys[:, :, :n_tokens], self.values[:, :, :n_tokens], self.config)
+        slots = self.store.add(self.keys[:, :, s:s + n_tokens], self.values[:, :, s:s + n_tokens], self.config)
         self.block_table = torch.cat([self.block_table, slots], dim=1)
-        # clone so the compressed tokens' dense copy is freed
-        self.keys = self.keys[:, :, n_tokens:].clone()
-        self.values = self.values[:, :, n_tokens:].clone()
+        # new tensors, so the compressed tokens' dense copy is freed
+        self.keys = torch.cat([self.keys[:, :, :s], self.keys[:, :, s + n_tokens:]], 2)
+        self.values = torch.cat([self.values[:, :, :s], self.values[:, :, s + n_tokens:]], 2)
 
     def _maybe_compact(self) -> None:
         """Free the blocks no row references any more, amortised. Beam reorder, batch selection and crop
@@ -467,10 +491,13 @@ class KVCompLayer(CacheLayerMixin):
         work = torch.float32 if unrotate else dtype  # rotate back in float32, round once
         k, v = self.keys.to(work), self.values.to(work)
         if self.block_table.shape[1] > 0:
+            s = self.n_sinks()
             bk, bv = self.store.decode(self.block_table)                       # [B, nb, H, 64, D]
             b, nb, h, _, d = bk.shape
-            k = torch.cat([bk.permute(0, 2, 1, 3, 4).reshape(b, h, nb * BLOCK_SIZE, d).to(work), k], 2)
-            v = torch.cat([bv.permute(0, 2, 1, 3, 4).reshape(b, h, nb * BLOCK_SIZE, d).to(work), v], 2)
+            bk = bk.permute(0, 2, 1, 3, 4).reshape(b, h, nb * BLOCK_SIZE, d).to(work)
+            bv = bv.permute(0, 2, 1, 3, 4).reshape(b, h, nb * BLOCK_SIZE, d).to(work)
+            k = torch.cat([k[:, :, :s], bk, k[:, :, s:]], 2)
+            v = torch.cat([v[:, :, :s], bv, v[:, :, s:]], 2)
         if unrotate:
             k, v = self.rotation.unrotate(k, 0), self.rotation.unrotate(v, 1)
         return k.to(dtype), v.to(dtype)

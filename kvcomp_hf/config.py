@@ -17,6 +17,7 @@ LAYOUTS = ("packed", "fixed")  # kvcomp_hf/codec.py specifies both
 ROTATIONS = ("none", "hadamard")  # kvcomp_hf.rotation documents the transform
 BACKENDS = ("auto", "torch", "triton")  # KVCompCache(..., backend=): Triton kernels on CUDA, PyTorch, or either
 MIN_RESIDUAL = 128
+MAX_SINK_TOKENS = 64  # exact tokens cost 16 bits per value; more than a block's worth buys nothing measured
 MIN_REL = 1e-4  # keeps the quantised integers within 14 bits (see codec.bits_for_rel)
 MAX_REL = 1.0
 
@@ -36,6 +37,9 @@ class KVCompConfig:
         token, or per token and KV head), so every value is reconstructed within step / 2.
     block_size: tokens per compressed block (repacking and the block table work in these units).
     residual_length: the most recent tokens kept uncompressed in the model dtype.
+    sink_tokens: the first tokens of every sequence kept uncompressed in the model dtype (attention
+        sinks: most heads put much of their weight on them, so their quantisation error reaches every
+        query). Blocks start after them.
     pack_size: tokens per bit-packing pack (one channel): each pack stores its own min and width.
         64 (one pack per channel and block) is what the fused decode kernel reads fastest.
     repack: token order inside a block before bit-packing ("none" keeps arrival order,
@@ -57,6 +61,7 @@ class KVCompConfig:
     rel_v: float = 0.15
     block_size: int = 64
     residual_length: int = 128
+    sink_tokens: int = 0
     pack_size: int = 64
     repack: str = "none"
     granularity: str = "token"
@@ -73,7 +78,7 @@ class KVCompConfig:
             if not MIN_REL <= value <= MAX_REL:
                 raise ValueError(f"{name} must be in [{MIN_REL}, {MAX_REL}], got {value!r}")
             object.__setattr__(self, name, float(value))
-        for name in ("block_size", "residual_length", "pack_size"):
+        for name in ("block_size", "residual_length", "sink_tokens", "pack_size"):
             value = getattr(self, name)  # integers only (numpy's included): 16.0 is refused, not truncated
             if isinstance(value, numbers.Integral) and not isinstance(value, bool):
                 object.__setattr__(self, name, int(value))
@@ -81,6 +86,8 @@ class KVCompConfig:
             raise ValueError(f"block_size must be 64 (the only block size the kernels support), got {self.block_size!r}")
         if not _is_int(self.residual_length) or self.residual_length < MIN_RESIDUAL:
             raise ValueError(f"residual_length must be an int >= {MIN_RESIDUAL}, got {self.residual_length!r}")
+        if not _is_int(self.sink_tokens) or not 0 <= self.sink_tokens <= MAX_SINK_TOKENS:
+            raise ValueError(f"sink_tokens must be an int in [0, {MAX_SINK_TOKENS}], got {self.sink_tokens!r}")
         if not _is_int(self.pack_size) or self.pack_size not in PACK_SIZES:
             raise ValueError(f"pack_size must be one of {PACK_SIZES} (an int), got {self.pack_size!r}")
         if self.repack not in REPACK_METHODS:

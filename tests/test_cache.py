@@ -48,15 +48,15 @@ def test_seq_lengths_mask_sizes_and_attention_match_dynamic_cache(tiny_llama):
     assert 128 <= ours.layers[0].keys.shape[2] < 128 + 64
 
 
-@pytest.mark.parametrize("rel,bound", [(1e-4, 1e-3), (1e-3, 1e-2)])
-def test_attention_over_compressed_cache_matches_sdpa_on_dense(rel, bound):
+@pytest.mark.parametrize("rel,bound,sinks", [(1e-4, 1e-3, 0), (1e-3, 1e-2, 0), (1e-3, 1e-2, 4)])
+def test_attention_over_compressed_cache_matches_sdpa_on_dense(rel, bound, sinks):
     """Same Gaussian K/V stream into a KVCompLayer and a DynamicLayer, with causal chunks of several
     lengths: attention outputs agree. (Uniform quantisation error on Gaussian data gives a relative
     output error of about rel * range / (2 * sqrt(3) * std), several times rel with K's 8x channel spread.)"""
     torch.manual_seed(2)
     dtype = torch.float32
     b, h, hq, d = 3, 2, 4, 16
-    ours, ref = KVCompLayer(KVCompConfig(rel_k=rel, rel_v=rel)), DynamicLayer()
+    ours, ref = KVCompLayer(KVCompConfig(rel_k=rel, rel_v=rel, sink_tokens=sinks)), DynamicLayer()
     module = FakeAttention(hq // h)
     for q_len in [300, 1, 1, 64, 1] + [1] * 70 + [17]:
         k = torch.randn(b, h, q_len, d, dtype=dtype) * torch.linspace(0.5, 4, d)
@@ -166,6 +166,61 @@ def test_fixed_layout_holds_the_same_values_in_fixed_size_segments():
     assert store.n_slots > 0
     assert (store.seg_bytes[: store.n_slots, 0] == 8 * 32 * 4).all()
     assert (store.seg_bytes[: store.n_slots, 1] == 8 * 32 * 3).all()
+
+
+def test_sink_tokens_stay_exact_and_attention_follows_the_padding_mask():
+    """sink_tokens=4: the first 4 tokens are kept exact in the tail (blocks start after them), every other
+    token is within the error bound, and the fused kernel (Triton interpreter on the CPU) reads the layer in
+    storage order with the padding mask reordered to match: it equals SDPA over the layer in arrival order."""
+    from kvcomp_hf.attention import fused_attention
+
+    torch.manual_seed(11)
+    b, h, hq, d, n = 2, 2, 4, 16, 330
+    layer = KVCompLayer(KVCompConfig(rel_k=0.2, rel_v=0.3, sink_tokens=4, rotation="none"))
+    k = (torch.randn(b, h, n, d) * torch.linspace(0.5, 4, d)).to(torch.bfloat16)
+    v = torch.randn(b, h, n, d).to(torch.bfloat16)
+    layer.update(k[:, :, :300], v[:, :, :300])
+    for t in range(300, n):
+        layer.update(k[:, :, t:t + 1], v[:, :, t:t + 1])
+    assert layer.get_seq_length() == n and layer.block_table.shape[1] == (n - 4 - 128) // 64
+    assert torch.equal(layer.keys[:, :, :4], k[:, :, :4])  # the tail starts with the sinks
+    dk, dv = layer.dense_kv(torch.float32)  # arrival order
+    assert torch.equal(dk[:, :, :4], k[:, :, :4].float()) and torch.equal(dv[:, :, :4], v[:, :, :4].float())
+    for x, xh, rel in ((k, dk, 0.2), (v, dv, 0.3)):
+        span = (x.float().amax((1, 3)) - x.float().amin((1, 3)))[:, None, :, None]  # per token, all heads
+        assert ((xh - x.float()).abs() <= rel * span / 2 + 1e-2).all()
+        assert not torch.equal(xh[:, :, 4:200], x[:, :, 4:200].float())  # those are compressed
+    q = torch.randn(b, hq, 1, d).to(torch.bfloat16)
+    mask = torch.ones(b, 1, 1, n, dtype=torch.bool)
+    mask[0, ..., :2] = False   # padding over sinks,
+    mask[0, ..., 50:90] = False  # block tokens
+    mask[1, ..., n - 100:n - 60] = False  # and tail tokens
+    got = fused_attention(layer, q, mask, d**-0.5)  # [B, 1, Hq, D]
+    want = torch.nn.functional.scaled_dot_product_attention(q.double(), dk.double(), dv.double(),
+                                                            attn_mask=mask, scale=d**-0.5, enable_gqa=True)
+    assert rel_err(got.transpose(1, 2), want) < 1e-2
+    wrong = torch.nn.functional.scaled_dot_product_attention(q.double(), dk.double(), dv.double(),
+                                                             attn_mask=layer.storage_order(mask), scale=d**-0.5,
+                                                             enable_gqa=True)
+    assert rel_err(got.transpose(1, 2), wrong) > 1e-2  # the reordering matters for this mask
+
+
+@pytest.mark.parametrize("sinks", [0, 4])
+@pytest.mark.parametrize("new_length", [2, 4, 60, 68, 200, 300, 330])
+def test_crop_with_sinks_keeps_the_prefix(sinks, new_length):
+    """Crop anywhere (inside the sinks, a block, the tail) keeps exactly the first tokens, in arrival order."""
+    torch.manual_seed(12)
+    layer = KVCompLayer(KVCompConfig(sink_tokens=sinks))
+    k, v = torch.randn(1, 2, 400, 16), torch.randn(1, 2, 400, 16)
+    layer.update(k, v)
+    dense_k, dense_v = layer.dense_kv()
+    layer.crop(new_length - 400)
+    assert layer.get_seq_length() == new_length
+    k2, v2 = layer.dense_kv()
+    assert torch.equal(k2, dense_k[:, :, :new_length]) and torch.equal(v2, dense_v[:, :, :new_length])
+    layer.update(k[:, :, :300], v[:, :, :300])  # and grows again from there
+    assert layer.get_seq_length() == new_length + 300
+    assert torch.equal(layer.dense_kv()[0][:, :, :min(sinks, new_length)], dense_k[:, :, :min(sinks, new_length)])
 
 
 def test_crop_into_compressed_blocks_reopens_them():

@@ -18,6 +18,7 @@ def test_defaults_are_valid_and_frozen():
     ("rel_k", "0.1", "rel_k"), ("rel_k", True, "rel_k"),
     ("block_size", 32, "block_size must be 64"),
     ("residual_length", 64, ">= 128"), ("residual_length", 200.0, "residual_length"),
+    ("sink_tokens", -1, "[0, 64]"), ("sink_tokens", 65, "[0, 64]"), ("sink_tokens", 4.0, "sink_tokens"),
     ("pack_size", 5, "(4, 8, 16, 64)"), ("pack_size", 32, "(4, 8, 16, 64)"),
     ("repack", "greedy", "('none', 'median')"),
     ("granularity", "channel", "('token', 'token_head')"),
