@@ -36,26 +36,41 @@ from eval import common, perplexity
 from kvcomp_hf.compat import cache_kwargs
 
 ROT = "rotation=hadamard"
-# (spec, family) in priority order: baselines, the rel sweep with and without rotation, then the levers
+SINK = "sink_tokens=4"
+FIXED = "layout=fixed,rel_k=0.0666667"  # 4-bit K in the fixed layout (rel 1/15 uses all 16 codes)
+# (spec, family) in priority order (--workers take them round-robin; --time-budget cuts the end of the list).
+# Every field that differs from KVCompConfig's defaults of any time is spelled out.
+R4, R0, NR = f"{ROT},{SINK}", f"{ROT},sink_tokens=0", "rotation=none,sink_tokens=0"
 DEFAULT_CACHES = [
-    ("kvcomp:rel_k=0.1,rel_v=0.2,rotation=none,granularity=token,repack=median,pack_size=16", "kvcomp old default"),
-    ("kvcomp:smollm2-135m-instruct", "kvcomp old preset"),
-    ("kivi2", "KIVI"), ("kivi4", "KIVI"),
-    *[(f"kvcomp:rel_k={k},rel_v={v},{ROT}", "kvcomp rotated")
-      for k, v in ((0.1, 0.2), (0.07, 0.1), (0.12, 0.25), (0.05, 0.1), (0.1, 0.15), (0.15, 0.3), (0.07, 0.15),
-                   (0.1, 0.25))],
-    *[(f"kvcomp:rel_k={k},rel_v={v},rotation=none", "kvcomp not rotated")
-      for k, v in ((0.1, 0.1), (0.07, 0.1), (0.05, 0.1))],
-    ("kvcomp", "kvcomp new default"),
-    (f"kvcomp:rel_k=0.1,rel_v=0.2,{ROT},repack=none", "lever"),
-    (f"kvcomp:rel_k=0.1,rel_v=0.2,{ROT},pack_size=8", "lever"),
-    (f"kvcomp:rel_k=0.1,rel_v=0.2,{ROT},granularity=token_head", "lever"),
-    (f"kvcomp:rel_k=0.15,rel_v=0.15,{ROT}", "lever"),
-    (f"kvcomp:rel_k=0.1,rel_v=0.2,{ROT}|edge=2*0.5", "lever"),
-    (f"kvcomp:rel_k=0.07,rel_v=0.1,{ROT},repack=none", "lever"),
-    (f"kvcomp:rel_k=0.07,rel_v=0.1,{ROT},granularity=token_head", "lever"),
-    (f"kvcomp:rel_k=0.07,rel_v=0.1,{ROT}|edge=2*0.5", "lever"),
-    ("hf-int2", "QuantizedCache"), ("hf-int4", "QuantizedCache"),  # last: quanto may build its extension first
+    ("kvcomp:rel_k=0.1,rel_v=0.2,rotation=none,granularity=token,repack=median,pack_size=16,sink_tokens=0",
+     "kvcomp old default (no rotation)"),
+    (f"kvcomp:rel_k=0.1,rel_v=0.15,{R0}", "kvcomp rotated"),
+    (f"kvcomp:rel_k=0.08,rel_v=0.25,{R4}", "kvcomp rotated, 4 sink tokens"),
+    ("kivi4", "KIVI"), ("hf-int4", "QuantizedCache"),
+    (f"kvcomp:rel_k=0.0666667,rel_v=0.142857,{R4}", "kvcomp rotated, 4 sink tokens"),
+    (f"kvcomp:rel_k=0.1,rel_v=0.25,{R4}", "kvcomp rotated, 4 sink tokens"),
+    (f"kvcomp:rel_k=0.05,rel_v=0.25,{R4}", "kvcomp rotated, 4 sink tokens"),
+    ("kivi2", "KIVI"), ("hf-int2", "QuantizedCache"),
+    (f"kvcomp:rel_k=0.08,rel_v=0.3,{R4}", "kvcomp rotated, 4 sink tokens"),
+    (f"kvcomp:rel_k=0.06,rel_v=0.2,{R4}", "kvcomp rotated, 4 sink tokens"),
+    (f"kvcomp:{FIXED},rel_v=0.0666667,{R4}", "kvcomp fixed layout, 4 sink tokens"),
+    ("kvcomp:smollm2-135m-instruct", "kvcomp old preset (no rotation)"),
+    (f"kvcomp:rel_k=0.1,rel_v=0.3,{R4}", "kvcomp rotated, 4 sink tokens"),
+    (f"kvcomp:rel_k=0.08,rel_v=0.25,{R0}", "kvcomp rotated"),
+    (f"kvcomp:rel_k=0.1,rel_v=0.2,{R4}", "kvcomp rotated, 4 sink tokens"),
+    (f"kvcomp:rel_k=0.05,rel_v=0.15,{R4}", "kvcomp rotated, 4 sink tokens"),
+    (f"kvcomp:rel_k=0.07,rel_v=0.15,{R4}", "kvcomp rotated, 4 sink tokens"),
+    (f"kvcomp:rel_k=0.1,rel_v=0.2,{R0}", "kvcomp rotated"),
+    (f"kvcomp:{FIXED},rel_v=0.142857,{R4}", "kvcomp fixed layout, 4 sink tokens"),
+    (f"kvcomp:rel_k=0.07,rel_v=0.1,{R0}", "kvcomp rotated"),
+    (f"kvcomp:rel_k=0.05,rel_v=0.1,{R0}", "kvcomp rotated"),
+    (f"kvcomp:rel_k=0.08,rel_v=0.25,{ROT},sink_tokens=1", "lever"),
+    *[(f"kvcomp:rel_k={k},rel_v={v},{NR}", "kvcomp not rotated") for k, v in ((0.1, 0.1), (0.07, 0.1), (0.05, 0.1))],
+    (f"kvcomp:rel_k=0.15,rel_v=0.3,{R0}", "kvcomp rotated"),
+    (f"kvcomp:rel_k=0.12,rel_v=0.3,{R4}", "kvcomp rotated, 4 sink tokens"),
+    (f"kvcomp:{FIXED},rel_v=0.333333,{R4}", "kvcomp fixed layout, 4 sink tokens"),
+    (f"kvcomp:rel_k=0.08,rel_v=0.25,{R4}|edge=2*0.5", "lever"),
+    (f"kvcomp:rel_k=0.08,rel_v=0.25,{R4},granularity=token_head", "lever"),
 ]
 PARTS = [("payload", ("payload",)), ("pack min+width", ("pack_meta",)), ("token min+step", ("token_min", "token_step")),
          ("offsets", ("seg_offset", "seg_bytes")), ("perm", ("perm",)), ("block table", ("block_table",)),
@@ -194,6 +209,7 @@ def merge(out: Path, families: dict[str, str], args: argparse.Namespace, seconds
     results: dict[str, Any] = {}
     failed = {}
     text = None
+    measured: dict[str, Any] = {}  # where and when the specs ran (a merge may run elsewhere, later)
     for f in sorted(out.glob("spec_*.json")):
         d = json.loads(f.read_text())
         if "error" in d:
@@ -202,15 +218,18 @@ def merge(out: Path, families: dict[str, str], args: argparse.Namespace, seconds
         results.setdefault("full", {k: v for k, v in d["full"].items()})
         results[d["cache"]] = d["result"]
         text = text or (d["text"], d["text_sha256"])
+        measured = measured or d.get("measured", {})
     names = ["full"] + [s for s in families if s in results]
+    meta = common.run_metadata(args)
+    meta.update(measured)
     result = {"suite": "perplexity", "model": common.model_label(args.model, args.gguf_file),
               "text": text[0] if text else None, "text_sha256": text[1] if text else None, "tokens": args.tokens,
               "chunk": args.chunk, "windows": args.windows, "caches": names,
               "families": {n: families.get(n, "") for n in names}, "results": {n: results[n] for n in names},
-              "failed": failed, "seconds": round(seconds, 1), "meta": common.run_metadata(args)}
+              "failed": failed, "seconds": round(seconds, 1), "meta": meta}
     common.write_json(out / "perplexity.json", result)
     md = (f"# Frontier: {result['model']}, {result['text']}, {args.windows} x {args.tokens} tokens, chunk {args.chunk}, "
-          f"{result['meta'].get('device')}, {time.strftime('%Y-%m-%d')}\n\n"
+          f"{meta.get('device')}, {str(meta.get('date', ''))[:10]}\n\n"
           f"bits/value all-in (payload, pack metadata, per-token min/step, offsets, permutations, block tables, "
           f"uncompressed tail); the part columns are bits/value of each part (kvcomp only).\n\n"
           f"{table(result['results'], families)}\n\n"
@@ -219,6 +238,36 @@ def merge(out: Path, families: dict[str, str], args: argparse.Namespace, seconds
     (out / "frontier.md").write_text(md, encoding="utf-8")
     print(md)
     return result
+
+
+def run_share(specs: list[str], args: argparse.Namespace, out: Path) -> None:
+    """Load the model and the windows, then run_specs."""
+    model, tokenizer = common.load_model(args.model, args.gguf_file, args.device, args.dtype)
+    text_name, text = common.load_text(args.text, min_words=args.tokens, order=common.PERPLEXITY_ORDER)
+    windows = perplexity.token_windows(tokenizer, text, args.tokens, args.windows)
+    meta = common.run_metadata(args)
+    measured = {k: meta[k] for k in ("date", "device", "torch", "transformers", "git_commit") if k in meta}
+    run_specs(model, windows, specs, args, out, {"text": text_name, "text_sha256": common.text_sha256(text),
+                                                 "measured": measured}, log=lambda line: print(line, flush=True))
+
+
+def run_workers(specs: list[str], args: argparse.Namespace, out: Path) -> None:
+    """--workers processes on the same device, each with its own model and reference pass, taking the specs
+    round-robin (so each starts with the most important ones): a small model leaves a GPU mostly idle while the
+    host launches kernels. Their output goes to <out>/worker<i>.log."""
+    import subprocess
+
+    shares = [specs[i::args.workers] for i in range(args.workers)]
+    procs = []
+    for i, share in enumerate(s for s in shares if s):
+        argv = [a for a in sys.argv[1:] if a != "--no-plot"]
+        cmd = [sys.executable, "-m", "eval.frontier", *argv, "--workers", "1", "--no-plot",
+               "--caches", ";".join(share)]
+        log = open(out / f"worker{i}.log", "w")
+        procs.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log))
+    for p, log in procs:
+        p.wait()
+        log.close()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -230,12 +279,10 @@ def run(args: argparse.Namespace) -> int:
         common.parse_cache_spec(split_edge(s)[0])
     t0 = time.time()
     todo = [s for s in families if not _spec_file(out, s).exists()]
-    if todo:
-        model, tokenizer = common.load_model(args.model, args.gguf_file, args.device, args.dtype)
-        text_name, text = common.load_text(args.text, min_words=args.tokens, order=common.PERPLEXITY_ORDER)
-        windows = perplexity.token_windows(tokenizer, text, args.tokens, args.windows)
-        run_specs(model, windows, todo, args, out, {"text": text_name, "text_sha256": common.text_sha256(text)},
-                  log=lambda line: print(line, flush=True))
+    if todo and args.workers > 1:
+        run_workers(todo, args, out)
+    elif todo:
+        run_share(todo, args, out)
     merge(out, families, args, time.time() - t0)
     if not args.no_plot:
         from eval import plot_frontier
@@ -255,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", default="pydoc")
     p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton"),
                    help="kvcomp's store and decode: Triton on CUDA (auto), or the PyTorch reference codec (torch)")
+    p.add_argument("--workers", type=int, default=1, help="processes sharing the device (see run_workers)")
     p.add_argument("--time-budget", type=float, default=3600,
                    help="seconds; no spec is started after this (the finished ones are kept)")
     p.add_argument("--no-plot", action="store_true")

@@ -111,3 +111,13 @@ def test_hf_quantized_cache_if_backend_available(tiny_llama):
         tiny_llama(input_ids=ids[:, :1], **cache_kwargs(cache), use_cache=True)
     bpv = common.cache_bits_per_value(cache)
     assert 4 < bpv < 32
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_pytorch_unpack_equals_quantos(bits):
+    """The unpack that replaces quanto's CUDA extension on a GPU (eval/common/specs.py) gives quanto's result."""
+    pytest.importorskip("optimum.quanto")
+    from eval.common.specs import _unpack_bits
+
+    packed = torch.randint(0, 256, (6, 5), dtype=torch.uint8)
+    assert torch.equal(_unpack_bits(packed, bits), torch.ops.quanto.unpack(packed, bits))

@@ -205,11 +205,39 @@ def hf_quant_backend() -> str:
                        f"`pip install optimum-quanto` (or `pip install hqq`); none imports of {candidates}")
 
 
+def _unpack_bits(packed, bits: int):
+    """quanto's unpack (values of `bits` bits packed into uint8, low bits first, unpacked along dim 0)."""
+    import torch
+
+    mask = (1 << bits) - 1
+    return torch.cat([(packed >> (bits * i)) & mask for i in range(8 // bits)]).to(torch.uint8)
+
+
+def _quanto_unpack_without_cuda_build() -> None:
+    """On CUDA, quanto's unpack calls its CUDA extension, which is built on first use together with its matmul
+    kernels (Marlin, AWQ: minutes of nvcc). QuantizedCache needs only the unpack: give the extension the same
+    shift-and-mask in PyTorch instead of building it."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return
+    from types import SimpleNamespace
+
+    from optimum.quanto.library.extensions import get_extension, is_extension_available
+
+    if is_extension_available("quanto_cuda"):
+        ext = get_extension("quanto_cuda")
+        if ext._lib is None:
+            ext._lib = SimpleNamespace(unpack=_unpack_bits)
+
+
 def hf_quantized_cache(config, nbits: int, backend: str | None = None):
     """transformers.QuantizedCache with per-channel groups of 64 and a 128-token residual."""
     from transformers import QuantizedCache
 
     backend = backend or hf_quant_backend()
+    if backend == "quanto":
+        _quanto_unpack_without_cuda_build()
     # quanto: axis 0 = per-channel groups (transformers' documented default); hqq uses axis 1 for the same.
     axis = 0 if backend == "quanto" else 1
     return QuantizedCache(backend=backend, config=config, nbits=nbits, axis_key=axis, axis_value=axis,
