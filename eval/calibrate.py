@@ -19,7 +19,14 @@ scales) is screened by eval/fakequant.py (one forward pass per config and window
 --ppl-tokens tokens, default 2 x 2048); the config with the fewest bits/value all-in (at --bits-at tokens)
 whose NLL increase is within budget is written, with its provenance. No synthetic check.
 
-    python eval/calibrate.py --quick --model meta-llama/Llama-3.1-8B-Instruct --name llama-3.1-8b-instruct
+    python -m eval.calibrate --quick --model meta-llama/Llama-3.1-8B-Instruct --name llama-3.1-8b-instruct
+
+From a frontier run (--from-frontier): the kvcomp config with the fewest bits/value all-in whose NLL increase is
+within --max-nll-increase among those eval/frontier.py measured (its perplexity.json) is written, with the run's
+provenance. No model is loaded.
+
+    python -m eval.calibrate --from-frontier eval/results/frontier-smollm2-8k/perplexity.json \
+        --max-nll-increase 0.01 --name smollm2-135m-instruct --model-id HuggingFaceTB/SmolLM2-135M-Instruct
 """
 
 from __future__ import annotations
@@ -123,8 +130,9 @@ def floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x.strip()]
 
 
-QUICK_GRID = [(0.15, 0.3), (0.12, 0.25), (0.1, 0.25), (0.1, 0.2), (0.1, 0.15), (0.07, 0.15), (0.07, 0.12),
-              (0.07, 0.1), (0.05, 0.1), (0.05, 0.07), (0.035, 0.07)]
+# rotated, with the default's sink tokens; around the SmolLM2 frontier (eval/results/frontier-smollm2-8k)
+QUICK_GRID = [(0.12, 0.3), (0.1, 0.3), (0.08, 0.3), (0.08, 0.25), (0.07, 0.2), (0.0666667, 0.142857), (0.06, 0.2),
+              (0.05, 0.15), (0.05, 0.1), (0.035, 0.07)]
 
 
 def run_quick(args: argparse.Namespace) -> dict[str, Any]:
@@ -166,8 +174,46 @@ def run_quick(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def run_from_frontier(args: argparse.Namespace) -> dict[str, Any]:
+    """The fewest-bits kvcomp config within budget among the caches of an eval/frontier.py run; writes the preset."""
+    path = Path(args.from_frontier)
+    run_ = json.loads(path.read_text())
+    if run_.get("suite") != "perplexity":
+        raise ValueError(f"--from-frontier needs eval/frontier.py's perplexity.json, got suite {run_.get('suite')!r}")
+    model_id = args.model_id or run_.get("model") or "model"
+    name = args.name or slug(model_id.split("/")[-1])
+    output = Path(args.output) if args.output else CONFIGS_DIR / f"{name}.yaml"
+    rows = {c: r for c, r in run_["results"].items()  # per-layer levers ("|edge=...") are no config
+            if c.startswith("kvcomp") and "|" not in c and r.get("delta_nll") is not None}
+    ok = [c for c, r in rows.items() if r["delta_nll"] <= args.max_nll_increase]
+    if not ok:
+        raise ValueError(f"no kvcomp config of {path} has an NLL increase <= {args.max_nll_increase}")
+    best = min(ok, key=lambda c: rows[c]["bits_per_value"])
+    chosen = common.parse_cache_spec(best).kvcomp_config().to_dict()
+    meta = common.run_metadata(args)
+    measured_on = run_.get("meta", {})
+    provenance = {
+        "command": meta["command"], "date": datetime.date.today().isoformat(),
+        "method": f"eval/calibrate.py --from-frontier: fewest bits/value among the kvcomp configs of {path.as_posix()}",
+        "measured_by": {"file": path.as_posix(), **{k: measured_on.get(k) for k in
+                                                   ("command", "date", "device", "torch", "transformers")}},
+        "budget": {"max_nll_increase": args.max_nll_increase, "max_score_drop_pct": None},
+        "data": {"perplexity": {k: run_.get(k) for k in ("text", "text_sha256", "tokens", "windows", "chunk")}},
+        "measured": {"chosen": {k: _round(rows[best].get(k), 4) for k in
+                                ("bits_per_value", "delta_nll", "kl", "top1_agreement")}},
+        "grid": [{"cache": c, "bits_per_value": _round(r["bits_per_value"]), "delta_nll": _round(r["delta_nll"], 4),
+                  "kl": _round(r.get("kl"), 4)} for c, r in sorted(rows.items(), key=lambda kv: kv[1]["bits_per_value"])],
+    }
+    write_preset(output, chosen, provenance, model_id)
+    print(f"chosen {best}: {rows[best]['bits_per_value']:.3f} bits/value, dNLL {rows[best]['delta_nll']:+.4f}; "
+          f"wrote {output}")
+    return {"model": model_id, "name": name, "chosen": best, "config": chosen}
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     common.set_seed(args.seed)
+    if args.from_frontier:
+        return run_from_frontier(args)
     if args.quick:
         return run_quick(args)
     model_id = args.model_id or common.model_label(args.model, args.gguf_file)
@@ -291,6 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="minutes: fake-quantisation screen of a rotated grid (--ppl-tokens 2048 --ppl-windows 2 "
                         "unless given), no synthetic check")
     p.add_argument("--bits-at", type=int, default=8192, help="--quick: context length bits/value are given at")
+    p.add_argument("--from-frontier", default=None,
+                   help="eval/frontier.py's perplexity.json: choose among its measured kvcomp configs (no model run)")
     return p
 
 

@@ -4,8 +4,9 @@ Teacher-forcing through a KVCompCache in 64-token chunks re-decodes the compress
 on a CPU that takes minutes per config. This screen computes the same attention in one forward pass over
 the window: query i, in the chunk starting at s = 64 * floor(i / 64), reads token j through the codec
 (rotation, codec.quantize, codec.dequantize, rotation back) when the cache would hold j compressed at that
-chunk, i.e. j < 64 * floor((s + 64 - R) / 64) with R = residual_length (the update compresses before
-attending, leaving R..R+63 tokens exact), and exactly otherwise. codec.dequantize(codec.quantize(x)) is what decode_blocks returns
+chunk, i.e. S <= j < S + 64 * floor((s + 64 - S - R) / 64) with S = sink_tokens, R = residual_length (the
+update compresses before attending, leaving the first S and the last R..R+63 tokens exact), and exactly
+otherwise. codec.dequantize(codec.quantize(x)) is what decode_blocks returns
 for the stored bytes (bit packing and repacking are lossless), so this equals eval/perplexity.py
 --chunk 64 up to floating-point order.
 
@@ -17,7 +18,7 @@ extrapolated to --bits-at tokens (the same bytes per block, a tail of R + (bits_
 
 Levers beyond KVCompConfig fields, appended to a kvcomp spec with "|":
     edge=N*F   the first and last N layers use rel_k, rel_v times F
-    sink=S     the first S tokens stay exact (counted as 16-bit values)
+    sink=S     sink_tokens=S (the first S tokens stay exact; blocks start after them)
     resid=R    R recent tokens stay exact instead of residual_length (a screen for values below
                KVCompConfig's minimum)
 
@@ -49,8 +50,11 @@ CHUNK = 64
 class Scheme:
     config: KVCompConfig | None  # None: the exact (full) cache
     edge: tuple[int, float] | None = None
-    sink: int = 0
     resid: int | None = None  # None: the config's residual_length
+
+    @property
+    def sink(self) -> int:
+        return self.config.sink_tokens
 
     @property
     def residual(self) -> int:
@@ -68,7 +72,7 @@ def parse_scheme(spec: str) -> Scheme:
             n, f = val.split("*")
             scheme.edge = (int(n), float(f))
         elif key == "sink":
-            scheme.sink = int(val)
+            scheme.config = dataclasses.replace(scheme.config, sink_tokens=int(val))
         elif key == "resid" and int(val) >= 1:
             scheme.resid = int(val)
         else:
@@ -99,23 +103,26 @@ def fake_quant(x: torch.Tensor, cfg: KVCompConfig, kv: int, rot: LayerRotation |
 
 
 def block_bytes(k: torch.Tensor, v: torch.Tensor, cfg: KVCompConfig, rot: LayerRotation | None, n_blocks: int) -> int:
-    """Bytes the cache stores for the first n_blocks blocks of k, v [1, H, T, D] (16-bit model)."""
+    """Bytes the cache stores for the first n_blocks blocks of k, v [1, H, T, D] after the sink tokens
+    (16-bit model)."""
     if n_blocks == 0:
         return 0
     h, d = k.shape[1], k.shape[3]
     kr, vr = (rot.rotate(k, 0), rot.rotate(v, 1)) if rot else (k, v)
-    blocks = [x[0, :, :n_blocks * 64].reshape(h, n_blocks, 64, d).transpose(0, 1) for x in (kr, vr)]
+    s = cfg.sink_tokens
+    blocks = [x[0, :, s:s + n_blocks * 64].reshape(h, n_blocks, 64, d).transpose(0, 1) for x in (kr, vr)]
     enc, fmt = codec.encode_blocks(blocks[0].contiguous(), blocks[1].contiguous(), cfg)
     meta = sum(codec.metadata_bytes_per_block(fmt, torch.bfloat16).values()) * 2  # K and V
     perm = codec.BLOCK_SIZE if cfg.repack != "none" else 0  # the cache keeps no permutation for arrival order
     return int(enc.seg_bytes.sum()) + n_blocks * (meta + perm + 4)  # + block-table entry
 
 
-def compressed_before(positions: torch.Tensor, residual: int) -> torch.Tensor:
-    """Tokens the cache holds compressed when the chunk of each query position attends (the update stores
-    the chunk's tokens, then compresses every complete block beyond `residual` recent tokens)."""
+def compressed_before(positions: torch.Tensor, residual: int, sinks: int) -> torch.Tensor:
+    """Tokens the cache holds compressed (after the sinks) when the chunk of each query position attends: the
+    update stores the chunk's tokens, then compresses every complete block between the `sinks` first and the
+    `residual` most recent tokens."""
     s = positions // CHUNK * CHUNK
-    return torch.clamp((s + CHUNK - residual) // 64 * 64, min=0)
+    return torch.clamp((s + CHUNK - sinks - residual) // 64 * 64, min=0)
 
 
 def fakequant_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -131,8 +138,9 @@ def fakequant_attention(module, query, key, value, attention_mask, scaling=None,
     kf, vf = key.float(), value.float()
     kh, vh = fake_quant(kf, cfg, 0, rot), fake_quant(vf, cfg, 1, rot)
     pos = torch.arange(t, device=key.device)
-    comp = (pos[None, :] < compressed_before(pos, scheme.residual)[:, None]) & (pos[None, :] >= scheme.sink)
-    n_blocks = int(max((t - scheme.residual) // 64, 0))
+    first = scheme.sink
+    comp = (pos[None, :] >= first) & (pos[None, :] < first + compressed_before(pos, scheme.residual, first)[:, None])
+    n_blocks = int(max((t - first - scheme.residual) // 64, 0))
     State.bits.append((block_bytes(kf, vf, cfg, rot, n_blocks), n_blocks, h, d))
     group = query.shape[1] // h
     qf = query.float()
@@ -147,15 +155,14 @@ def fakequant_attention(module, query, key, value, attention_mask, scaling=None,
 
 def window_bits(t: int, sink: int, bits_at: int, residual: int) -> tuple[float, float]:
     """All-in bits/value of the window (at its length) and at bits_at tokens (the window's bytes per block,
-    the tail the cache holds at bits_at). Exact sink tokens are counted as 16-bit values on top of the blocks
-    (an upper bound)."""
+    the tail the cache holds at bits_at, sink tokens included)."""
     win = at = values_win = values_at = 0.0
-    nb_at = (bits_at - residual) // 64
+    nb_at = (bits_at - sink - residual) // 64
     tail_at = bits_at - nb_at * 64
     for nbytes, nb, h, d in State.bits:
         token_bytes = h * d * 2 * 2  # K and V of one token in bf16
-        win += nbytes + (t - nb * 64 + sink) * token_bytes
-        at += (nbytes / nb if nb else 0.0) * nb_at + (tail_at + sink) * token_bytes
+        win += nbytes + (t - nb * 64) * token_bytes
+        at += (nbytes / nb if nb else 0.0) * nb_at + tail_at * token_bytes
         values_win += t * h * d * 2
         values_at += bits_at * h * d * 2
     return 8 * win / values_win, 8 * at / values_at

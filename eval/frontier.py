@@ -222,6 +222,8 @@ def merge(out: Path, families: dict[str, str], args: argparse.Namespace, seconds
     names = ["full"] + [s for s in families if s in results]
     meta = common.run_metadata(args)
     meta.update(measured)
+    if args.merge_only and args.run_command:
+        meta["merge_command"], meta["command"] = meta["command"], args.run_command
     result = {"suite": "perplexity", "model": common.model_label(args.model, args.gguf_file),
               "text": text[0] if text else None, "text_sha256": text[1] if text else None, "tokens": args.tokens,
               "chunk": args.chunk, "windows": args.windows, "caches": names,
@@ -278,7 +280,7 @@ def run(args: argparse.Namespace) -> int:
     for s in families:  # fail now on a bad spec, not after the reference pass
         common.parse_cache_spec(split_edge(s)[0])
     t0 = time.time()
-    todo = [s for s in families if not _spec_file(out, s).exists()]
+    todo = [s for s in families if not _spec_file(out, s).exists()] if not args.merge_only else []
     if todo and args.workers > 1:
         run_workers(todo, args, out)
     elif todo:
@@ -306,6 +308,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-budget", type=float, default=3600,
                    help="seconds; no spec is started after this (the finished ones are kept)")
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--merge-only", action="store_true",
+                   help="run nothing: merge the spec_*.json already in --out (e.g. copied back from a GPU run)")
+    p.add_argument("--run-command", default=None,
+                   help="--merge-only: the command that measured the specs (recorded as the command; the merge's own "
+                        "as merge_command)")
     return p
 
 

@@ -57,11 +57,11 @@ class KVCompConfig:
     rotation_seed: int seed of the rotation's random signs (part of the format).
     """
 
-    rel_k: float = 0.1
-    rel_v: float = 0.15
+    rel_k: float = 0.08
+    rel_v: float = 0.3
     block_size: int = 64
     residual_length: int = 128
-    sink_tokens: int = 0
+    sink_tokens: int = 4
     pack_size: int = 64
     repack: str = "none"
     granularity: str = "token"

@@ -54,7 +54,7 @@ def test_triton_backend_needs_a_16_bit_dtype(nothing_loads, capsys, monkeypatch)
 def test_presets_say_which_are_calibrated(capsys):
     cli.main(["presets"])
     lines = dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines())
-    assert lines["smollm2-135m-instruct"].startswith("calibrated on HuggingFaceTB/SmolLM2-135M-Instruct; rel_k=0.05")
+    assert lines["smollm2-135m-instruct"].startswith("calibrated on HuggingFaceTB/SmolLM2-135M-Instruct; rel_k=0.0666667")
     default = KVCompConfig()
     assert lines["default"].startswith(f"not calibrated; rel_k={default.rel_k}, rel_v={default.rel_v}")
 
