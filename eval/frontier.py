@@ -218,7 +218,7 @@ def merge(out: Path, families: dict[str, str], args: argparse.Namespace, seconds
         results.setdefault("full", {k: v for k, v in d["full"].items()})
         results[d["cache"]] = d["result"]
         text = text or (d["text"], d["text_sha256"])
-        measured = measured or d.get("measured", {})
+        measured = measured or {k: v for k, v in d.get("measured", {}).items() if k != "git_commit"}
     names = ["full"] + [s for s in families if s in results]
     meta = common.run_metadata(args)
     meta.update(measured)
@@ -248,7 +248,7 @@ def run_share(specs: list[str], args: argparse.Namespace, out: Path) -> None:
     text_name, text = common.load_text(args.text, min_words=args.tokens, order=common.PERPLEXITY_ORDER)
     windows = perplexity.token_windows(tokenizer, text, args.tokens, args.windows)
     meta = common.run_metadata(args)
-    measured = {k: meta[k] for k in ("date", "device", "torch", "transformers", "git_commit") if k in meta}
+    measured = {k: meta[k] for k in ("date", "device", "torch", "transformers") if k in meta}  # a carried copy has no git
     run_specs(model, windows, specs, args, out, {"text": text_name, "text_sha256": common.text_sha256(text),
                                                  "measured": measured}, log=lambda line: print(line, flush=True))
 
