@@ -39,7 +39,8 @@ def layer_parts(k: torch.Tensor, v: torch.Tensor, cfg, layer: int) -> dict[str, 
     pack_meta = (fmt.meta_bytes(0) + fmt.meta_bytes(1)) * h * nb
     return {"payload": (int(enc.seg_bytes.sum()) - pack_meta) / nb, "pack min+width": pack_meta / nb,
             "token min+step": 2 * (meta["token_min"] + meta["token_step"]),
-            "offsets": 2 * (meta["seg_offset"] + meta["seg_bytes"]), "perm": 64, "block table": 4}
+            "offsets": 2 * (meta["seg_offset"] + meta["seg_bytes"]),
+            "perm": 64 if cfg.repack != "none" else 0, "block table": 4}  # arrival order keeps no permutation
 
 
 def breakdown(caches: list, specs: list[str], bits_at: int) -> dict[str, dict[str, float]]:
