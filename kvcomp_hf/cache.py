@@ -599,6 +599,8 @@ class KVCompStaticLayer(KVCompLayer):
         self.scratch = self.shared[device]
         if self.config.rotation == "hadamard":
             self.rotation = LayerRotation(self.config.rotation_seed, self.layer_idx, h, d, device)
+            for kv in (0, 1):  # built now, not inside the first compiled step (a side effect that recompiles)
+                self.rotation._signs_for(kv, group * h)
         if not torch.compiler.is_compiling():  # fixed addresses: CUDA graphs neither copy nor re-record them
             for t in (st.pool, st.seg_offset, st.token_min, st.token_step, self.block_table, self.ring_k,
                       self.ring_v, self.ctl, self.splits, self.scratch):
