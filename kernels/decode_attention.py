@@ -56,7 +56,10 @@ def choose_tuning(head_dim: int, batch: int = 1, kv_heads: int = 1, nb: int = 0)
     few (batch, head) rows, short contexts want short splits (4 blocks) and long ones long splits (16)."""
     rows = batch * kv_heads
     min_blocks = 8 if rows > 16 else (4 if nb < 256 else 16)
-    return DecodeTuning(num_warps=4 if head_dim <= 128 else 8, min_blocks_per_split=min_blocks)
+    # the tokens-in-M kernel wins with many (batch, head) rows or long contexts (0.45 vs 0.50 ms at 32K x 8,
+    # 0.26 vs 0.29 ms at 128K x 1) and loses at 8K-32K x 1 (0.09 vs 0.06-0.08 ms): bench_kernels, H200
+    return DecodeTuning(num_warps=4 if head_dim <= 128 else 8, min_blocks_per_split=min_blocks,
+                        tokens_in_m=rows >= 32 or nb >= 1024)
 
 
 def _pow2_floor(x: int) -> int:
@@ -163,6 +166,34 @@ def _tile(x, L, pmin, CJ: tl.constexpr, D: tl.constexpr, R: tl.constexpr, ADD_MI
     else:
         out = v.to(tl.float32)
     return out
+
+
+@triton.jit
+def _pair4(x, j: tl.constexpr, INTERP: tl.constexpr):
+    """Tokens 8w + 2j (low half) and 8w + 2j + 1 (high half) of 4-bit pair-order words x, as 128 + q:
+    t = (x >> 4j) & 0x000F000F | 0x43004300 holds both as bf16 bit patterns."""
+    if INTERP:  # float32 operands holding the same values (the interpreter's bf16 dot is wrong)
+        lo = (((x >> (4 * j)) & 15) + 128).to(tl.float32)
+        hi = (((x >> (4 * j + 16)) & 15) + 128).to(tl.float32)
+    else:
+        t = ((x >> (4 * j)) & 0x000F000F) | 0x43004300
+        lo = (t & 0xFFFF).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        hi = (t >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return lo, hi
+
+
+@triton.jit
+def _tile_paired4(x, D: tl.constexpr, INTERP: tl.constexpr):
+    """Words of a 4-bit fixed segment in pair order (codec: BlockFormat.paired), x [D, 8] -> [D, 64] holding
+    128 + q (bf16; float32 in the interpreter)."""
+    lo0, hi0 = _pair4(x, 0, INTERP)
+    lo1, hi1 = _pair4(x, 1, INTERP)
+    lo2, hi2 = _pair4(x, 2, INTERP)
+    lo3, hi3 = _pair4(x, 3, INTERP)
+    # element (a, b) of the inner joins is pair j = 2a + b; the outer join adds the token's parity
+    lo_t = tl.join(tl.join(lo0, lo2), tl.join(lo1, lo3))
+    hi_t = tl.join(tl.join(hi0, hi2), tl.join(hi1, hi3))
+    return tl.reshape(tl.join(lo_t, hi_t), (D, 64))
 
 
 @triton.jit
@@ -439,7 +470,7 @@ def _seg_ptr(pool32, so_ptr, slot, so_s, kv_off, h, FIXED: tl.constexpr):
     return pool32 + off
 
 
-@triton.jit(do_not_specialize=["skt_b", "skt_h", "svt_b", "svt_h", "T", "bt_b", "nb", "va_b", "bps", "NS"])
+@triton.jit(do_not_specialize=["skt_b", "skt_h", "svt_b", "svt_h", "T", "bt_b", "nb", "va_b", "bps", "NS", "NPART"])
 def _tokens_in_m_kernel(q_ptr, sq_b, sq_h, sq_t, sq_d,
                         kt_ptr, skt_b, skt_h, skt_t, skt_d, vt_ptr, svt_b, svt_h, svt_t, svt_d, T,
                         pool32, so_ptr, so_s, so_kv,
@@ -447,7 +478,7 @@ def _tokens_in_m_kernel(q_ptr, sq_b, sq_h, sq_t, sq_d,
                         bt_ptr, bt_b, nb,
                         valid_ptr, va_b,
                         m_ptr, l_ptr, acc_ptr,
-                        scale_log2, bps, NS, ctl_ptr, split_ptr, RING,
+                        scale_log2, bps, NS, NPART, ctl_ptr, split_ptr, RING,
                         GROUP: tl.constexpr, QLEN: tl.constexpr, M: tl.constexpr, D: tl.constexpr,
                         P: tl.constexpr, BITS_K: tl.constexpr, BITS_V: tl.constexpr, WB_K: tl.constexpr,
                         WB_V: tl.constexpr, META_K: tl.constexpr, META_V: tl.constexpr,
@@ -457,11 +488,12 @@ def _tokens_in_m_kernel(q_ptr, sq_b, sq_h, sq_t, sq_d,
     """The decode kernel with the 64 tokens of a block as the M dimension of both matrix products:
     scores^T [64, M] = K_tile [64, D] . q^T [D, M] and out^T [D, M] += V_tile^T [D, 64] . w^T [64, M],
     so the unpacked tiles are the A operands and the few query rows (GQA x q_len, padded) are N.
-    TAIL: the program reads the dense tail instead of blocks (its own launch, split index NS).
+    TAIL: the program reads 64 tokens of the dense tail instead of blocks (its own launch; chunk j is split
+    NS + j), so the tail costs one chunk's latency, not ceil(T / 64) chunks in sequence.
     DEV (the static cache, kernels/static_cache.py): the lengths are read on the device, so one captured launch
     serves every step: ctl_ptr holds [kv_len, nb], split_ptr [nb] -> (NS, bps) as choose_tuning gives them; the
-    grid has the most splits any nb needs and the programs past NS store nothing; the tail is a ring of RING
-    tokens (a multiple of 64) whose token t sits at row (nb * 64 + t) % RING."""
+    grids have the most splits (tail chunks) any length needs and the programs past NS (the tail's chunks) store
+    nothing; the tail is a ring of RING tokens (a multiple of 64) whose token t sits at row (nb * 64 + t) % RING."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     s_id = tl.program_id(2)
@@ -475,9 +507,13 @@ def _tokens_in_m_kernel(q_ptr, sq_b, sq_h, sq_t, sq_d,
         T = kv_len - nb * 64
         NS = tl.load(split_ptr + 2 * nb)
         bps = tl.load(split_ptr + 2 * nb + 1)
-        live = s_id < NS  # (the tail program always is)
-        if not TAIL:
-            row_ok = row_ok & (rows * 0 + s_id < NS)
+        NPART = NS + tl.maximum((T + 63) // 64, 1)  # as decode_attention's n_part
+        if TAIL:
+            n_live = NPART - NS
+        else:
+            n_live = NS
+        live = s_id < n_live
+        row_ok = row_ok & (rows * 0 + s_id < n_live)
     g = rows // QLEN
     qi = rows % QLEN
     kv_len = nb * 64 + T
@@ -554,14 +590,20 @@ def _tokens_in_m_kernel(q_ptr, sq_b, sq_h, sq_t, sq_d,
             if FIXED:  # constant widths: the unpack's shifts and masks fold into immediates
                 kL = tl.full(kx.shape, BITS_K, tl.int32)
                 vL = tl.full(vx.shape, BITS_V, tl.int32)
-            kt = tl.trans(_tile(kx, kL, kpmin, CJ_K, D, R, not FIXED, True, INTERP))     # [64, D]
+            if FIXED and BITS_K == 4:
+                kt = tl.trans(_tile_paired4(kx, D, INTERP))
+            else:
+                kt = tl.trans(_tile(kx, kL, kpmin, CJ_K, D, R, not FIXED, True, INTERP))     # [64, D]
             s = tl.dot(kt, q_hi)
             if Q_SPLIT:
                 s = tl.dot(kt, q_lo, s)
             s = ((s - 128.0 * qsum[None, :]) * kstep[:, None] + kmin[:, None] * qsum[None, :]) * scale_log2
             m_new, alpha, p, l_i = _softmax_step_t(s, valid, m_i, l_i)
             # values: sum_t p x_hat = sum_t w (128 + pmin + r) - 128 sum_t w + sum_t p min, w = p step
-            vt = _tile(vx, vL, vpmin, CJ_V, D, R, R > 1 and not FIXED, True, INTERP)     # [D, 64]
+            if FIXED and BITS_V == 4:
+                vt = _tile_paired4(vx, D, INTERP)
+            else:
+                vt = _tile(vx, vL, vpmin, CJ_V, D, R, R > 1 and not FIXED, True, INTERP)     # [D, 64]
             w_hi = _bf16_op(p * vstep[:, None], INTERP)
             pv = tl.dot(vt, w_hi)                                                     # [D, M]
             wsum = tl.sum(w_hi.to(tl.float32), axis=0)  # the offset correction uses the weights the dot used
@@ -580,8 +622,8 @@ def _tokens_in_m_kernel(q_ptr, sq_b, sq_h, sq_t, sq_d,
             slot1, slot2, slot3 = slot2, slot3, slot4
         accT = accT + accmin[None, :]
         part = s_id
-    else:
-        for t0 in range(0, T, 64):
+    else:  # tail chunk s_id: tokens 64 * s_id .. of the dense tail (one program per chunk)
+        for t0 in range(64 * s_id, tl.minimum(T, 64 * s_id + 64), 64):
             t = t0 + idx
             tok = t < T
             trow = t
@@ -610,8 +652,8 @@ def _tokens_in_m_kernel(q_ptr, sq_b, sq_h, sq_t, sq_d,
                 pv = tl.dot(vx, p_lo, pv)
             accT = accT * alpha[None, :] + pv
             m_i = m_new
-        part = NS
-    pbase = ((b64 * H + h) * (NS + 1) + part) * M
+        part = NS + s_id
+    pbase = ((b64 * H + h) * NPART + part) * M
     tl.store(m_ptr + pbase + rows, m_i, mask=row_ok)
     tl.store(l_ptr + pbase + rows, l_i, mask=row_ok)
     tl.store(acc_ptr + (pbase + rows.to(tl.int64))[None, :] * D + cols[:, None], accT, mask=row_ok[None, :])
@@ -621,8 +663,9 @@ def _tokens_in_m_kernel(q_ptr, sq_b, sq_h, sq_t, sq_d,
 def _combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, so_b, so_h, so_t, so_d, H, NSP1,
                     GROUP: tl.constexpr, QLEN: tl.constexpr, M: tl.constexpr, D: tl.constexpr,
                     SP: tl.constexpr, SC: tl.constexpr, ctl_ptr=None, split_ptr=None, DEV: tl.constexpr = False):
-    if DEV:  # NSP1 from the device (see _tokens_in_m_kernel)
-        NSP1 = tl.load(split_ptr + 2 * tl.load(ctl_ptr + 1)) + 1
+    if DEV:  # the number of partials from the device (see _tokens_in_m_kernel)
+        nb = tl.load(ctl_ptr + 1)
+        NSP1 = tl.load(split_ptr + 2 * nb) + tl.maximum((tl.load(ctl_ptr) - nb * 64 + 63) // 64, 1)
     b = tl.program_id(0)
     hq = tl.program_id(1)
     qi = tl.program_id(2)
@@ -748,25 +791,28 @@ def decode_attention(q, k_tail, v_tail, pool, seg_offset, token_min, token_step,
     out = torch.empty_like(q)
     if B == 0 or Hq == 0:
         return out
-    part = torch.empty(B * H * (ns + 1) * M * (D + 2), dtype=torch.float32, device=dev)
-    n_ml = B * H * (ns + 1) * M
+    tail_chunks = max(1, math.ceil(T / BLOCK_SIZE))
+    tm_kernel = consts["FAST"] and q.dtype == k_tail.dtype and not consts["HAS_PERM"] and \
+        (tuning.tokens_in_m or fmt.layout == "fixed")
+    n_part = ns + (tail_chunks if tm_kernel else 1)
+    part = torch.empty(B * H * n_part * M * (D + 2), dtype=torch.float32, device=dev)
+    n_ml = B * H * n_part * M
     m_part, l_part, acc_part = part[:n_ml], part[n_ml:2 * n_ml], part[2 * n_ml:]
     pool32 = pool[: pool.numel() // 4 * 4].view(torch.int32)
-    if consts["FAST"] and q.dtype == k_tail.dtype and not consts["HAS_PERM"] and \
-            (tuning.tokens_in_m or fmt.layout == "fixed"):
+    if tm_kernel:
         tm = {k: consts[k] for k in ("GROUP", "QLEN", "M", "D", "P", "BITS_K", "BITS_V", "WB_K", "WB_V", "META_K",
                                      "META_V", "CJ_K", "CJ_V", "TOKEN_GRAN", "HAS_MASK", "Q_SPLIT", "INTERP",
-                                     "num_warps", "num_stages")}
+                                     "num_warps", "num_stages", "maxnreg") if k in consts}
         args = (q, *q.stride(), k_tail, *k_tail.stride(), v_tail, *v_tail.stride(), T,
                 pool32, seg_offset, seg_offset.stride(0), seg_offset.stride(1),
                 token_min, token_min.stride(0), token_min.stride(1), token_min.stride(2),
                 token_step, token_step.stride(0), token_step.stride(1), token_step.stride(2),
                 block_table, block_table.stride(0), nb, valid_arg, va_b, m_part, l_part, acc_part,
-                float(scaling) * LOG2E, bps, ns, block_table, block_table, 0)
+                float(scaling) * LOG2E, bps, ns, n_part, block_table, block_table, 0)
         if ns:
             _tokens_in_m_kernel[(B, H, ns)](*args, FIXED=fmt.layout == "fixed", TAIL=False, **tm)
-        _tokens_in_m_kernel[(B, H, 1)](*args, FIXED=fmt.layout == "fixed", TAIL=True, **tm)
-        _combine_kernel[(B, Hq, QLEN)](m_part, l_part, acc_part, out, *out.stride(), H, ns + 1, **comb)
+        _tokens_in_m_kernel[(B, H, tail_chunks)](*args, FIXED=fmt.layout == "fixed", TAIL=True, **tm)
+        _combine_kernel[(B, Hq, QLEN)](m_part, l_part, acc_part, out, *out.stride(), H, n_part, **comb)
         return out
     if fmt.layout == "fixed":
         raise ValueError("layout='fixed' is read by the fused kernel only for fp16/bf16 q and tail of one dtype "

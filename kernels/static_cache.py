@@ -144,7 +144,7 @@ def static_decode(q: torch.Tensor, ring_k: torch.Tensor, ring_v: torch.Tensor, c
                   scratch: torch.Tensor, scaling: float, bits_k: int, bits_v: int, token_gran: bool,
                   max_splits: int) -> torch.Tensor:
     """Attention of q [B, Hq, 1, D] (rotated like the stored keys) over the layer's blocks + ring -> [B, Hq, 1, D].
-    scratch: float32 of at least B * H * (max_splits + 1) * M * (D + 2) values (the split partials)."""
+    scratch: scratch_values(...) float32 values (the partials of the splits and tail chunks)."""
     B, Hq, qlen, D = q.shape
     H, ring = ring_k.shape[1], ring_k.shape[2]
     fmt = _fmt(H, D, bits_k, bits_v, token_gran)
@@ -152,8 +152,8 @@ def static_decode(q: torch.Tensor, ring_k: torch.Tensor, ring_v: torch.Tensor, c
                                    choose_tuning(D, B, H, 0))
     tm = {k: consts[k] for k in ("GROUP", "QLEN", "M", "D", "P", "BITS_K", "BITS_V", "WB_K", "WB_V", "META_K",
                                  "META_V", "CJ_K", "CJ_V", "TOKEN_GRAN", "HAS_MASK", "Q_SPLIT", "INTERP",
-                                 "num_warps", "num_stages")}
-    n_ml = B * H * (max_splits + 1) * M
+                                 "num_warps", "num_stages", "maxnreg") if k in consts}
+    n_ml = B * H * (max_splits + ring // 64) * M
     m_part, l_part, acc_part = scratch[:n_ml], scratch[n_ml:2 * n_ml], scratch[2 * n_ml:n_ml * (D + 2)]
     if kv_valid is not None:
         valid_arg = kv_valid.view(torch.uint8) if kv_valid.dtype == torch.bool else kv_valid
@@ -166,11 +166,11 @@ def static_decode(q: torch.Tensor, ring_k: torch.Tensor, ring_v: torch.Tensor, c
             token_min, token_min.stride(0), token_min.stride(1), token_min.stride(2),
             token_step, token_step.stride(0), token_step.stride(1), token_step.stride(2),
             block_table, block_table.stride(0), 0, valid_arg, va_b, m_part, l_part, acc_part,
-            float(scaling) * LOG2E, 1, 0, ctl, splits, ring)
+            float(scaling) * LOG2E, 1, 0, 1, ctl, splits, ring)
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
         if max_splits:
             _tokens_in_m_kernel[(B, H, max_splits)](*args, FIXED=True, TAIL=False, DEV=True, **tm)
-        _tokens_in_m_kernel[(B, H, 1)](*args, FIXED=True, TAIL=True, DEV=True, **tm)
+        _tokens_in_m_kernel[(B, H, ring // 64)](*args, FIXED=True, TAIL=True, DEV=True, **tm)
         _combine_kernel[(B, Hq, qlen)](m_part, l_part, acc_part, out, *out.stride(), H, 1, ctl_ptr=ctl,
                                        split_ptr=splits, DEV=True, **comb)
     return out
@@ -182,7 +182,7 @@ def _(q, ring_k, ring_v, ctl, splits, pool, seg_offset, token_min, token_step, b
     return torch.empty_like(q)
 
 
-def scratch_values(batch: int, kv_heads: int, group: int, head_dim: int, max_splits: int) -> int:
-    """float32 values static_decode's scratch needs."""
+def scratch_values(batch: int, kv_heads: int, group: int, head_dim: int, max_splits: int, ring: int) -> int:
+    """float32 values static_decode's scratch needs: (max_splits + ring / 64) partials per (batch, kv head)."""
     m = max(16, triton.next_power_of_2(group))
-    return batch * kv_heads * (max_splits + 1) * m * (head_dim + 2)
+    return batch * kv_heads * (max_splits + ring // 64) * m * (head_dim + 2)

@@ -379,7 +379,11 @@ def _write_pack64(pool32, x, lo, step, seg_off, D: tl.constexpr, BITS: tl.conste
     r = (q - pmin[None, :]).to(tl.int64)
     # chunks: CJ consecutive fields of one channel -> bits j * L of one value (at most 32 bits)
     r3 = tl.reshape(r, (NCH, CJ, D))
-    jL = tl.arange(0, CJ)[None, :, None] * width[None, None, :]
+    j = tl.arange(0, CJ)[None, :, None]
+    if FIXED and BITS == 4:  # pair order (codec: BlockFormat.paired): a chunk is one word
+        jL = (j // 2) * BITS + (j % 2) * 16 + 0 * width[None, None, :]
+    else:
+        jL = j * width[None, None, :]
     chunk = tl.sum(r3 << jL.to(tl.int64), axis=1)                  # [NCH, D]
     # words: word w of a channel holds bits 32w.. of its stream; chunk g starts at bit g * CJ * L
     w = tl.arange(0, CW)[:, None, None]

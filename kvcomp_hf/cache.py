@@ -593,7 +593,7 @@ class KVCompStaticLayer(KVCompLayer):
         self.splits = torch.tensor(splits, dtype=torch.int64, device=device)
         self.max_splits = max(ns for ns, _ in splits)
         group = _text_config(self.model_config).num_attention_heads // h
-        need = scratch_values(b, h, group, d, self.max_splits)
+        need = scratch_values(b, h, group, d, self.max_splits, self.ring)
         if self.shared.get(device) is None or self.shared[device].numel() < need:
             self.shared[device] = torch.empty(need, dtype=torch.float32, device=device)
         self.scratch = self.shared[device]

@@ -48,6 +48,10 @@ Pipeline for one block of `block_size` = 64 tokens of one sequence (K and V of a
    Layout "fixed" (config.layout): no metadata sections; every pack is one channel of the block
    (pack_size 64) with pmin = 0 and L = bits, so the segment is the D channels' 64 `bits`-bit fields
    of q itself, channel c at 32-bit word 2 * bits * c, and every segment has 8 * D * bits bytes.
+   With bits 4 the 8 fields of each 32-bit word are in pair order: field j of word w (token 8w + j of
+   the channel) sits at bit (j // 2) * 4 + (j % 2) * 16, so tokens 2i and 2i + 1 occupy the same bits of
+   the low and the high half-word (the decode kernel turns both into bf16 with one shift and one
+   mask). Other widths are the plain little-endian stream.
 
 4. Storage of a batch of n blocks (EncodedBlocks): the segments back to back in `data` in the
    order (block, K then V, head), each starting at a 4-byte-aligned offset; `seg_offset` and
@@ -128,6 +132,19 @@ class BlockFormat:
             return 0
         b = self.bits(kv)
         return _round_up4(self.n_packs * (b + width_bits(b)) // 8)
+
+    def paired(self, kv: int) -> bool:
+        """Layout "fixed" with 4-bit fields stores each 32-bit word's fields in pair order (see the module
+        docstring): one shift and one mask then give two adjacent tokens as the two halves of a word."""
+        return self.layout == "fixed" and self.bits(kv) == 4
+
+    def field_offsets(self, kv: int, width: torch.Tensor, device) -> torch.Tensor:
+        """Bit offset of field j (j = 0 .. pack_size - 1) inside its pack, for packs of `width` bits."""
+        j = torch.arange(self.pack_size, device=device)
+        if not self.paired(kv):
+            return j * width
+        per_word = 32 // self.bits(kv)
+        return j // per_word * 32 + (j % per_word) // 2 * width + (j % 2) * 16
 
     def max_segment_bytes(self, kv: int) -> int:
         return _round_up4(self.meta_bytes(kv) + BLOCK_SIZE * self.head_dim * self.bits(kv) // 8)
@@ -285,8 +302,7 @@ def encode_blocks(k: torch.Tensor, v: torch.Tensor, config: KVCompConfig) -> tup
         pack_start = base + fmt.meta_bytes(kv) * 8 + fmt.pack_size * (width.cumsum(-1) - width)  # [n,H,np]
         # residual [n, H, 64/P, P, D] -> pack order (p, c) then value j: [n, H, np, P]
         vals = residual.permute(0, 1, 2, 4, 3).reshape(n, h, fmt.n_packs, fmt.pack_size)
-        j = torch.arange(fmt.pack_size, device=k.device)
-        offsets = pack_start[..., None] + j * width[..., None]
+        offsets = pack_start[..., None] + fmt.field_offsets(kv, width[..., None], k.device)
         nbits = width[..., None].expand_as(vals)
         _write_fields(stream, vals.flatten().long(), nbits.flatten(), offsets.flatten())
 
@@ -311,8 +327,8 @@ def decode_segments(data: torch.Tensor, seg_offset: torch.Tensor, fmt: BlockForm
         pmin = _read_fields(words, torch.full_like(idx, b), base + idx * b)
         width = _read_fields(words, torch.full_like(idx, wb), base + fmt.n_packs * b + idx * wb)
     pack_start = base + fmt.meta_bytes(kv) * 8 + p * (width.cumsum(-1) - width)   # [S, np]
-    j = torch.arange(p, device=data.device)
-    vals = _read_fields(words, width[..., None].expand(-1, -1, p), pack_start[..., None] + j * width[..., None])
+    vals = _read_fields(words, width[..., None].expand(-1, -1, p),
+                        pack_start[..., None] + fmt.field_offsets(kv, width[..., None], data.device))
     q = (vals + pmin[..., None])                                   # [S, np, P], np = (64/P) * D in (p, c) order
     q = q.view(-1, BLOCK_SIZE // p, d, p).permute(0, 1, 3, 2).reshape(-1, BLOCK_SIZE, d)
     return q.view(*shape, BLOCK_SIZE, d)

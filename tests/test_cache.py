@@ -149,6 +149,25 @@ def test_assisted_decoding_crops_consistently(tiny_llama):
     assert cache.get_seq_length() == out.sequences.shape[1] - 1
 
 
+def test_fixed_layout_holds_the_same_values_in_fixed_size_segments():
+    """layout="fixed" changes only the bit packing: fed the same stream, a fixed and a packed layer decode to the
+    same values, and every fixed segment has 8 * D * bits bytes."""
+    torch.manual_seed(8)
+    cfg = dict(rel_k=1 / 15, rel_v=1 / 7)
+    fixed, packed = KVCompLayer(KVCompConfig(layout="fixed", **cfg)), KVCompLayer(KVCompConfig(**cfg))
+    for q_len in (300, 1, 70, 1):
+        k = (torch.randn(2, 2, q_len, 32) * torch.linspace(0.5, 4, 32)).to(torch.bfloat16)
+        v = torch.randn(2, 2, q_len, 32).to(torch.bfloat16)
+        fixed.update(k, v)
+        packed.update(k, v)
+    for a, b in zip(fixed.dense_kv(torch.float32), packed.dense_kv(torch.float32)):
+        assert torch.equal(a, b)
+    store = fixed.store
+    assert store.n_slots > 0
+    assert (store.seg_bytes[: store.n_slots, 0] == 8 * 32 * 4).all()
+    assert (store.seg_bytes[: store.n_slots, 1] == 8 * 32 * 3).all()
+
+
 def test_crop_into_compressed_blocks_reopens_them():
     torch.manual_seed(6)
     layer = KVCompLayer(KVCompConfig())

@@ -66,6 +66,12 @@ STORE_CASES = [
     (64, "none", "token", 0.003, 0.03, torch.bfloat16, True),
     (64, "none", "token_head", 0.02, 0.7, torch.float32, True),
 ]
+FIXED_STORE_CASES = [
+    # layout "fixed": 4-bit K in pair order, 3-bit V straddling words; 2- and 7-bit fields; per-head groups
+    ("token", 1 / 15, 1 / 7, torch.bfloat16, True),
+    ("token_head", 1 / 3, 1 / 100, torch.float16, False),
+    ("token", 0.1, 0.15, torch.float32, True),
+]
 
 
 @pytest.mark.parametrize("pack,repack,gran,rel_k,rel_v,dtype,outliers", STORE_CASES)
@@ -78,6 +84,17 @@ def test_store_matches_codec(pack, repack, gran, rel_k, rel_v, dtype, outliers):
     e0, f0 = codec.encode_blocks(k, v, cfg)
     assert f1 == f0
     _assert_same_encoding(e1, e0)
+
+
+@pytest.mark.parametrize("gran,rel_k,rel_v,dtype,outliers", FIXED_STORE_CASES)
+def test_store_matches_codec_fixed_layout(gran, rel_k, rel_v, dtype, outliers):
+    gen = torch.Generator().manual_seed(7)
+    cfg = KVCompConfig(layout="fixed", granularity=gran, rel_k=rel_k, rel_v=rel_v)
+    k, v = _kv(3, 2, 64, 32, dtype, gen, outliers)
+    e1, fmt = encode_blocks_triton(k, v, cfg)
+    e0, _ = codec.encode_blocks(k, v, cfg)
+    _assert_same_encoding(e1, e0)
+    assert (e0.seg_bytes[:, 0] == 8 * 32 * fmt.bits_k).all() and (e0.seg_bytes[:, 1] == 8 * 32 * fmt.bits_v).all()
 
 
 def test_store_constant_tokens_and_strided_input():
@@ -202,6 +219,12 @@ DECODE_CASES = [
     (1, 2, 4, 4, 130, 32, 1, torch.float16, {"rel_k": 0.05, "rel_v": 0.1}, 3),
     (2, 2, 4, 3, 1, 32, 1, torch.bfloat16, {"rel_k": 0.003, "rel_v": 0.3}, None),  # 9-bit K: float32 operands
     (1, 1, 8, 2, 3, 64, 2, torch.bfloat16, {"pack_size": 16, "repack": "median"}, 2),
+    # layout "fixed" (the tokens-in-M kernel): 4-bit pair order, 3-bit straddling, 2/7-bit, per-head groups,
+    # a tail of several 64-token chunks, no blocks
+    (2, 2, 4, 3, 70, 32, 2, torch.bfloat16, {"layout": "fixed", "rel_k": 1 / 15, "rel_v": 1 / 7}, 2),
+    (1, 2, 4, 4, 130, 32, 1, torch.float16, {"layout": "fixed", "rel_k": 1 / 3, "rel_v": 1 / 100}, 3),
+    (2, 2, 2, 3, 1, 32, 4, torch.bfloat16, {"layout": "fixed", "granularity": "token_head"}, None),
+    (2, 2, 1, 0, 9, 16, 4, torch.bfloat16, {"layout": "fixed"}, None),
 ]
 
 
@@ -212,7 +235,7 @@ def test_decode_attention(B, H, group, nb, T, D, QL, dtype, kw, splits):
 
 
 @pytest.mark.parametrize("tuning", [DecodeTuning(prefetch=False, split_v=False, min_blocks_per_split=1),
-                                    DecodeTuning(num_warps=8, split_waves=1)])
+                                    DecodeTuning(num_warps=8, split_waves=1), DecodeTuning(tokens_in_m=True)])
 def test_decode_attention_tunings(tuning):
     """Other compiled variants of the tuning object compute the same attention."""
     _check_decode(2, 2, 4, 5, 3, 32, 1, torch.bfloat16, KVCompConfig(), seed=3, tuning=tuning)
@@ -263,6 +286,10 @@ CUDA_DECODE_CASES = [
     (2, 2, 4, 33, 129, 128, 1, torch.bfloat16, {"rel_k": 0.003}, None),          # 9-bit K: float32 operands
     (2, 1, 4, 20, 130, 128, 1, torch.float16, {"pack_size": 16, "repack": "median"}, 4),  # the compact layout
     (1, 2, 4, 10, 128, 64, 2, torch.bfloat16, {"pack_size": 4, "granularity": "token_head"}, None),
+    (2, 2, 4, 60, 140, 128, 1, torch.bfloat16, {"layout": "fixed", "rel_k": 1 / 15, "rel_v": 1 / 7}, None),
+    (2, 2, 4, 60, 190, 128, 4, torch.float16, {"layout": "fixed", "rel_k": 1 / 15, "rel_v": 1 / 15}, 5),
+    (1, 2, 8, 30, 131, 256, 1, torch.bfloat16, {"layout": "fixed", "rel_k": 1 / 7, "rel_v": 1 / 3}, 3),
+    (2, 2, 1, 20, 129, 64, 16, torch.bfloat16, {"layout": "fixed", "granularity": "token_head"}, 2),
 ]
 
 
