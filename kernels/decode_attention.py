@@ -40,6 +40,7 @@ class DecodeTuning:
                                    # 16-bit dot (~125 fewer SASS per block, weights rounded to 2**-9)
     maxnreg: int | None = None     # register cap per thread (None: the compiler's choice)
     tokens_in_m: bool = False      # _tokens_in_m_kernel (block tokens as the matrix M dimension)
+    two_blocks: bool = True        # fixed 4-bit K and V: two blocks per iteration of that kernel
 
     def splits(self, batch: int, kv_heads: int, nb: int, sms: int) -> tuple[int, int]:
         """(num_splits, blocks_per_split)."""
@@ -183,9 +184,9 @@ def _pair4(x, j: tl.constexpr, INTERP: tl.constexpr):
 
 
 @triton.jit
-def _tile_paired4(x, D: tl.constexpr, INTERP: tl.constexpr):
-    """Words of a 4-bit fixed segment in pair order (codec: BlockFormat.paired), x [D, 8] -> [D, 64] holding
-    128 + q (bf16; float32 in the interpreter)."""
+def _tile_paired4(x, INTERP: tl.constexpr):
+    """Words of 4-bit fixed segments in pair order (codec: BlockFormat.paired), x [..., 8] -> [..., 8, 2, 2, 2]
+    holding 128 + q (bf16; float32 in the interpreter); reshaped by the caller to [..., 64]."""
     lo0, hi0 = _pair4(x, 0, INTERP)
     lo1, hi1 = _pair4(x, 1, INTERP)
     lo2, hi2 = _pair4(x, 2, INTERP)
@@ -193,7 +194,7 @@ def _tile_paired4(x, D: tl.constexpr, INTERP: tl.constexpr):
     # element (a, b) of the inner joins is pair j = 2a + b; the outer join adds the token's parity
     lo_t = tl.join(tl.join(lo0, lo2), tl.join(lo1, lo3))
     hi_t = tl.join(tl.join(hi0, hi2), tl.join(hi1, hi3))
-    return tl.reshape(tl.join(lo_t, hi_t), (D, 64))
+    return tl.join(lo_t, hi_t)  # [..., 8 words, 2, 2, 2]: token 8w + 2j + parity in row-major order
 
 
 @triton.jit
@@ -470,6 +471,96 @@ def _seg_ptr(pool32, so_ptr, slot, so_s, kv_off, h, FIXED: tl.constexpr):
     return pool32 + off
 
 
+@triton.jit
+def _weighted_values(vt, w, SPLIT_V: tl.constexpr, INTERP: tl.constexpr):
+    """vt [D, N] (128 + q as bf16) times weights w [N, M] -> (out^T [D, M], sum of the weights the dot used [M]).
+    SPLIT_V: w = hi + lo as two bf16 dots (~float32 weights); else one dot over bf16 weights (rounded 2**-9),
+    and the sum uses the rounded weights so that the 128 offset cancels exactly."""
+    w_hi = _bf16_op(w, INTERP)
+    pv = tl.dot(vt, w_hi)
+    if SPLIT_V:
+        pv = tl.dot(vt, _bf16_op(w - w_hi.to(tl.float32), INTERP), pv)
+        wsum = tl.sum(w, axis=0)
+    else:
+        wsum = tl.sum(w_hi.to(tl.float32), axis=0)
+    return pv, wsum
+
+
+@triton.jit
+def _pair_stats(tmin_ptr, tm_s, tm_kv, tm_t, tstep_ptr, ts_s, ts_kv, ts_t, sl, gsel):
+    """Token min/step of K and V of the two blocks in slots sl [2] -> four [128] float32 vectors."""
+    i = tl.arange(0, 128)
+    two = tl.arange(0, 2)
+    slot = tl.where(i < 64, tl.sum(tl.where(two == 0, sl, 0)), tl.sum(tl.where(two == 1, sl, 0)))
+    t = i % 64
+    kmin = tl.load(tmin_ptr + slot * tm_s + t * tm_t + gsel).to(tl.float32)
+    kstep = tl.load(tstep_ptr + slot * ts_s + t * ts_t + gsel).to(tl.float32)
+    vmin = tl.load(tmin_ptr + slot * tm_s + tm_kv + t * tm_t + gsel).to(tl.float32)
+    vstep = tl.load(tstep_ptr + slot * ts_s + ts_kv + t * ts_t + gsel).to(tl.float32)
+    return kmin, kstep, vmin, vstep
+
+
+@triton.jit
+def _pair_words(pool32, off, D: tl.constexpr):
+    """The 4-bit fixed segments at word offsets off [2] -> their words [2, D, 8] (channel c at word 8c)."""
+    c = tl.arange(0, D)[None, :, None]
+    w = tl.arange(0, 8)[None, None, :]
+    return tl.load(pool32 + off[:, None, None] + c * 8 + w).to(tl.uint32, bitcast=True)
+
+
+@triton.jit
+def _pair_blocks(accT, accmin, m_i, l_i, q_hi, q_lo, qsum, qpos, pool32, so_ptr, so_s, so_kv, tmin_ptr, tm_s, tm_kv,
+                 tm_t, tstep_ptr, ts_s, ts_kv, ts_t, bt_row, blk_lo, blk_hi, h, gsel, valid_ptr, va_off,
+                 scale_log2, D: tl.constexpr, HAS_MASK: tl.constexpr, Q_SPLIT: tl.constexpr, SPLIT_V: tl.constexpr,
+                 INTERP: tl.constexpr):
+    """The fast path of the block loop: layout "fixed" with 4-bit K and V, two blocks (128 tokens) per
+    iteration, so the per-iteration work (softmax reductions across the warps, barriers, rescaling) is shared
+    by twice the tokens. Pipeline: the words of the next pair, the segment offsets of the pair after it and
+    the slots of the third pair are loaded one iteration ahead. A pair's second block past blk_hi reads the
+    last block again and is masked out."""
+    two = tl.arange(0, 2)
+    i128 = tl.arange(0, 128)
+    last = tl.maximum(blk_hi - 1, 0)  # (an empty range, DEV: block 0's row, which always exists)
+    sl = tl.load(bt_row + tl.minimum(blk_lo + two, last)).to(tl.int64)
+    sl1 = tl.load(bt_row + tl.minimum(blk_lo + 2 + two, last)).to(tl.int64)
+    sl2 = tl.load(bt_row + tl.minimum(blk_lo + 4 + two, last)).to(tl.int64)
+    ko = tl.multiple_of(tl.load(so_ptr + sl * so_s + h) >> 2, 4)
+    vo = tl.multiple_of(tl.load(so_ptr + sl * so_s + so_kv + h) >> 2, 4)
+    ko1 = tl.multiple_of(tl.load(so_ptr + sl1 * so_s + h) >> 2, 4)
+    vo1 = tl.multiple_of(tl.load(so_ptr + sl1 * so_s + so_kv + h) >> 2, 4)
+    kw = _pair_words(pool32, ko, D)
+    vw = _pair_words(pool32, vo, D)
+    kmin, kstep, vmin, vstep = _pair_stats(tmin_ptr, tm_s, tm_kv, tm_t, tstep_ptr, ts_s, ts_kv, ts_t, sl, gsel)
+    for blk in range(blk_lo, blk_hi, 2):
+        sl3 = tl.load(bt_row + tl.minimum(blk + 6 + two, last)).to(tl.int64)
+        ko2 = tl.multiple_of(tl.load(so_ptr + sl2 * so_s + h) >> 2, 4)
+        vo2 = tl.multiple_of(tl.load(so_ptr + sl2 * so_s + so_kv + h) >> 2, 4)
+        kw1 = _pair_words(pool32, ko1, D)
+        vw1 = _pair_words(pool32, vo1, D)
+        kmin1, kstep1, vmin1, vstep1 = _pair_stats(tmin_ptr, tm_s, tm_kv, tm_t, tstep_ptr, ts_s, ts_kv, ts_t, sl1,
+                                                   gsel)
+        pos = blk * 64 + i128
+        valid = (pos[:, None] <= qpos[None, :]) & (pos < blk_hi * 64)[:, None]
+        if HAS_MASK:
+            ok = tl.load(valid_ptr + va_off + pos, mask=pos < blk_hi * 64, other=0).to(tl.int1)
+            valid = valid & ok[:, None]
+        kt = tl.reshape(tl.permute(tl.reshape(_tile_paired4(kw, INTERP), (2, D, 64)), (0, 2, 1)), (128, D))
+        s = tl.dot(kt, q_hi)
+        if Q_SPLIT:
+            s = tl.dot(kt, q_lo, s)
+        s = ((s - 128.0 * qsum[None, :]) * kstep[:, None] + kmin[:, None] * qsum[None, :]) * scale_log2
+        m_new, alpha, p, l_i = _softmax_step_t(s, valid, m_i, l_i)
+        vt = tl.reshape(tl.permute(tl.reshape(_tile_paired4(vw, INTERP), (2, D, 64)), (1, 0, 2)), (D, 128))
+        pv, wsum = _weighted_values(vt, p * vstep[:, None], SPLIT_V, INTERP)
+        pv -= 128.0 * wsum[None, :]
+        accT = accT * alpha[None, :] + pv
+        accmin = accmin * alpha + tl.sum(p * vmin[:, None], axis=0)
+        m_i = m_new
+        kw, vw, ko1, vo1, sl1, sl2 = kw1, vw1, ko2, vo2, sl2, sl3
+        kmin, kstep, vmin, vstep = kmin1, kstep1, vmin1, vstep1
+    return accT, accmin, m_i, l_i
+
+
 @triton.jit(do_not_specialize=["skt_b", "skt_h", "svt_b", "svt_h", "T", "bt_b", "nb", "va_b", "bps", "NS", "NPART"])
 def _tokens_in_m_kernel(q_ptr, sq_b, sq_h, sq_t, sq_d,
                         kt_ptr, skt_b, skt_h, skt_t, skt_d, vt_ptr, svt_b, svt_h, svt_t, svt_d, T,
@@ -484,7 +575,8 @@ def _tokens_in_m_kernel(q_ptr, sq_b, sq_h, sq_t, sq_d,
                         WB_V: tl.constexpr, META_K: tl.constexpr, META_V: tl.constexpr,
                         CJ_K: tl.constexpr, CJ_V: tl.constexpr, FIXED: tl.constexpr,
                         TOKEN_GRAN: tl.constexpr, HAS_MASK: tl.constexpr, Q_SPLIT: tl.constexpr,
-                        TAIL: tl.constexpr, INTERP: tl.constexpr, DEV: tl.constexpr = False):
+                        TAIL: tl.constexpr, INTERP: tl.constexpr, PAIRS: tl.constexpr = False,
+                        SPLIT_V: tl.constexpr = True, DEV: tl.constexpr = False):
     """The decode kernel with the 64 tokens of a block as the M dimension of both matrix products:
     scores^T [64, M] = K_tile [64, D] . q^T [D, M] and out^T [D, M] += V_tile^T [D, 64] . w^T [64, M],
     so the unpacked tiles are the A operands and the few query rows (GQA x q_len, padded) are N.
@@ -543,83 +635,87 @@ def _tokens_in_m_kernel(q_ptr, sq_b, sq_h, sq_t, sq_d,
             blk_hi = tl.where(live, blk_hi, 0)
         last = tl.maximum(blk_hi - 1, 0)
         bt_row = bt_ptr + b64 * bt_b
-        # Software pipeline over the dependent loads block table -> segment offset -> pack metadata ->
-        # payload: each load uses a value loaded one iteration earlier, so no iteration waits on a load
-        # it issued itself. Entering the iteration of block i: slots of i..i+3, segments of i..i+2,
-        # metadata of i..i+1, payload words of i.
-        slot = tl.load(bt_row + blk_lo).to(tl.int64)
-        slot1 = tl.load(bt_row + tl.minimum(blk_lo + 1, last)).to(tl.int64)
-        slot2 = tl.load(bt_row + tl.minimum(blk_lo + 2, last)).to(tl.int64)
-        slot3 = tl.load(bt_row + tl.minimum(blk_lo + 3, last)).to(tl.int64)
-        segk = _seg_ptr(pool32, so_ptr, slot, so_s, 0, h, FIXED)
-        segv = _seg_ptr(pool32, so_ptr, slot, so_s, so_kv, h, FIXED)
-        segk1 = _seg_ptr(pool32, so_ptr, slot1, so_s, 0, h, FIXED)
-        segv1 = _seg_ptr(pool32, so_ptr, slot1, so_s, so_kv, h, FIXED)
-        segk2 = _seg_ptr(pool32, so_ptr, slot2, so_s, 0, h, FIXED)
-        segv2 = _seg_ptr(pool32, so_ptr, slot2, so_s, so_kv, h, FIXED)
-        kpmin, kw = _meta(segk, R, D, BITS_K, WB_K, FIXED)
-        vpmin, vw = _meta(segv, R, D, BITS_V, WB_V, FIXED)
-        kpmin1, kw1 = _meta(segk1, R, D, BITS_K, WB_K, FIXED)
-        vpmin1, vw1 = _meta(segv1, R, D, BITS_V, WB_V, FIXED)
-        klo, khi, ksh, kL = _words(segk, kw, META_K, R, D, P, BITS_K, CJ_K, FIXED)
-        vlo, vhi, vsh, vL = _words(segv, vw, META_V, R, D, P, BITS_V, CJ_V, FIXED)
-        kmin = tl.load(tmin_ptr + slot * tm_s + idx * tm_t + gsel).to(tl.float32)
-        kstep = tl.load(tstep_ptr + slot * ts_s + idx * ts_t + gsel).to(tl.float32)
-        vmin = tl.load(tmin_ptr + slot * tm_s + tm_kv + idx * tm_t + gsel).to(tl.float32)
-        vstep = tl.load(tstep_ptr + slot * ts_s + ts_kv + idx * ts_t + gsel).to(tl.float32)
-        for blk in range(blk_lo, blk_hi):
-            slot4 = tl.load(bt_row + tl.minimum(blk + 4, last)).to(tl.int64)
-            segk3 = _seg_ptr(pool32, so_ptr, slot3, so_s, 0, h, FIXED)
-            segv3 = _seg_ptr(pool32, so_ptr, slot3, so_s, so_kv, h, FIXED)
-            kpmin2, kw2 = _meta(segk2, R, D, BITS_K, WB_K, FIXED)
-            vpmin2, vw2 = _meta(segv2, R, D, BITS_V, WB_V, FIXED)
-            klo1, khi1, ksh1, kL1 = _words(segk1, kw1, META_K, R, D, P, BITS_K, CJ_K, FIXED)
-            vlo1, vhi1, vsh1, vL1 = _words(segv1, vw1, META_V, R, D, P, BITS_V, CJ_V, FIXED)
-            kmin1 = tl.load(tmin_ptr + slot1 * tm_s + idx * tm_t + gsel).to(tl.float32)
-            kstep1 = tl.load(tstep_ptr + slot1 * ts_s + idx * ts_t + gsel).to(tl.float32)
-            vmin1 = tl.load(tmin_ptr + slot1 * tm_s + tm_kv + idx * tm_t + gsel).to(tl.float32)
-            vstep1 = tl.load(tstep_ptr + slot1 * ts_s + ts_kv + idx * ts_t + gsel).to(tl.float32)
-            kx = _chunks(klo, khi, ksh, BITS_K, FIXED)
-            vx = _chunks(vlo, vhi, vsh, BITS_V, FIXED)
-            pos = blk * 64 + idx
-            valid = pos[:, None] <= qpos[None, :]
-            if HAS_MASK:
-                ok = tl.load(valid_ptr + b64 * va_b + pos).to(tl.int1)
-                valid = valid & ok[:, None]
-            # scores: q . x_hat = step * (q . (pmin + r)) + min * sum(q); the tile holds 128 + pmin + r
-            if FIXED:  # constant widths: the unpack's shifts and masks fold into immediates
-                kL = tl.full(kx.shape, BITS_K, tl.int32)
-                vL = tl.full(vx.shape, BITS_V, tl.int32)
-            if FIXED and BITS_K == 4:
-                kt = tl.trans(_tile_paired4(kx, D, INTERP))
-            else:
-                kt = tl.trans(_tile(kx, kL, kpmin, CJ_K, D, R, not FIXED, True, INTERP))     # [64, D]
-            s = tl.dot(kt, q_hi)
-            if Q_SPLIT:
-                s = tl.dot(kt, q_lo, s)
-            s = ((s - 128.0 * qsum[None, :]) * kstep[:, None] + kmin[:, None] * qsum[None, :]) * scale_log2
-            m_new, alpha, p, l_i = _softmax_step_t(s, valid, m_i, l_i)
-            # values: sum_t p x_hat = sum_t w (128 + pmin + r) - 128 sum_t w + sum_t p min, w = p step
-            if FIXED and BITS_V == 4:
-                vt = _tile_paired4(vx, D, INTERP)
-            else:
-                vt = _tile(vx, vL, vpmin, CJ_V, D, R, R > 1 and not FIXED, True, INTERP)     # [D, 64]
-            w_hi = _bf16_op(p * vstep[:, None], INTERP)
-            pv = tl.dot(vt, w_hi)                                                     # [D, M]
-            wsum = tl.sum(w_hi.to(tl.float32), axis=0)  # the offset correction uses the weights the dot used
-            if R == 1 and not FIXED:
-                pv += (tl.reshape(vpmin, (D,)).to(tl.float32) - 128.0)[:, None] * wsum[None, :]
-            else:
-                pv -= 128.0 * wsum[None, :]
-            accT = accT * alpha[None, :] + pv
-            accmin = accmin * alpha + tl.sum(p * vmin[:, None], axis=0)
-            m_i = m_new
-            # rotate the pipeline
-            klo, khi, ksh, kL, vlo, vhi, vsh, vL = klo1, khi1, ksh1, kL1, vlo1, vhi1, vsh1, vL1
-            kpmin, vpmin, kpmin1, kw1, vpmin1, vw1 = kpmin1, vpmin1, kpmin2, kw2, vpmin2, vw2
-            kmin, kstep, vmin, vstep = kmin1, kstep1, vmin1, vstep1
-            segk1, segv1, segk2, segv2 = segk2, segv2, segk3, segv3
-            slot1, slot2, slot3 = slot2, slot3, slot4
+        if PAIRS:
+            accT, accmin, m_i, l_i = _pair_blocks(
+                accT, accmin, m_i, l_i, q_hi, q_lo, qsum, qpos, pool32, so_ptr, so_s, so_kv, tmin_ptr, tm_s, tm_kv,
+                tm_t, tstep_ptr, ts_s, ts_kv, ts_t, bt_row, blk_lo, blk_hi, h, gsel, valid_ptr, b64 * va_b,
+                scale_log2, D, HAS_MASK, Q_SPLIT, SPLIT_V, INTERP)
+        else:
+            # Software pipeline over the dependent loads block table -> segment offset -> pack metadata ->
+            # payload: each load uses a value loaded one iteration earlier, so no iteration waits on a load
+            # it issued itself. Entering the iteration of block i: slots of i..i+3, segments of i..i+2,
+            # metadata of i..i+1, payload words of i.
+            slot = tl.load(bt_row + blk_lo).to(tl.int64)
+            slot1 = tl.load(bt_row + tl.minimum(blk_lo + 1, last)).to(tl.int64)
+            slot2 = tl.load(bt_row + tl.minimum(blk_lo + 2, last)).to(tl.int64)
+            slot3 = tl.load(bt_row + tl.minimum(blk_lo + 3, last)).to(tl.int64)
+            segk = _seg_ptr(pool32, so_ptr, slot, so_s, 0, h, FIXED)
+            segv = _seg_ptr(pool32, so_ptr, slot, so_s, so_kv, h, FIXED)
+            segk1 = _seg_ptr(pool32, so_ptr, slot1, so_s, 0, h, FIXED)
+            segv1 = _seg_ptr(pool32, so_ptr, slot1, so_s, so_kv, h, FIXED)
+            segk2 = _seg_ptr(pool32, so_ptr, slot2, so_s, 0, h, FIXED)
+            segv2 = _seg_ptr(pool32, so_ptr, slot2, so_s, so_kv, h, FIXED)
+            kpmin, kw = _meta(segk, R, D, BITS_K, WB_K, FIXED)
+            vpmin, vw = _meta(segv, R, D, BITS_V, WB_V, FIXED)
+            kpmin1, kw1 = _meta(segk1, R, D, BITS_K, WB_K, FIXED)
+            vpmin1, vw1 = _meta(segv1, R, D, BITS_V, WB_V, FIXED)
+            klo, khi, ksh, kL = _words(segk, kw, META_K, R, D, P, BITS_K, CJ_K, FIXED)
+            vlo, vhi, vsh, vL = _words(segv, vw, META_V, R, D, P, BITS_V, CJ_V, FIXED)
+            kmin = tl.load(tmin_ptr + slot * tm_s + idx * tm_t + gsel).to(tl.float32)
+            kstep = tl.load(tstep_ptr + slot * ts_s + idx * ts_t + gsel).to(tl.float32)
+            vmin = tl.load(tmin_ptr + slot * tm_s + tm_kv + idx * tm_t + gsel).to(tl.float32)
+            vstep = tl.load(tstep_ptr + slot * ts_s + ts_kv + idx * ts_t + gsel).to(tl.float32)
+            for blk in range(blk_lo, blk_hi):
+                slot4 = tl.load(bt_row + tl.minimum(blk + 4, last)).to(tl.int64)
+                segk3 = _seg_ptr(pool32, so_ptr, slot3, so_s, 0, h, FIXED)
+                segv3 = _seg_ptr(pool32, so_ptr, slot3, so_s, so_kv, h, FIXED)
+                kpmin2, kw2 = _meta(segk2, R, D, BITS_K, WB_K, FIXED)
+                vpmin2, vw2 = _meta(segv2, R, D, BITS_V, WB_V, FIXED)
+                klo1, khi1, ksh1, kL1 = _words(segk1, kw1, META_K, R, D, P, BITS_K, CJ_K, FIXED)
+                vlo1, vhi1, vsh1, vL1 = _words(segv1, vw1, META_V, R, D, P, BITS_V, CJ_V, FIXED)
+                kmin1 = tl.load(tmin_ptr + slot1 * tm_s + idx * tm_t + gsel).to(tl.float32)
+                kstep1 = tl.load(tstep_ptr + slot1 * ts_s + idx * ts_t + gsel).to(tl.float32)
+                vmin1 = tl.load(tmin_ptr + slot1 * tm_s + tm_kv + idx * tm_t + gsel).to(tl.float32)
+                vstep1 = tl.load(tstep_ptr + slot1 * ts_s + ts_kv + idx * ts_t + gsel).to(tl.float32)
+                kx = _chunks(klo, khi, ksh, BITS_K, FIXED)
+                vx = _chunks(vlo, vhi, vsh, BITS_V, FIXED)
+                pos = blk * 64 + idx
+                valid = pos[:, None] <= qpos[None, :]
+                if HAS_MASK:
+                    ok = tl.load(valid_ptr + b64 * va_b + pos).to(tl.int1)
+                    valid = valid & ok[:, None]
+                # scores: q . x_hat = step * (q . (pmin + r)) + min * sum(q); the tile holds 128 + pmin + r
+                if FIXED:  # constant widths: the unpack's shifts and masks fold into immediates
+                    kL = tl.full(kx.shape, BITS_K, tl.int32)
+                    vL = tl.full(vx.shape, BITS_V, tl.int32)
+                if FIXED and BITS_K == 4:
+                    kt = tl.trans(tl.reshape(_tile_paired4(kx, INTERP), (D, 64)))
+                else:
+                    kt = tl.trans(_tile(kx, kL, kpmin, CJ_K, D, R, not FIXED, True, INTERP))     # [64, D]
+                s = tl.dot(kt, q_hi)
+                if Q_SPLIT:
+                    s = tl.dot(kt, q_lo, s)
+                s = ((s - 128.0 * qsum[None, :]) * kstep[:, None] + kmin[:, None] * qsum[None, :]) * scale_log2
+                m_new, alpha, p, l_i = _softmax_step_t(s, valid, m_i, l_i)
+                # values: sum_t p x_hat = sum_t w (128 + pmin + r) - 128 sum_t w + sum_t p min, w = p step
+                if FIXED and BITS_V == 4:
+                    vt = tl.reshape(_tile_paired4(vx, INTERP), (D, 64))
+                else:
+                    vt = _tile(vx, vL, vpmin, CJ_V, D, R, R > 1 and not FIXED, True, INTERP)     # [D, 64]
+                pv, wsum = _weighted_values(vt, p * vstep[:, None], SPLIT_V, INTERP)     # [D, M], [M]
+                if R == 1 and not FIXED:
+                    pv += (tl.reshape(vpmin, (D,)).to(tl.float32) - 128.0)[:, None] * wsum[None, :]
+                else:
+                    pv -= 128.0 * wsum[None, :]
+                accT = accT * alpha[None, :] + pv
+                accmin = accmin * alpha + tl.sum(p * vmin[:, None], axis=0)
+                m_i = m_new
+                # rotate the pipeline
+                klo, khi, ksh, kL, vlo, vhi, vsh, vL = klo1, khi1, ksh1, kL1, vlo1, vhi1, vsh1, vL1
+                kpmin, vpmin, kpmin1, kw1, vpmin1, vw1 = kpmin1, vpmin1, kpmin2, kw2, vpmin2, vw2
+                kmin, kstep, vmin, vstep = kmin1, kstep1, vmin1, vstep1
+                segk1, segv1, segk2, segv2 = segk2, segv2, segk3, segv3
+                slot1, slot2, slot3 = slot2, slot3, slot4
         accT = accT + accmin[None, :]
         part = s_id
     else:  # tail chunk s_id: tokens 64 * s_id .. of the dense tail (one program per chunk)
@@ -810,7 +906,9 @@ def decode_attention(q, k_tail, v_tail, pool, seg_offset, token_min, token_step,
                 block_table, block_table.stride(0), nb, valid_arg, va_b, m_part, l_part, acc_part,
                 float(scaling) * LOG2E, bps, ns, n_part, block_table, block_table, 0)
         if ns:
-            _tokens_in_m_kernel[(B, H, ns)](*args, FIXED=fmt.layout == "fixed", TAIL=False, **tm)
+            pairs = tuning.two_blocks and fmt.paired(0) and fmt.paired(1)
+            _tokens_in_m_kernel[(B, H, ns)](*args, FIXED=fmt.layout == "fixed", TAIL=False, PAIRS=pairs,
+                                            SPLIT_V=tuning.split_v, **tm)
         _tokens_in_m_kernel[(B, H, tail_chunks)](*args, FIXED=fmt.layout == "fixed", TAIL=True, **tm)
         _combine_kernel[(B, Hq, QLEN)](m_part, l_part, acc_part, out, *out.stride(), H, n_part, **comb)
         return out

@@ -148,8 +148,8 @@ def static_decode(q: torch.Tensor, ring_k: torch.Tensor, ring_v: torch.Tensor, c
     B, Hq, qlen, D = q.shape
     H, ring = ring_k.shape[1], ring_k.shape[2]
     fmt = _fmt(H, D, bits_k, bits_v, token_gran)
-    M, consts, comb = _static_args(fmt, q.dtype, ring_k.dtype, Hq // H, qlen, D, kv_valid is not None,
-                                   choose_tuning(D, B, H, 0))
+    tuning = choose_tuning(D, B, H, 0)  # (what varies with the block count, the splits, comes from `splits`)
+    M, consts, comb = _static_args(fmt, q.dtype, ring_k.dtype, Hq // H, qlen, D, kv_valid is not None, tuning)
     tm = {k: consts[k] for k in ("GROUP", "QLEN", "M", "D", "P", "BITS_K", "BITS_V", "WB_K", "WB_V", "META_K",
                                  "META_V", "CJ_K", "CJ_V", "TOKEN_GRAN", "HAS_MASK", "Q_SPLIT", "INTERP",
                                  "num_warps", "num_stages", "maxnreg") if k in consts}
@@ -169,7 +169,8 @@ def static_decode(q: torch.Tensor, ring_k: torch.Tensor, ring_v: torch.Tensor, c
             float(scaling) * LOG2E, 1, 0, 1, ctl, splits, ring)
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
         if max_splits:
-            _tokens_in_m_kernel[(B, H, max_splits)](*args, FIXED=True, TAIL=False, DEV=True, **tm)
+            _tokens_in_m_kernel[(B, H, max_splits)](*args, FIXED=True, TAIL=False, DEV=True, SPLIT_V=tuning.split_v,
+                                                    PAIRS=tuning.two_blocks and fmt.paired(0) and fmt.paired(1), **tm)
         _tokens_in_m_kernel[(B, H, ring // 64)](*args, FIXED=True, TAIL=True, DEV=True, **tm)
         _combine_kernel[(B, Hq, qlen)](m_part, l_part, acc_part, out, *out.stride(), H, 1, ctl_ptr=ctl,
                                        split_ptr=splits, DEV=True, **comb)

@@ -346,7 +346,8 @@ class KVCompLayer(CacheLayerMixin):
             self.rotation = LayerRotation(self.config.rotation_seed, self.layer_idx, h, d, self.device)
         self.is_initialized = True
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+    def _new_states(self, key_states: torch.Tensor, value_states: torch.Tensor):
+        """What every update does first: check, initialise, convert to the cache dtype and rotate."""
         self._check_attention_implementation()
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
@@ -355,10 +356,14 @@ class KVCompLayer(CacheLayerMixin):
             raise ValueError(f"key/value states of shape {tuple(key_states.shape)}/{tuple(value_states.shape)} do not "
                              f"match the cache's [batch={self.keys.shape[0]}, kv_heads={self.keys.shape[1]}, *, "
                              f"head_dim={self.keys.shape[3]}]")
-        was_empty = self.get_seq_length() == 0
         new_k, new_v = key_states.to(self.dtype), value_states.to(self.dtype)
         if self.rotation is not None:  # stored in rotated coordinates from here on (tail and blocks)
             new_k, new_v = self.rotation.rotate(new_k, 0), self.rotation.rotate(new_v, 1)
+        return new_k, new_v
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        new_k, new_v = self._new_states(key_states, value_states)
+        was_empty = self.get_seq_length() == 0
         self.keys = torch.cat([self.keys, new_k], dim=2)
         self.values = torch.cat([self.values, new_v], dim=2)
         self._compress_full_blocks()
@@ -608,17 +613,7 @@ class KVCompStaticLayer(KVCompLayer):
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        self._check_attention_implementation()
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        if key_states.shape[0] != self.ring_k.shape[0] or key_states.shape[1] != self.ring_k.shape[1] \
-                or key_states.shape[3] != self.ring_k.shape[3] or value_states.shape != key_states.shape:
-            raise ValueError(f"key/value states of shape {tuple(key_states.shape)}/{tuple(value_states.shape)} do not "
-                             f"match the cache's [batch={self.ring_k.shape[0]}, kv_heads={self.ring_k.shape[1]}, *, "
-                             f"head_dim={self.ring_k.shape[3]}]")
-        new_k, new_v = key_states.to(self.dtype), value_states.to(self.dtype)
-        if self.rotation is not None:
-            new_k, new_v = self.rotation.rotate(new_k, 0), self.rotation.rotate(new_v, 1)
+        new_k, new_v = self._new_states(key_states, value_states)  # (self.keys is the ring)
         if key_states.shape[2] != 1 or not self.has_tokens:
             return self._append_eagerly(new_k, new_v, key_states, value_states)
         fmt = self.fmt

@@ -225,17 +225,22 @@ DECODE_CASES = [
     (1, 2, 4, 4, 130, 32, 1, torch.float16, {"layout": "fixed", "rel_k": 1 / 3, "rel_v": 1 / 100}, 3),
     (2, 2, 2, 3, 1, 32, 4, torch.bfloat16, {"layout": "fixed", "granularity": "token_head"}, None),
     (2, 2, 1, 0, 9, 16, 4, torch.bfloat16, {"layout": "fixed"}, None),
+    # the "fast" preset's 4-bit K and V: two blocks per iteration, odd block counts per split
+    (2, 2, 4, 7, 10, 32, 1, torch.bfloat16, {"preset": "fast"}, 3),
+    (1, 2, 2, 5, 64, 16, 4, torch.float16, {"preset": "fast", "granularity": "token_head"}, 2),
 ]
 
 
 @pytest.mark.parametrize("B,H,group,nb,T,D,QL,dtype,kw,splits", DECODE_CASES)
 def test_decode_attention(B, H, group, nb, T, D, QL, dtype, kw, splits):
     skip_fp32_on_gpu(dtype)
-    _check_decode(B, H, group, nb, T, D, QL, dtype, KVCompConfig(**kw), seed=nb * 100 + T + QL, num_splits=splits)
+    _check_decode(B, H, group, nb, T, D, QL, dtype, KVCompConfig.from_dict(kw), seed=nb * 100 + T + QL,
+                  num_splits=splits)
 
 
 @pytest.mark.parametrize("tuning", [DecodeTuning(prefetch=False, split_v=False, min_blocks_per_split=1),
-                                    DecodeTuning(num_warps=8, split_waves=1), DecodeTuning(tokens_in_m=True)])
+                                    DecodeTuning(num_warps=8, split_waves=1), DecodeTuning(tokens_in_m=True),
+                                    DecodeTuning(tokens_in_m=True, split_v=False)])
 def test_decode_attention_tunings(tuning):
     """Other compiled variants of the tuning object compute the same attention."""
     _check_decode(2, 2, 4, 5, 3, 32, 1, torch.bfloat16, KVCompConfig(), seed=3, tuning=tuning)
@@ -290,6 +295,8 @@ CUDA_DECODE_CASES = [
     (2, 2, 4, 60, 190, 128, 4, torch.float16, {"layout": "fixed", "rel_k": 1 / 15, "rel_v": 1 / 15}, 5),
     (1, 2, 8, 30, 131, 256, 1, torch.bfloat16, {"layout": "fixed", "rel_k": 1 / 7, "rel_v": 1 / 3}, 3),
     (2, 2, 1, 20, 129, 64, 16, torch.bfloat16, {"layout": "fixed", "granularity": "token_head"}, 2),
+    (2, 2, 4, 61, 150, 128, 1, torch.bfloat16, {"preset": "fast"}, None),
+    (1, 2, 8, 33, 131, 256, 2, torch.float16, {"preset": "fast"}, 3),
 ]
 
 
@@ -297,5 +304,5 @@ CUDA_DECODE_CASES = [
 @cuda_only
 @pytest.mark.parametrize("B,H,group,nb,T,D,QL,dtype,kw,splits", CUDA_DECODE_CASES)
 def test_decode_attention_cuda_variants(B, H, group, nb, T, D, QL, dtype, kw, splits):
-    _check_decode(B, H, group, nb, T, D, QL, dtype, KVCompConfig(**kw), seed=nb + QL + D, num_splits=splits,
+    _check_decode(B, H, group, nb, T, D, QL, dtype, KVCompConfig.from_dict(kw), seed=nb + QL + D, num_splits=splits,
                   device="cuda", ref_dtype=torch.float32)

@@ -49,10 +49,11 @@ def _generate(model, cache, ids, mask):
                           do_sample=False)[:, PROMPT:]
 
 
-def test_static_decode_equals_the_eager_triton_cache(bf16_llama, eager_triton):
+@pytest.mark.parametrize("cfg", [CFG, {**CFG, "rel_v": 1 / 15}], ids=["k4v3", "k4v4-pairs"])
+def test_static_decode_equals_the_eager_triton_cache(bf16_llama, eager_triton, cfg):
     ids, mask = _inputs()
-    eager = kvcomp_hf.KVCompCache(bf16_llama.config, CFG)
-    static = kvcomp_hf.KVCompCache(bf16_llama.config, CFG, max_cache_len=PROMPT + NEW)
+    eager = kvcomp_hf.KVCompCache(bf16_llama.config, cfg)
+    static = kvcomp_hf.KVCompCache(bf16_llama.config, cfg, max_cache_len=PROMPT + NEW)
     assert static.is_compileable and not eager.is_compileable
     tokens = _generate(bf16_llama, eager, ids, mask)
     assert torch.equal(_generate(bf16_llama, static, ids, mask), tokens)
