@@ -469,12 +469,16 @@ class KVCompLayer(CacheLayerMixin):
         """The whole cache dequantised in arrival order: [B, H, kv_len, D] each, in `dtype` (default: the
         model dtype; float32 keeps the decoded values exact). With a rotation, rotated=True returns the
         stored (rotated) coordinates, as attention reads them; otherwise K and V are rotated back."""
+        return self._dense(self.keys, self.values, self.block_table, dtype, rotated)
+
+    def _dense(self, tail_k, tail_v, block_table, dtype, rotated: bool):
+        """dense_kv of the blocks in block_table [B, nb] followed by the tail [B, H, T, D]."""
         dtype = dtype or self.dtype
         unrotate = self.rotation is not None and not rotated
         work = torch.float32 if unrotate else dtype  # rotate back in float32, round once
-        k, v = self.keys.to(work), self.values.to(work)
-        if self.block_table.shape[1] > 0:
-            bk, bv = self.store.decode(self.block_table)                       # [B, nb, H, 64, D]
+        k, v = tail_k.to(work), tail_v.to(work)
+        if block_table.shape[1] > 0:
+            bk, bv = self.store.decode(block_table)                            # [B, nb, H, 64, D]
             b, nb, h, _, d = bk.shape
             k = torch.cat([bk.permute(0, 2, 1, 3, 4).reshape(b, h, nb * BLOCK_SIZE, d).to(work), k], 2)
             v = torch.cat([bv.permute(0, 2, 1, 3, 4).reshape(b, h, nb * BLOCK_SIZE, d).to(work), v], 2)
@@ -709,20 +713,9 @@ class KVCompStaticLayer(KVCompLayer):
         raise NotImplementedError("a static KVCompCache cannot be cropped; use KVCompCache without max_cache_len")
 
     def dense_kv(self, dtype: torch.dtype | None = None, rotated: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        dtype = dtype or self.dtype
         length, nb = self._lengths()
-        unrotate = self.rotation is not None and not rotated
-        work = torch.float32 if unrotate else dtype
         rows = (nb * BLOCK_SIZE + torch.arange(length - nb * BLOCK_SIZE, device=self.device)) % self.ring
-        k, v = self.ring_k[:, :, rows].to(work), self.ring_v[:, :, rows].to(work)
-        if nb:
-            bk, bv = self.store.decode(self.block_table[:, :nb])                 # [B, nb, H, 64, D]
-            b, _, h, _, d = bk.shape
-            k = torch.cat([bk.permute(0, 2, 1, 3, 4).reshape(b, h, nb * BLOCK_SIZE, d).to(work), k], 2)
-            v = torch.cat([bv.permute(0, 2, 1, 3, 4).reshape(b, h, nb * BLOCK_SIZE, d).to(work), v], 2)
-        if unrotate:
-            k, v = self.rotation.unrotate(k, 0), self.rotation.unrotate(v, 1)
-        return k.to(dtype), v.to(dtype)
+        return self._dense(self.ring_k[:, :, rows], self.ring_v[:, :, rows], self.block_table[:, :nb], dtype, rotated)
 
     def memory_report(self) -> dict:
         parts = {"k": {}, "v": {}, "shared": {}}
