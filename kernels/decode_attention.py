@@ -546,18 +546,23 @@ def _tokens_in_m_kernel(q_ptr, sq_b, sq_h, sq_t, sq_d,
                         bt_ptr, bt_b, nb,
                         valid_ptr, va_b,
                         m_ptr, l_ptr, acc_ptr,
-                        scale_log2, bps, NS, NPART,
+                        scale_log2, bps, NS, NPART, ctl_ptr, split_ptr, RING,
                         GROUP: tl.constexpr, QLEN: tl.constexpr, M: tl.constexpr, D: tl.constexpr,
                         P: tl.constexpr, BITS_K: tl.constexpr, BITS_V: tl.constexpr, WB_K: tl.constexpr,
                         WB_V: tl.constexpr, META_K: tl.constexpr, META_V: tl.constexpr,
                         CJ_K: tl.constexpr, CJ_V: tl.constexpr, FIXED: tl.constexpr,
                         TOKEN_GRAN: tl.constexpr, HAS_MASK: tl.constexpr, Q_SPLIT: tl.constexpr,
-                        TAIL: tl.constexpr, INTERP: tl.constexpr, SPLIT_V: tl.constexpr):
+                        TAIL: tl.constexpr, INTERP: tl.constexpr, SPLIT_V: tl.constexpr,
+                        DEV: tl.constexpr = False):
     """The decode kernel with the 64 tokens of a block as the M dimension of both matrix products:
     scores^T [64, M] = K_tile [64, D] . q^T [D, M] and out^T [D, M] += V_tile^T [D, 64] . w^T [64, M],
     so the unpacked tiles are the A operands and the few query rows (GQA x q_len, padded) are N.
     TAIL: the program reads 64 tokens of the dense tail instead of blocks (its own launch; chunk j is split
-    NS + j), so the tail costs one chunk's latency, not ceil(T / 64) chunks in sequence."""
+    NS + j), so the tail costs one chunk's latency, not ceil(T / 64) chunks in sequence.
+    DEV (the static cache, kernels/static_cache.py): the lengths are read on the device, so one captured launch
+    serves every step: ctl_ptr holds [kv_len, nb], split_ptr [nb] -> (NS, bps) as choose_tuning gives them; the
+    grids have the most splits (tail chunks) any length needs and the programs past NS (the tail's chunks) store
+    nothing; the tail is a ring of RING tokens (a multiple of 64) whose token t sits at row (nb * 64 + t) % RING."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     s_id = tl.program_id(2)
@@ -565,6 +570,19 @@ def _tokens_in_m_kernel(q_ptr, sq_b, sq_h, sq_t, sq_d,
     b64 = b.to(tl.int64)
     rows = tl.arange(0, M)
     row_ok = rows < GROUP * QLEN
+    if DEV:
+        kv_len = tl.load(ctl_ptr)
+        nb = tl.load(ctl_ptr + 1)
+        T = kv_len - nb * 64
+        NS = tl.load(split_ptr + 2 * nb)
+        bps = tl.load(split_ptr + 2 * nb + 1)
+        NPART = NS + tl.maximum((T + 63) // 64, 1)  # as decode_attention's n_part
+        if TAIL:
+            n_live = NPART - NS
+        else:
+            n_live = NS
+        live = s_id < n_live
+        row_ok = row_ok & (rows * 0 + s_id < n_live)
     g = rows // QLEN
     qi = rows % QLEN
     kv_len = nb * 64 + T
@@ -592,7 +610,10 @@ def _tokens_in_m_kernel(q_ptr, sq_b, sq_h, sq_t, sq_d,
             sums = tl.zeros([4, M, 2, 2], tl.float32)
         blk_lo = s_id * bps
         blk_hi = tl.minimum(blk_lo + bps, nb)
-        last = blk_hi - 1
+        if DEV:  # programs past NS read block 0's row (always allocated) and loop over nothing
+            blk_lo = tl.where(live, blk_lo, 0)
+            blk_hi = tl.where(live, blk_hi, 0)
+        last = tl.maximum(blk_hi - 1, 0)
         bt_row = bt_ptr + b64 * bt_b
         # Software pipeline over the dependent loads block table -> segment offset -> pack metadata ->
         # payload: each load uses a value loaded one iteration earlier, so no iteration waits on a load
@@ -674,7 +695,10 @@ def _tokens_in_m_kernel(q_ptr, sq_b, sq_h, sq_t, sq_d,
         for t0 in range(64 * s_id, tl.minimum(T, 64 * s_id + 64), 64):
             t = t0 + idx
             tok = t < T
-            kx = tl.load(kt_ptr + b64 * skt_b + h.to(tl.int64) * skt_h + t.to(tl.int64)[:, None] * skt_t
+            trow = t
+            if DEV:
+                trow = (nb * 64 + t0) % RING + idx
+            kx = tl.load(kt_ptr + b64 * skt_b + h.to(tl.int64) * skt_h + trow.to(tl.int64)[:, None] * skt_t
                          + cols[None, :] * skt_d, mask=tok[:, None], other=0.0)       # [64, D]
             if INTERP:  # the interpreter's 16-bit dots are wrong: float32 operands, same values
                 s = tl.dot(kx.to(tl.float32), q32, input_precision="ieee") * scale_log2
@@ -686,7 +710,7 @@ def _tokens_in_m_kernel(q_ptr, sq_b, sq_h, sq_t, sq_d,
                 ok = tl.load(valid_ptr + b64 * va_b + pos, mask=tok, other=0).to(tl.int1)
                 valid = valid & ok[:, None]
             m_new, alpha, p, l_i = _softmax_step_t(s, valid, m_i, l_i)
-            vx = tl.load(vt_ptr + b64 * svt_b + h.to(tl.int64) * svt_h + t.to(tl.int64)[None, :] * svt_t
+            vx = tl.load(vt_ptr + b64 * svt_b + h.to(tl.int64) * svt_h + trow.to(tl.int64)[None, :] * svt_t
                          + cols[:, None] * svt_d, mask=tok[None, :], other=0.0)       # [D, 64]
             if INTERP:
                 pv = tl.dot(vx.to(tl.float32), p, input_precision="ieee")
@@ -707,7 +731,10 @@ def _tokens_in_m_kernel(q_ptr, sq_b, sq_h, sq_t, sq_d,
 @triton.jit(do_not_specialize=["NSP1"])
 def _combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, so_b, so_h, so_t, so_d, H, NSP1,
                     GROUP: tl.constexpr, QLEN: tl.constexpr, M: tl.constexpr, D: tl.constexpr,
-                    SP: tl.constexpr, SC: tl.constexpr):
+                    SP: tl.constexpr, SC: tl.constexpr, ctl_ptr=None, split_ptr=None, DEV: tl.constexpr = False):
+    if DEV:  # the number of partials from the device (see _tokens_in_m_kernel)
+        nb = tl.load(ctl_ptr + 1)
+        NSP1 = tl.load(split_ptr + 2 * nb) + tl.maximum((tl.load(ctl_ptr) - nb * 64 + 63) // 64, 1)
     b = tl.program_id(0)
     hq = tl.program_id(1)
     qi = tl.program_id(2)
@@ -850,7 +877,7 @@ def decode_attention(q, k_tail, v_tail, pool, seg_offset, token_min, token_step,
                 token_min, token_min.stride(0), token_min.stride(1), token_min.stride(2),
                 token_step, token_step.stride(0), token_step.stride(1), token_step.stride(2),
                 block_table, block_table.stride(0), nb, valid_arg, va_b, m_part, l_part, acc_part,
-                float(scaling) * LOG2E, bps, ns, n_part)
+                float(scaling) * LOG2E, bps, ns, n_part, block_table, block_table, 0)
         if ns:
             _tokens_in_m_kernel[(B, H, ns)](*args, FIXED=fmt.layout == "fixed", TAIL=False, SPLIT_V=tuning.split_v,
                                             **tm)
