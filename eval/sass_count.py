@@ -23,7 +23,7 @@ POINTERS = {"q_ptr": "*bf16", "kt_ptr": "*bf16", "vt_ptr": "*bf16", "pool32": "*
             "l_ptr": "*fp32", "acc_ptr": "*fp32", "ctl_ptr": "*i32", "split_ptr": "*i32"}
 DEFAULTS = dict(GROUP=4, QLEN=1, M=16, D=128, P=64, BITS_K=4, BITS_V=4, WB_K=3, WB_V=3, META_K=0, META_V=0,
                 CJ_K=8, CJ_V=8, FIXED=True, TOKEN_GRAN=True, HAS_MASK=False, Q_SPLIT=False, TAIL=False,
-                INTERP=False, SPLIT_V=True, DEV=False,
+                INTERP=False, SPLIT_V=True, DEV=False, PRMT=True,
                 tm_t=1, ts_t=1, sq_d=1, skt_d=1, svt_d=1)  # unit strides: specialised by Triton
 
 

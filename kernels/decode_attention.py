@@ -43,6 +43,8 @@ class DecodeTuning:
                                    # 3e-3 relative on the small interpreter cases)
     maxnreg: int | None = None     # register cap per thread (None: the compiler's choice)
     tokens_in_m: bool = False      # _tokens_in_m_kernel (block tokens as the matrix M dimension)
+    prmt_unpack: bool = False      # fixed 4-bit: unpack by inline-PTX byte permutes (563 vs 611 SASS per block
+                                   # for sm_90; not yet run on a GPU, so off by default)
 
     def splits(self, batch: int, kv_heads: int, nb: int, sms: int) -> tuple[int, int]:
         """(num_splits, blocks_per_split)."""
@@ -190,13 +192,13 @@ def _halves(t):
 
 
 @triton.jit
-def _tile_paired4(x, INTERP: tl.constexpr):
+def _tile_paired4(x, PRMT: tl.constexpr, INTERP: tl.constexpr):
     """Words of 4-bit fixed segments in pair order (codec: BlockFormat.paired), x [..., 8] -> [..., 8, 2, 2, 2]
     holding 128 + q (bf16; float32 in the interpreter); reshaped by the caller to [..., 64].
-    On the GPU one inline-PTX block per word: the even and the odd nibbles are masked once (e, o), then each
+    PRMT (on the GPU): one inline-PTX block per word: the even and the odd nibbles are masked once (e, o), then each
     pair j is one byte permute of e or o with the constant 0x43 bytes (bytes 0 and 2 for j = 0, 1; 1 and 3 for
     j = 2, 3): ~1.75 instructions per two tokens, and no mask constant to rematerialise per pair."""
-    if INTERP:
+    if INTERP or not PRMT:
         lo0, hi0 = _pair4(x, 0, INTERP)
         lo1, hi1 = _pair4(x, 1, INTERP)
         lo2, hi2 = _pair4(x, 2, INTERP)
@@ -579,7 +581,7 @@ def _tokens_in_m_kernel(q_ptr, sq_b, sq_h, sq_t, sq_d,
                         CJ_K: tl.constexpr, CJ_V: tl.constexpr, FIXED: tl.constexpr,
                         TOKEN_GRAN: tl.constexpr, HAS_MASK: tl.constexpr, Q_SPLIT: tl.constexpr,
                         TAIL: tl.constexpr, INTERP: tl.constexpr, SPLIT_V: tl.constexpr,
-                        DEV: tl.constexpr = False):
+                        DEV: tl.constexpr = False, PRMT: tl.constexpr = False):
     """The decode kernel with the 64 tokens of a block as the M dimension of both matrix products:
     scores^T [64, M] = K_tile [64, D] . q^T [D, M] and out^T [D, M] += V_tile^T [D, 64] . w^T [64, M],
     so the unpacked tiles are the A operands and the few query rows (GQA x q_len, padded) are N.
@@ -689,7 +691,7 @@ def _tokens_in_m_kernel(q_ptr, sq_b, sq_h, sq_t, sq_d,
                 kL = tl.full(kx.shape, BITS_K, tl.int32)
                 vL = tl.full(vx.shape, BITS_V, tl.int32)
             if FIXED and BITS_K == 4:
-                kt = tl.trans(tl.reshape(_tile_paired4(kx, INTERP), (D, 64)))
+                kt = tl.trans(tl.reshape(_tile_paired4(kx, PRMT, INTERP), (D, 64)))
             else:
                 kt = tl.trans(_tile(kx, kL, kpmin, CJ_K, D, R, not FIXED, True, INTERP))     # [64, D]
             s = tl.dot(kt, q_hi)
@@ -700,7 +702,7 @@ def _tokens_in_m_kernel(q_ptr, sq_b, sq_h, sq_t, sq_d,
             m_new, alpha, p = _p_step(s, valid, m_i)
             # values: sum_t p x_hat = sum_t w (128 + pmin + r) - 128 sum_t w + sum_t p min, w = p step
             if FIXED and BITS_V == 4:
-                vt = tl.reshape(_tile_paired4(vx, INTERP), (D, 64))
+                vt = tl.reshape(_tile_paired4(vx, PRMT, INTERP), (D, 64))
             else:
                 vt = _tile(vx, vL, vpmin, CJ_V, D, R, R > 1 and not FIXED, True, INTERP)     # [D, 64]
             # the matrix unit accumulates into the rescaled output
@@ -907,7 +909,7 @@ def decode_attention(q, k_tail, v_tail, pool, seg_offset, token_min, token_step,
                 float(scaling) * LOG2E, bps, ns, n_part, block_table, block_table, 0)
         if ns:
             _tokens_in_m_kernel[(B, H, ns)](*args, FIXED=fmt.layout == "fixed", TAIL=False, SPLIT_V=tuning.split_v,
-                                            **tm)
+                                            PRMT=tuning.prmt_unpack, **tm)
         _tokens_in_m_kernel[(B, H, tail_chunks)](*args, FIXED=fmt.layout == "fixed", TAIL=True, SPLIT_V=False, **tm)
         _combine_kernel[(B, Hq, QLEN)](m_part, l_part, acc_part, out, *out.stride(), H, n_part, **comb)
         return out
