@@ -494,6 +494,17 @@ def _chunks(lo, hi, sh, BITS: tl.constexpr, FIXED: tl.constexpr):
 
 
 @triton.jit
+def _token_stats(tmin_ptr, tm_s, tm_kv, tm_t, tstep_ptr, ts_s, ts_kv, ts_t, slot, gsel):
+    """Token min and step of K and V of the block in `slot` (group gsel) -> four float32 [64]."""
+    t = tl.arange(0, 64)
+    kmin = tl.load(tmin_ptr + slot * tm_s + t * tm_t + gsel).to(tl.float32)
+    kstep = tl.load(tstep_ptr + slot * ts_s + t * ts_t + gsel).to(tl.float32)
+    vmin = tl.load(tmin_ptr + slot * tm_s + tm_kv + t * tm_t + gsel).to(tl.float32)
+    vstep = tl.load(tstep_ptr + slot * ts_s + ts_kv + t * ts_t + gsel).to(tl.float32)
+    return kmin, kstep, vmin, vstep
+
+
+@triton.jit
 def _seg_ptr(pool32, so_ptr, slot, so_s, kv_off, h, FIXED: tl.constexpr):
     off = tl.load(so_ptr + slot * so_s + kv_off + h) >> 2
     if FIXED:
@@ -663,10 +674,7 @@ def _tokens_in_m_kernel(q_ptr, sq_b, sq_h, sq_t, sq_d,
         vpmin1, vw1 = _meta(segv1, R, D, BITS_V, WB_V, FIXED)
         klo, khi, ksh, kL = _words(segk, kw, META_K, R, D, P, BITS_K, CJ_K, FIXED)
         vlo, vhi, vsh, vL = _words(segv, vw, META_V, R, D, P, BITS_V, CJ_V, FIXED)
-        kmin = tl.load(tmin_ptr + slot * tm_s + idx * tm_t + gsel).to(tl.float32)
-        kstep = tl.load(tstep_ptr + slot * ts_s + idx * ts_t + gsel).to(tl.float32)
-        vmin = tl.load(tmin_ptr + slot * tm_s + tm_kv + idx * tm_t + gsel).to(tl.float32)
-        vstep = tl.load(tstep_ptr + slot * ts_s + ts_kv + idx * ts_t + gsel).to(tl.float32)
+        kmin, kstep, vmin, vstep = _token_stats(tmin_ptr, tm_s, tm_kv, tm_t, tstep_ptr, ts_s, ts_kv, ts_t, slot, gsel)
         for blk in range(blk_lo, blk_hi):
             slot4 = tl.load(bt_row + tl.minimum(blk + 4, last)).to(tl.int64)
             segk3 = _seg_ptr(pool32, so_ptr, slot3, so_s, 0, h, FIXED)
@@ -675,10 +683,8 @@ def _tokens_in_m_kernel(q_ptr, sq_b, sq_h, sq_t, sq_d,
             vpmin2, vw2 = _meta(segv2, R, D, BITS_V, WB_V, FIXED)
             klo1, khi1, ksh1, kL1 = _words(segk1, kw1, META_K, R, D, P, BITS_K, CJ_K, FIXED)
             vlo1, vhi1, vsh1, vL1 = _words(segv1, vw1, META_V, R, D, P, BITS_V, CJ_V, FIXED)
-            kmin1 = tl.load(tmin_ptr + slot1 * tm_s + idx * tm_t + gsel).to(tl.float32)
-            kstep1 = tl.load(tstep_ptr + slot1 * ts_s + idx * ts_t + gsel).to(tl.float32)
-            vmin1 = tl.load(tmin_ptr + slot1 * tm_s + tm_kv + idx * tm_t + gsel).to(tl.float32)
-            vstep1 = tl.load(tstep_ptr + slot1 * ts_s + ts_kv + idx * ts_t + gsel).to(tl.float32)
+            kmin1, kstep1, vmin1, vstep1 = _token_stats(tmin_ptr, tm_s, tm_kv, tm_t, tstep_ptr, ts_s, ts_kv, ts_t,
+                                                        slot1, gsel)
             kx = _chunks(klo, khi, ksh, BITS_K, FIXED)
             vx = _chunks(vlo, vhi, vsh, BITS_V, FIXED)
             pos = blk * 64 + idx
