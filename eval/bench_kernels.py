@@ -60,7 +60,7 @@ VARIANTS = {  # name -> DecodeTuning fields that differ from the default tuning
     "tm": dict(tokens_in_m=True), "tm8": dict(tokens_in_m=True, num_warps=8), "tm2": dict(tokens_in_m=True, num_warps=2),
     "tmmin16": dict(tokens_in_m=True, min_blocks_per_split=16), "tmwaves4": dict(tokens_in_m=True, split_waves=4),
     "tmr128": dict(tokens_in_m=True, maxnreg=128), "tmr160": dict(tokens_in_m=True, maxnreg=160),
-    "old": dict(tokens_in_m=False), "oneblk": dict(two_blocks=False), "sv0": dict(split_v=False),
+    "old": dict(tokens_in_m=False), "sv0": dict(split_v=False), "prmt": dict(prmt_unpack=True),
 }
 
 

@@ -28,7 +28,7 @@ def kernels_table(data: dict) -> str:
 
 
 def _config(cfg: dict) -> str:
-    keys = ("rel_k", "rel_v", "pack_size", "repack", "granularity")
+    keys = ("rel_k", "rel_v", "pack_size", "repack", "granularity", "layout", "rotation")
     return ", ".join(f"{k} {cfg[k]}" for k in keys if k in cfg)
 
 

@@ -37,10 +37,14 @@ class DecodeTuning:
     min_blocks_per_split: int = 8  # but give every split at least this many blocks
     prefetch: bool = True          # issue the next block's payload loads before this block's math
     split_v: bool = True           # V weights as two dots (hi + lo), ~float32 precision; False: one
-                                   # 16-bit dot (~125 fewer SASS per block, weights rounded to 2**-9)
+                                   # 16-bit dot (~125 fewer SASS per block, weights rounded to 2**-9; 6-8%
+                                   # faster on the H200, but the rounding error of sum_t w_t q_t does not
+                                   # shrink with the output where the token minimums cancel it: 1.1e-2 vs
+                                   # 3e-3 relative on the small interpreter cases)
     maxnreg: int | None = None     # register cap per thread (None: the compiler's choice)
     tokens_in_m: bool = False      # _tokens_in_m_kernel (block tokens as the matrix M dimension)
-    two_blocks: bool = True        # fixed 4-bit K and V: two blocks per iteration of that kernel
+    prmt_unpack: bool = False      # fixed 4-bit: unpack by inline-PTX byte permutes (563 vs 611 SASS per block
+                                   # for sm_90; not yet run on a GPU, so off by default)
 
     def splits(self, batch: int, kv_heads: int, nb: int, sms: int) -> tuple[int, int]:
         """(num_splits, blocks_per_split)."""
@@ -177,20 +181,46 @@ def _pair4(x, j: tl.constexpr, INTERP: tl.constexpr):
         lo = (((x >> (4 * j)) & 15) + 128).to(tl.float32)
         hi = (((x >> (4 * j + 16)) & 15) + 128).to(tl.float32)
     else:
-        t = ((x >> (4 * j)) & 0x000F000F) | 0x43004300
-        lo = (t & 0xFFFF).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-        hi = (t >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        lo, hi = _halves(((x >> (4 * j)) & 0x000F000F) | 0x43004300)
     return lo, hi
 
 
 @triton.jit
-def _tile_paired4(x, INTERP: tl.constexpr):
+def _halves(t):
+    """The two bf16 bit patterns in the low and high half of t (uint32)."""
+    return (t & 0xFFFF).to(tl.uint16).to(tl.bfloat16, bitcast=True), (t >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _tile_paired4(x, PRMT: tl.constexpr, INTERP: tl.constexpr):
     """Words of 4-bit fixed segments in pair order (codec: BlockFormat.paired), x [..., 8] -> [..., 8, 2, 2, 2]
-    holding 128 + q (bf16; float32 in the interpreter); reshaped by the caller to [..., 64]."""
-    lo0, hi0 = _pair4(x, 0, INTERP)
-    lo1, hi1 = _pair4(x, 1, INTERP)
-    lo2, hi2 = _pair4(x, 2, INTERP)
-    lo3, hi3 = _pair4(x, 3, INTERP)
+    holding 128 + q (bf16; float32 in the interpreter); reshaped by the caller to [..., 64].
+    PRMT (on the GPU): one inline-PTX block per word: the even and the odd nibbles are masked once (e, o), then each
+    pair j is one byte permute of e or o with the constant 0x43 bytes (bytes 0 and 2 for j = 0, 1; 1 and 3 for
+    j = 2, 3): ~1.75 instructions per two tokens, and no mask constant to rematerialise per pair."""
+    if INTERP or not PRMT:
+        lo0, hi0 = _pair4(x, 0, INTERP)
+        lo1, hi1 = _pair4(x, 1, INTERP)
+        lo2, hi2 = _pair4(x, 2, INTERP)
+        lo3, hi3 = _pair4(x, 3, INTERP)
+    else:
+        t0, t1, t2, t3 = tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 e, o;
+            and.b32 e, $4, 0x0F0F0F0F;
+            shr.b32 o, $4, 4;
+            and.b32 o, o, 0x0F0F0F0F;
+            prmt.b32 $0, e, 0x43434343, 0x4240;
+            prmt.b32 $1, o, 0x43434343, 0x4240;
+            prmt.b32 $2, e, 0x43434343, 0x4341;
+            prmt.b32 $3, o, 0x43434343, 0x4341;
+            }""",
+            constraints="=r,=r,=r,=r,r", args=[x], dtype=(tl.uint32, tl.uint32, tl.uint32, tl.uint32),
+            is_pure=True, pack=1)
+        lo0, hi0 = _halves(t0)
+        lo1, hi1 = _halves(t1)
+        lo2, hi2 = _halves(t2)
+        lo3, hi3 = _halves(t3)
     # element (a, b) of the inner joins is pair j = 2a + b; the outer join adds the token's parity
     lo_t = tl.join(tl.join(lo0, lo2), tl.join(lo1, lo3))
     hi_t = tl.join(tl.join(hi0, hi2), tl.join(hi1, hi3))
@@ -464,35 +494,9 @@ def _chunks(lo, hi, sh, BITS: tl.constexpr, FIXED: tl.constexpr):
 
 
 @triton.jit
-def _seg_ptr(pool32, so_ptr, slot, so_s, kv_off, h, FIXED: tl.constexpr):
-    off = tl.load(so_ptr + slot * so_s + kv_off + h) >> 2
-    if FIXED:
-        off = tl.multiple_of(off, 4)
-    return pool32 + off
-
-
-@triton.jit
-def _weighted_values(vt, w, SPLIT_V: tl.constexpr, INTERP: tl.constexpr):
-    """vt [D, N] (128 + q as bf16) times weights w [N, M] -> (out^T [D, M], sum of the weights the dot used [M]).
-    SPLIT_V: w = hi + lo as two bf16 dots (~float32 weights); else one dot over bf16 weights (rounded 2**-9),
-    and the sum uses the rounded weights so that the 128 offset cancels exactly."""
-    w_hi = _bf16_op(w, INTERP)
-    pv = tl.dot(vt, w_hi)
-    if SPLIT_V:
-        pv = tl.dot(vt, _bf16_op(w - w_hi.to(tl.float32), INTERP), pv)
-        wsum = tl.sum(w, axis=0)
-    else:
-        wsum = tl.sum(w_hi.to(tl.float32), axis=0)
-    return pv, wsum
-
-
-@triton.jit
-def _pair_stats(tmin_ptr, tm_s, tm_kv, tm_t, tstep_ptr, ts_s, ts_kv, ts_t, sl, gsel):
-    """Token min/step of K and V of the two blocks in slots sl [2] -> four [128] float32 vectors."""
-    i = tl.arange(0, 128)
-    two = tl.arange(0, 2)
-    slot = tl.where(i < 64, tl.sum(tl.where(two == 0, sl, 0)), tl.sum(tl.where(two == 1, sl, 0)))
-    t = i % 64
+def _token_stats(tmin_ptr, tm_s, tm_kv, tm_t, tstep_ptr, ts_s, ts_kv, ts_t, slot, gsel):
+    """Token min and step of K and V of the block in `slot` (group gsel) -> four float32 [64]."""
+    t = tl.arange(0, 64)
     kmin = tl.load(tmin_ptr + slot * tm_s + t * tm_t + gsel).to(tl.float32)
     kstep = tl.load(tstep_ptr + slot * ts_s + t * ts_t + gsel).to(tl.float32)
     vmin = tl.load(tmin_ptr + slot * tm_s + tm_kv + t * tm_t + gsel).to(tl.float32)
@@ -501,64 +505,76 @@ def _pair_stats(tmin_ptr, tm_s, tm_kv, tm_t, tstep_ptr, ts_s, ts_kv, ts_t, sl, g
 
 
 @triton.jit
-def _pair_words(pool32, off, D: tl.constexpr):
-    """The 4-bit fixed segments at word offsets off [2] -> their words [2, D, 8] (channel c at word 8c)."""
-    c = tl.arange(0, D)[None, :, None]
-    w = tl.arange(0, 8)[None, None, :]
-    return tl.load(pool32 + off[:, None, None] + c * 8 + w).to(tl.uint32, bitcast=True)
+def _seg_ptr(pool32, so_ptr, slot, so_s, kv_off, h, FIXED: tl.constexpr):
+    off = tl.load(so_ptr + slot * so_s + kv_off + h) >> 2
+    if FIXED:
+        off = tl.multiple_of(off, 4)
+    return pool32 + off
 
 
 @triton.jit
-def _pair_blocks(accT, accmin, m_i, l_i, q_hi, q_lo, qsum, qpos, pool32, so_ptr, so_s, so_kv, tmin_ptr, tm_s, tm_kv,
-                 tm_t, tstep_ptr, ts_s, ts_kv, ts_t, bt_row, blk_lo, blk_hi, h, gsel, valid_ptr, va_off,
-                 scale_log2, D: tl.constexpr, HAS_MASK: tl.constexpr, Q_SPLIT: tl.constexpr, SPLIT_V: tl.constexpr,
-                 INTERP: tl.constexpr):
-    """The fast path of the block loop: layout "fixed" with 4-bit K and V, two blocks (128 tokens) per
-    iteration, so the per-iteration work (softmax reductions across the warps, barriers, rescaling) is shared
-    by twice the tokens. Pipeline: the words of the next pair, the segment offsets of the pair after it and
-    the slots of the third pair are loaded one iteration ahead. A pair's second block past blk_hi reads the
-    last block again and is masked out."""
-    two = tl.arange(0, 2)
-    i128 = tl.arange(0, 128)
-    last = blk_hi - 1
-    sl = tl.load(bt_row + tl.minimum(blk_lo + two, last)).to(tl.int64)
-    sl1 = tl.load(bt_row + tl.minimum(blk_lo + 2 + two, last)).to(tl.int64)
-    sl2 = tl.load(bt_row + tl.minimum(blk_lo + 4 + two, last)).to(tl.int64)
-    ko = tl.multiple_of(tl.load(so_ptr + sl * so_s + h) >> 2, 4)
-    vo = tl.multiple_of(tl.load(so_ptr + sl * so_s + so_kv + h) >> 2, 4)
-    ko1 = tl.multiple_of(tl.load(so_ptr + sl1 * so_s + h) >> 2, 4)
-    vo1 = tl.multiple_of(tl.load(so_ptr + sl1 * so_s + so_kv + h) >> 2, 4)
-    kw = _pair_words(pool32, ko, D)
-    vw = _pair_words(pool32, vo, D)
-    kmin, kstep, vmin, vstep = _pair_stats(tmin_ptr, tm_s, tm_kv, tm_t, tstep_ptr, ts_s, ts_kv, ts_t, sl, gsel)
-    for blk in range(blk_lo, blk_hi, 2):
-        sl3 = tl.load(bt_row + tl.minimum(blk + 6 + two, last)).to(tl.int64)
-        ko2 = tl.multiple_of(tl.load(so_ptr + sl2 * so_s + h) >> 2, 4)
-        vo2 = tl.multiple_of(tl.load(so_ptr + sl2 * so_s + so_kv + h) >> 2, 4)
-        kw1 = _pair_words(pool32, ko1, D)
-        vw1 = _pair_words(pool32, vo1, D)
-        kmin1, kstep1, vmin1, vstep1 = _pair_stats(tmin_ptr, tm_s, tm_kv, tm_t, tstep_ptr, ts_s, ts_kv, ts_t, sl1,
-                                                   gsel)
-        pos = blk * 64 + i128
-        valid = (pos[:, None] <= qpos[None, :]) & (pos < blk_hi * 64)[:, None]
-        if HAS_MASK:
-            ok = tl.load(valid_ptr + va_off + pos, mask=pos < blk_hi * 64, other=0).to(tl.int1)
-            valid = valid & ok[:, None]
-        kt = tl.reshape(tl.permute(tl.reshape(_tile_paired4(kw, INTERP), (2, D, 64)), (0, 2, 1)), (128, D))
-        s = tl.dot(kt, q_hi)
-        if Q_SPLIT:
-            s = tl.dot(kt, q_lo, s)
-        s = ((s - 128.0 * qsum[None, :]) * kstep[:, None] + kmin[:, None] * qsum[None, :]) * scale_log2
-        m_new, alpha, p, l_i = _softmax_step_t(s, valid, m_i, l_i)
-        vt = tl.reshape(tl.permute(tl.reshape(_tile_paired4(vw, INTERP), (2, D, 64)), (1, 0, 2)), (D, 128))
-        pv, wsum = _weighted_values(vt, p * vstep[:, None], SPLIT_V, INTERP)
-        pv -= 128.0 * wsum[None, :]
-        accT = accT * alpha[None, :] + pv
-        accmin = accmin * alpha + tl.sum(p * vmin[:, None], axis=0)
-        m_i = m_new
-        kw, vw, ko1, vo1, sl1, sl2 = kw1, vw1, ko2, vo2, sl2, sl3
-        kmin, kstep, vmin, vstep = kmin1, kstep1, vmin1, vstep1
-    return accT, accmin, m_i, l_i
+def _weighted_values(vt, w, acc, SPLIT_V: tl.constexpr, INTERP: tl.constexpr):
+    """acc + vt [D, N] (128 + q as bf16) times weights w [N, M] -> (acc [D, M], the weights the dot used [N, M]).
+    SPLIT_V: w = hi + lo as two bf16 dots (~float32 weights); else one dot over bf16 weights (rounded 2**-9),
+    whose offset correction must use the rounded weights so that the 128 cancels exactly."""
+    w_hi = _bf16_op(w, INTERP)
+    pv = tl.dot(vt, w_hi, acc)
+    if SPLIT_V:
+        pv = tl.dot(vt, _bf16_op(w - w_hi.to(tl.float32), INTERP), pv)
+        used = w
+    else:
+        used = w_hi.to(tl.float32)
+    return pv, used
+
+
+@triton.jit
+def _p_step(s, valid, m_i):
+    """Online softmax without the row sums: s [N tokens, M] -> (new max [M], rescale of old partials, p)."""
+    s = tl.where(valid, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=0))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    return m_new, tl.exp2(m_i - m_safe), tl.exp2(s - m_safe[None, :])
+
+
+@triton.jit
+def _warp_sums(p, vmin, vstep, w, SPLIT_V: tl.constexpr):
+    """Per-warp column sums of what the output needs besides p.V: sum_t p_t (the softmax denominator) and the
+    token-min and offset terms sum_t p_t min_t - 128 sum_t w_t, over groups of 16 rows of p, w [N, M] ->
+    [N // 16, M, 2] (or [.., 2, 2]). In the matrix-unit layout a 16-row group is one warp's rows, so these sums
+    need no shared memory and no barrier; the sums over the groups wait until the end of the block loop (they
+    are linear and rescaled like the output). SPLIT_V: w = p * step to ~float32, so the offset term folds into
+    one per-token constant min_t - 128 step_t; one bf16 dot: the rounded weights' own sum (the 128 cancels
+    exactly only against them)."""
+    if SPLIT_V:
+        x = tl.join(p, p * (vmin - 128.0 * vstep)[:, None])
+        out = tl.sum(tl.reshape(x, (x.shape[0] // 16, 16, x.shape[1], 2)), axis=1)
+    else:
+        x = tl.join(tl.join(p, p * vmin[:, None]), tl.join(w, w))
+        out = tl.sum(tl.reshape(x, (x.shape[0] // 16, 16, x.shape[1], 2, 2)), axis=1)
+    return out
+
+
+@triton.jit
+def _rescale(alpha, SPLIT_V: tl.constexpr):
+    """alpha [M] broadcast over the _warp_sums accumulator."""
+    if SPLIT_V:
+        out = alpha[None, :, None]
+    else:
+        out = alpha[None, :, None, None]
+    return out
+
+
+@triton.jit
+def _unjoin_sums(sums, SPLIT_V: tl.constexpr):
+    """_warp_sums accumulated -> (sum p, sum p * min - 128 sum w), each [M]."""
+    if SPLIT_V:
+        l_sum, extra = tl.split(tl.sum(sums, axis=0))
+    else:
+        pair, ww = tl.split(tl.sum(sums, axis=0))
+        l_sum, min_sum = tl.split(pair)
+        w_sum, _w = tl.split(ww)
+        extra = min_sum - 128.0 * w_sum
+    return l_sum, extra
 
 
 @triton.jit(do_not_specialize=["skt_b", "skt_h", "svt_b", "svt_h", "T", "bt_b", "nb", "va_b", "bps", "NS", "NPART"])
@@ -569,19 +585,23 @@ def _tokens_in_m_kernel(q_ptr, sq_b, sq_h, sq_t, sq_d,
                         bt_ptr, bt_b, nb,
                         valid_ptr, va_b,
                         m_ptr, l_ptr, acc_ptr,
-                        scale_log2, bps, NS, NPART,
+                        scale_log2, bps, NS, NPART, ctl_ptr, split_ptr, RING,
                         GROUP: tl.constexpr, QLEN: tl.constexpr, M: tl.constexpr, D: tl.constexpr,
                         P: tl.constexpr, BITS_K: tl.constexpr, BITS_V: tl.constexpr, WB_K: tl.constexpr,
                         WB_V: tl.constexpr, META_K: tl.constexpr, META_V: tl.constexpr,
                         CJ_K: tl.constexpr, CJ_V: tl.constexpr, FIXED: tl.constexpr,
                         TOKEN_GRAN: tl.constexpr, HAS_MASK: tl.constexpr, Q_SPLIT: tl.constexpr,
-                        TAIL: tl.constexpr, INTERP: tl.constexpr, PAIRS: tl.constexpr = False,
-                        SPLIT_V: tl.constexpr = True):
+                        TAIL: tl.constexpr, INTERP: tl.constexpr, SPLIT_V: tl.constexpr,
+                        DEV: tl.constexpr = False, PRMT: tl.constexpr = False):
     """The decode kernel with the 64 tokens of a block as the M dimension of both matrix products:
     scores^T [64, M] = K_tile [64, D] . q^T [D, M] and out^T [D, M] += V_tile^T [D, 64] . w^T [64, M],
     so the unpacked tiles are the A operands and the few query rows (GQA x q_len, padded) are N.
     TAIL: the program reads 64 tokens of the dense tail instead of blocks (its own launch; chunk j is split
-    NS + j), so the tail costs one chunk's latency, not ceil(T / 64) chunks in sequence."""
+    NS + j), so the tail costs one chunk's latency, not ceil(T / 64) chunks in sequence.
+    DEV (the static cache, kernels/static_cache.py): the lengths are read on the device, so one captured launch
+    serves every step: ctl_ptr holds [kv_len, nb], split_ptr [nb] -> (NS, bps) as choose_tuning gives them; the
+    grids have the most splits (tail chunks) any length needs and the programs past NS (the tail's chunks) store
+    nothing; the tail is a ring of RING tokens (a multiple of 64) whose token t sits at row (nb * 64 + t) % RING."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     s_id = tl.program_id(2)
@@ -589,6 +609,19 @@ def _tokens_in_m_kernel(q_ptr, sq_b, sq_h, sq_t, sq_d,
     b64 = b.to(tl.int64)
     rows = tl.arange(0, M)
     row_ok = rows < GROUP * QLEN
+    if DEV:
+        kv_len = tl.load(ctl_ptr)
+        nb = tl.load(ctl_ptr + 1)
+        T = kv_len - nb * 64
+        NS = tl.load(split_ptr + 2 * nb)
+        bps = tl.load(split_ptr + 2 * nb + 1)
+        NPART = NS + tl.maximum((T + 63) // 64, 1)  # as decode_attention's n_part
+        if TAIL:
+            n_live = NPART - NS
+        else:
+            n_live = NS
+        live = s_id < n_live
+        row_ok = row_ok & (rows * 0 + s_id < n_live)
     g = rows // QLEN
     qi = rows % QLEN
     kv_len = nb * 64 + T
@@ -610,99 +643,97 @@ def _tokens_in_m_kernel(q_ptr, sq_b, sq_h, sq_t, sq_d,
         R: tl.constexpr = 64 // P
         q_hi = _bf16_op(q32, INTERP)
         q_lo = _bf16_op(q32 - q_hi.to(tl.float32), INTERP)
-        accmin = tl.zeros([M], tl.float32)
+        if SPLIT_V:  # _warp_sums of the block tiles, accumulated
+            sums = tl.zeros([4, M, 2], tl.float32)
+        else:
+            sums = tl.zeros([4, M, 2, 2], tl.float32)
         blk_lo = s_id * bps
         blk_hi = tl.minimum(blk_lo + bps, nb)
-        last = blk_hi - 1
+        if DEV:  # programs past NS read block 0's row (always allocated) and loop over nothing
+            blk_lo = tl.where(live, blk_lo, 0)
+            blk_hi = tl.where(live, blk_hi, 0)
+        last = tl.maximum(blk_hi - 1, 0)
         bt_row = bt_ptr + b64 * bt_b
-        if PAIRS:
-            accT, accmin, m_i, l_i = _pair_blocks(
-                accT, accmin, m_i, l_i, q_hi, q_lo, qsum, qpos, pool32, so_ptr, so_s, so_kv, tmin_ptr, tm_s, tm_kv,
-                tm_t, tstep_ptr, ts_s, ts_kv, ts_t, bt_row, blk_lo, blk_hi, h, gsel, valid_ptr, b64 * va_b,
-                scale_log2, D, HAS_MASK, Q_SPLIT, SPLIT_V, INTERP)
-        else:
-            # Software pipeline over the dependent loads block table -> segment offset -> pack metadata ->
-            # payload: each load uses a value loaded one iteration earlier, so no iteration waits on a load
-            # it issued itself. Entering the iteration of block i: slots of i..i+3, segments of i..i+2,
-            # metadata of i..i+1, payload words of i.
-            slot = tl.load(bt_row + blk_lo).to(tl.int64)
-            slot1 = tl.load(bt_row + tl.minimum(blk_lo + 1, last)).to(tl.int64)
-            slot2 = tl.load(bt_row + tl.minimum(blk_lo + 2, last)).to(tl.int64)
-            slot3 = tl.load(bt_row + tl.minimum(blk_lo + 3, last)).to(tl.int64)
-            segk = _seg_ptr(pool32, so_ptr, slot, so_s, 0, h, FIXED)
-            segv = _seg_ptr(pool32, so_ptr, slot, so_s, so_kv, h, FIXED)
-            segk1 = _seg_ptr(pool32, so_ptr, slot1, so_s, 0, h, FIXED)
-            segv1 = _seg_ptr(pool32, so_ptr, slot1, so_s, so_kv, h, FIXED)
-            segk2 = _seg_ptr(pool32, so_ptr, slot2, so_s, 0, h, FIXED)
-            segv2 = _seg_ptr(pool32, so_ptr, slot2, so_s, so_kv, h, FIXED)
-            kpmin, kw = _meta(segk, R, D, BITS_K, WB_K, FIXED)
-            vpmin, vw = _meta(segv, R, D, BITS_V, WB_V, FIXED)
-            kpmin1, kw1 = _meta(segk1, R, D, BITS_K, WB_K, FIXED)
-            vpmin1, vw1 = _meta(segv1, R, D, BITS_V, WB_V, FIXED)
-            klo, khi, ksh, kL = _words(segk, kw, META_K, R, D, P, BITS_K, CJ_K, FIXED)
-            vlo, vhi, vsh, vL = _words(segv, vw, META_V, R, D, P, BITS_V, CJ_V, FIXED)
-            kmin = tl.load(tmin_ptr + slot * tm_s + idx * tm_t + gsel).to(tl.float32)
-            kstep = tl.load(tstep_ptr + slot * ts_s + idx * ts_t + gsel).to(tl.float32)
-            vmin = tl.load(tmin_ptr + slot * tm_s + tm_kv + idx * tm_t + gsel).to(tl.float32)
-            vstep = tl.load(tstep_ptr + slot * ts_s + ts_kv + idx * ts_t + gsel).to(tl.float32)
-            for blk in range(blk_lo, blk_hi):
-                slot4 = tl.load(bt_row + tl.minimum(blk + 4, last)).to(tl.int64)
-                segk3 = _seg_ptr(pool32, so_ptr, slot3, so_s, 0, h, FIXED)
-                segv3 = _seg_ptr(pool32, so_ptr, slot3, so_s, so_kv, h, FIXED)
-                kpmin2, kw2 = _meta(segk2, R, D, BITS_K, WB_K, FIXED)
-                vpmin2, vw2 = _meta(segv2, R, D, BITS_V, WB_V, FIXED)
-                klo1, khi1, ksh1, kL1 = _words(segk1, kw1, META_K, R, D, P, BITS_K, CJ_K, FIXED)
-                vlo1, vhi1, vsh1, vL1 = _words(segv1, vw1, META_V, R, D, P, BITS_V, CJ_V, FIXED)
-                kmin1 = tl.load(tmin_ptr + slot1 * tm_s + idx * tm_t + gsel).to(tl.float32)
-                kstep1 = tl.load(tstep_ptr + slot1 * ts_s + idx * ts_t + gsel).to(tl.float32)
-                vmin1 = tl.load(tmin_ptr + slot1 * tm_s + tm_kv + idx * tm_t + gsel).to(tl.float32)
-                vstep1 = tl.load(tstep_ptr + slot1 * ts_s + ts_kv + idx * ts_t + gsel).to(tl.float32)
-                kx = _chunks(klo, khi, ksh, BITS_K, FIXED)
-                vx = _chunks(vlo, vhi, vsh, BITS_V, FIXED)
-                pos = blk * 64 + idx
-                valid = pos[:, None] <= qpos[None, :]
-                if HAS_MASK:
-                    ok = tl.load(valid_ptr + b64 * va_b + pos).to(tl.int1)
-                    valid = valid & ok[:, None]
-                # scores: q . x_hat = step * (q . (pmin + r)) + min * sum(q); the tile holds 128 + pmin + r
-                if FIXED:  # constant widths: the unpack's shifts and masks fold into immediates
-                    kL = tl.full(kx.shape, BITS_K, tl.int32)
-                    vL = tl.full(vx.shape, BITS_V, tl.int32)
-                if FIXED and BITS_K == 4:
-                    kt = tl.trans(tl.reshape(_tile_paired4(kx, INTERP), (D, 64)))
-                else:
-                    kt = tl.trans(_tile(kx, kL, kpmin, CJ_K, D, R, not FIXED, True, INTERP))     # [64, D]
-                s = tl.dot(kt, q_hi)
-                if Q_SPLIT:
-                    s = tl.dot(kt, q_lo, s)
-                s = ((s - 128.0 * qsum[None, :]) * kstep[:, None] + kmin[:, None] * qsum[None, :]) * scale_log2
-                m_new, alpha, p, l_i = _softmax_step_t(s, valid, m_i, l_i)
-                # values: sum_t p x_hat = sum_t w (128 + pmin + r) - 128 sum_t w + sum_t p min, w = p step
-                if FIXED and BITS_V == 4:
-                    vt = tl.reshape(_tile_paired4(vx, INTERP), (D, 64))
-                else:
-                    vt = _tile(vx, vL, vpmin, CJ_V, D, R, R > 1 and not FIXED, True, INTERP)     # [D, 64]
-                pv, wsum = _weighted_values(vt, p * vstep[:, None], SPLIT_V, INTERP)     # [D, M], [M]
-                if R == 1 and not FIXED:
-                    pv += (tl.reshape(vpmin, (D,)).to(tl.float32) - 128.0)[:, None] * wsum[None, :]
-                else:
-                    pv -= 128.0 * wsum[None, :]
-                accT = accT * alpha[None, :] + pv
-                accmin = accmin * alpha + tl.sum(p * vmin[:, None], axis=0)
-                m_i = m_new
-                # rotate the pipeline
-                klo, khi, ksh, kL, vlo, vhi, vsh, vL = klo1, khi1, ksh1, kL1, vlo1, vhi1, vsh1, vL1
-                kpmin, vpmin, kpmin1, kw1, vpmin1, vw1 = kpmin1, vpmin1, kpmin2, kw2, vpmin2, vw2
-                kmin, kstep, vmin, vstep = kmin1, kstep1, vmin1, vstep1
-                segk1, segv1, segk2, segv2 = segk2, segv2, segk3, segv3
-                slot1, slot2, slot3 = slot2, slot3, slot4
-        accT = accT + accmin[None, :]
+        # Software pipeline over the dependent loads block table -> segment offset -> pack metadata ->
+        # payload: each load uses a value loaded one iteration earlier, so no iteration waits on a load
+        # it issued itself. Entering the iteration of block i: slots of i..i+3, segments of i..i+2,
+        # metadata of i..i+1, payload words of i.
+        slot = tl.load(bt_row + blk_lo).to(tl.int64)
+        slot1 = tl.load(bt_row + tl.minimum(blk_lo + 1, last)).to(tl.int64)
+        slot2 = tl.load(bt_row + tl.minimum(blk_lo + 2, last)).to(tl.int64)
+        slot3 = tl.load(bt_row + tl.minimum(blk_lo + 3, last)).to(tl.int64)
+        segk = _seg_ptr(pool32, so_ptr, slot, so_s, 0, h, FIXED)
+        segv = _seg_ptr(pool32, so_ptr, slot, so_s, so_kv, h, FIXED)
+        segk1 = _seg_ptr(pool32, so_ptr, slot1, so_s, 0, h, FIXED)
+        segv1 = _seg_ptr(pool32, so_ptr, slot1, so_s, so_kv, h, FIXED)
+        segk2 = _seg_ptr(pool32, so_ptr, slot2, so_s, 0, h, FIXED)
+        segv2 = _seg_ptr(pool32, so_ptr, slot2, so_s, so_kv, h, FIXED)
+        kpmin, kw = _meta(segk, R, D, BITS_K, WB_K, FIXED)
+        vpmin, vw = _meta(segv, R, D, BITS_V, WB_V, FIXED)
+        kpmin1, kw1 = _meta(segk1, R, D, BITS_K, WB_K, FIXED)
+        vpmin1, vw1 = _meta(segv1, R, D, BITS_V, WB_V, FIXED)
+        klo, khi, ksh, kL = _words(segk, kw, META_K, R, D, P, BITS_K, CJ_K, FIXED)
+        vlo, vhi, vsh, vL = _words(segv, vw, META_V, R, D, P, BITS_V, CJ_V, FIXED)
+        kmin, kstep, vmin, vstep = _token_stats(tmin_ptr, tm_s, tm_kv, tm_t, tstep_ptr, ts_s, ts_kv, ts_t, slot, gsel)
+        for blk in range(blk_lo, blk_hi):
+            slot4 = tl.load(bt_row + tl.minimum(blk + 4, last)).to(tl.int64)
+            segk3 = _seg_ptr(pool32, so_ptr, slot3, so_s, 0, h, FIXED)
+            segv3 = _seg_ptr(pool32, so_ptr, slot3, so_s, so_kv, h, FIXED)
+            kpmin2, kw2 = _meta(segk2, R, D, BITS_K, WB_K, FIXED)
+            vpmin2, vw2 = _meta(segv2, R, D, BITS_V, WB_V, FIXED)
+            klo1, khi1, ksh1, kL1 = _words(segk1, kw1, META_K, R, D, P, BITS_K, CJ_K, FIXED)
+            vlo1, vhi1, vsh1, vL1 = _words(segv1, vw1, META_V, R, D, P, BITS_V, CJ_V, FIXED)
+            kmin1, kstep1, vmin1, vstep1 = _token_stats(tmin_ptr, tm_s, tm_kv, tm_t, tstep_ptr, ts_s, ts_kv, ts_t,
+                                                        slot1, gsel)
+            kx = _chunks(klo, khi, ksh, BITS_K, FIXED)
+            vx = _chunks(vlo, vhi, vsh, BITS_V, FIXED)
+            pos = blk * 64 + idx
+            valid = pos[:, None] <= qpos[None, :]
+            if HAS_MASK:
+                ok = tl.load(valid_ptr + b64 * va_b + pos).to(tl.int1)
+                valid = valid & ok[:, None]
+            # scores: q . x_hat = step * (q . (pmin + r)) + min * sum(q); the tile holds 128 + pmin + r
+            if FIXED:  # constant widths: the unpack's shifts and masks fold into immediates
+                kL = tl.full(kx.shape, BITS_K, tl.int32)
+                vL = tl.full(vx.shape, BITS_V, tl.int32)
+            if FIXED and BITS_K == 4:
+                kt = tl.trans(tl.reshape(_tile_paired4(kx, PRMT, INTERP), (D, 64)))
+            else:
+                kt = tl.trans(_tile(kx, kL, kpmin, CJ_K, D, R, not FIXED, True, INTERP))     # [64, D]
+            s = tl.dot(kt, q_hi)
+            if Q_SPLIT:
+                s = tl.dot(kt, q_lo, s)
+            # = step * (s - 128 sum(q)) + min * sum(q), in log2 units: one multiply-add per score
+            s = s * (kstep * scale_log2)[:, None] + ((kmin - 128.0 * kstep) * scale_log2)[:, None] * qsum[None, :]
+            m_new, alpha, p = _p_step(s, valid, m_i)
+            # values: sum_t p x_hat = sum_t w (128 + pmin + r) - 128 sum_t w + sum_t p min, w = p step
+            if FIXED and BITS_V == 4:
+                vt = tl.reshape(_tile_paired4(vx, PRMT, INTERP), (D, 64))
+            else:
+                vt = _tile(vx, vL, vpmin, CJ_V, D, R, R > 1 and not FIXED, True, INTERP)     # [D, 64]
+            # the matrix unit accumulates into the rescaled output
+            accT, w = _weighted_values(vt, p * vstep[:, None], accT * alpha[None, :], SPLIT_V, INTERP)
+            if R == 1 and not FIXED:  # this block's pack minimums: corrected now, over all rows
+                accT += tl.reshape(vpmin, (D,)).to(tl.float32)[:, None] * tl.sum(w, axis=0)[None, :]
+            sums = sums * _rescale(alpha, SPLIT_V) + _warp_sums(p, vmin, vstep, w, SPLIT_V)
+            m_i = m_new
+            # rotate the pipeline
+            klo, khi, ksh, kL, vlo, vhi, vsh, vL = klo1, khi1, ksh1, kL1, vlo1, vhi1, vsh1, vL1
+            kpmin, vpmin, kpmin1, kw1, vpmin1, vw1 = kpmin1, vpmin1, kpmin2, kw2, vpmin2, vw2
+            kmin, kstep, vmin, vstep = kmin1, kstep1, vmin1, vstep1
+            segk1, segv1, segk2, segv2 = segk2, segv2, segk3, segv3
+            slot1, slot2, slot3 = slot2, slot3, slot4
+        l_i, extra = _unjoin_sums(sums, SPLIT_V)
+        accT = accT + extra[None, :]
         part = s_id
     else:  # tail chunk s_id: tokens 64 * s_id .. of the dense tail (one program per chunk)
         for t0 in range(64 * s_id, tl.minimum(T, 64 * s_id + 64), 64):
             t = t0 + idx
             tok = t < T
-            kx = tl.load(kt_ptr + b64 * skt_b + h.to(tl.int64) * skt_h + t.to(tl.int64)[:, None] * skt_t
+            trow = t
+            if DEV:
+                trow = (nb * 64 + t0) % RING + idx
+            kx = tl.load(kt_ptr + b64 * skt_b + h.to(tl.int64) * skt_h + trow.to(tl.int64)[:, None] * skt_t
                          + cols[None, :] * skt_d, mask=tok[:, None], other=0.0)       # [64, D]
             if INTERP:  # the interpreter's 16-bit dots are wrong: float32 operands, same values
                 s = tl.dot(kx.to(tl.float32), q32, input_precision="ieee") * scale_log2
@@ -714,7 +745,7 @@ def _tokens_in_m_kernel(q_ptr, sq_b, sq_h, sq_t, sq_d,
                 ok = tl.load(valid_ptr + b64 * va_b + pos, mask=tok, other=0).to(tl.int1)
                 valid = valid & ok[:, None]
             m_new, alpha, p, l_i = _softmax_step_t(s, valid, m_i, l_i)
-            vx = tl.load(vt_ptr + b64 * svt_b + h.to(tl.int64) * svt_h + t.to(tl.int64)[None, :] * svt_t
+            vx = tl.load(vt_ptr + b64 * svt_b + h.to(tl.int64) * svt_h + trow.to(tl.int64)[None, :] * svt_t
                          + cols[:, None] * svt_d, mask=tok[None, :], other=0.0)       # [D, 64]
             if INTERP:
                 pv = tl.dot(vx.to(tl.float32), p, input_precision="ieee")
@@ -735,7 +766,10 @@ def _tokens_in_m_kernel(q_ptr, sq_b, sq_h, sq_t, sq_d,
 @triton.jit(do_not_specialize=["NSP1"])
 def _combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, so_b, so_h, so_t, so_d, H, NSP1,
                     GROUP: tl.constexpr, QLEN: tl.constexpr, M: tl.constexpr, D: tl.constexpr,
-                    SP: tl.constexpr, SC: tl.constexpr):
+                    SP: tl.constexpr, SC: tl.constexpr, ctl_ptr=None, split_ptr=None, DEV: tl.constexpr = False):
+    if DEV:  # the number of partials from the device (see _tokens_in_m_kernel)
+        nb = tl.load(ctl_ptr + 1)
+        NSP1 = tl.load(split_ptr + 2 * nb) + tl.maximum((tl.load(ctl_ptr) - nb * 64 + 63) // 64, 1)
     b = tl.program_id(0)
     hq = tl.program_id(1)
     qi = tl.program_id(2)
@@ -878,12 +912,11 @@ def decode_attention(q, k_tail, v_tail, pool, seg_offset, token_min, token_step,
                 token_min, token_min.stride(0), token_min.stride(1), token_min.stride(2),
                 token_step, token_step.stride(0), token_step.stride(1), token_step.stride(2),
                 block_table, block_table.stride(0), nb, valid_arg, va_b, m_part, l_part, acc_part,
-                float(scaling) * LOG2E, bps, ns, n_part)
+                float(scaling) * LOG2E, bps, ns, n_part, block_table, block_table, 0)
         if ns:
-            pairs = tuning.two_blocks and fmt.paired(0) and fmt.paired(1)
-            _tokens_in_m_kernel[(B, H, ns)](*args, FIXED=fmt.layout == "fixed", TAIL=False, PAIRS=pairs,
-                                            SPLIT_V=tuning.split_v, **tm)
-        _tokens_in_m_kernel[(B, H, tail_chunks)](*args, FIXED=fmt.layout == "fixed", TAIL=True, **tm)
+            _tokens_in_m_kernel[(B, H, ns)](*args, FIXED=fmt.layout == "fixed", TAIL=False, SPLIT_V=tuning.split_v,
+                                            PRMT=tuning.prmt_unpack, **tm)
+        _tokens_in_m_kernel[(B, H, tail_chunks)](*args, FIXED=fmt.layout == "fixed", TAIL=True, SPLIT_V=False, **tm)
         _combine_kernel[(B, Hq, QLEN)](m_part, l_part, acc_part, out, *out.stride(), H, n_part, **comb)
         return out
     if fmt.layout == "fixed":

@@ -70,6 +70,13 @@ def _row_stats(x, rel):
 
 
 @triton.jit
+def _store_head_stats(tmin_ptr, tstep_ptr, min_off, step_off, lo, step):
+    """Store one KV head's per-token (min, step) (granularity "token_head") at the given element offsets."""
+    tl.store(tmin_ptr + min_off, lo.to(tmin_ptr.dtype.element_ty))
+    tl.store(tstep_ptr + step_off, step.to(tl.bfloat16))
+
+
+@triton.jit
 def _quant(x, lo, step, MAXV: tl.constexpr):
     """x [64, D] float32, lo/step [64] float32 -> int32 [64, D]."""
     pos = step > 0
@@ -250,11 +257,11 @@ def _stats_kernel(k_ptr, v_ptr, ks_b, ks_h, ks_t, ks_d, vs_b, vs_h, vs_t, vs_d,
             tl.store(segbytes_ptr + (n * 2 + 1) * H + h, 8 * D * BITS_V)
             if not TOKEN_GRAN:
                 hklo, hkst = _row_stats(_load_tile(k_ptr, kbase + h * ks_h, prow, ks_t, ks_d, D), rel_k)
-                tl.store(tmin_ptr + slot * tm_s + idx * tm_t + h, hklo.to(tmin_ptr.dtype.element_ty))
-                tl.store(tstep_ptr + slot * ts_s + idx * ts_t + h, hkst.to(tl.bfloat16))
+                _store_head_stats(tmin_ptr, tstep_ptr, slot * tm_s + idx * tm_t + h, slot * ts_s + idx * ts_t + h,
+                                  hklo, hkst)
                 hvlo, hvst = _row_stats(_load_tile(v_ptr, vbase + h * vs_h, prow, vs_t, vs_d, D), rel_v)
-                tl.store(tmin_ptr + slot * tm_s + tm_kv + idx * tm_t + h, hvlo.to(tmin_ptr.dtype.element_ty))
-                tl.store(tstep_ptr + slot * ts_s + ts_kv + idx * ts_t + h, hvst.to(tl.bfloat16))
+                _store_head_stats(tmin_ptr, tstep_ptr, slot * tm_s + tm_kv + idx * tm_t + h,
+                                  slot * ts_s + ts_kv + idx * ts_t + h, hvlo, hvst)
     else:
         for h in range(H):
             kx = _load_tile(k_ptr, kbase + h * ks_h, prow, ks_t, ks_d, D)
@@ -263,8 +270,8 @@ def _stats_kernel(k_ptr, v_ptr, ks_b, ks_h, ks_t, ks_d, vs_b, vs_h, vs_t, vs_d,
             else:
                 hklo, hkst = _row_stats(kx, rel_k)
                 qk = _quant(kx, hklo, hkst, MAXK)
-                tl.store(tmin_ptr + slot * tm_s + idx * tm_t + h, hklo.to(tmin_ptr.dtype.element_ty))
-                tl.store(tstep_ptr + slot * ts_s + idx * ts_t + h, hkst.to(tl.bfloat16))
+                _store_head_stats(tmin_ptr, tstep_ptr, slot * tm_s + idx * tm_t + h, slot * ts_s + idx * ts_t + h,
+                                  hklo, hkst)
             _q3, _pm, wk = _pack_geometry(qk, P, D, BITS_K)
             bk = (META_K + (P * tl.sum(tl.sum(wk, axis=1), axis=0) + 7) // 8 + 3) // 4 * 4
             tl.store(segbytes_ptr + (n * 2) * H + h, bk)
@@ -274,8 +281,8 @@ def _stats_kernel(k_ptr, v_ptr, ks_b, ks_h, ks_t, ks_d, vs_b, vs_h, vs_t, vs_d,
             else:
                 hvlo, hvst = _row_stats(vx, rel_v)
                 qv = _quant(vx, hvlo, hvst, MAXV)
-                tl.store(tmin_ptr + slot * tm_s + tm_kv + idx * tm_t + h, hvlo.to(tmin_ptr.dtype.element_ty))
-                tl.store(tstep_ptr + slot * ts_s + ts_kv + idx * ts_t + h, hvst.to(tl.bfloat16))
+                _store_head_stats(tmin_ptr, tstep_ptr, slot * tm_s + tm_kv + idx * tm_t + h,
+                                  slot * ts_s + ts_kv + idx * ts_t + h, hvlo, hvst)
             _q3, _pm, wv = _pack_geometry(qv, P, D, BITS_V)
             bv = (META_V + (P * tl.sum(tl.sum(wv, axis=1), axis=0) + 7) // 8 + 3) // 4 * 4
             tl.store(segbytes_ptr + (n * 2 + 1) * H + h, bv)

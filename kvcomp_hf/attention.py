@@ -23,11 +23,17 @@ MAX_FUSED_QUERIES = 16  # decode and speculative verification; longer chunks tak
 def kvcomp_attention_forward(module: torch.nn.Module, query: torch.Tensor, key, value, attention_mask,
                              scaling: float | None = None, dropout: float = 0.0, **kwargs):
     if isinstance(key, CompressedKV):
+        layer = key.layer
+        static = getattr(layer, "is_static", False)
+        if static and isinstance(attention_mask, torch.Tensor):  # sized max_cache_len (get_mask_sizes)
+            attention_mask = attention_mask[..., :key.shape[2]]
         if key.dense is not None:  # prefill on an empty cache: exact attention over the new tokens
             key, value = key.dense, value.dense
+        elif static and query.shape[2] == 1:  # a capturable decode step (KVCompStaticLayer.update)
+            scale = scaling if scaling is not None else module.scaling
+            return static_attention(layer, query, attention_mask, scale), None
         else:
-            layer = key.layer
-            decode_sized = query.shape[2] <= MAX_FUSED_QUERIES
+            decode_sized = query.shape[2] <= MAX_FUSED_QUERIES and not static
             if decode_sized and layer.use_triton and _mask_is_boolean(attention_mask):
                 scale = scaling if scaling is not None else module.scaling
                 return fused_attention(layer, query, attention_mask, scale), None
@@ -72,6 +78,25 @@ def fused_attention(layer, query: torch.Tensor, attention_mask: torch.Tensor | N
     with torch.cuda.device(query.device) if query.is_cuda else contextlib.nullcontext():
         out = decode_attention(q, layer.keys, layer.values, store.pool, store.seg_offset, store.token_min,
                                store.token_step, store.perm, layer.block_table, kv_valid, scaling, layer.fmt)
+    if rot is not None:
+        out = rot.unrotate_output(out)
+    return out.transpose(1, 2).contiguous()
+
+
+def static_attention(layer, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
+    """A KVCompStaticLayer's decode step (q_len 1): one custom op, lengths on the device; returns [B, 1, H_q, D]."""
+    rot = layer.rotation
+    q = query if rot is None else rot.rotate_query(query)
+    kv_valid = None
+    if attention_mask is not None:  # the last query row carries the padding of every key
+        kv_valid = attention_mask[:, 0, -1, :]
+        if kv_valid.dtype != torch.bool:  # an additive mask: 0 where attended
+            kv_valid = kv_valid == 0
+    fmt = layer.fmt
+    out = torch.ops.kvcomp.static_decode(q, layer.ring_k, layer.ring_v, layer.ctl, layer.splits, layer.store.pool,
+                                         layer.store.seg_offset, layer.store.token_min, layer.store.token_step,
+                                         layer.block_table, kv_valid, layer.scratch, scaling, fmt.bits_k,
+                                         fmt.bits_v, fmt.granularity == "token", layer.max_splits)
     if rot is not None:
         out = rot.unrotate_output(out)
     return out.transpose(1, 2).contiguous()

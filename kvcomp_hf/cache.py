@@ -14,6 +14,9 @@ order.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import os
 from dataclasses import dataclass
 
 import torch
@@ -350,7 +353,8 @@ class KVCompLayer(CacheLayerMixin):
             self.rotation = LayerRotation(self.config.rotation_seed, self.layer_idx, h, d, self.device)
         self.is_initialized = True
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+    def _new_states(self, key_states: torch.Tensor, value_states: torch.Tensor):
+        """What every update does first: check, initialise, convert to the cache dtype and rotate."""
         self._check_attention_implementation()
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
@@ -359,10 +363,14 @@ class KVCompLayer(CacheLayerMixin):
             raise ValueError(f"key/value states of shape {tuple(key_states.shape)}/{tuple(value_states.shape)} do not "
                              f"match the cache's [batch={self.keys.shape[0]}, kv_heads={self.keys.shape[1]}, *, "
                              f"head_dim={self.keys.shape[3]}]")
-        was_empty = self.get_seq_length() == 0
         new_k, new_v = key_states.to(self.dtype), value_states.to(self.dtype)
         if self.rotation is not None:  # stored in rotated coordinates from here on (tail and blocks)
             new_k, new_v = self.rotation.rotate(new_k, 0), self.rotation.rotate(new_v, 1)
+        return new_k, new_v
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        new_k, new_v = self._new_states(key_states, value_states)
+        was_empty = self.get_seq_length() == 0
         self.keys = torch.cat([self.keys, new_k], dim=2)
         self.values = torch.cat([self.values, new_v], dim=2)
         self._compress_full_blocks()
@@ -486,18 +494,22 @@ class KVCompLayer(CacheLayerMixin):
         """The whole cache dequantised in arrival order: [B, H, kv_len, D] each, in `dtype` (default: the
         model dtype; float32 keeps the decoded values exact). With a rotation, rotated=True returns the
         stored (rotated) coordinates, as attention reads them; otherwise K and V are rotated back."""
+        return self._dense(self.keys, self.values, self.block_table, dtype, rotated, self.n_sinks())
+
+    def _dense(self, tail_k, tail_v, block_table, dtype, rotated: bool, sinks: int = 0):
+        """dense_kv of the blocks in block_table [B, nb] and the tail [B, H, T, D] (its first `sinks` tokens
+        before the blocks)."""
         dtype = dtype or self.dtype
         unrotate = self.rotation is not None and not rotated
         work = torch.float32 if unrotate else dtype  # rotate back in float32, round once
-        k, v = self.keys.to(work), self.values.to(work)
-        if self.block_table.shape[1] > 0:
-            s = self.n_sinks()
-            bk, bv = self.store.decode(self.block_table)                       # [B, nb, H, 64, D]
+        k, v = tail_k.to(work), tail_v.to(work)
+        if block_table.shape[1] > 0:
+            bk, bv = self.store.decode(block_table)                            # [B, nb, H, 64, D]
             b, nb, h, _, d = bk.shape
             bk = bk.permute(0, 2, 1, 3, 4).reshape(b, h, nb * BLOCK_SIZE, d).to(work)
             bv = bv.permute(0, 2, 1, 3, 4).reshape(b, h, nb * BLOCK_SIZE, d).to(work)
-            k = torch.cat([k[:, :, :s], bk, k[:, :, s:]], 2)
-            v = torch.cat([v[:, :, :s], bv, v[:, :, s:]], 2)
+            k = torch.cat([k[:, :, :sinks], bk, k[:, :, sinks:]], 2)
+            v = torch.cat([v[:, :, :sinks], bv, v[:, :, sinks:]], 2)
         if unrotate:
             k, v = self.rotation.unrotate(k, 0), self.rotation.unrotate(v, 1)
         return k.to(dtype), v.to(dtype)
@@ -532,6 +544,227 @@ class KVCompLayer(CacheLayerMixin):
                 "held": held, "unreferenced_blocks": self.store.n_slots - slots.numel()}
 
 
+def _device_context(device: torch.device):
+    """Triton launches on the current CUDA device (device_map="auto")."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+class KVCompStaticLayer(KVCompLayer):
+    """A kvcomp layer preallocated for max_cache_len tokens, whose decode step can be captured in a CUDA graph.
+
+    A step that appends one token per row to a non-empty layer runs two custom ops (kernels/static_cache.py): the
+    append launch writes the token into a ring-buffer tail and, when the tail is full, compresses its oldest block
+    into the row's next slot (decided on the device); the decode launch attends over the blocks and the ring. The
+    lengths live on the device (ctl), the grids are fixed, nothing is allocated, concatenated or read back, so
+    transformers' auto-compile (a static cache) and torch.compile(mode="reduce-overhead") capture the step.
+    Everything else (prefill, chunks, q_len > 1) runs eagerly and may sync, outside any compiled graph.
+
+    Needs layout="fixed" (every segment has the same size, so slot s lives at a fixed pool offset) and the Triton
+    kernels (a CUDA device with fp16/bf16 K/V and a power-of-two head_dim >= 16, or Triton's interpreter).
+    Beam reorder permutes rows in place; crop and batch selection are not supported (use KVCompCache without
+    max_cache_len for those). It keeps no sink tokens: its ring tail holds only the most recent tokens, so
+    config.sink_tokens is set to 0 here (the first tokens are compressed like the others)."""
+
+    is_compileable = True
+    is_croppable = False
+    is_static = True
+
+    def __init__(self, config: KVCompConfig, model_config=None, backend: str = "auto", layer_idx: int = 0,
+                 max_cache_len: int | None = None, shared: dict | None = None):
+        if config.layout != "fixed":
+            raise ValueError(f"a static KVCompCache (max_cache_len={max_cache_len}) needs layout='fixed' (fixed-size "
+                             f"segments at fixed offsets), got layout={config.layout!r}")
+        if backend == "torch":
+            raise ValueError("a static KVCompCache (max_cache_len set) runs the Triton kernels: use backend='auto' or "
+                             "'triton', or drop max_cache_len for the PyTorch path")
+        if isinstance(max_cache_len, bool) or not isinstance(max_cache_len, int) or max_cache_len <= 0:
+            raise ValueError(f"max_cache_len must be a positive int, got {max_cache_len!r}")
+        if model_config is None:
+            raise ValueError("a static KVCompLayer needs the model config (its query heads size the decode scratch)")
+        self.max_cache_len = max_cache_len
+        self.shared = shared if shared is not None else {}  # the cache's layers share one decode scratch
+        super().__init__(dataclasses.replace(config, sink_tokens=0), model_config, backend, layer_idx)
+
+    def _clear(self):
+        super()._clear()
+        self.ring_k = self.ring_v = self.ctl = self.splits = self.scratch = None
+        self.has_tokens = False  # host-side: a decode step needs a non-empty layer (prefill fills it eagerly)
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        from kvcomp_hf.kernels.decode_attention import _num_sms, choose_tuning
+        from kvcomp_hf.kernels.static_cache import scratch_values
+
+        b, h, _, d = key_states.shape
+        dtype, device = key_states.dtype, key_states.device
+        interpreted = os.environ.get("TRITON_INTERPRET", "0") == "1"
+        if not (device.type == "cuda" or interpreted) or d < 16 or d & (d - 1) \
+                or dtype not in (torch.float16, torch.bfloat16):
+            raise ValueError(f"a static KVCompCache needs a CUDA device, fp16/bf16 K/V and a power-of-two head_dim "
+                             f">= 16; got device {device}, dtype {dtype}, head_dim {d}")
+        self.dtype, self.device = dtype, device
+        self.fmt = fmt = BlockFormat.from_config(self.config, h, d)
+        self.use_triton = True
+        self.nb_max = nb_max = -(-self.max_cache_len // BLOCK_SIZE)
+        n_slots = b * nb_max
+        seg = torch.tensor([fmt.max_segment_bytes(0), fmt.max_segment_bytes(1)])
+        self.slot_bytes = h * int(seg.sum())
+        st = self.store = BlockStore(fmt, dtype, device, use_triton=True)
+        st.pool = torch.zeros(n_slots * self.slot_bytes, dtype=torch.uint8, device=device)
+        st.used_bound = st.pool.numel()
+        st.n_slots = n_slots
+        # segment (slot, kv, head) at slot * slot_bytes + kv * H * seg[0] + head * seg[kv] (kernels/static_cache.py)
+        st.seg_offset = (torch.arange(n_slots)[:, None, None] * self.slot_bytes
+                         + torch.tensor([0, h * int(seg[0])])[None, :, None]
+                         + torch.arange(h)[None, None, :] * seg[None, :, None]).to(device)
+        st.seg_bytes = seg.to(torch.int32).view(1, 2, 1).expand(n_slots, 2, h).contiguous().to(device)
+        st.token_min = torch.zeros(n_slots, 2, BLOCK_SIZE, fmt.groups, dtype=dtype, device=device)
+        st.token_step = torch.zeros(n_slots, 2, BLOCK_SIZE, fmt.groups, dtype=torch.bfloat16, device=device)
+        self.block_table = torch.arange(n_slots, dtype=torch.int32, device=device).view(b, nb_max)
+        self.ring = -(-(self.config.residual_length + BLOCK_SIZE) // BLOCK_SIZE) * BLOCK_SIZE
+        self.ring_k = key_states.new_zeros(b, h, self.ring, d)
+        self.ring_v = value_states.new_zeros(b, h, self.ring, d)
+        self.keys, self.values = self.ring_k, self.ring_v  # (dtype and storage accounting read these)
+        self.ctl = torch.zeros(4, dtype=torch.int64, device=device)  # [kv_len, blocks per row, done counter, 0]
+        # the split counts the eager decode would choose at each block count (same splits: same rounding)
+        sms = _num_sms(device)
+        splits = [choose_tuning(d, b, h, nb).splits(b, h, nb, sms) for nb in range(nb_max + 1)]
+        self.splits = torch.tensor(splits, dtype=torch.int64, device=device)
+        self.max_splits = max(ns for ns, _ in splits)
+        group = _text_config(self.model_config).num_attention_heads // h
+        need = scratch_values(b, h, group, d, self.max_splits, self.ring)
+        if self.shared.get(device) is None or self.shared[device].numel() < need:
+            self.shared[device] = torch.empty(need, dtype=torch.float32, device=device)
+        self.scratch = self.shared[device]
+        if self.config.rotation == "hadamard":
+            self.rotation = LayerRotation(self.config.rotation_seed, self.layer_idx, h, d, device)
+            for kv in (0, 1):  # built now, not inside the first compiled step (a side effect that recompiles)
+                self.rotation._signs_for(kv, group * h)
+        if not torch.compiler.is_compiling():  # fixed addresses: CUDA graphs neither copy nor re-record them
+            for t in (st.pool, st.seg_offset, st.token_min, st.token_step, self.block_table, self.ring_k,
+                      self.ring_v, self.ctl, self.splits, self.scratch):
+                torch._dynamo.mark_static_address(t)
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        new_k, new_v = self._new_states(key_states, value_states)  # (self.keys is the ring)
+        if key_states.shape[2] != 1 or not self.has_tokens:
+            return self._append_eagerly(new_k, new_v, key_states, value_states)
+        fmt = self.fmt
+        torch.ops.kvcomp.static_append(new_k, new_v, self.ring_k, self.ring_v, self.ctl, self.store.pool,
+                                       self.store.token_min, self.store.token_step, self.config.residual_length,
+                                       self.config.rel_k, self.config.rel_v, fmt.bits_k, fmt.bits_v,
+                                       fmt.granularity == "token")
+        b, h, _, d = self.ring_k.shape
+        shape = torch.Size((b, h, self.max_cache_len, d))  # the length is on the device (ctl)
+        return (CompressedKV(self, "k", shape, self.dtype, self.device),
+                CompressedKV(self, "v", shape, self.dtype, self.device))
+
+    @torch.compiler.disable
+    def _append_eagerly(self, new_k, new_v, key_states, value_states):
+        """Append any number of tokens with host-side lengths (prefill, chunks, q_len > 1): the full blocks go
+        through store_blocks into their fixed slots, the rest into the ring."""
+        length, nb = (int(x) for x in self.ctl[:2].tolist())
+        q = new_k.shape[2]
+        if length + q > self.max_cache_len:
+            raise ValueError(f"the static KVCompCache holds at most max_cache_len={self.max_cache_len} tokens; "
+                             f"{length} + {q} new do not fit: build it with a larger max_cache_len")
+        ring_rows = lambda start, n: (start + torch.arange(n, device=self.device)) % self.ring  # noqa: E731
+        tail = length - nb * BLOCK_SIZE
+        rows = ring_rows(nb * BLOCK_SIZE, tail)
+        k = torch.cat([self.ring_k[:, :, rows], new_k], 2)
+        v = torch.cat([self.ring_v[:, :, rows], new_v], 2)
+        n = max(0, (tail + q - self.config.residual_length) // BLOCK_SIZE)
+        if n:
+            self._store(k[:, :, :n * BLOCK_SIZE], v[:, :, :n * BLOCK_SIZE], nb)
+        rows = ring_rows((nb + n) * BLOCK_SIZE, tail + q - n * BLOCK_SIZE)
+        self.ring_k[:, :, rows] = k[:, :, n * BLOCK_SIZE:]
+        self.ring_v[:, :, rows] = v[:, :, n * BLOCK_SIZE:]
+        self.ctl[:2] = torch.tensor([length + q, nb + n])
+        self.has_tokens = True
+        b, h, _, d = new_k.shape
+        shape = torch.Size((b, h, length + q, d))
+        dense_k, dense_v = (key_states, value_states) if length == 0 else (None, None)
+        return (CompressedKV(self, "k", shape, self.dtype, self.device, dense_k),
+                CompressedKV(self, "v", shape, self.dtype, self.device, dense_v))
+
+    def _store(self, k: torch.Tensor, v: torch.Tensor, nb: int) -> None:
+        """Compress k, v [B, H, n*64, D] into blocks nb.. of every row (slots b * nb_max + nb..)."""
+        from kvcomp_hf.kernels import store_blocks
+
+        st = self.store
+        n = k.shape[2] // BLOCK_SIZE
+        with _device_context(self.device):
+            for row in range(k.shape[0]):
+                slot = row * self.nb_max + nb
+                st.pool_used.fill_(slot * self.slot_bytes)  # store_blocks appends at pool_used: the slot's offset
+                store_blocks(k[row:row + 1], v[row:row + 1], self.config, self.fmt, st.pool, st.pool_used,
+                             st.seg_offset, st.token_min, st.token_step, st.perm_of(st.n_slots), slot,
+                             _segbytes_out=st.seg_bytes[slot:slot + n].view(-1))
+
+    def _lengths(self) -> tuple[int, int]:
+        """(tokens, blocks per row), read from the device."""
+        length, nb = (int(x) for x in self.ctl[:2].tolist())
+        return length, nb
+
+    def get_seq_length(self):
+        # a 0-d device tensor, as transformers' StaticLayer: reading it never syncs inside a compiled step
+        return self.ctl[0] if self.is_initialized else 0
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.max_cache_len, 0
+
+    def get_max_length(self) -> int:
+        return self.max_cache_len
+
+    def reset(self) -> None:
+        """Empty the layer and keep its storage (compiled graphs keep their addresses)."""
+        if self.is_initialized:
+            self.ctl.zero_()
+            self.has_tokens = False
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: permute the rows in place (their slots, ring and metadata), keeping every address."""
+        if not self.is_initialized:
+            return
+        idx = beam_idx.to(self.device)
+        b = self.ring_k.shape[0]
+        st = self.store
+        for t in (self.ring_k, self.ring_v, st.pool.view(b, -1), st.token_min.view(b, -1), st.token_step.view(b, -1)):
+            t.copy_(t[idx])
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise NotImplementedError("a static KVCompCache cannot change its batch; use KVCompCache without max_cache_len")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("a static KVCompCache cannot change its batch; use KVCompCache without max_cache_len")
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("a static KVCompCache cannot be cropped; use KVCompCache without max_cache_len")
+
+    def dense_kv(self, dtype: torch.dtype | None = None, rotated: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        length, nb = self._lengths()
+        rows = (nb * BLOCK_SIZE + torch.arange(length - nb * BLOCK_SIZE, device=self.device)) % self.ring
+        return self._dense(self.ring_k[:, :, rows], self.ring_v[:, :, rows], self.block_table[:, :nb], dtype, rotated)
+
+    def memory_report(self) -> dict:
+        parts = {"k": {}, "v": {}, "shared": {}}
+        if not self.is_initialized:
+            return {"tokens": 0, "dense_bytes": {"k": 0, "v": 0}, "parts": parts, "held": {}, "unreferenced_blocks": 0}
+        length, nb = self._lengths()
+        b, h, _, d = self.ring_k.shape
+        elem = self.ring_k.element_size()
+        parts = self.store.bytes_of(self.block_table[:, :nb].reshape(-1))
+        tail = b * h * (length - nb * BLOCK_SIZE) * d * elem
+        parts["k"]["tail"] = parts["v"]["tail"] = tail
+        parts["shared"]["block_table"] = b * nb * self.block_table.element_size()
+        held = {**self.store.allocated_bytes(), "pool_in_use": b * nb * self.slot_bytes,
+                "tail": 2 * self.ring_k.numel() * elem, "block_table": self.block_table.numel() * 4,
+                "ctl": self.ctl.numel() * 8 + self.splits.numel() * 8}
+        dense = b * h * length * d * elem
+        return {"tokens": length, "dense_bytes": {"k": dense, "v": dense}, "parts": parts, "held": held,
+                "unreferenced_blocks": 0}
+
+
 class KVCompCache(Cache):
     """A transformers Cache that stores K/V compressed (kvcomp).
 
@@ -542,10 +775,13 @@ class KVCompCache(Cache):
     model.generate(ids, cache=cache)   # transformers >= 5.24; past_key_values=cache on 5.17-5.23
                                        # (kvcomp_hf.cache_kwargs(cache) spells it for the installed version)
     Use a fresh cache for every generate() call: a cache passed in is continued, not reset.
-    backend: "auto" (Triton kernels on CUDA, PyTorch elsewhere), "torch" or "triton"."""
+    backend: "auto" (Triton kernels on CUDA, PyTorch elsewhere), "torch" or "triton".
+    max_cache_len=N: a static cache (KVCompStaticLayer, layout="fixed" only) preallocated for N tokens per row,
+    whose decode steps transformers' auto-compile and torch.compile(mode="reduce-overhead") capture in CUDA graphs;
+    generate(cache_implementation="kvcomp", cache_config={..., "static": True}) sizes it for the call."""
 
     def __init__(self, config=None, kvcomp_config: KVCompConfig | dict | str | None = None, backend: str = "auto",
-                 **overrides):
+                 max_cache_len: int | None = None, **overrides):
         if config is None:
             raise ValueError("KVCompCache needs the model config: KVCompCache(model.config, KVCompConfig(...))")
         if isinstance(config, (KVCompConfig, dict, str)):
@@ -555,8 +791,13 @@ class KVCompCache(Cache):
         self.kvcomp_config = resolve_config(kvcomp_config, **overrides)
         _check_shape_and_backend(config, self.kvcomp_config, backend)
         n_layers = _text_config(config).num_hidden_layers
-        super().__init__(layers=[KVCompLayer(self.kvcomp_config, config, backend, layer_idx=i)
-                                 for i in range(n_layers)])
+        if max_cache_len is None:
+            layers = [KVCompLayer(self.kvcomp_config, config, backend, layer_idx=i) for i in range(n_layers)]
+        else:
+            shared: dict = {}
+            layers = [KVCompStaticLayer(self.kvcomp_config, config, backend, layer_idx=i, max_cache_len=max_cache_len,
+                                        shared=shared) for i in range(n_layers)]
+        super().__init__(layers=layers)
 
     def memory_report(self) -> dict:
         """Bytes the cache uses and holds, against what a DynamicCache would hold, for K, V and both.

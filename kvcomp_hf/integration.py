@@ -23,6 +23,7 @@ from transformers.utils import logging
 from .attention import kvcomp_attention_forward
 from .cache import ATTN_IMPLEMENTATION, KVCompCache
 from .compat import CACHE_KWARG, OLD_CACHE_KWARG
+from .config import resolve_config
 
 CACHE_IMPLEMENTATION = "kvcomp"
 logger = logging.get_logger(__name__)
@@ -39,9 +40,34 @@ def use_kvcomp_attention(model) -> str | None:
     return previous
 
 
-def _new_cache(model, cache_config) -> KVCompCache:
+STATIC_KEY = "static"  # cache_config={"static": True, ...}: a KVCompStaticLayer cache sized for the call
+
+
+def _new_cache(model, cache_config, max_cache_len: int | None = None, batch_size: int | None = None) -> KVCompCache:
+    """A KVCompCache for one generate() call. With "static": True in cache_config, a static cache of max_cache_len
+    tokens (generate's own sizing), which transformers then compiles: the model keeps it and the next call with the
+    same config, batch and a length that fits resets and reuses it (as transformers does with StaticCache), so the
+    compiled step and its CUDA graphs are reused rather than recaptured."""
     config = {} if cache_config is None else copy.deepcopy(cache_config)  # 0 or [] is an error, not the defaults
-    return KVCompCache(model.config.get_text_config(decoder=True), config)
+    static = isinstance(config, dict) and config.pop(STATIC_KEY, False)
+    if static is not True and static is not False:
+        raise ValueError(f"cache_config['static'] must be True or False, got {static!r}")
+    text_config = model.config.get_text_config(decoder=True)
+    if not static:
+        return KVCompCache(text_config, config)
+    if not max_cache_len:
+        raise ValueError("cache_config={'static': True} needs generate() to know the maximum length (max_new_tokens)")
+    old = model.__dict__.get("_kvcomp_static_cache")
+    if old is not None and old.kvcomp_config == resolve_config(config):
+        layer = old.layers[0]
+        fits = layer.max_cache_len >= max_cache_len
+        same_batch = not layer.is_initialized or layer.ring_k.shape[0] == batch_size
+        if fits and same_batch:
+            old.reset()
+            return old
+    cache = KVCompCache(text_config, config, max_cache_len=max_cache_len)
+    model.__dict__["_kvcomp_static_cache"] = cache
+    return cache
 
 
 def _patched_prepare_cache(original):
@@ -61,7 +87,14 @@ def _patched_prepare_cache(original):
         if user_cache is not None:  # continuing a kvcomp cache (an assistant model's, between its calls)
             user_cache._is_user_defined = True
         else:
-            model_kwargs[CACHE_KWARG] = _new_cache(self, generation_config.cache_config)
+            # generate()'s positional arguments after model_kwargs: generation_mode, batch_size, max_cache_length
+            max_len = kwargs.get("max_cache_length", args[2] if len(args) > 2 else None)
+            if max_len is not None and getattr(generation_config, "max_cache_len", None):
+                max_len = max(max_len, generation_config.max_cache_len)
+            batch = kwargs.get("batch_size", args[1] if len(args) > 1 else None)
+            if batch is not None:
+                batch *= max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1)
+            model_kwargs[CACHE_KWARG] = _new_cache(self, generation_config.cache_config, max_len, batch)
             if getattr(generation_config, "is_assistant", False):  # as transformers does for the caches it builds
                 model_kwargs[CACHE_KWARG].activate_past_recording()
         return None
@@ -89,14 +122,14 @@ def _patched_generate(original):
     @functools.wraps(original)
     def generate(self, *args, **kwargs):
         user_cache = _passed_kvcomp_cache(kwargs)
-        length_before = user_cache.get_seq_length() if user_cache is not None else 0
+        length_before = int(user_cache.get_seq_length()) if user_cache is not None else 0  # a static cache's is a view
         try:
             out = original(self, *args, **kwargs)
         finally:
             previous = self.__dict__.pop("_kvcomp_restore_attention", None)
             if previous is not None:
                 self.set_attn_implementation(previous)
-        if user_cache is not None and user_cache.get_seq_length() == length_before:
+        if user_cache is not None and int(user_cache.get_seq_length()) == length_before:
             raise RuntimeError("generate() did not use the KVCompCache it was given (it still holds "
                                f"{length_before} tokens): this transformers version may have replaced it with a "
                                f"cache of its own; pass the cache as {CACHE_KWARG}=")

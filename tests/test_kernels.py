@@ -306,3 +306,12 @@ CUDA_DECODE_CASES = [
 def test_decode_attention_cuda_variants(B, H, group, nb, T, D, QL, dtype, kw, splits):
     _check_decode(B, H, group, nb, T, D, QL, dtype, KVCompConfig.from_dict(kw), seed=nb + QL + D, num_splits=splits,
                   device="cuda", ref_dtype=torch.float32)
+
+
+@pytest.mark.cuda
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_decode_attention_cuda_prmt_unpack(dtype):
+    """The inline-PTX unpack of the fast layout (DecodeTuning.prmt_unpack) reads the same values."""
+    _check_decode(2, 2, 4, 61, 150, 128, 1, dtype, KVCompConfig.from_dict({"preset": "fast"}), seed=17,
+                  device="cuda", ref_dtype=torch.float32, tuning=DecodeTuning(prmt_unpack=True))

@@ -8,6 +8,8 @@ One spec names one cache:
     static                        transformers' StaticCache (cache_implementation="static"), not compiled
     static:compiled               StaticCache with generate()'s automatic torch.compile of the forward (CUDA)
     kvcomp                        KVCompCache with the default KVCompConfig
+    kvcomp:compiled               kvcomp's fastest decode: the static cache (layout "fixed", K 4 bits (rel_k 1/15),
+                                  V 3 bits (rel_v 1/7)) with generate()'s automatic torch.compile (CUDA graphs)
     kvcomp:<preset>               KVCompCache with configs/<preset>.yaml
     kvcomp:rel_k=0.05,rel_v=0.1   the default config with field overrides (';' may replace ',' where the
                                   surrounding list is itself comma-separated, e.g. lm-eval's --model_args)
@@ -34,6 +36,7 @@ ALLOWED_SPEC_FORMS = (
     "static",
     "static:compiled",
     "kvcomp",
+    "kvcomp:compiled",
     "kvcomp:<preset name>",
     "kvcomp:rel_k=<float>,rel_v=<float>,... (KVCompConfig fields)",
     "kvcomp:preset=<name>,<field>=<value>,...",
@@ -42,6 +45,8 @@ ALLOWED_SPEC_FORMS = (
     "hf-int2",
     "hf-int4",
 )
+# kvcomp:compiled's format: fixed widths, each rel using every code of its width (codec.bits_for_rel)
+COMPILED_KVCOMP = (("layout", "fixed"), ("rel_k", 1 / 15), ("rel_v", 1 / 7))
 LEGACY_NAMES = {"dynamic": "full", "dynamic-flash": "full:flash"}  # bench_generate's names before the grammar
 
 
@@ -51,7 +56,7 @@ class CacheSpec:
 
     name: str                       # the spec string in canonical form, used as a result key
     kind: str
-    variant: str | None = None      # full: "flash"; static: "compiled"
+    variant: str | None = None      # full: "flash"; static, kvcomp: "compiled"
     preset: str | None = None       # kvcomp
     overrides: tuple = ()           # kvcomp: ((field, value), ...)
     nbits: int | None = None        # kivi / hf-quant
@@ -147,6 +152,8 @@ def parse_cache_spec(spec: str | CacheSpec) -> CacheSpec:
         return CacheSpec(name=low, kind="hf-quant", nbits=int(m.group(1)))
     if low == "kvcomp":
         return CacheSpec(name="kvcomp", kind="kvcomp")
+    if low == "kvcomp:compiled":
+        return CacheSpec(name="kvcomp:compiled", kind="kvcomp", variant="compiled", overrides=COMPILED_KVCOMP)
     if low.startswith("kvcomp:"):
         return _parse_kvcomp(spec, text[len("kvcomp:"):])
     raise _spec_error(spec, "unknown cache kind")
@@ -284,7 +291,10 @@ def make_cache(spec: str | CacheSpec, model, max_cache_len: int | None = None) -
     if spec.kind == "kvcomp":
         import kvcomp_hf
 
-        return kvcomp_hf.KVCompCache(config, spec.kvcomp_config())
+        if spec.variant == "compiled" and not max_cache_len:
+            raise ValueError(f"cache spec {spec.name!r} needs max_cache_len (prompt + new tokens)")
+        return kvcomp_hf.KVCompCache(config, spec.kvcomp_config(),
+                                     max_cache_len=max_cache_len if spec.variant == "compiled" else None)
     if spec.kind == "kivi":
         from eval.baselines import KIVICache
 
@@ -314,6 +324,9 @@ def generate_kwargs(spec: str | CacheSpec, model) -> dict:
         return {}
     if spec.kind == "static":
         return {"cache_implementation": "static", "disable_compile": spec.variant != "compiled"}
+    if spec.kind == "kvcomp" and spec.variant == "compiled":
+        return {"cache_implementation": "kvcomp", "cache_config": {**spec.kvcomp_config().to_dict(), "static": True},
+                "disable_compile": False}
     if spec.kind == "kvcomp":
         return {"cache_implementation": "kvcomp", "cache_config": spec.kvcomp_config().to_dict()}
     return {CACHE_KWARG: make_cache(spec, model)}

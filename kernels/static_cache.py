@@ -1,0 +1,189 @@
+"""The static cache's decode step as two custom ops that a CUDA graph can capture (kvcomp_hf.cache.KVCompStaticLayer).
+
+Storage of one layer is preallocated for max_cache_len tokens x batch, layout "fixed" only (every segment has
+8 * D * bits bytes, so every slot lives at a fixed pool offset):
+  slot of block i of row b  = b * NB + i            (NB = max blocks per row; block table row b = b*NB .. b*NB+NB-1)
+  segment (slot, kv, head)  = slot * H * (SK + SV) + kv * H * SK + head * (SK, SV)[kv]   bytes
+which is where store_blocks puts slots slot_start.. when pool_used starts at slot_start * H * (SK + SV).
+The uncompressed tail is a ring of RING tokens (a multiple of 64, >= residual_length + 64): token p at row p % RING,
+so every block's 64 tokens are contiguous rows. ctl (int64 [4], on the device) = [kv_len, nb, done counter, 0].
+
+kvcomp::static_append (one launch, grid (B,)): writes the step's token into the ring at kv_len % RING; when the
+tail then holds residual_length + 64 tokens it compresses its oldest block into slot b * NB + nb (decided on the
+device, so the launch is the same every step); the last program to finish advances ctl.
+kvcomp::static_decode: the tokens-in-M decode kernel with DEV=True (lengths and split counts read on the device,
+fixed grid from the largest split count) and the combine kernel. Neither syncs with the host or allocates
+storage that outlives the call; the results equal KVCompLayer's for the same tokens (same splits, same tail
+chunks), so greedy tokens match the eager cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from kvcomp_hf.codec import BlockFormat
+
+from .decode_attention import (LOG2E, _combine_kernel, _static_args, _tokens_in_m_kernel, choose_tuning,
+                               chunk_fields)
+from .store import _load_tile, _row_stats, _stored_stats, _write_pack64
+
+
+@triton.jit
+def _token_stats(ptr, base, s_h, rows, s_t, H, rel, D: tl.constexpr):
+    """Stored (min, step) of each of 64 tokens over all H heads (granularity "token"), as _stats_kernel."""
+    lo = tl.full([64], float("inf"), tl.float32)
+    hi = tl.full([64], float("-inf"), tl.float32)
+    nf = tl.zeros([64], tl.float32)
+    for h in range(H):
+        x = _load_tile(ptr, base + h * s_h, rows, s_t, 1, D)
+        lo = tl.minimum(lo, tl.min(x, axis=1))
+        hi = tl.maximum(hi, tl.max(x, axis=1))
+        nf += tl.sum(x - x, axis=1)
+    return _stored_stats(lo, hi, nf, rel)
+
+
+@triton.jit
+def _compress_ring_block(ring, s_b, s_h, s_t, b, rows, slot, seg0, kv, pool32, tmin_ptr, tstep_ptr,
+                         tm_s, tm_kv, tm_t, ts_s, ts_kv, ts_t, H, rel,
+                         D: tl.constexpr, BITS: tl.constexpr, CW: tl.constexpr, CJ: tl.constexpr,
+                         TOKEN_GRAN: tl.constexpr):
+    """K (kv=0) or V (kv=1) of one block (ring rows `rows` of row b) -> token_min/step of `slot` and H segments of
+    8 * D * BITS bytes from byte seg0, as store_blocks writes them for layout "fixed"."""
+    idx = tl.arange(0, 64)
+    base = b.to(tl.int64) * s_b
+    if TOKEN_GRAN:
+        lo, step = _token_stats(ring, base, s_h, rows, s_t, H, rel, D)
+        tl.store(tmin_ptr + slot * tm_s + kv * tm_kv + idx * tm_t, lo.to(tmin_ptr.dtype.element_ty))
+        tl.store(tstep_ptr + slot * ts_s + kv * ts_kv + idx * ts_t, step.to(tl.bfloat16))
+    for h in range(H):
+        x = _load_tile(ring, base + h * s_h, rows, s_t, 1, D)
+        if not TOKEN_GRAN:
+            lo, step = _row_stats(x, rel)
+            tl.store(tmin_ptr + slot * tm_s + kv * tm_kv + idx * tm_t + h, lo.to(tmin_ptr.dtype.element_ty))
+            tl.store(tstep_ptr + slot * ts_s + kv * ts_kv + idx * ts_t + h, step.to(tl.bfloat16))
+        _write_pack64(pool32, x, lo, step, seg0 + h * (8 * D * BITS), D, BITS, 1, 0, 1, CW, CJ, True)
+
+
+@triton.jit(do_not_specialize=["NB", "B"])
+def _append_kernel(kn_ptr, skn_b, skn_h, skn_d, vn_ptr, svn_b, svn_h, svn_d,
+                   rk_ptr, rv_ptr, sr_b, sr_h, sr_t, ctl_ptr, pool32,
+                   tmin_ptr, tstep_ptr, tm_s, tm_kv, tm_t, ts_s, ts_kv, ts_t,
+                   NB, B, H, RING, RESIDUAL, rel_k, rel_v,
+                   D: tl.constexpr, BITS_K: tl.constexpr, BITS_V: tl.constexpr, CW_K: tl.constexpr,
+                   CW_V: tl.constexpr, CJ_K: tl.constexpr, CJ_V: tl.constexpr, TOKEN_GRAN: tl.constexpr):
+    b = tl.program_id(0)
+    kv_len = tl.load(ctl_ptr)
+    nb = tl.load(ctl_ptr + 1)
+    cols = tl.arange(0, D)
+    r = kv_len % RING
+    for h in range(H):
+        kx = tl.load(kn_ptr + b * skn_b + h * skn_h + cols * skn_d)
+        tl.store(rk_ptr + b * sr_b + h * sr_h + r * sr_t + cols, kx)
+        vx = tl.load(vn_ptr + b * svn_b + h * svn_h + cols * svn_d)
+        tl.store(rv_ptr + b * sr_b + h * sr_h + r * sr_t + cols, vx)
+    # The tail now holds kv_len + 1 - 64 nb tokens; the block to compress never holds the new token
+    # (RESIDUAL >= 128), so no barrier is needed between the writes above and the reads below.
+    full = kv_len + 1 - nb * 64 >= RESIDUAL + 64
+    if full:
+        rows = (nb * 64) % RING + tl.arange(0, 64)
+        slot = b.to(tl.int64) * NB + nb
+        seg0 = slot * H * (8 * D * (BITS_K + BITS_V))
+        _compress_ring_block(rk_ptr, sr_b, sr_h, sr_t, b, rows, slot, seg0, 0, pool32, tmin_ptr, tstep_ptr,
+                             tm_s, tm_kv, tm_t, ts_s, ts_kv, ts_t, H, rel_k, D, BITS_K, CW_K, CJ_K, TOKEN_GRAN)
+        _compress_ring_block(rv_ptr, sr_b, sr_h, sr_t, b, rows, slot, seg0 + H * (8 * D * BITS_K), 1, pool32,
+                             tmin_ptr, tstep_ptr, tm_s, tm_kv, tm_t, ts_s, ts_kv, ts_t, H, rel_v, D, BITS_V,
+                             CW_V, CJ_V, TOKEN_GRAN)
+    # Every program read ctl before its increment; the last one to increment advances ctl for the next launch.
+    done = tl.atomic_add(ctl_ptr + 2, 1, sem="acq_rel")
+    if done == B - 1:
+        tl.store(ctl_ptr, kv_len + 1)
+        tl.store(ctl_ptr + 1, nb + full.to(tl.int64))
+        tl.store(ctl_ptr + 2, 0)
+
+
+def _fmt(num_heads: int, head_dim: int, bits_k: int, bits_v: int, token_gran: bool) -> BlockFormat:
+    return BlockFormat(num_heads=num_heads, head_dim=head_dim, pack_size=64, bits_k=bits_k, bits_v=bits_v,
+                       granularity="token" if token_gran else "token_head", repack="none", layout="fixed")
+
+
+@torch.library.custom_op("kvcomp::static_append", mutates_args=("ring_k", "ring_v", "ctl", "pool", "token_min",
+                                                               "token_step"))
+def static_append(k_new: torch.Tensor, v_new: torch.Tensor, ring_k: torch.Tensor, ring_v: torch.Tensor,
+                  ctl: torch.Tensor, pool: torch.Tensor, token_min: torch.Tensor, token_step: torch.Tensor,
+                  residual: int, rel_k: float, rel_v: float, bits_k: int, bits_v: int, token_gran: bool) -> None:
+    """Append one token per row (k_new, v_new [B, H, 1, D]) to the ring and compress a full block (see module)."""
+    B, H, ring, D = ring_k.shape
+    with torch.cuda.device(k_new.device) if k_new.is_cuda else contextlib.nullcontext():
+        _append_kernel[(B,)](
+            k_new, k_new.stride(0), k_new.stride(1), k_new.stride(3),
+            v_new, v_new.stride(0), v_new.stride(1), v_new.stride(3),
+            ring_k, ring_v, ring_k.stride(0), ring_k.stride(1), ring_k.stride(2), ctl, pool.view(torch.int32),
+            token_min, token_step, token_min.stride(0), token_min.stride(1), token_min.stride(2),
+            token_step.stride(0), token_step.stride(1), token_step.stride(2),
+            token_min.shape[0] // B, B, H, ring, residual, rel_k, rel_v,
+            D=D, BITS_K=bits_k, BITS_V=bits_v, CW_K=2 * triton.next_power_of_2(bits_k),
+            CW_V=2 * triton.next_power_of_2(bits_v), CJ_K=chunk_fields(bits_k, 64), CJ_V=chunk_fields(bits_v, 64),
+            TOKEN_GRAN=token_gran, num_warps=4 if D <= 64 else 8, num_stages=1)
+
+
+@static_append.register_fake
+def _(k_new, v_new, ring_k, ring_v, ctl, pool, token_min, token_step, residual, rel_k, rel_v, bits_k, bits_v,
+      token_gran):
+    return None
+
+
+@torch.library.custom_op("kvcomp::static_decode", mutates_args=("scratch",))
+def static_decode(q: torch.Tensor, ring_k: torch.Tensor, ring_v: torch.Tensor, ctl: torch.Tensor,
+                  splits: torch.Tensor, pool: torch.Tensor, seg_offset: torch.Tensor, token_min: torch.Tensor,
+                  token_step: torch.Tensor, block_table: torch.Tensor, kv_valid: Optional[torch.Tensor],
+                  scratch: torch.Tensor, scaling: float, bits_k: int, bits_v: int, token_gran: bool,
+                  max_splits: int) -> torch.Tensor:
+    """Attention of q [B, Hq, 1, D] (rotated like the stored keys) over the layer's blocks + ring -> [B, Hq, 1, D].
+    scratch: scratch_values(...) float32 values (the partials of the splits and tail chunks)."""
+    B, Hq, qlen, D = q.shape
+    H, ring = ring_k.shape[1], ring_k.shape[2]
+    fmt = _fmt(H, D, bits_k, bits_v, token_gran)
+    tuning = choose_tuning(D, B, H, 0)  # (what varies with the block count, the splits, comes from `splits`)
+    M, consts, comb = _static_args(fmt, q.dtype, ring_k.dtype, Hq // H, qlen, D, kv_valid is not None, tuning)
+    tm = {k: consts[k] for k in ("GROUP", "QLEN", "M", "D", "P", "BITS_K", "BITS_V", "WB_K", "WB_V", "META_K",
+                                 "META_V", "CJ_K", "CJ_V", "TOKEN_GRAN", "HAS_MASK", "Q_SPLIT", "INTERP",
+                                 "num_warps", "num_stages", "maxnreg") if k in consts}
+    n_ml = B * H * (max_splits + ring // 64) * M
+    m_part, l_part, acc_part = scratch[:n_ml], scratch[n_ml:2 * n_ml], scratch[2 * n_ml:n_ml * (D + 2)]
+    if kv_valid is not None:
+        valid_arg = kv_valid.view(torch.uint8) if kv_valid.dtype == torch.bool else kv_valid
+        va_b = kv_valid.stride(0)
+    else:
+        valid_arg, va_b = block_table, 0
+    out = torch.empty_like(q)
+    args = (q, *q.stride(), ring_k, *ring_k.stride(), ring_v, *ring_v.stride(), 0,
+            pool.view(torch.int32), seg_offset, seg_offset.stride(0), seg_offset.stride(1),
+            token_min, token_min.stride(0), token_min.stride(1), token_min.stride(2),
+            token_step, token_step.stride(0), token_step.stride(1), token_step.stride(2),
+            block_table, block_table.stride(0), 0, valid_arg, va_b, m_part, l_part, acc_part,
+            float(scaling) * LOG2E, 1, 0, 1, ctl, splits, ring)
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        if max_splits:
+            _tokens_in_m_kernel[(B, H, max_splits)](*args, FIXED=True, TAIL=False, DEV=True, SPLIT_V=tuning.split_v,
+                                                    **tm)
+        _tokens_in_m_kernel[(B, H, ring // 64)](*args, FIXED=True, TAIL=True, DEV=True, SPLIT_V=False, **tm)
+        _combine_kernel[(B, Hq, qlen)](m_part, l_part, acc_part, out, *out.stride(), H, 1, ctl_ptr=ctl,
+                                       split_ptr=splits, DEV=True, **comb)
+    return out
+
+
+@static_decode.register_fake
+def _(q, ring_k, ring_v, ctl, splits, pool, seg_offset, token_min, token_step, block_table, kv_valid, scratch,
+      scaling, bits_k, bits_v, token_gran, max_splits):
+    return torch.empty_like(q)
+
+
+def scratch_values(batch: int, kv_heads: int, group: int, head_dim: int, max_splits: int, ring: int) -> int:
+    """float32 values static_decode's scratch needs: (max_splits + ring / 64) partials per (batch, kv head)."""
+    m = max(16, triton.next_power_of_2(group))
+    return batch * kv_heads * (max_splits + ring // 64) * m * (head_dim + 2)
