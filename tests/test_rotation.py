@@ -137,8 +137,8 @@ def _check_triton_layer_with_rotation(device, b, h, group, d, n_prefill, dtype, 
         layer.update(k, v)
         assert layer.use_triton and layer.rotation is not None and layer.block_table.shape[1] > 0
         # the Triton store wrote what the reference codec writes for the rotated K/V
-        n = layer.block_table.shape[1]
-        rk, rv = layer.rotation.rotate(k[:, :, :n * 64], 0), layer.rotation.rotate(v[:, :, :n * 64], 1)
+        n, s0 = layer.block_table.shape[1], layer.n_sinks()  # blocks start after the sink tokens
+        rk, rv = (layer.rotation.rotate(x[:, :, s0:s0 + n * 64], kvi) for kvi, x in enumerate((k, v)))
         blocks = [x.reshape(b, h, n, 64, d).permute(0, 2, 1, 3, 4).reshape(b * n, h, 64, d) for x in (rk, rv)]
         enc, fmt = codec.encode_blocks(*blocks, config)
         store = layer.store

@@ -12,7 +12,9 @@ import kvcomp_hf.cache as cache_module
 from eval.common import specs
 from helpers import tiny_llama_config
 
-CFG = {"layout": "fixed", "rel_k": 1 / 15, "rel_v": 1 / 7}
+# sink_tokens 0: the static cache keeps none (its ring tail holds only recent tokens), and the eager cache it is
+# compared with must hold the same format
+CFG = {"layout": "fixed", "rel_k": 1 / 15, "rel_v": 1 / 7, "sink_tokens": 0}
 # 318 tokens: prefill stores 2 blocks and leaves 190 in the tail; the second decode step fills it to 192 =
 # residual_length + 64, so a block is compressed inside a decode step
 PROMPT, NEW = 318, 6
@@ -55,6 +57,8 @@ def test_static_decode_equals_the_eager_triton_cache(bf16_llama, eager_triton, c
     eager = kvcomp_hf.KVCompCache(bf16_llama.config, cfg)
     static = kvcomp_hf.KVCompCache(bf16_llama.config, cfg, max_cache_len=PROMPT + NEW)
     assert static.is_compileable and not eager.is_compileable
+    with_sinks = kvcomp_hf.KVCompCache(bf16_llama.config, {**cfg, "sink_tokens": 4}, max_cache_len=PROMPT + NEW)
+    assert with_sinks.layers[0].config.sink_tokens == 0  # not kept by the static layer
     tokens = _generate(bf16_llama, eager, ids, mask)
     assert torch.equal(_generate(bf16_llama, static, ids, mask), tokens)
     layer = static.layers[1]
