@@ -16,7 +16,11 @@ use rel_k and rel_v multiplied by F (e.g. "kvcomp:rotation=hadamard|edge=2*0.5")
 --backend torch runs kvcomp's store through the reference codec (the same bytes as the Triton store, which
 its tests check; no kernel compilation per bit width).
 
-    python -m eval.frontier --tokens 8192 --windows 2 --time-budget 420 --out eval/results/frontier-smollm2
+    python -m eval.frontier --tokens 8192 --windows 2 --workers 6 --backend torch --out eval/results/frontier-smollm2
+
+Cost (H200, 2026-12-01, SmolLM2, 6 workers on the GPU): ~100 s per kvcomp config for 2 x 8,192 tokens (each 64-token
+chunk decodes the layer's blocks to dense through the reference decoder), 12-18 s for KIVI and QuantizedCache,
+~17 s for the reference pass: the default list of 32 configs needs ~10 minutes with 6 workers.
 """
 
 from __future__ import annotations
