@@ -438,11 +438,7 @@ def _decode_kernel(q_ptr, sq_b, sq_h, sq_t, sq_d,
 @triton.jit
 def _softmax_step_t(s, valid, m_i, l_i):
     """_softmax_step over a transposed tile: s [N tokens, M rows], reductions along axis 0."""
-    s = tl.where(valid, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, axis=0))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m_i - m_safe)
-    p = tl.exp2(s - m_safe[None, :])
+    m_new, alpha, p = _p_step(s, valid, m_i)
     return m_new, alpha, p, l_i * alpha + tl.sum(p, axis=0)
 
 
@@ -814,6 +810,9 @@ def _num_sms(device: torch.device) -> int:
 
 
 _STATIC: dict = {}
+# the constexprs and launch settings of _decode_kernel that _tokens_in_m_kernel takes too
+_TOKENS_IN_M_ARGS = ("GROUP", "QLEN", "M", "D", "P", "BITS_K", "BITS_V", "WB_K", "WB_V", "META_K", "META_V", "CJ_K",
+                     "CJ_V", "TOKEN_GRAN", "HAS_MASK", "Q_SPLIT", "INTERP", "num_warps", "num_stages", "maxnreg")
 
 
 def _static_args(fmt: BlockFormat, q_dtype, tail_dtype, group: int, qlen: int, D: int, has_mask: bool,
@@ -842,7 +841,8 @@ def _static_args(fmt: BlockFormat, q_dtype, tail_dtype, group: int, qlen: int, D
     if tuning.maxnreg:
         consts["maxnreg"] = tuning.maxnreg
     comb = dict(GROUP=group, QLEN=qlen, M=M, D=D, SP=64, SC=8, num_warps=4 if D <= 128 else 8)
-    hit = (M, consts, comb)
+    tm = {k: v for k, v in consts.items() if k in _TOKENS_IN_M_ARGS}
+    hit = (M, consts, tm, comb)
     _STATIC[key] = hit
     return hit
 
@@ -876,7 +876,7 @@ def decode_attention(q, k_tail, v_tail, pool, seg_offset, token_min, token_step,
     group = Hq // H
     dev = q.device
     tuning = tuning or choose_tuning(D, B, H, nb)
-    M, consts, comb = _static_args(fmt, q.dtype, k_tail.dtype, group, QLEN, D, kv_valid is not None, tuning)
+    M, consts, tm, comb = _static_args(fmt, q.dtype, k_tail.dtype, group, QLEN, D, kv_valid is not None, tuning)
     if kv_valid is not None:
         if kv_valid.shape != (B, kv_len):
             raise ValueError(f"kv_valid must be [B, {kv_len}], got {tuple(kv_valid.shape)}")
@@ -904,9 +904,6 @@ def decode_attention(q, k_tail, v_tail, pool, seg_offset, token_min, token_step,
     m_part, l_part, acc_part = part[:n_ml], part[n_ml:2 * n_ml], part[2 * n_ml:]
     pool32 = pool[: pool.numel() // 4 * 4].view(torch.int32)
     if tm_kernel:
-        tm = {k: consts[k] for k in ("GROUP", "QLEN", "M", "D", "P", "BITS_K", "BITS_V", "WB_K", "WB_V", "META_K",
-                                     "META_V", "CJ_K", "CJ_V", "TOKEN_GRAN", "HAS_MASK", "Q_SPLIT", "INTERP",
-                                     "num_warps", "num_stages", "maxnreg") if k in consts}
         args = (q, *q.stride(), k_tail, *k_tail.stride(), v_tail, *v_tail.stride(), T,
                 pool32, seg_offset, seg_offset.stride(0), seg_offset.stride(1),
                 token_min, token_min.stride(0), token_min.stride(1), token_min.stride(2),

@@ -149,10 +149,7 @@ def static_decode(q: torch.Tensor, ring_k: torch.Tensor, ring_v: torch.Tensor, c
     H, ring = ring_k.shape[1], ring_k.shape[2]
     fmt = _fmt(H, D, bits_k, bits_v, token_gran)
     tuning = choose_tuning(D, B, H, 0)  # (what varies with the block count, the splits, comes from `splits`)
-    M, consts, comb = _static_args(fmt, q.dtype, ring_k.dtype, Hq // H, qlen, D, kv_valid is not None, tuning)
-    tm = {k: consts[k] for k in ("GROUP", "QLEN", "M", "D", "P", "BITS_K", "BITS_V", "WB_K", "WB_V", "META_K",
-                                 "META_V", "CJ_K", "CJ_V", "TOKEN_GRAN", "HAS_MASK", "Q_SPLIT", "INTERP",
-                                 "num_warps", "num_stages", "maxnreg") if k in consts}
+    M, _consts, tm, comb = _static_args(fmt, q.dtype, ring_k.dtype, Hq // H, qlen, D, kv_valid is not None, tuning)
     n_ml = B * H * (max_splits + ring // 64) * M
     m_part, l_part, acc_part = scratch[:n_ml], scratch[n_ml:2 * n_ml], scratch[2 * n_ml:n_ml * (D + 2)]
     if kv_valid is not None:
