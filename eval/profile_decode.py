@@ -43,12 +43,15 @@ def _prefill(model, cache_obj, ids, chunk: int):
     return out.logits[:, -1:].argmax(-1)
 
 
-def profile_cache(model, cache: str, context: int, batch: int, steps: int, chunk: int) -> dict:
+def profile_cache(model, cache: str, context: int, batch: int, steps: int, chunk: int, generate: bool = True) -> dict:
     with common.sdpa_backends(cache):
-        return _profile_cache(model, cache, context, batch, steps, chunk)
+        return _profile_cache(model, cache, context, batch, steps, chunk, generate)
 
 
-def _profile_cache(model, cache: str, context: int, batch: int, steps: int, chunk: int) -> dict:
+WARM_STEPS = 3  # a compiled forward compiles on the first call and records its CUDA graph on a later one
+
+
+def _profile_cache(model, cache: str, context: int, batch: int, steps: int, chunk: int, generate: bool) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     cfg = model.config
@@ -56,30 +59,42 @@ def _profile_cache(model, cache: str, context: int, batch: int, steps: int, chun
     ids = torch.randint(3, cfg.vocab_size - 1, (batch, context), generator=gen).to(model.device)
     row = {"cache": cache, "context": context, "batch": batch}
 
-    # generate(), as the benchmark times it
-    kwargs, _ = _new_cache(cache, model, context + steps + 1)
-    _, timing = common.timed_generate(model, ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps + 1,
-                                      do_sample=False, eos_token_id=None, pad_token_id=0, prefill_chunk_size=chunk,
-                                      **kwargs)
-    row["generate_ms_per_step"] = timing["decode_ms_per_step_median"]
+    n_prof = 4
+    max_len = context + WARM_STEPS + steps + n_prof + 1
+    if generate:  # generate(), as the benchmark times it
+        kwargs, _ = _new_cache(cache, model, max_len)
+        _, timing = common.timed_generate(model, ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps + 1,
+                                          do_sample=False, eos_token_id=None, pad_token_id=0,
+                                          prefill_chunk_size=chunk, **kwargs)
+        row["generate_ms_per_step"] = timing["decode_ms_per_step_median"]
 
-    # plain forward loop over the same cache type
-    kwargs, cache_obj = _new_cache(cache, model, context + steps + 1)
+    # plain forward loop over the same cache type; ":compiled" specs decode through
+    # torch.compile(mode="reduce-overhead") (CUDA graphs), positions passed as tensors as generate() does
+    kwargs, cache_obj = _new_cache(cache, model, max_len)
+    compiled = common.parse_cache_spec(cache).variant == "compiled"
+    forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True) if compiled else model.forward
     with torch.inference_mode():
         tok = _prefill(model, cache_obj, ids, chunk)
+        pos = torch.full((batch, 1), context, device=model.device, dtype=torch.long)
+
+        def step(tok, pos):
+            out = forward(tok, **cache_kwargs(cache_obj), use_cache=True, position_ids=pos, cache_position=pos[0])
+            return out.logits[:, -1:].argmax(-1), pos + 1
+
+        for _ in range(WARM_STEPS):
+            tok, pos = step(tok, pos)
         times = []
         for _ in range(steps):
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            tok = model(tok, **cache_kwargs(cache_obj), use_cache=True).logits[:, -1:].argmax(-1)
+            tok, pos = step(tok, pos)
             torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
         times.sort()
         row["forward_ms_per_step"] = round(1e3 * times[len(times) // 2], 3)
-        n_prof = 4
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(n_prof):
-                tok = model(tok, **cache_kwargs(cache_obj), use_cache=True).logits[:, -1:].argmax(-1)
+                tok, pos = step(tok, pos)
             torch.cuda.synchronize()
     events = prof.key_averages()
     gpu_us = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
@@ -105,6 +120,8 @@ def main(argv=None):
     p.add_argument("--caches", default="full,full:flash,kvcomp",
                    help="comma list of cache specs: " + " | ".join(common.ALLOWED_SPEC_FORMS))
     p.add_argument("--prefill-chunk", type=int, default=4096)
+    p.add_argument("--skip-generate", action="store_true",
+                   help="time the forward loop only (a :compiled spec's generate() compiles once more)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -116,14 +133,15 @@ def main(argv=None):
     model.generation_config.eos_token_id = None
     rows = []
     for cache in caches:
-        profile_cache(model, cache, 320, args.batch, 4, args.prefill_chunk)  # warm-up / compile
-        row = profile_cache(model, cache, args.context, args.batch, args.steps, args.prefill_chunk)
+        gen = not args.skip_generate
+        profile_cache(model, cache, 320, args.batch, 4, args.prefill_chunk, gen)  # warm-up / compile
+        row = profile_cache(model, cache, args.context, args.batch, args.steps, args.prefill_chunk, gen)
         rows.append(row)
     print(f"\n{args.model}, context {args.context}, batch {args.batch}, {torch.cuda.get_device_name()}")
     print("| cache | generate ms/step | forward ms/step | GPU busy ms/step | host-bound ms/step |")
     print("|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['cache']} | {r['generate_ms_per_step']} | {r['forward_ms_per_step']} | "
+        print(f"| {r['cache']} | {r.get('generate_ms_per_step', '-')} | {r['forward_ms_per_step']} | "
               f"{r['gpu_busy_ms_per_step']} | {r['host_bound_ms_per_step']} |")
     for r in rows:
         print(f"\n{r['cache']}: top GPU kernels per step")
