@@ -299,8 +299,8 @@ def targets(results: dict[str, Any]) -> dict[str, Any]:
     return {"rows": rows, "kvcomp_front": front, "baselines": baselines}
 
 
-def targets_markdown(t: dict[str, Any]) -> str:
-    lines = ["## Targets of issue 12", "",
+def targets_markdown(t: dict[str, Any], heading: str = "##") -> str:
+    lines = [f"{heading} Targets of issue 12", "",
              "kvcomp's frontier: piecewise linear between the kvcomp configs no other kvcomp config beats on both "
              "bits/value and ΔNLL (" + ", ".join(f"{b:.3f} at {d:+.4f}" for b, d in t["kvcomp_front"]) + "); "
              "'|edge' levers are not configs and are left out.", "",

@@ -60,11 +60,11 @@ def test_frontier_equals_perplexity_and_merges_without_rerunning(tiny_dir, tmp_p
 
 
 def test_targets_compare_baselines_with_kvcomp_front_at_equal_nll(tmp_path):
-    from eval import plot_frontier
+    from eval import make_results, plot_frontier
     from kvcomp_hf import KVCompConfig
 
     def r(bits, nll):
-        return {"bits_per_value": bits, "delta_nll": nll}
+        return {"bits_per_value": bits, "delta_nll": nll, "kl": nll, "top1_agreement": 0.9}
 
     default = f"kvcomp:rel_k={KVCompConfig().rel_k}"  # any spec that names the default config
     results = {default: r(3.0, 0.02), "kvcomp:rel_k=0.05,rel_v=0.1": r(4.0, 0.004),
@@ -84,7 +84,10 @@ def test_targets_compare_baselines_with_kvcomp_front_at_equal_nll(tmp_path):
                                                             "stretch": False}
 
     path = tmp_path / "perplexity.json"
-    path.write_text(json.dumps({"suite": "perplexity", "results": results, "families": {s: "f" for s in results},
-                                "targets": t}))
+    path.write_text(json.dumps({"suite": "perplexity", "caches": list(results), "results": results,
+                                "families": {s: "f" for s in results}, "targets": t}))
     fronts = [s for s in plot_frontier.series_from(path, "delta_nll,kl") if s["label"] == "kvcomp Pareto front"]
-    assert len(fronts) == 1 and [p[:2] for p in fronts[0]["points"]] == t["kvcomp_front"]
+    assert len(fronts) == 1 and [list(p[:2]) for p in fronts[0]["points"]] == [list(p) for p in t["kvcomp_front"]]
+    # RESULTS.md's generated part shows a frontier run with its families, part columns and target check
+    page = make_results.render(tmp_path)
+    assert "### Targets of issue 12" in page and "| kivi4 | f | 5.000 |" in page and "\\|edge=1*0.5" in page
