@@ -134,7 +134,8 @@ def main(argv=None):
     rows = []
     for cache in caches:
         gen = not args.skip_generate
-        profile_cache(model, cache, 320, args.batch, 4, args.prefill_chunk, gen)  # warm-up / compile
+        if gen or common.parse_cache_spec(cache).variant != "compiled":  # (the compiled loop warms up itself)
+            profile_cache(model, cache, 320, args.batch, 4, args.prefill_chunk, gen)  # warm-up / compile
         row = profile_cache(model, cache, args.context, args.batch, args.steps, args.prefill_chunk, gen)
         rows.append(row)
     print(f"\n{args.model}, context {args.context}, batch {args.batch}, {torch.cuda.get_device_name()}")
