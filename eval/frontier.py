@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import itertools
 import json
 import sys
 import time
@@ -48,29 +49,29 @@ R4, R0, NR = f"{ROT},{SINK}", f"{ROT},sink_tokens=0", "rotation=none,sink_tokens
 DEFAULT_CACHES = [
     ("kvcomp:rel_k=0.1,rel_v=0.2,rotation=none,granularity=token,repack=median,pack_size=16,sink_tokens=0",
      "kvcomp old default (no rotation)"),
-    (f"kvcomp:rel_k=0.1,rel_v=0.15,{R0}", "kvcomp rotated"),
+    (f"kvcomp:rel_k=0.1,rel_v=0.15,{R0}", "kvcomp rotated, 0 sink tokens"),
     (f"kvcomp:rel_k=0.08,rel_v=0.25,{R4}", "kvcomp rotated, 4 sink tokens"),
     ("kivi4", "KIVI"), ("hf-int4", "QuantizedCache"),
     (f"kvcomp:rel_k=0.0666667,rel_v=0.142857,{R4}", "kvcomp rotated, 4 sink tokens"),
     (f"kvcomp:rel_k=0.1,rel_v=0.25,{R4}", "kvcomp rotated, 4 sink tokens"),
     (f"kvcomp:rel_k=0.05,rel_v=0.25,{R4}", "kvcomp rotated, 4 sink tokens"),
     ("kivi2", "KIVI"), ("hf-int2", "QuantizedCache"),
-    (f"kvcomp:rel_k=0.08,rel_v=0.3,{R4}", "kvcomp rotated, 4 sink tokens"),
+    (f"kvcomp:rel_k=0.08,rel_v=0.3,{R4}", "kvcomp default (rotated, 4 sink tokens)"),
     (f"kvcomp:rel_k=0.06,rel_v=0.2,{R4}", "kvcomp rotated, 4 sink tokens"),
     (f"kvcomp:{FIXED},rel_v=0.0666667,{R4}", "kvcomp fixed layout, 4 sink tokens"),
-    ("kvcomp:smollm2-135m-instruct", "kvcomp old preset (no rotation)"),
+    ("kvcomp:smollm2-135m-instruct", "kvcomp SmolLM2 preset"),
     (f"kvcomp:rel_k=0.1,rel_v=0.3,{R4}", "kvcomp rotated, 4 sink tokens"),
-    (f"kvcomp:rel_k=0.08,rel_v=0.25,{R0}", "kvcomp rotated"),
+    (f"kvcomp:rel_k=0.08,rel_v=0.25,{R0}", "kvcomp rotated, 0 sink tokens"),
     (f"kvcomp:rel_k=0.1,rel_v=0.2,{R4}", "kvcomp rotated, 4 sink tokens"),
     (f"kvcomp:rel_k=0.05,rel_v=0.15,{R4}", "kvcomp rotated, 4 sink tokens"),
     (f"kvcomp:rel_k=0.07,rel_v=0.15,{R4}", "kvcomp rotated, 4 sink tokens"),
-    (f"kvcomp:rel_k=0.1,rel_v=0.2,{R0}", "kvcomp rotated"),
+    (f"kvcomp:rel_k=0.1,rel_v=0.2,{R0}", "kvcomp rotated, 0 sink tokens"),
     (f"kvcomp:{FIXED},rel_v=0.142857,{R4}", "kvcomp fixed layout, 4 sink tokens"),
-    (f"kvcomp:rel_k=0.07,rel_v=0.1,{R0}", "kvcomp rotated"),
-    (f"kvcomp:rel_k=0.05,rel_v=0.1,{R0}", "kvcomp rotated"),
+    (f"kvcomp:rel_k=0.07,rel_v=0.1,{R0}", "kvcomp rotated, 0 sink tokens"),
+    (f"kvcomp:rel_k=0.05,rel_v=0.1,{R0}", "kvcomp rotated, 0 sink tokens"),
     (f"kvcomp:rel_k=0.08,rel_v=0.25,{ROT},sink_tokens=1", "lever"),
-    *[(f"kvcomp:rel_k={k},rel_v={v},{NR}", "kvcomp not rotated") for k, v in ((0.1, 0.1), (0.07, 0.1), (0.05, 0.1))],
-    (f"kvcomp:rel_k=0.15,rel_v=0.3,{R0}", "kvcomp rotated"),
+    *[(f"kvcomp:rel_k={k},rel_v={v},{NR}", "kvcomp not rotated, 0 sink tokens") for k, v in ((0.1, 0.1), (0.07, 0.1), (0.05, 0.1))],
+    (f"kvcomp:rel_k=0.15,rel_v=0.3,{R0}", "kvcomp rotated, 0 sink tokens"),
     (f"kvcomp:rel_k=0.12,rel_v=0.3,{R4}", "kvcomp rotated, 4 sink tokens"),
     (f"kvcomp:{FIXED},rel_v=0.333333,{R4}", "kvcomp fixed layout, 4 sink tokens"),
     (f"kvcomp:rel_k=0.08,rel_v=0.25,{R4}|edge=2*0.5", "lever"),
@@ -209,6 +210,113 @@ def table(results: dict[str, Any], families: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
+# Issue 12's targets (SmolLM2, 8K tokens, bits/value all-in), checked by every merge on the specs it has.
+DEFAULT_TARGET = (3.2, 0.03)   # KVCompConfig(): <= 3.2 bits/value at ΔNLL <= 0.03 nats
+PRESET_TARGET = (3.8, 0.01)    # a preset: ΔNLL <= 0.01 at <= 3.8 bits/value
+STRETCH_TARGET = (2.5, 0.02)
+BASELINE_SAVING = 0.25         # at equal ΔNLL, >= 25% fewer bits than each of these
+SAVING_BASELINES = ("kivi4", "hf-int4")
+
+
+def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The (bits, ΔNLL) points no other point beats on both, by rising bits (so ΔNLL falls)."""
+    front: list[tuple[float, float]] = []
+    for bits, nll in sorted(points):
+        if not front or nll < front[-1][1]:
+            front.append((bits, nll))
+    return front
+
+
+def _interp(pairs: list[tuple[float, float]], x: float) -> float | None:
+    """Piecewise-linear y at x through (x, y) pairs sorted by x; None outside their range (no extrapolation)."""
+    for (x0, y0), (x1, y1) in itertools.pairwise(pairs):
+        if x0 <= x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return pairs[0][1] if len(pairs) == 1 and pairs[0][0] == x else None
+
+
+def frontier_bits_at(front: list[tuple[float, float]], nll: float) -> float | None:
+    """Bits/value kvcomp needs for ΔNLL `nll`, piecewise linear between its Pareto configs (None outside them)."""
+    return _interp(sorted((d, b) for b, d in front), nll)
+
+
+def frontier_nll_at(front: list[tuple[float, float]], bits: float) -> float | None:
+    """ΔNLL of kvcomp at `bits` bits/value, piecewise linear between its Pareto configs (None outside them)."""
+    return _interp(front, bits)
+
+
+def _kvcomp_config(spec: str):
+    """The KVCompConfig of a kvcomp spec that is a plain config (no '|' lever); None for anything else."""
+    if not spec.startswith("kvcomp") or "|" in spec:
+        return None
+    try:
+        return common.parse_cache_spec(spec).kvcomp_config()
+    except ValueError:  # e.g. a preset this checkout no longer has
+        return None
+
+
+def targets(results: dict[str, Any]) -> dict[str, Any]:
+    """Issue 12's targets checked on `results` (spec -> perplexity summary): rows of {key, target, measured, met}
+    (key: "default", "stretch", a preset's spec or a baseline's name), the kvcomp Pareto front they use, and every
+    baseline against that front at equal ΔNLL and at equal bits."""
+    from kvcomp_hf import KVCompConfig
+
+    pts = {s: (r["bits_per_value"], r["delta_nll"]) for s, r in results.items()
+           if r.get("bits_per_value") is not None and r.get("delta_nll") is not None}
+    configs = {s: c for s in pts if (c := _kvcomp_config(s)) is not None}
+    front = pareto([pts[s] for s in configs])
+    rows = []
+
+    def check(key, target, spec, limits):  # limits: (max bits, max ΔNLL)
+        bits, nll = pts[spec]
+        rows.append({"key": key, "target": target, "measured": f"{bits:.3f} bits at {nll:+.4f}",
+                     "met": bits <= limits[0] and nll <= limits[1]})
+
+    for s in [s for s, c in configs.items() if c.to_dict() == KVCompConfig().to_dict()][:1]:
+        check("default", f"default (`KVCompConfig()`, `{s}`): ≤ {DEFAULT_TARGET[0]} bits/value at ΔNLL ≤ "
+                         f"{DEFAULT_TARGET[1]}", s, DEFAULT_TARGET)
+    for s in (s for s in configs if "=" not in s):  # a preset by name
+        check(s, f"preset `{s}`: ΔNLL ≤ {PRESET_TARGET[1]} at ≤ {PRESET_TARGET[0]} bits/value", s, PRESET_TARGET)
+    baselines = []
+    for s in (s for s in pts if not s.startswith("kvcomp") and s != "full"):
+        bits, nll = pts[s]
+        kv_bits = frontier_bits_at(front, nll) if front else None
+        saving = None if kv_bits is None else 1 - kv_bits / bits
+        baselines.append({"cache": s, "bits_per_value": bits, "delta_nll": nll, "kvcomp_bits_at_nll": kv_bits,
+                          "fewer_bits": saving, "kvcomp_nll_at_bits": frontier_nll_at(front, bits) if front else None})
+        if s in SAVING_BASELINES:
+            rows.append({"key": s, "target": f"≥ {BASELINE_SAVING:.0%} fewer bits than `{s}` at its ΔNLL ({nll:+.4f})",
+                         "measured": "outside kvcomp's measured range" if kv_bits is None
+                         else f"kvcomp {kv_bits:.3f} bits against {bits:.3f}: {saving:.1%} fewer",
+                         "met": saving is not None and saving >= BASELINE_SAVING})
+    if front:
+        within = [b for b, d in front if d <= STRETCH_TARGET[1]]
+        rows.append({"key": "stretch", "target": f"stretch: ≤ {STRETCH_TARGET[0]} bits/value at ΔNLL ≤ "
+                                                 f"{STRETCH_TARGET[1]}",
+                     "measured": f"fewest kvcomp bits within {STRETCH_TARGET[1]}: "
+                                 + (f"{min(within):.3f}" if within else "none"),
+                     "met": bool(within) and min(within) <= STRETCH_TARGET[0]})
+    return {"rows": rows, "kvcomp_front": front, "baselines": baselines}
+
+
+def targets_markdown(t: dict[str, Any], heading: str = "##") -> str:
+    lines = [f"{heading} Targets of issue 12", "",
+             "kvcomp's frontier: piecewise linear between the kvcomp configs no other kvcomp config beats on both "
+             "bits/value and ΔNLL (" + ", ".join(f"{b:.3f} at {d:+.4f}" for b, d in t["kvcomp_front"]) + "); "
+             "'|edge' levers are not configs and are left out.", "",
+             "| target | measured | met |", "|---|---|---|"]
+    lines += [f"| {r['target']} | {r['measured']} | {'yes' if r['met'] else '**no**'} |" for r in t["rows"]]
+    lines += ["", "| baseline | bits/value | ΔNLL | kvcomp bits at that ΔNLL | fewer bits | kvcomp ΔNLL at those bits |",
+              "|---|---:|---:|---:|---:|---:|"]
+    for b in t["baselines"]:
+        lines.append(f"| {b['cache']} | {b['bits_per_value']:.3f} | {b['delta_nll']:+.4f} | "
+                     f"{_num(b['kvcomp_bits_at_nll'], '.3f')} | "
+                     f"{'-' if b['fewer_bits'] is None else format(b['fewer_bits'], '.1%')} | "
+                     f"{_num(b['kvcomp_nll_at_bits'], '+.4f')} |")
+    lines.append("\n'-': outside the range of the measured kvcomp configs (no extrapolation).")
+    return "\n".join(lines)
+
+
 def merge(out: Path, families: dict[str, str], args: argparse.Namespace, seconds: float) -> dict[str, Any]:
     results: dict[str, Any] = {}
     failed = {}
@@ -228,11 +336,14 @@ def merge(out: Path, families: dict[str, str], args: argparse.Namespace, seconds
     meta.update(measured)
     if args.merge_only and args.run_command:
         meta["merge_command"], meta["command"] = meta["command"], args.run_command
+        for key in ("git_commit", "python"):  # the merge's checkout and interpreter, not the measuring run's
+            meta[f"merge_{key}"] = meta.pop(key, None)
     result = {"suite": "perplexity", "model": common.model_label(args.model, args.gguf_file),
               "text": text[0] if text else None, "text_sha256": text[1] if text else None, "tokens": args.tokens,
               "chunk": args.chunk, "windows": args.windows, "caches": names,
               "families": {n: families.get(n, "") for n in names}, "results": {n: results[n] for n in names},
               "failed": failed, "seconds": round(seconds, 1), "meta": meta}
+    result["targets"] = targets({n: result["results"][n] for n in names if n != "full"})
     common.write_json(out / "perplexity.json", result)
     md = (f"# Frontier: {result['model']}, {result['text']}, {args.windows} x {args.tokens} tokens, chunk {args.chunk}, "
           f"{meta.get('device')}, {str(meta.get('date', ''))[:10]}\n\n"
@@ -240,7 +351,8 @@ def merge(out: Path, families: dict[str, str], args: argparse.Namespace, seconds
           f"uncompressed tail); the part columns are bits/value of each part (kvcomp only).\n\n"
           f"{table(result['results'], families)}\n\n"
           + (f"Failed: {failed}\n\n" if failed else "")
-          + f"Command: `{result['meta']['command']}`\n")
+          + f"Command: `{result['meta']['command']}`\n\n"
+          + targets_markdown(result["targets"]) + "\n")
     (out / "frontier.md").write_text(md, encoding="utf-8")
     print(md)
     return result
@@ -293,8 +405,9 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_plot:
         from eval import plot_frontier
 
+        title = f"{common.model_label(args.model, args.gguf_file)}, {args.text}, {args.windows} x {args.tokens} tokens"
         plot_frontier.main([str(out / "perplexity.json"), "--ppl-metric", "delta_nll,kl", "--out",
-                            str(out / "frontier.png"), "--title", f"{args.windows} x {args.tokens} tokens"])
+                            str(out / "frontier.png"), "--title", title])
     return 0
 
 

@@ -62,6 +62,19 @@ def section_perplexity(data, path, root) -> str:
             + _provenance(data, path, root) + "\n")
 
 
+def section_frontier(data, path, root) -> str:
+    """eval/frontier.py's perplexity.json: its table (families, bits/value of each part) and issue 12's targets."""
+    from eval import frontier
+
+    head = (f"## Accuracy-per-bit frontier: {data.get('model')}, {data.get('windows')} x {data.get('tokens')} tokens\n\n"
+            f"Text {data.get('text')} (sha256 {str(data.get('text_sha256', ''))[:12]}), chunk {data.get('chunk')}, "
+            f"`eval/frontier.py`; bits/value all-in, the part columns are bits/value of each part of a kvcomp cache.\n\n")
+    body = frontier.table(data["results"], data["families"])
+    if data.get("targets"):
+        body += "\n\n" + frontier.targets_markdown(data["targets"], heading="###")
+    return head + body + "\n\n" + _provenance(data, path, root) + "\n"
+
+
 def section_calibration(data, path, root) -> str:
     lines = [f"## Calibration: {data.get('model')} -> configs/{data.get('name')}.yaml\n",
              f"| config | {common.bits_header(data.get('kv_dtype'))} | ΔNLL | KL | top-1 | synthetic avg |",
@@ -101,8 +114,9 @@ def render(root: Path) -> str:
             continue
         if data.get("suite") == "synthetic":
             sections.append(section_synthetic(data, path, root))
-        elif data.get("suite") == "perplexity" and "caches" in data:  # (eval.frontier's frontier.json: its own format)
-            sections.append(section_perplexity(data, path, root))
+        elif data.get("suite") == "perplexity" and "caches" in data:  # (eval.fakequant's frontier.json: its own format)
+            section = section_frontier if data.get("families") else section_perplexity  # eval.frontier's output
+            sections.append(section(data, path, root))
         elif "rows" in data and "chosen" in data:
             sections.append(section_calibration(data, path, root))
         elif isinstance(data.get("results"), dict) and any(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,10 @@ def series_from(path: Path, ppl_metric: str = "top1_agreement") -> list[dict[str
                 groups.setdefault(label, []).append(
                     (r["bits_per_value"], 100 * y if metric == "top1_agreement" else y, _short(cache)))
             out += [{"label": label, "ylabel": ylabel, "points": pts} for label, pts in groups.items()]
+            front = (data.get("targets") or {}).get("kvcomp_front")  # eval/frontier.py's Pareto front (ΔNLL only)
+            if metric == "delta_nll" and front:
+                out.append({"label": "kvcomp Pareto front", "ylabel": ylabel, "line": "-",
+                            "points": [(b, d, "") for b, d in front]})
     elif "rows" in data and "chosen" in data:
         pts = [(r["bits_per_value"], r["delta_nll"], r["cache"]) for r in data["rows"]
                if r.get("bits_per_value") is not None and r.get("delta_nll") is not None]
@@ -59,11 +64,14 @@ def series_from(path: Path, ppl_metric: str = "top1_agreement") -> list[dict[str
 
 
 def _short(cache: str) -> str:
-    """A compact point label: kvcomp specs lose their prefix and the rotation field (the series says it)."""
-    for old, new in (("kvcomp:", ""), (",rotation=hadamard", ""), ("rotation=hadamard,", ""), ("rel_k=", "k"),
-                     (",rel_v=", "/v"), ("granularity=", ""), ("pack_size=", "p")):
+    """A compact point label: kvcomp specs lose their prefix and the fields the series names (rotation, layout,
+    0 or 4 sink tokens); long decimals keep 3 significant digits."""
+    for old, new in (("kvcomp:", ""), (",rotation=hadamard", ""), ("rotation=hadamard,", ""), ("rotation=none,", ""),
+                     (",rotation=none", ""), ("layout=fixed,", ""), (",sink_tokens=4", ""), (",sink_tokens=0", ""),
+                     ("sink_tokens=", "sinks "), ("rel_k=", "k"), (",rel_v=", "/v"), ("granularity=", ""),
+                     ("pack_size=", "p")):
         cache = cache.replace(old, new)
-    return cache
+    return re.sub(r"\d+\.\d{4,}", lambda m: f"{float(m.group()):.3g}", cache)
 
 
 def plot(series: list[dict[str, Any]], out: Path, title: str | None = None) -> Path:
@@ -73,20 +81,26 @@ def plot(series: list[dict[str, Any]], out: Path, title: str | None = None) -> P
     import matplotlib.pyplot as plt
 
     ylabels = sorted({s["ylabel"] for s in series})
-    fig, axes = plt.subplots(len(ylabels), 1, figsize=(7.5, 4.2 * len(ylabels)), squeeze=False)
+    fig, axes = plt.subplots(len(ylabels), 1, figsize=(11, 4.6 * len(ylabels)), squeeze=False)
     for ax, ylabel in zip(axes[:, 0], ylabels):
+        colors = iter(plt.get_cmap("tab20").colors[::2] + plt.get_cmap("tab20").colors[1::2])
         for s in (s for s in series if s["ylabel"] == ylabel):
             pts = sorted(s["points"])
             xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-            ax.plot(xs, ys, marker="o", linestyle=":", alpha=0.8, label=s["label"])
-            for x, y, name in pts:
-                ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            if s.get("line"):  # a reference line (e.g. a Pareto front), not a family of points
+                ax.plot(xs, ys, color="black", linestyle=s["line"], linewidth=1, alpha=0.6, label=s["label"])
+                continue
+            single = len(pts) == 1  # a single config (a default, a preset): a star the legend names
+            ax.plot(xs, ys, marker="*" if single else "o", markersize=13 if single else 6, linestyle=":",
+                    alpha=0.85, color=next(colors), markeredgecolor="black" if single else None, label=s["label"])
+            for x, y, name in pts if not single else ():
+                ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=6.5, alpha=0.8)
         if ylabel.startswith(("NLL", "KL")):  # spans two orders of magnitude; symlog keeps 0 on the axis
             ax.set_yscale("symlog", linthresh=0.005)
         ax.set_xlabel("bits per K/V value (everything counted)")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     if title:
         fig.suptitle(title)
     fig.tight_layout()

@@ -57,3 +57,37 @@ def test_frontier_equals_perplexity_and_merges_without_rerunning(tiny_dir, tmp_p
     with pytest.raises(ValueError, match="NLL increase"):
         calibrate.main(["--from-frontier", str(out / "perplexity.json"), "--max-nll-increase", "-1",
                         "--output", str(tmp_path / "none.yaml")])
+
+
+def test_targets_compare_baselines_with_kvcomp_front_at_equal_nll(tmp_path):
+    from eval import make_results, plot_frontier
+    from kvcomp_hf import KVCompConfig
+
+    def r(bits, nll):
+        return {"bits_per_value": bits, "delta_nll": nll, "kl": nll, "top1_agreement": 0.9}
+
+    default = f"kvcomp:rel_k={KVCompConfig().rel_k}"  # any spec that names the default config
+    results = {default: r(3.0, 0.02), "kvcomp:rel_k=0.05,rel_v=0.1": r(4.0, 0.004),
+               "kvcomp:rel_k=0.1,rel_v=0.1": r(4.5, 0.03),  # beaten on both by the default: not on the front
+               "kvcomp:fast": r(4.1, 0.005),  # a preset: within 0.01 nats but over 3.8 bits
+               "kvcomp:rel_k=0.5,rel_v=0.5|edge=1*0.5": r(1.0, 0.0),  # a lever, not a config: left out
+               "kivi4": r(5.0, 0.012), "hf-int2": r(2.0, 3.0)}
+    t = frontier.targets(results)
+    assert t["kvcomp_front"] == [(3.0, 0.02), (4.0, 0.004)]
+    base = {b["cache"]: b for b in t["baselines"]}
+    # kivi4's 0.012 nats is halfway along the front: 3.5 bits, 30% fewer than 5.0
+    assert base["kivi4"]["kvcomp_bits_at_nll"] == pytest.approx(3.5)
+    assert base["kivi4"]["fewer_bits"] == pytest.approx(0.3)
+    assert base["kivi4"]["kvcomp_nll_at_bits"] is None  # 5 bits: past the last kvcomp config, no extrapolation
+    assert base["hf-int2"]["kvcomp_bits_at_nll"] is None and base["hf-int2"]["fewer_bits"] is None
+    assert {row["key"]: row["met"] for row in t["rows"]} == {"default": True, "kvcomp:fast": False, "kivi4": True,
+                                                            "stretch": False}
+
+    path = tmp_path / "perplexity.json"
+    path.write_text(json.dumps({"suite": "perplexity", "caches": list(results), "results": results,
+                                "families": {s: "f" for s in results}, "targets": t}))
+    fronts = [s for s in plot_frontier.series_from(path, "delta_nll,kl") if s["label"] == "kvcomp Pareto front"]
+    assert len(fronts) == 1 and [list(p[:2]) for p in fronts[0]["points"]] == [list(p) for p in t["kvcomp_front"]]
+    # RESULTS.md's generated part shows a frontier run with its families, part columns and target check
+    page = make_results.render(tmp_path)
+    assert "### Targets of issue 12" in page and "| kivi4 | f | 5.000 |" in page and "\\|edge=1*0.5" in page
