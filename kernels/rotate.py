@@ -21,7 +21,7 @@ ROWS = 16  # rows per program (the smallest dot tile)
 
 @triton.jit
 def _rotate_kernel(x_ptr, sx_b, sx_h, sx_t, sx_d, s_ptr, h_ptr, out_ptr, T, n_rows, group,
-                   D: tl.constexpr, DC: tl.constexpr, INVERSE: tl.constexpr, ROWS: tl.constexpr):
+                   D: tl.constexpr, DC: tl.constexpr, INVERSE: tl.constexpr):
     """Rows r = h * T + t of batch row b (program (b, r // ROWS)): out = (x * s) @ H, or INVERSE (x @ H) * s
     (H is symmetric), s = signs of KV head h // group; DC output columns at a time (H's [D, DC] slice stays
     within shared memory for D = 256)."""
@@ -52,7 +52,7 @@ def _launch(x: torch.Tensor, signs: torch.Tensor, h: torch.Tensor, inverse: bool
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         _rotate_kernel[(B, triton.cdiv(n_rows, ROWS))](x, *x.stride(), signs, h, out, T, n_rows,
                                                        HX // signs.shape[0], D=D, DC=min(D, 64), INVERSE=inverse,
-                                                       ROWS=ROWS, num_warps=4)
+                                                       num_warps=4)
     return out
 
 
