@@ -21,9 +21,10 @@ def kernels_table(data: dict) -> str:
         if "skipped" in r:
             continue
         fused = r["fused_ms"]
+        store = r.get("store_GBps_bf16_input")  # absent with --skip-store
         lines.append(f"| {r['shape']} | {r['context']} | {r['batch']} | {r['bits_per_value']:.2f} | {fused:.3f} | "
                      f"{r['sdpa_bf16_ms']:.3f} | {r['cublas_ms']:.3f} | {r['sdpa_bf16_ms'] / fused:.2f}x | "
-                     f"{fused / r['roofline_ms']:.1f}x | {r['store_GBps_bf16_input']:.0f} |")
+                     f"{fused / r['roofline_ms']:.1f}x | {'-' if store is None else f'{store:.0f}'} |")
     return "\n".join(lines)
 
 
