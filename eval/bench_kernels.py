@@ -54,7 +54,7 @@ def make_kv(B, H, L, D, gen_dev, dtype=torch.bfloat16):
 
 VARIANTS = {  # name -> DecodeTuning fields that differ from the default tuning
     "w4pf0": dict(num_warps=4, prefetch=False), "w8": dict(num_warps=8), "w8pf0": dict(num_warps=8, prefetch=False),
-    "r168": dict(maxnreg=168), "r128": dict(maxnreg=128),
+    "r168": dict(maxnreg=168), "r128": dict(maxnreg=128), "r255": dict(maxnreg=255),
     "waves8": dict(split_waves=8), "waves32": dict(split_waves=32),
     "min4": dict(min_blocks_per_split=4), "min16": dict(min_blocks_per_split=16),
     "tm": dict(tokens_in_m=True), "tm8": dict(tokens_in_m=True, num_warps=8), "tm2": dict(tokens_in_m=True, num_warps=2),

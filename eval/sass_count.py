@@ -36,8 +36,12 @@ def main(argv: list[str]) -> None:
 
     fn = sys.modules[entry.__module__]._tokens_in_m_kernel
     const = dict(DEFAULTS)
+    options = {"num_warps": 4, "num_stages": 1}
     for item in argv:
         name, _, value = item.partition("=")
+        if name == "maxnreg":  # a launch option, not a kernel argument
+            options["maxnreg"] = int(value)
+            continue
         if name not in fn.arg_names:
             raise SystemExit(f"unknown kernel argument {name!r}; constexprs: {sorted(k for k in DEFAULTS if k.isupper())}")
         const[name] = eval(value, {})  # noqa: S307 (numbers and True/False from the command line)
@@ -51,7 +55,7 @@ def main(argv: list[str]) -> None:
         else:
             sig[n] = "fp32" if n == "scale_log2" else "i32"
     src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()})
-    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 1})
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
     tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     with tempfile.TemporaryDirectory() as tmp:
         cubin = os.path.join(tmp, "k.cubin")

@@ -41,7 +41,8 @@ class DecodeTuning:
                                    # faster on the H200, but the rounding error of sum_t w_t q_t does not
                                    # shrink with the output where the token minimums cancel it: 1.1e-2 vs
                                    # 3e-3 relative on the small interpreter cases)
-    maxnreg: int | None = None     # register cap per thread (None: the compiler's choice)
+    maxnreg: int | None = None     # register cap per thread (None: the compiler's choice; for the
+                                   # tokens-in-M kernel TOKENS_IN_M_MAXNREG)
     tokens_in_m: bool = False      # _tokens_in_m_kernel (block tokens as the matrix M dimension)
     prmt_unpack: bool = False      # fixed 4-bit: unpack by inline-PTX byte permutes (563 vs 611 SASS per block
                                    # for sm_90; not yet run on a GPU, so off by default)
@@ -511,14 +512,15 @@ def _seg_ptr(pool32, so_ptr, slot, so_s, kv_off, h, FIXED: tl.constexpr):
 
 
 @triton.jit
-def _weighted_values(vt, w, acc, SPLIT_V: tl.constexpr, INTERP: tl.constexpr):
-    """acc + vt [D, N] (128 + q as bf16) times weights w [N, M] -> (acc [D, M], the weights the dot used [N, M]).
+def _weighted_values(vt, w, SPLIT_V: tl.constexpr, INTERP: tl.constexpr):
+    """vt [D, N] (128 + q as bf16) times weights w [N, M] -> (this block's sum [D, M], the weights the dot used).
     SPLIT_V: w = hi + lo as two bf16 dots (~2**-17 relative); else one dot over bf16 weights (2**-9). The offset
-    correction -128 sum_t w_t must use exactly the weights the dot used: the 128 then cancels exactly, and what
-    remains of the weights' rounding is scaled by the codes (< 2**bits), not by 128 (with exact weights instead,
-    fp16 outputs of 2-bit V over 4K random tokens were off by 2.3e-3, H200)."""
+    correction -128 sum_t w_t must use exactly the weights the dot used, so that the 128 cancels exactly. The
+    block's sum starts from zero: the matrix unit's float32 accumulation truncates, and carried across the blocks
+    in the running output its error grows with the 128-offset mass of all blocks (fp16 outputs off by 2.3e-3 at
+    4K tokens, H200); the caller adds it with a rounded FMA."""
     w_hi = _bf16_op(w, INTERP)
-    pv = tl.dot(vt, w_hi, acc)
+    pv = tl.dot(vt, w_hi)
     used = w_hi.to(tl.float32)
     if SPLIT_V:
         w_lo = _bf16_op(w - used, INTERP)
@@ -710,8 +712,8 @@ def _tokens_in_m_kernel(q_ptr, sq_b, sq_h, sq_t, sq_d,
                 vt = tl.reshape(_tile_paired4(vx, PRMT, INTERP), (D, 64))
             else:
                 vt = _tile(vx, vL, vpmin, CJ_V, D, R, R > 1 and not FIXED, True, INTERP)     # [D, 64]
-            # the matrix unit accumulates into the rescaled output
-            accT, w = _weighted_values(vt, p * vstep[:, None], accT * alpha[None, :], SPLIT_V, INTERP)
+            pv, w = _weighted_values(vt, p * vstep[:, None], SPLIT_V, INTERP)
+            accT = accT * alpha[None, :] + pv
             if R == 1 and not FIXED:  # this block's pack minimums: corrected now, over all rows
                 accT += tl.reshape(vpmin, (D,)).to(tl.float32)[:, None] * tl.sum(w, axis=0)[None, :]
             sums = sums * _rescale(alpha, SPLIT_V) + _warp_sums(p, vmin, w, SPLIT_V)
@@ -813,6 +815,7 @@ def _num_sms(device: torch.device) -> int:
 
 
 _STATIC: dict = {}
+TOKENS_IN_M_MAXNREG = 168
 # the constexprs and launch settings of _decode_kernel that _tokens_in_m_kernel takes too
 _TOKENS_IN_M_ARGS = ("GROUP", "QLEN", "M", "D", "P", "BITS_K", "BITS_V", "WB_K", "WB_V", "META_K", "META_V", "CJ_K",
                      "CJ_V", "TOKEN_GRAN", "HAS_MASK", "Q_SPLIT", "INTERP", "num_warps", "num_stages", "maxnreg")
@@ -845,6 +848,9 @@ def _static_args(fmt: BlockFormat, q_dtype, tail_dtype, group: int, qlen: int, D
         consts["maxnreg"] = tuning.maxnreg
     comb = dict(GROUP=group, QLEN=qlen, M=M, D=D, SP=64, SC=8, num_warps=4 if D <= 128 else 8)
     tm = {k: v for k, v in consts.items() if k in _TOKENS_IN_M_ARGS}
+    # 3 CTAs of 4 warps per SM need <= 170 registers: Triton 3.6 gives the tokens-in-M kernel 196 (2 CTAs) since
+    # each block's V sum starts from zero; capped at 168 it compiles without spills for sm_90 (eval/sass_count.py)
+    tm.setdefault("maxnreg", TOKENS_IN_M_MAXNREG)
     hit = (M, consts, tm, comb)
     _STATIC[key] = hit
     return hit
