@@ -144,6 +144,26 @@ class BlockStore:
         self.n_slots = s1
         return s0, s1
 
+    def preallocate_fixed(self, n_slots: int) -> int:
+        """Layout "fixed" (the static cache): n_slots slots at fixed offsets, every segment at its (only) size;
+        segment (slot, kv, head) at slot * slot_bytes + kv * H * seg[0] + head * seg[kv] (kernels/static_cache.py).
+        Returns slot_bytes; the pool counts as full (its writers place segments by slot, not by pool_used)."""
+        if self.fmt.layout != "fixed" or self.has_perm:
+            raise ValueError(f"preallocated slots need layout='fixed' and repack='none', got {self.fmt}")
+        h, device = self.fmt.num_heads, self.device
+        seg = torch.tensor([self.fmt.max_segment_bytes(0), self.fmt.max_segment_bytes(1)])
+        slot_bytes = h * int(seg.sum())
+        self.pool = torch.zeros(n_slots * slot_bytes, dtype=torch.uint8, device=device)
+        self.used_bound = self.pool.numel()
+        self.n_slots = n_slots
+        self.seg_offset = (torch.arange(n_slots)[:, None, None] * slot_bytes
+                           + torch.tensor([0, h * int(seg[0])])[None, :, None]
+                           + torch.arange(h)[None, None, :] * seg[None, :, None]).to(device)
+        self.seg_bytes = seg.to(torch.int32).view(1, 2, 1).expand(n_slots, 2, h).contiguous().to(device)
+        self.token_min = torch.zeros(n_slots, 2, BLOCK_SIZE, self.fmt.groups, dtype=self.dtype, device=device)
+        self.token_step = torch.zeros(n_slots, 2, BLOCK_SIZE, self.fmt.groups, dtype=torch.bfloat16, device=device)
+        return slot_bytes
+
     def perm_of(self, n_slots: int) -> torch.Tensor:
         """Permutation rows of n_slots slots (for "none": the shared identity row, stride 0; the store
         kernel then rewrites that row with the identity and the decode kernel does not read it)."""

@@ -1,9 +1,11 @@
 """KVCompCache: a transformers Cache whose layers keep old tokens as immutable compressed blocks.
 
-Per layer: a tail buffer of the most recent tokens in the model dtype, and a BlockStore of
-compressed 64-token blocks (a byte pool + per-block metadata), addressed per sequence through a
-block table [batch, blocks]. Beam reorder and batch selection permute table rows (blocks are
-shared, never copied); crop drops blocks and re-opens a partial one into the tail.
+Per layer: a tail buffer of the most recent tokens in the model dtype, and a BlockStore
+(kvcomp_hf/block_store.py) of compressed 64-token blocks (a byte pool + per-block metadata + the format),
+addressed per sequence through a block table [batch, blocks]. The layer reads itself (KVCompLayer.attend:
+the fused Triton kernel or the layer dequantised to dense); the "kvcomp" attention function only dispatches.
+Beam reorder and batch selection permute table rows (blocks are shared, never copied); crop drops blocks and
+re-opens a partial one into the tail.
 
 With config.sink_tokens = S > 0 the first S tokens stay in the tail too: once a layer holds blocks,
 its tail is [tokens 0..S-1, the most recent tokens] and the blocks hold the tokens in between.
@@ -466,22 +468,11 @@ class KVCompStaticLayer(KVCompLayer):
                              f">= 16; got device {device}, dtype {dtype}, head_dim {d}")
         self.dtype, self.device = dtype, device
         st = self.store = BlockStore.from_config(self.config, h, d, dtype, device, use_triton=True)
-        self.fmt = fmt = st.fmt
+        self.fmt = st.fmt
         self.use_triton = True
         self.nb_max = nb_max = -(-self.max_cache_len // BLOCK_SIZE)
         n_slots = b * nb_max
-        seg = torch.tensor([fmt.max_segment_bytes(0), fmt.max_segment_bytes(1)])
-        self.slot_bytes = h * int(seg.sum())
-        st.pool = torch.zeros(n_slots * self.slot_bytes, dtype=torch.uint8, device=device)
-        st.used_bound = st.pool.numel()
-        st.n_slots = n_slots
-        # segment (slot, kv, head) at slot * slot_bytes + kv * H * seg[0] + head * seg[kv] (kernels/static_cache.py)
-        st.seg_offset = (torch.arange(n_slots)[:, None, None] * self.slot_bytes
-                         + torch.tensor([0, h * int(seg[0])])[None, :, None]
-                         + torch.arange(h)[None, None, :] * seg[None, :, None]).to(device)
-        st.seg_bytes = seg.to(torch.int32).view(1, 2, 1).expand(n_slots, 2, h).contiguous().to(device)
-        st.token_min = torch.zeros(n_slots, 2, BLOCK_SIZE, fmt.groups, dtype=dtype, device=device)
-        st.token_step = torch.zeros(n_slots, 2, BLOCK_SIZE, fmt.groups, dtype=torch.bfloat16, device=device)
+        self.slot_bytes = st.preallocate_fixed(n_slots)
         self.block_table = torch.arange(n_slots, dtype=torch.int32, device=device).view(b, nb_max)
         self.ring = -(-(self.config.residual_length + BLOCK_SIZE) // BLOCK_SIZE) * BLOCK_SIZE
         self.ring_k = key_states.new_zeros(b, h, self.ring, d)

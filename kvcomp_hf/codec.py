@@ -57,7 +57,9 @@ Pipeline for one block of `block_size` = 64 tokens of one sequence (K and V of a
    order (block, K then V, head), each starting at a 4-byte-aligned offset; `seg_offset` and
    `seg_bytes` [n, 2, H] int64; `token_min` [n, 2, 64, G] in the model dtype and `token_step`
    [n, 2, 64, G] bfloat16 in permuted token order (G = 1 for "token", H for "token_head");
-   `perm` [n, 64] uint8.
+   `perm` [n, 64] uint8. A cache layer keeps its blocks in a BlockStore (kvcomp_hf/block_store.py):
+   the same arrays per *slot*, offsets into one byte pool, plus the format (BlockFormat, rel_k/rel_v,
+   rotation); store_slots/decode_store read slots of it here, and both Triton kernels take it.
 """
 
 from __future__ import annotations
