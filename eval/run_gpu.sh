@@ -16,6 +16,9 @@
 #   bench-chunked    : eval.bench_generate with chunked prefill, Llama-3.1-8B shape, QuantizedCache included
 #   bench-unchunked  : Llama-3.1-8B shape without chunking: DynamicCache (both SDPA choices), kvcomp, QuantizedCache int4
 #   bench-capacity   : chunked, 32K x 8, 16, 32 for DynamicCache and kvcomp (what fits)
+#   bench-compiled   : issue 14's rows: 8K x 1 and 32K x 8 with full, static:compiled, kvcomp, kvcomp:compiled; TTFT
+#                      at 32K x 1 and 8K x 8 (full, kvcomp); two generate() calls per row (the second is reported)
+#   profile-compiled : eval.profile_decode of the compiled decode step (kvcomp:compiled vs static:compiled), 8K x 1
 # Usage: OUT=/some/dir bash eval/run_gpu.sh gpu-tests accuracy bench
 set -uo pipefail
 export PYTHONUNBUFFERED=1 KVCOMP_EVAL_NO_PROGRESS=1
@@ -63,6 +66,18 @@ for stage in "$@"; do
         --caches full,full:flash,kvcomp,kvcomp:model,hf-int4,hf-int2 --contexts 32768,8192,131072 \
         --batches 8,1,max --search-cap 45 --out "$OUT/bench_generate_chunked.json" --time-budget 530 2>&1 \
         | tee "$OUT/bench_generate_chunked.log" | tail -60 ;;
+    bench-compiled)
+      for shape in "8192 1" "32768 8"; do
+        read -r ctx batch <<< "$shape"
+        timeout 280 python -m eval.bench_generate --models llama3.1-8b --caches full,static:compiled,kvcomp,kvcomp:compiled \
+          --contexts "$ctx" --batches "$batch" --runs-per-shape 2 --no-compiled-warmup --time-budget 270 \
+          --out "$OUT/bench_generate_compiled_${ctx}x$batch.json" 2>&1 | tail -12
+      done
+      timeout 280 python -m eval.bench_generate --models llama3.1-8b --caches full,kvcomp --contexts 32768,8192 \
+        --batches 1,8 --runs-per-shape 2 --time-budget 270 --out "$OUT/bench_generate_ttft.json" 2>&1 | tail -12 ;;
+    profile-compiled) timeout 330 python -m eval.profile_decode --model llama3.1-8b --context 8192 --batch 1 \
+        --caches kvcomp:compiled,static:compiled --skip-generate --steps 12 \
+        --out "$OUT/profile_decode_8k_compiled.json" 2>&1 | tail -45 ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
 done

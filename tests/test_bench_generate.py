@@ -44,3 +44,17 @@ def test_quantized_cache_backend_choice_is_checked(monkeypatch):
     monkeypatch.setenv("KVCOMP_HF_QUANT_BACKEND", "bitsandbytes")
     with pytest.raises(ValueError, match="quanto"):
         common.hf_quant_backend()
+
+
+def test_runs_per_shape_keeps_the_first_run_apart(tmp_path, one_torch_thread, capsys):
+    """--runs-per-shape 2: the row reports the second generate() (compiles of the shape done), the first's TTFT
+    and ms/step are kept as first_*; a count below 1 is refused naming the option."""
+    out = tmp_path / "bench.json"
+    bench_generate.main(["--quick", "--models", "tiny-llama", "--caches", "kvcomp", "--batches", "1",
+                         "--new-tokens", "4", "--runs-per-shape", "2", "--out", str(out)])
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["status"] == "ok" and row["generated"] == 4
+    assert row["first_ttft_s"] > 0 and row["first_decode_ms_per_step"] > 0 and row["ttft_s"] > 0
+    with pytest.raises(SystemExit):
+        bench_generate.main(["--quick", "--runs-per-shape", "0", "--out", str(out)])
+    assert "--runs-per-shape must be >= 1" in capsys.readouterr().err
