@@ -19,6 +19,7 @@ import time
 import torch
 
 from kvcomp_hf import codec
+from kvcomp_hf.block_store import BlockStore
 from kvcomp_hf.config import KVCompConfig
 from kvcomp_hf.kernels import decode_attention, store_blocks
 from kvcomp_hf.kernels.decode_attention import _num_sms, choose_tuning
@@ -79,7 +80,6 @@ def run_variants(names, fused, base):
 def run_one(shape_name, ctx, B, cfg, bw, dev, variants=(), skip_store=False, store_variants=()):
     s = SHAPES[shape_name]
     Hq, H, D = s["hq"], s["h"], s["d"]
-    fmt = codec.BlockFormat.from_config(cfg, H, D)
     nb = (ctx - cfg.residual_length) // 64
     T = ctx - nb * 64
     row = dict(shape=shape_name, context=ctx, batch=B, q_heads=Hq, kv_heads=H, head_dim=D, dtype="bfloat16",
@@ -87,36 +87,28 @@ def run_one(shape_name, ctx, B, cfg, bw, dev, variants=(), skip_store=False, sto
     k, v = make_kv(B, H, ctx, D, dev)
     q = torch.randn(B, Hq, 1, D, device=dev, dtype=torch.bfloat16)
     S = B * nb
-    cap = S * H * (fmt.max_segment_bytes(0) + fmt.max_segment_bytes(1))
-    pool = torch.empty(cap, dtype=torch.uint8, device=dev)
-    pool_used = torch.zeros(1, dtype=torch.int64, device=dev)
-    seg_offset = torch.empty(S, 2, H, dtype=torch.int64, device=dev)
-    token_min = torch.empty(S, 2, 64, fmt.groups, dtype=torch.bfloat16, device=dev)
-    token_step = torch.empty(S, 2, 64, fmt.groups, dtype=torch.bfloat16, device=dev)
-    perm = torch.empty(S, 64, dtype=torch.uint8, device=dev)
+    st = BlockStore.from_config(cfg, H, D, torch.bfloat16, torch.device(dev), use_triton=True)
+    st.reserve(S, st.max_bytes(S))
     kc, vc = k[:, :, : nb * 64], v[:, :, : nb * 64]
 
-    def store():
-        pool_used.zero_()
-        store_blocks(kc, vc, cfg, fmt, pool, pool_used, seg_offset, token_min, token_step, perm, 0)
+    def store(num_warps=None):
+        st.pool_used.zero_()
+        store_blocks(kc, vc, st, 0, num_warps=num_warps)
 
     store()
-    used = int(pool_used.item())
+    used = st.used_bytes()
     store_in = 2 * kc.numel() * 2
     if not skip_store:
         t_store = bench(store)
         row["store_ms"] = t_store
         row["store_GBps_bf16_input"] = store_in / (t_store * 1e-3) / 1e9
         for sw in store_variants:  # (stats warps, pack warps)
-            def store_v():
-                pool_used.zero_()
-                store_blocks(kc, vc, cfg, fmt, pool, pool_used, seg_offset, token_min, token_step, perm, 0,
-                             num_warps=sw)
-            store_v()
-            row.setdefault("store_variants_GBps", {})[f"{sw[0]}x{sw[1]}"] = store_in / (bench(store_v) * 1e-3) / 1e9
+            store(sw)
+            t = bench(lambda sw=sw: store(sw))
+            row.setdefault("store_variants_GBps", {})[f"{sw[0]}x{sw[1]}"] = store_in / (t * 1e-3) / 1e9
         store()
 
-    meta = S * 2 * 64 * fmt.groups * (2 + 2) + S * 64 + S * 2 * H * 8 + B * nb * 4
+    meta = S * 2 * 64 * st.fmt.groups * (2 + 2) + S * 64 + S * 2 * H * 8 + B * nb * 4
     comp_values = S * H * 64 * D * 2
     row["bits_per_value"] = (used + meta) * 8 / comp_values
     row["bits_per_value_segments_only"] = used * 8 / comp_values
@@ -128,16 +120,14 @@ def run_one(shape_name, ctx, B, cfg, bw, dev, variants=(), skip_store=False, sto
     row["num_splits"] = tuning.splits(B, H, nb, _num_sms(torch.device(dev)))[0]
 
     def fused(tuning=None):
-        return decode_attention(q, k_tail, v_tail, pool, seg_offset, token_min, token_step, perm, block_table, None,
-                                scaling, fmt, tuning=tuning)
+        return decode_attention(q, k_tail, v_tail, st, block_table, None, scaling, tuning=tuning)
 
     out = fused()
     # correctness spot check against SDPA over the dequantised cache (float32)
     if S * H * 64 * D <= (1 << 27):
-        enc = codec.EncodedBlocks(pool, seg_offset, None, token_min, token_step, perm)
-        kh, vh = codec.decode_blocks(enc, fmt)
-        kh = kh.view(B, nb, H, 64, D).transpose(1, 2).reshape(B, H, nb * 64, D)
-        vh = vh.view(B, nb, H, 64, D).transpose(1, 2).reshape(B, H, nb * 64, D)
+        kh, vh = codec.decode_store(st, block_table)  # [B, nb, H, 64, D]
+        kh = kh.transpose(1, 2).reshape(B, H, nb * 64, D)
+        vh = vh.transpose(1, 2).reshape(B, H, nb * 64, D)
         kk = torch.cat([kh, k_tail.float()], 2)
         vv = torch.cat([vh, v_tail.float()], 2)
         del kh, vh
@@ -176,7 +166,7 @@ def run_one(shape_name, ctx, B, cfg, bw, dev, variants=(), skip_store=False, sto
     if row.get("sdpa_bf16_ms"):
         row["speedup_vs_sdpa"] = row["sdpa_bf16_ms"] / row["fused_ms"]
     row["speedup_vs_cublas"] = row["cublas_ms"] / row["fused_ms"]
-    del k, v, pool, p
+    del k, v, p
     return row
 
 
@@ -184,9 +174,9 @@ def kernel_report(asm_dir=None):
     """Registers, spills and shared memory of every compiled kvcomp kernel (best effort across Triton versions);
     with asm_dir, the cubin of each decode kernel variant is written there (cuobjdump --dump-sass)."""
     da = sys.modules[decode_attention.__module__]
-    st = sys.modules[store_blocks.__module__]
+    sm = sys.modules[store_blocks.__module__]
     rep = []
-    for kern in (da._decode_kernel, da._tokens_in_m_kernel, da._combine_kernel, st._stats_kernel, st._pack_kernel):
+    for kern in (da._decode_kernel, da._tokens_in_m_kernel, da._combine_kernel, sm._stats_kernel, sm._pack_kernel):
         try:
             for caches in kern.device_caches.values():
                 for ck in caches[0].values():

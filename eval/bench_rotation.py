@@ -39,20 +39,18 @@ def bench(batch: int, heads: int, q_heads: int, head_dim: int, context: int) -> 
     rot, store = layer.rotation, layer.store
     block_k, block_v = k[:, :, :64].contiguous(), v[:, :, :64].contiguous()
     q = torch.randn(batch, q_heads, 1, head_dim, device=dev, generator=gen).to(torch.bfloat16)
-    from kvcomp_hf.attention import fused_attention
     from kvcomp_hf.kernels import decode_attention
 
     def kernel_only():
-        decode_attention(q, layer.keys, layer.values, store.pool, store.seg_offset, store.token_min, store.token_step,
-                         store.perm, layer.block_table, None, head_dim ** -0.5, layer.fmt)
+        decode_attention(q, layer.keys, layer.values, store, layer.block_table, None, head_dim ** -0.5)
 
     out = {"batch": batch, "kv_heads": heads, "q_heads": q_heads, "head_dim": head_dim, "context": context}
     out["rotate_prefill_kv_ms"] = cuda_ms(lambda: (rot.rotate(k, 0), rot.rotate(v, 1)))
-    out["store_prefill_ms"] = cuda_ms(lambda: store.add(k, v, layer.config), reps=3)
+    out["store_prefill_ms"] = cuda_ms(lambda: store.add(k, v), reps=3)
     out["rotate_one_block_kv_ms"] = cuda_ms(lambda: (rot.rotate(block_k, 0), rot.rotate(block_v, 1)))
-    out["store_one_block_ms"] = cuda_ms(lambda: store.add(block_k, block_v, layer.config))
+    out["store_one_block_ms"] = cuda_ms(lambda: store.add(block_k, block_v))
     out["decode_kernel_ms"] = cuda_ms(kernel_only)
-    out["decode_with_rotation_ms"] = cuda_ms(lambda: fused_attention(layer, q, None, head_dim ** -0.5))
+    out["decode_with_rotation_ms"] = cuda_ms(lambda: layer.attend_fused(q, None, head_dim ** -0.5))
     out["rotate_q_and_output_ms"] = cuda_ms(lambda: rot.unrotate_output(rot.rotate_query(q)))
     return out
 

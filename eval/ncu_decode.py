@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from kvcomp_hf import codec
+from kvcomp_hf.block_store import BlockStore
 from kvcomp_hf.config import KVCompConfig
 from kvcomp_hf.kernels import decode_attention, store_blocks
 
@@ -27,24 +27,16 @@ def main():
     B, Hq, H, D, ctx = args.batch, 32, 8, 128, args.context
     cfg = KVCompConfig.from_dict({k: _config_value(v) for k, v in
                                   (kv.split("=") for kv in args.config.split(",") if kv)})
-    fmt = codec.BlockFormat.from_config(cfg, H, D)
     nb = (ctx - cfg.residual_length) // 64
     k = torch.randn(B, H, ctx, D, device="cuda", dtype=torch.bfloat16)
     v = torch.randn(B, H, ctx, D, device="cuda", dtype=torch.bfloat16)
     q = torch.randn(B, Hq, 1, D, device="cuda", dtype=torch.bfloat16)
-    S = B * nb
-    pool = torch.empty(S * H * (fmt.max_segment_bytes(0) + fmt.max_segment_bytes(1)), dtype=torch.uint8, device="cuda")
-    pool_used = torch.zeros(1, dtype=torch.int64, device="cuda")
-    seg_offset = torch.empty(S, 2, H, dtype=torch.int64, device="cuda")
-    token_min = torch.empty(S, 2, 64, 1, dtype=torch.bfloat16, device="cuda")
-    token_step = torch.empty(S, 2, 64, 1, dtype=torch.bfloat16, device="cuda")
-    perm = torch.empty(S, 64, dtype=torch.uint8, device="cuda")
-    store_blocks(k[:, :, :nb * 64], v[:, :, :nb * 64], cfg, fmt, pool, pool_used, seg_offset, token_min, token_step,
-                 perm, 0)
-    bt = torch.arange(S, dtype=torch.int32, device="cuda").view(B, nb)
+    store = BlockStore.from_config(cfg, H, D, torch.bfloat16, torch.device("cuda"), use_triton=True)
+    store.reserve(B * nb, store.max_bytes(B * nb))
+    store_blocks(k[:, :, :nb * 64], v[:, :, :nb * 64], store, 0)
+    bt = torch.arange(B * nb, dtype=torch.int32, device="cuda").view(B, nb)
     for _ in range(4):
-        decode_attention(q, k[:, :, nb * 64:], v[:, :, nb * 64:], pool, seg_offset, token_min, token_step, perm, bt,
-                         None, 1 / math.sqrt(D), fmt)
+        decode_attention(q, k[:, :, nb * 64:], v[:, :, nb * 64:], store, bt, None, 1 / math.sqrt(D))
     torch.cuda.synchronize()
     print("ok")
 

@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kvcomp_hf.block_store import BlockStore
 from kvcomp_hf.codec import BLOCK_SIZE, BlockFormat, width_bits
 
 LOG2E = 1.4426950408889634
@@ -856,13 +857,17 @@ def _static_args(fmt: BlockFormat, q_dtype, tail_dtype, group: int, qlen: int, D
     return hit
 
 
-def decode_attention(q, k_tail, v_tail, pool, seg_offset, token_min, token_step, perm, block_table, kv_valid,
-                     scaling, fmt: BlockFormat, num_splits: int | None = None, tuning: DecodeTuning | None = None):
-    """Attention of the last q_len positions over compressed blocks + dense tail.
+def decode_attention(q, k_tail, v_tail, store: BlockStore, block_table, kv_valid, scaling, *,
+                     tuning: DecodeTuning | None = None, num_splits: int | None = None):
+    """Attention of the last q_len positions over compressed blocks (slots of `store`) + dense tail.
 
-    q [B, Hq, q_len, D]; k_tail, v_tail [B, H, T, D]; block_table int32 [B, nb]; kv_valid bool
+    q [B, Hq, q_len, D]; k_tail, v_tail [B, H, T, D]; block_table int32 [B, nb] of store slots; kv_valid bool
     [B, nb*64 + T] or None. Query i has position kv_len - q_len + i and sees positions <= its own.
-    Returns out [B, Hq, q_len, D] in q's dtype."""
+    Returns out [B, Hq, q_len, D] in q's dtype. tuning: the compiled variant (default choose_tuning);
+    num_splits forces the split count."""
+    fmt = store.fmt
+    pool, seg_offset, token_min, token_step, perm = (store.pool, store.seg_offset, store.token_min,
+                                                     store.token_step, store.perm)
     B, Hq, QLEN, D = q.shape
     H = fmt.num_heads
     if k_tail.shape[0] != B or k_tail.shape[1] != H or k_tail.shape[3] != D or v_tail.shape != k_tail.shape:

@@ -4,7 +4,8 @@ Storage of one layer is preallocated for max_cache_len tokens x batch, layout "f
 8 * D * bits bytes, so every slot lives at a fixed pool offset):
   slot of block i of row b  = b * NB + i            (NB = max blocks per row; block table row b = b*NB .. b*NB+NB-1)
   segment (slot, kv, head)  = slot * H * (SK + SV) + kv * H * SK + head * (SK, SV)[kv]   bytes
-which is where store_blocks puts slots slot_start.. when pool_used starts at slot_start * H * (SK + SV).
+which is where store_blocks puts slots slot_start.. when pool_used starts at slot_start * H * (SK + SV)
+(BlockStore.preallocate_fixed lays the store out so).
 The uncompressed tail is a ring of RING tokens (a multiple of 64, >= residual_length + 64): token p at row p % RING,
 so every block's 64 tokens are contiguous rows. ctl (int64 [4], on the device) = [kv_len, nb, done counter, 0].
 

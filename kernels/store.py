@@ -24,11 +24,11 @@ import torch
 import triton
 import triton.language as tl
 
+from kvcomp_hf import codec
+from kvcomp_hf.block_store import BlockStore
 from kvcomp_hf.codec import BLOCK_SIZE, BlockFormat, EncodedBlocks, width_bits
 
 from .decode_attention import chunk_fields
-
-
 
 # ---------------------------------------------------------------------------------------------
 # Device helpers
@@ -473,24 +473,30 @@ def _check_inputs(k: torch.Tensor, v: torch.Tensor, fmt: BlockFormat):
         raise ValueError(f"unsupported dtype {k.dtype}")
 
 
-def store_blocks(k, v, config, fmt, pool, pool_used, seg_offset, token_min, token_step, perm, slot_start,
-                 _segbytes_out=None, num_warps: tuple[int, int] | None = None):
-    """Compress k, v [B, H, nb*64, D] (block n = b*nb + i goes to slot slot_start + n).
+def store_blocks(k, v, store: BlockStore, slot_start: int, *, num_warps: tuple[int, int] | None = None):
+    """Compress k, v [B, H, nb*64, D] into `store` (block n = b*nb + i goes to slot slot_start + n).
 
-    Segments are appended at pool_used in (block, K then V, head) order, seg_offset/token_min/
-    token_step/perm of the slots are written, and pool_used (int64 [1], on device) is advanced.
-    No host synchronisation. The caller guarantees pool capacity and slot capacity.
+    Segments are appended at store.pool_used in (block, K then V, head) order, the slots' seg_offset/
+    seg_bytes/token_min/token_step/perm are written, and pool_used (int64 [1], on device) is advanced.
+    No host synchronisation, so store.used_bound does not move (BlockStore.add keeps it; other callers
+    read store.used_bytes()). The caller guarantees pool capacity (BlockStore.reserve / max_bytes).
     num_warps: (stats kernel, pack kernel) warps; default by head_dim."""
+    fmt = store.fmt
     _check_inputs(k, v, fmt)
     B, H, Tk, D = k.shape
     nb = Tk // BLOCK_SIZE
     n = B * nb
     if n == 0:
         return
+    if slot_start + n > store.seg_offset.shape[0]:
+        raise ValueError(f"the store has {store.seg_offset.shape[0]} slots; slots {slot_start}..{slot_start + n - 1} "
+                         "do not fit (BlockStore.reserve first)")
+    seg_offset, token_min, token_step = store.seg_offset, store.token_min, store.token_step
+    perm = store.perm_of(store.seg_offset.shape[0])
     if seg_offset.stride(2) != 1 or seg_offset.stride(1) != H:
         raise ValueError("seg_offset must be [S, 2, H] with contiguous (2, H) dims")
-    pool32 = _pool_words(pool)
-    segbytes = _segbytes_out if _segbytes_out is not None else torch.empty(n * 2 * H, dtype=torch.int32, device=k.device)
+    pool32 = _pool_words(store.pool)
+    segbytes = store.seg_bytes[slot_start:slot_start + n].view(-1)  # [n, 2, H] in (block, K|V, head) order
     token_gran = fmt.granularity == "token"
     common = dict(D=D, P=fmt.pack_size, BITS_K=fmt.bits_k, BITS_V=fmt.bits_v,
                   META_K=fmt.meta_bytes(0), META_V=fmt.meta_bytes(1), TOKEN_GRAN=token_gran,
@@ -502,9 +508,9 @@ def store_blocks(k, v, config, fmt, pool, pool_used, seg_offset, token_min, toke
         k, v, *k.stride(), *v.stride(), nb, H,
         token_min, token_step, token_min.stride(0), token_min.stride(1), token_min.stride(2),
         token_step.stride(0), token_step.stride(1), token_step.stride(2),
-        perm, perm.stride(0), slot_start, segbytes, float(config.rel_k), float(config.rel_v),
+        perm, perm.stride(0), slot_start, segbytes, store.rel_k, store.rel_v,
         MEDIAN=fmt.repack == "median", num_warps=nw_stats, num_stages=1, **common)
-    _offsets_kernel[(1,)](segbytes, n * 2 * H, pool_used, seg_offset, seg_offset.stride(0), slot_start, H,
+    _offsets_kernel[(1,)](segbytes, n * 2 * H, store.pool_used, seg_offset, seg_offset.stride(0), slot_start, H,
                           BLOCK=1024, num_warps=4)
     _pack_kernel[(n, H)](
         k, v, *k.stride(), *v.stride(), nb,
@@ -519,25 +525,12 @@ def store_blocks(k, v, config, fmt, pool, pool_used, seg_offset, token_min, toke
 
 
 def encode_blocks_triton(k: torch.Tensor, v: torch.Tensor, config) -> tuple[EncodedBlocks, BlockFormat]:
-    """Same result as codec.encode_blocks for k, v [n, H, 64, D] (allocates its own pool)."""
+    """Same result as codec.encode_blocks for k, v [n, H, 64, D] (through a store of its own)."""
     if k.shape != v.shape or k.dim() != 4 or k.shape[2] != BLOCK_SIZE:
         raise ValueError(f"k and v must both be [n, H, {BLOCK_SIZE}, D], got {tuple(k.shape)} and {tuple(v.shape)}")
-    n, H, _, D = k.shape
-    fmt = BlockFormat.from_config(config, H, D)
-    dev = k.device
-    cap = n * H * (fmt.max_segment_bytes(0) + fmt.max_segment_bytes(1))
-    pool = torch.empty(max(cap, 4), dtype=torch.uint8, device=dev)
-    pool_used = torch.zeros(1, dtype=torch.int64, device=dev)
-    seg_offset = torch.empty(n, 2, H, dtype=torch.int64, device=dev)
-    token_min = torch.empty(n, 2, BLOCK_SIZE, fmt.groups, dtype=k.dtype, device=dev)
-    token_step = torch.empty(n, 2, BLOCK_SIZE, fmt.groups, dtype=torch.bfloat16, device=dev)
-    perm = torch.empty(n, BLOCK_SIZE, dtype=torch.uint8, device=dev)
-    segbytes = torch.empty(n * 2 * H, dtype=torch.int32, device=dev)
-    # [n, H, 64, D] is the [B=n, H, nb*64, D] layout with nb = 1
-    store_blocks(k, v, config, fmt, pool, pool_used, seg_offset, token_min, token_step, perm, 0,
-                 _segbytes_out=segbytes)
-    total = int(pool_used.item())
-    enc = EncodedBlocks(data=pool[:total].clone(), seg_offset=seg_offset,
-                        seg_bytes=segbytes.view(n, 2, H).to(torch.int64),
-                        token_min=token_min, token_step=token_step, perm=perm)
-    return enc, fmt
+    store = BlockStore.from_config(config, k.shape[1], k.shape[3], k.dtype, k.device, use_triton=True)
+    slots = store.add(k, v)  # [n, H, 64, D] is the [B=n, H, nb*64, D] layout with nb = 1
+    store.used_bytes()
+    enc = codec.store_slots(store, slots)
+    enc.data = enc.data.clone()  # not a view of the store's spare capacity
+    return enc, store.fmt

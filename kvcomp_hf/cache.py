@@ -1,9 +1,11 @@
 """KVCompCache: a transformers Cache whose layers keep old tokens as immutable compressed blocks.
 
-Per layer: a tail buffer of the most recent tokens in the model dtype, and a BlockStore of
-compressed 64-token blocks (a byte pool + per-block metadata), addressed per sequence through a
-block table [batch, blocks]. Beam reorder and batch selection permute table rows (blocks are
-shared, never copied); crop drops blocks and re-opens a partial one into the tail.
+Per layer: a tail buffer of the most recent tokens in the model dtype, and a BlockStore
+(kvcomp_hf/block_store.py) of compressed 64-token blocks (a byte pool + per-block metadata + the format),
+addressed per sequence through a block table [batch, blocks]. The layer reads itself (KVCompLayer.attend:
+the fused Triton kernel or the layer dequantised to dense); the "kvcomp" attention function only dispatches.
+Beam reorder and batch selection permute table rows (blocks are shared, never copied); crop drops blocks and
+re-opens a partial one into the tail.
 
 With config.sink_tokens = S > 0 the first S tokens stay in the tail too: once a layer holds blocks,
 its tail is [tokens 0..S-1, the most recent tokens] and the blocks hold the tokens in between.
@@ -14,22 +16,21 @@ order.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from . import codec
-from .codec import BLOCK_SIZE, BlockFormat, EncodedBlocks
+from .block_store import BlockStore, device_context
+from .codec import BLOCK_SIZE, BlockFormat
 from .config import BACKENDS, KVCompConfig, resolve_config
 from .rotation import LayerRotation
 
 ATTN_IMPLEMENTATION = "kvcomp"
-POOL_HEADROOM = 0.125  # byte pools grow (and are fitted) with 12.5% to spare
-FIT_POOL_AFTER_BYTES = 8 << 20  # stores that may reserve more than this are followed by fit_pool()
+MAX_FUSED_QUERIES = 16  # decode and speculative verification; longer chunks take the dense path
 COMPACT_SLACK = 0.25  # unreferenced blocks (beam reorder, batch selection, crop) may hold ~25% more slots
 
 
@@ -46,6 +47,10 @@ def _use_triton(backend: str, key_states: torch.Tensor, fmt: BlockFormat) -> boo
         raise ValueError(f"backend='triton' needs a CUDA device, a power-of-two head_dim >= 16 and fp16/bf16 "
                          f"K/V; got device {key_states.device}, head_dim {d}, dtype {key_states.dtype}")
     return supported
+
+
+def _mask_is_boolean(mask) -> bool:
+    return mask is None or (isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and mask.dim() == 4)
 
 
 def _length_after_dynamic_crop(length: int, tokens_to_remove) -> int:
@@ -133,187 +138,6 @@ class CompressedKV:
         return len(self.shape)
 
 
-class BlockStore:
-    """Immutable compressed blocks of one layer: byte pool + per-block (slot) metadata.
-
-    On CUDA the Triton store kernel appends segments at `pool_used` (a device counter), so no
-    step waits for the GPU: the host keeps an upper bound of the bytes used and reads the exact
-    counter only when that bound says the pool may have to grow (its slack is used up) and after
-    prefill-sized stores (fit_pool); other steps never wait for the GPU."""
-
-    def __init__(self, fmt: BlockFormat, dtype: torch.dtype, device: torch.device, use_triton: bool = False):
-        self.fmt = fmt
-        self.dtype = dtype
-        self.device = device
-        self.use_triton = use_triton
-        h, g = fmt.num_heads, fmt.groups
-        self.pool = torch.zeros(0, dtype=torch.uint8, device=device)
-        self.pool_used = torch.zeros(1, dtype=torch.int64, device=device)  # exact bytes in use
-        self.used_bound = 0  # host-side upper bound of pool_used
-        self.n_slots = 0
-        self.seg_offset = torch.zeros(0, 2, h, dtype=torch.int64, device=device)
-        self.seg_bytes = torch.zeros(0, 2, h, dtype=torch.int32, device=device)
-        self.token_min = torch.zeros(0, 2, BLOCK_SIZE, g, dtype=dtype, device=device)
-        self.token_step = torch.zeros(0, 2, BLOCK_SIZE, g, dtype=torch.bfloat16, device=device)
-        # repack "none" stores no permutation: every block shares one identity row
-        self.has_perm = fmt.repack != "none"
-        rows = 0 if self.has_perm else 1
-        self.perm = torch.arange(BLOCK_SIZE, device=device).to(torch.uint8).repeat(rows, 1)
-
-    @staticmethod
-    def _grown(t: torch.Tensor, needed: int, factor: float = 2.0) -> torch.Tensor:
-        if t.shape[0] >= needed:
-            return t
-        size = max(needed, int(factor * t.shape[0]))
-        out = torch.zeros((size,) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
-        out[: t.shape[0]] = t
-        return out
-
-    def fit_pool(self, headroom: float = POOL_HEADROOM) -> None:
-        """Shrink the byte pool to the bytes in use plus headroom (one host sync). The Triton store
-        reserves the worst case of every store; after a prefill-sized store that reservation can be
-        much larger than what compression produced."""
-        used = self.used_bytes()
-        target = (int(used * (1 + headroom)) + 4095) // 4096 * 4096
-        if self.pool.numel() > target * (1 + headroom):
-            pool = torch.zeros(target, dtype=torch.uint8, device=self.device)
-            pool[:used] = self.pool[:used]
-            self.pool = pool
-
-    def compact(self, block_table: torch.Tensor) -> torch.Tensor:
-        """Drop the blocks that block_table does not reference and move the others to the front of the
-        pool (in slot order, so every segment moves towards the start); returns block_table renumbered.
-        Two host syncs (how many slots and bytes are kept) and one copy of the kept bytes: call it rarely
-        (KVCompLayer._maybe_compact decides when)."""
-        live = torch.zeros(self.n_slots, dtype=torch.bool, device=self.device)
-        live[block_table.reshape(-1).long()] = True
-        keep = live.nonzero().squeeze(1)
-        n_keep = keep.numel()
-        if n_keep == self.n_slots:
-            return block_table
-        renumber = torch.zeros(self.n_slots, dtype=torch.int32, device=self.device)
-        renumber[keep] = torch.arange(n_keep, dtype=torch.int32, device=self.device)
-        size = self.seg_bytes[keep].reshape(-1).long()
-        old_offset = self.seg_offset[keep].reshape(-1)
-        new_offset = size.cumsum(0) - size
-        used = int(size.sum()) if n_keep else 0
-        pool = torch.zeros((int(used * (1 + POOL_HEADROOM)) + 4095) // 4096 * 4096 if used else 0,
-                           dtype=torch.uint8, device=self.device)
-        if used:
-            _move_segments(self.pool, old_offset, pool, new_offset, size,
-                           max(self.fmt.max_segment_bytes(0), self.fmt.max_segment_bytes(1)))
-        self.pool = pool
-        self.pool_used.fill_(used)
-        self.used_bound = used
-        self.seg_offset = new_offset.view(n_keep, *self.seg_offset.shape[1:])
-        for name in ("seg_bytes", "token_min", "token_step") + (("perm",) if self.has_perm else ()):
-            setattr(self, name, getattr(self, name)[keep])
-        self.n_slots = n_keep
-        return renumber[block_table.long()]
-
-    def allocated_bytes(self) -> dict[str, int]:
-        """Bytes the store's tensors occupy, spare capacity included: the byte pool and the per-slot arrays."""
-        meta = sum(t.numel() * t.element_size() for t in (self.seg_offset, self.seg_bytes, self.token_min,
-                                                           self.token_step, self.perm, self.pool_used))
-        return {"pool": self.pool.numel(), "slot_metadata": meta}
-
-    def used_bytes(self) -> int:
-        """Exact pool bytes in use (a host sync on CUDA; not for the hot path)."""
-        self.used_bound = int(self.pool_used.item())
-        return self.used_bound
-
-    def _reserve(self, n_blocks: int, max_bytes: int) -> tuple[int, int]:
-        """Room for n_blocks more slots and max_bytes more pool bytes; returns the slot range."""
-        if self.used_bound + max_bytes > self.pool.numel():
-            self.used_bytes()
-            if self.used_bound + max_bytes > self.pool.numel():
-                self.pool = self._grown(self.pool, self.used_bound + max_bytes, factor=1 + POOL_HEADROOM)
-        s0, s1 = self.n_slots, self.n_slots + n_blocks
-        for name in ("seg_offset", "seg_bytes", "token_min", "token_step") + (("perm",) if self.has_perm else ()):
-            setattr(self, name, self._grown(getattr(self, name), s1))
-        self.n_slots = s1
-        return s0, s1
-
-    def perm_of(self, n_slots: int) -> torch.Tensor:
-        """Permutation rows of n_slots slots (for "none": the shared identity row, stride 0; the store
-        kernel then rewrites that row with the identity and the decode kernel does not read it)."""
-        return self.perm if self.has_perm else self.perm.expand(n_slots, BLOCK_SIZE)
-
-    def add(self, k: torch.Tensor, v: torch.Tensor, config: KVCompConfig) -> torch.Tensor:
-        """Compress k, v [B, H, nb*64, D]; returns the new blocks' slot ids as int32 [B, nb]."""
-        b, h, t, d = k.shape
-        nb = t // BLOCK_SIZE
-        if self.use_triton:
-            from kvcomp_hf.kernels import store_blocks
-
-            max_bytes = b * nb * h * (self.fmt.max_segment_bytes(0) + self.fmt.max_segment_bytes(1))
-            s0, s1 = self._reserve(b * nb, max_bytes)
-            with torch.cuda.device(self.device):  # Triton launches on the current device (device_map="auto")
-                store_blocks(k, v, config, self.fmt, self.pool, self.pool_used, self.seg_offset, self.token_min,
-                             self.token_step, self.perm_of(s1), s0, _segbytes_out=self.seg_bytes[s0:s1].view(-1))
-            self.used_bound += max_bytes
-            if max_bytes >= FIT_POOL_AFTER_BYTES:  # a prefill-sized store: give back its worst-case reservation
-                self.fit_pool()
-        else:
-            def blocks(x):  # [B, H, nb*64, D] -> [B*nb, H, 64, D], block index = b * nb + i
-                return x.reshape(b, h, nb, BLOCK_SIZE, d).permute(0, 2, 1, 3, 4).reshape(b * nb, h, BLOCK_SIZE, d)
-
-            enc, _ = codec.encode_blocks(blocks(k), blocks(v), config)
-            nbytes = enc.data.numel()
-            s0, s1 = self._reserve(b * nb, nbytes)
-            used = self.used_bound
-            self.pool[used: used + nbytes] = enc.data
-            self.seg_offset[s0:s1] = enc.seg_offset + used
-            self.seg_bytes[s0:s1] = enc.seg_bytes.to(torch.int32)
-            self.token_min[s0:s1] = enc.token_min
-            self.token_step[s0:s1] = enc.token_step
-            if self.has_perm:
-                self.perm[s0:s1] = enc.perm
-            self.used_bound += nbytes
-            self.pool_used += nbytes
-        return torch.arange(s0, s1, dtype=torch.int32, device=self.device).view(b, nb)
-
-    def decode(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Dequantise blocks (any shape of slot ids) -> float32 K, V [*slots.shape, H, 64, D] in arrival order."""
-        flat = slots.reshape(-1).long()
-        data = self.pool[: self.used_bound]  # not the spare capacity: the reader indexes all of `data`
-        enc = EncodedBlocks(data=data, seg_offset=self.seg_offset[flat],
-                            seg_bytes=self.seg_bytes[flat].long(), token_min=self.token_min[flat],
-                            token_step=self.token_step[flat], perm=self.perm_of(self.n_slots)[flat])
-        k, v = codec.decode_blocks(enc, self.fmt)
-        tail = tuple(k.shape[1:])
-        return k.view(*slots.shape, *tail), v.view(*slots.shape, *tail)
-
-    def bytes_of(self, slots: torch.Tensor) -> dict[str, dict[str, int]]:
-        """Bytes held for the given unique slots, split by kind, for K and V."""
-        fmt = self.fmt
-        n = slots.numel()
-        seg = self.seg_bytes[slots.long()]
-        meta = codec.metadata_bytes_per_block(fmt, self.dtype)
-        out = {}
-        for kv, name in ((0, "k"), (1, "v")):
-            parts = codec.segment_breakdown(seg[:, kv], fmt, kv)
-            parts.update({key: value * n for key, value in meta.items()})
-            out[name] = parts
-        out["shared"] = {"perm": BLOCK_SIZE * n if self.has_perm else 0}
-        return out
-
-
-def _move_segments(src: torch.Tensor, src_offset: torch.Tensor, dst: torch.Tensor, dst_offset: torch.Tensor,
-                   size: torch.Tensor, max_size: int, chunk_bytes: int = 1 << 24) -> None:
-    """Copy segments of `size` bytes from src_offset in src to dst_offset in dst, without a host sync:
-    each segment is read through a window of max_size bytes; bytes past its size go to dst's last byte,
-    which lies past the copied bytes (the caller allocates headroom). chunk_bytes bounds the temporaries."""
-    trash = dst.numel() - 1
-    j = torch.arange(max_size, device=src.device)
-    per_chunk = max(1, chunk_bytes // max_size)
-    for s in range(0, size.numel(), per_chunk):
-        inside = j < size[s:s + per_chunk, None]
-        read = torch.where(inside, src_offset[s:s + per_chunk, None] + j, 0)
-        write = torch.where(inside, dst_offset[s:s + per_chunk, None] + j, trash)
-        dst[write.reshape(-1)] = src[read.reshape(-1)]
-
-
 class KVCompLayer(CacheLayerMixin):
     """One layer: tail buffer (model dtype) + compressed blocks + block table."""
 
@@ -345,7 +169,8 @@ class KVCompLayer(CacheLayerMixin):
         self.dtype, self.device = key_states.dtype, key_states.device
         self.fmt = BlockFormat.from_config(self.config, h, d)
         self.use_triton = _use_triton(self.backend, key_states, self.fmt)
-        self.store = BlockStore(self.fmt, self.dtype, self.device, self.use_triton)
+        self.store = BlockStore(self.fmt, self.dtype, self.device, self.config.rel_k, self.config.rel_v,
+                                self.config.rotation, self.use_triton)
         self.keys = key_states.new_zeros(b, h, 0, d)
         self.values = value_states.new_zeros(b, h, 0, d)
         self.block_table = torch.zeros(b, 0, dtype=torch.int32, device=self.device)
@@ -466,7 +291,7 @@ class KVCompLayer(CacheLayerMixin):
         if n_blocks <= 0:
             return
         n_tokens = n_blocks * BLOCK_SIZE
-        slots = self.store.add(self.keys[:, :, s:s + n_tokens], self.values[:, :, s:s + n_tokens], self.config)
+        slots = self.store.add(self.keys[:, :, s:s + n_tokens], self.values[:, :, s:s + n_tokens])
         self.block_table = torch.cat([self.block_table, slots], dim=1)
         # new tensors, so the compressed tokens' dense copy is freed
         self.keys = torch.cat([self.keys[:, :, :s], self.keys[:, :, s + n_tokens:]], 2)
@@ -489,6 +314,51 @@ class KVCompLayer(CacheLayerMixin):
             self.slots_after_compact = self.store.n_slots
 
     # -- reading --------------------------------------------------------------------------------
+
+    def attend(self, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float | None,
+               module: torch.nn.Module | None = None, dropout: float = 0.0, **kwargs):
+        """Attention of query [B, Hq, q_len, D] over the layer (blocks + tail) -> (out [B, q_len, Hq, D], weights).
+        Decode-sized queries with a boolean (or no) mask take the fused Triton kernel when the layer uses it;
+        everything else attends over the layer dequantised to dense (attend_dense). module: the model's
+        attention module (num_key_value_groups, is_causal, scaling for scaling=None)."""
+        decode_sized = query.shape[2] <= MAX_FUSED_QUERIES
+        if decode_sized and self.use_triton and _mask_is_boolean(attention_mask):
+            scale = scaling if scaling is not None else module.scaling
+            return self.attend_fused(query, attention_mask, scale), None
+        return self.attend_dense(query, attention_mask, scaling, module, dropout, exact=decode_sized, **kwargs)
+
+    def attend_fused(self, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
+        """Triton flash-decoding over the compressed blocks + tail; returns [B, q_len, H_q, D]."""
+        from kvcomp_hf.kernels import decode_attention
+
+        rot = self.rotation  # the layer holds rotated K/V: rotate q once before, the output once after
+        q = query if rot is None else rot.rotate_query(query)
+        # The kernel applies causality itself; the mask's last query row carries the padding of every key.
+        kv_valid = None if attention_mask is None else self.storage_order(attention_mask[:, 0, -1, :])
+        with device_context(query.device):
+            out = decode_attention(q, self.keys, self.values, self.store, self.block_table, kv_valid, scaling)
+        if rot is not None:
+            out = rot.unrotate_output(out)
+        return out.transpose(1, 2).contiguous()
+
+    def attend_dense(self, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float | None,
+                     module: torch.nn.Module | None = None, dropout: float = 0.0, exact: bool = True, **kwargs):
+        """SDPA over the layer dequantised to dense -> (out [B, q_len, Hq, D], weights). Decode-sized queries
+        (exact=True) run in float32 over the exactly decoded K/V, as the fused kernel computes (rounding decoded
+        K/V to a 16-bit dtype first would add up to 2**-9 relative error on top of the error bound); long prefill
+        chunks stay in the model dtype, for speed. A rotated layer is read in its stored coordinates: q is
+        rotated once, the output rotated back once."""
+        dtype = torch.float32 if exact else self.dtype
+        mask = attention_mask
+        if exact and isinstance(mask, torch.Tensor) and mask.is_floating_point():
+            mask = mask.float()
+        rot = self.rotation
+        q = query.to(dtype) if rot is None else rot.rotate_query(query.to(dtype))
+        key, value = self.dense_kv(dtype, rotated=True)
+        out, weights = sdpa_attention_forward(module, q, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
+        if rot is not None:  # out is [B, T, H_q, D]
+            out = rot.unrotate_output(out.transpose(1, 2)).transpose(1, 2)
+        return out.to(query.dtype), weights
 
     def dense_kv(self, dtype: torch.dtype | None = None, rotated: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """The whole cache dequantised in arrival order: [B, H, kv_len, D] each, in `dtype` (default: the
@@ -544,11 +414,6 @@ class KVCompLayer(CacheLayerMixin):
                 "held": held, "unreferenced_blocks": self.store.n_slots - slots.numel()}
 
 
-def _device_context(device: torch.device):
-    """Triton launches on the current CUDA device (device_map="auto")."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
 class KVCompStaticLayer(KVCompLayer):
     """A kvcomp layer preallocated for max_cache_len tokens, whose decode step can be captured in a CUDA graph.
 
@@ -602,23 +467,12 @@ class KVCompStaticLayer(KVCompLayer):
             raise ValueError(f"a static KVCompCache needs a CUDA device, fp16/bf16 K/V and a power-of-two head_dim "
                              f">= 16; got device {device}, dtype {dtype}, head_dim {d}")
         self.dtype, self.device = dtype, device
-        self.fmt = fmt = BlockFormat.from_config(self.config, h, d)
+        st = self.store = BlockStore.from_config(self.config, h, d, dtype, device, use_triton=True)
+        self.fmt = st.fmt
         self.use_triton = True
         self.nb_max = nb_max = -(-self.max_cache_len // BLOCK_SIZE)
         n_slots = b * nb_max
-        seg = torch.tensor([fmt.max_segment_bytes(0), fmt.max_segment_bytes(1)])
-        self.slot_bytes = h * int(seg.sum())
-        st = self.store = BlockStore(fmt, dtype, device, use_triton=True)
-        st.pool = torch.zeros(n_slots * self.slot_bytes, dtype=torch.uint8, device=device)
-        st.used_bound = st.pool.numel()
-        st.n_slots = n_slots
-        # segment (slot, kv, head) at slot * slot_bytes + kv * H * seg[0] + head * seg[kv] (kernels/static_cache.py)
-        st.seg_offset = (torch.arange(n_slots)[:, None, None] * self.slot_bytes
-                         + torch.tensor([0, h * int(seg[0])])[None, :, None]
-                         + torch.arange(h)[None, None, :] * seg[None, :, None]).to(device)
-        st.seg_bytes = seg.to(torch.int32).view(1, 2, 1).expand(n_slots, 2, h).contiguous().to(device)
-        st.token_min = torch.zeros(n_slots, 2, BLOCK_SIZE, fmt.groups, dtype=dtype, device=device)
-        st.token_step = torch.zeros(n_slots, 2, BLOCK_SIZE, fmt.groups, dtype=torch.bfloat16, device=device)
+        self.slot_bytes = st.preallocate_fixed(n_slots)
         self.block_table = torch.arange(n_slots, dtype=torch.int32, device=device).view(b, nb_max)
         self.ring = -(-(self.config.residual_length + BLOCK_SIZE) // BLOCK_SIZE) * BLOCK_SIZE
         self.ring_k = key_states.new_zeros(b, h, self.ring, d)
@@ -696,14 +550,34 @@ class KVCompStaticLayer(KVCompLayer):
         from kvcomp_hf.kernels import store_blocks
 
         st = self.store
-        n = k.shape[2] // BLOCK_SIZE
-        with _device_context(self.device):
+        with device_context(self.device):
             for row in range(k.shape[0]):
                 slot = row * self.nb_max + nb
                 st.pool_used.fill_(slot * self.slot_bytes)  # store_blocks appends at pool_used: the slot's offset
-                store_blocks(k[row:row + 1], v[row:row + 1], self.config, self.fmt, st.pool, st.pool_used,
-                             st.seg_offset, st.token_min, st.token_step, st.perm_of(st.n_slots), slot,
-                             _segbytes_out=st.seg_bytes[slot:slot + n].view(-1))
+                store_blocks(k[row:row + 1], v[row:row + 1], st, slot)
+
+    def attend(self, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float | None,
+               module: torch.nn.Module | None = None, dropout: float = 0.0, **kwargs):
+        """A decode step (q_len 1) is one custom op with the lengths on the device, capturable in a CUDA graph;
+        longer queries (eager, outside compiled graphs) attend over the layer dequantised to the model dtype."""
+        if query.shape[2] != 1:
+            return self.attend_dense(query, attention_mask, scaling, module, dropout, exact=False, **kwargs)
+        scale = scaling if scaling is not None else module.scaling
+        rot = self.rotation
+        q = query if rot is None else rot.rotate_query(query)
+        kv_valid = None
+        if attention_mask is not None:  # the last query row carries the padding of every key
+            kv_valid = attention_mask[:, 0, -1, :]
+            if kv_valid.dtype != torch.bool:  # an additive mask: 0 where attended
+                kv_valid = kv_valid == 0
+        fmt, st = self.fmt, self.store
+        out = torch.ops.kvcomp.static_decode(q, self.ring_k, self.ring_v, self.ctl, self.splits, st.pool,
+                                             st.seg_offset, st.token_min, st.token_step, self.block_table, kv_valid,
+                                             self.scratch, scale, fmt.bits_k, fmt.bits_v, fmt.granularity == "token",
+                                             self.max_splits)
+        if rot is not None:
+            out = rot.unrotate_output(out)
+        return out.transpose(1, 2).contiguous(), None
 
     def _lengths(self) -> tuple[int, int]:
         """(tokens, blocks per row), read from the device."""

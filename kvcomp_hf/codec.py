@@ -57,17 +57,23 @@ Pipeline for one block of `block_size` = 64 tokens of one sequence (K and V of a
    order (block, K then V, head), each starting at a 4-byte-aligned offset; `seg_offset` and
    `seg_bytes` [n, 2, H] int64; `token_min` [n, 2, 64, G] in the model dtype and `token_step`
    [n, 2, 64, G] bfloat16 in permuted token order (G = 1 for "token", H for "token_head");
-   `perm` [n, 64] uint8.
+   `perm` [n, 64] uint8. A cache layer keeps its blocks in a BlockStore (kvcomp_hf/block_store.py):
+   the same arrays per *slot*, offsets into one byte pool, plus the format (BlockFormat, rel_k/rel_v,
+   rotation); store_slots/decode_store read slots of it here, and both Triton kernels take it.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from .config import KVCompConfig
+
+if TYPE_CHECKING:  # the codec reads a store; the store module imports the codec
+    from .block_store import BlockStore
 
 BLOCK_SIZE = 64
 MAX_FIXED_BITS = 7  # the fused kernel's operand trick (bf16 bits 0x4300 | q = 128 + q) needs q < 128
@@ -268,11 +274,17 @@ def encode_blocks(k: torch.Tensor, v: torch.Tensor, config: KVCompConfig) -> tup
     """Compress n blocks. k, v: [n, H, 64, D] in the model dtype (one block of one sequence each)."""
     if k.shape != v.shape or k.dim() != 4 or k.shape[2] != BLOCK_SIZE:
         raise ValueError(f"k and v must both be [n, H, {BLOCK_SIZE}, D], got {tuple(k.shape)} and {tuple(v.shape)}")
+    fmt = BlockFormat.from_config(config, k.shape[1], k.shape[3])
+    return encode_with_format(k, v, fmt, config.rel_k, config.rel_v), fmt
+
+
+def encode_with_format(k: torch.Tensor, v: torch.Tensor, fmt: BlockFormat, rel_k: float,
+                       rel_v: float) -> EncodedBlocks:
+    """encode_blocks for a format already built (a BlockStore's): k, v [n, H, 64, D] in the model dtype."""
     n, h, t, d = k.shape
-    fmt = BlockFormat.from_config(config, h, d)
-    qk, k_min, k_step = quantize(k, config.rel_k, fmt.bits_k, config.granularity)
-    qv, v_min, v_step = quantize(v, config.rel_v, fmt.bits_v, config.granularity)
-    if config.repack == "median":
+    qk, k_min, k_step = quantize(k, rel_k, fmt.bits_k, fmt.granularity)
+    qv, v_min, v_step = quantize(v, rel_v, fmt.bits_v, fmt.granularity)
+    if fmt.repack == "median":
         perm = median_order(qv)
     else:
         perm = torch.arange(t, device=k.device).expand(n, t)
@@ -308,7 +320,7 @@ def encode_blocks(k: torch.Tensor, v: torch.Tensor, config: KVCompConfig) -> tup
 
     enc = EncodedBlocks(data=stream[:total].to(torch.uint8), seg_offset=seg_offset, seg_bytes=seg_bytes,
                         token_min=token_min, token_step=token_step, perm=perm.to(torch.uint8))
-    return enc, fmt
+    return enc
 
 
 def decode_segments(data: torch.Tensor, seg_offset: torch.Tensor, fmt: BlockFormat, kv: int,
@@ -345,6 +357,23 @@ def decode_blocks(enc: EncodedBlocks, fmt: BlockFormat, original_order: bool = T
             x = unpermute(x, enc.perm)
         out.append(x)
     return out[0], out[1]
+
+
+def store_slots(store: BlockStore, slots: torch.Tensor) -> EncodedBlocks:
+    """The blocks of a BlockStore at slot ids `slots` (any shape, flattened) as EncodedBlocks over the store's
+    pool up to its used_bound (not the spare capacity: the reader indexes all of `data`)."""
+    flat = slots.reshape(-1).long()
+    return EncodedBlocks(data=store.pool[: store.used_bound], seg_offset=store.seg_offset[flat],
+                         seg_bytes=store.seg_bytes[flat].long(), token_min=store.token_min[flat],
+                         token_step=store.token_step[flat], perm=store.perm_of(store.n_slots)[flat])
+
+
+def decode_store(store: BlockStore, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dequantise the blocks of a BlockStore at slot ids `slots` (any shape) -> float32 K, V
+    [*slots.shape, H, 64, D] in arrival order (stored coordinates: rotated when store.rotation is set)."""
+    k, v = decode_blocks(store_slots(store, slots), store.fmt)
+    tail = tuple(k.shape[1:])
+    return k.view(*slots.shape, *tail), v.view(*slots.shape, *tail)
 
 
 def unpermute(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:

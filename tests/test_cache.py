@@ -172,8 +172,6 @@ def test_sink_tokens_stay_exact_and_attention_follows_the_padding_mask():
     """sink_tokens=4: the first 4 tokens are kept exact in the tail (blocks start after them), every other
     token is within the error bound, and the fused kernel (Triton interpreter on the CPU) reads the layer in
     storage order with the padding mask reordered to match: it equals SDPA over the layer in arrival order."""
-    from kvcomp_hf.attention import fused_attention
-
     torch.manual_seed(11)
     b, h, hq, d, n = 2, 2, 4, 16, 330
     layer = KVCompLayer(KVCompConfig(rel_k=0.2, rel_v=0.3, sink_tokens=4, rotation="none"))
@@ -195,7 +193,7 @@ def test_sink_tokens_stay_exact_and_attention_follows_the_padding_mask():
     mask[0, ..., :2] = False   # padding over sinks,
     mask[0, ..., 50:90] = False  # block tokens
     mask[1, ..., n - 100:n - 60] = False  # and tail tokens
-    got = fused_attention(layer, q, mask, d**-0.5)  # [B, 1, Hq, D]
+    got = layer.attend_fused(q, mask, d**-0.5)  # [B, 1, Hq, D]
     want = torch.nn.functional.scaled_dot_product_attention(q.double(), dk.double(), dv.double(),
                                                             attn_mask=mask, scale=d**-0.5, enable_gqa=True)
     assert rel_err(got.transpose(1, 2), want) < 1e-2

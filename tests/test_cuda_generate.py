@@ -80,7 +80,6 @@ def test_triton_and_torch_paths_generate_the_same_tokens():
 
 def test_fused_attention_matches_dense_path_inside_a_model():
     """One decode step of SmolLM2's layers: the fused kernel against dense attention on the same cache."""
-    from kvcomp_hf.attention import fused_attention
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     model, tokenizer = load_smollm2("cuda")
@@ -92,7 +91,7 @@ def test_fused_attention_matches_dense_path_inside_a_model():
     torch.manual_seed(0)
     for layer, attn in zip(cache.layers, model.model.layers):
         q = torch.randn(1, model.config.num_attention_heads, 1, 64, device="cuda", dtype=torch.bfloat16)
-        got = fused_attention(layer, q, None, attn.self_attn.scaling)
+        got = layer.attend_fused(q, None, attn.self_attn.scaling)
         k, v = layer.dense_kv()
         want, _ = sdpa_attention_forward(attn.self_attn, q.float(), k.float(), v.float(), None,
                                          scaling=attn.self_attn.scaling)

@@ -15,6 +15,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from kvcomp_hf import codec  # noqa: E402
+from kvcomp_hf.block_store import BlockStore  # noqa: E402
 from kvcomp_hf.config import KVCompConfig  # noqa: E402
 from kvcomp_hf.kernels import DecodeTuning, decode_attention, encode_blocks_triton, store_blocks  # noqa: E402
 
@@ -108,29 +109,25 @@ def test_store_constant_tokens_and_strided_input():
     tail_v = torch.randn(B, H, nb * 64 + 9, D, generator=gen).to(torch.bfloat16).to(DEV)
     tail_v[1, :, 70] = -2.0
     k, v = tail[:, :, : nb * 64], tail_v[:, :, : nb * 64]
-    fmt = codec.BlockFormat.from_config(cfg, H, D)
-    S = 8
-    pool = torch.full((64 + B * nb * H * (fmt.max_segment_bytes(0) + fmt.max_segment_bytes(1)),), 0xA5,
-                      dtype=torch.uint8, device=DEV)
-    pool_used = torch.tensor([12], dtype=torch.int64, device=DEV)
-    seg_offset = torch.zeros(S, 2, H, dtype=torch.int64, device=DEV)
-    token_min = torch.zeros(S, 2, 64, 1, dtype=torch.bfloat16, device=DEV)
-    token_step = torch.zeros(S, 2, 64, 1, dtype=torch.bfloat16, device=DEV)
-    perm = torch.zeros(S, 64, dtype=torch.uint8, device=DEV)
-    store_blocks(k, v, cfg, fmt, pool, pool_used, seg_offset, token_min, token_step, perm, 3)
+    store = BlockStore.from_config(cfg, H, D, torch.bfloat16, torch.device(DEV), use_triton=True)
+    store.reserve(8, 64 + store.max_bytes(B * nb))
+    store.pool.fill_(0xA5)
+    store.pool_used.fill_(12)
+    store_blocks(k, v, store, 3)
     blocks_k = k.reshape(B, H, nb, 64, D).transpose(1, 2).reshape(B * nb, H, 64, D)
     blocks_v = v.reshape(B, H, nb, 64, D).transpose(1, 2).reshape(B * nb, H, 64, D)
     e0, _ = codec.encode_blocks(blocks_k, blocks_v, cfg)
     n = B * nb
     total = int(e0.seg_bytes.sum())
-    assert int(pool_used) == 12 + total
-    assert torch.equal(seg_offset[3:3 + n].cpu(), e0.seg_offset.cpu() + 12)
-    assert torch.equal(pool[12:12 + total].cpu(), e0.data.cpu())
-    assert torch.equal(perm[3:3 + n].cpu(), e0.perm.cpu())
-    assert torch.equal(token_min[3:3 + n].cpu(), e0.token_min.cpu())
-    assert torch.equal(token_step[3:3 + n].cpu(), e0.token_step.cpu())
-    assert (pool[:12].cpu() == 0xA5).all()
-    assert (token_step[3:3 + n, :, :].float() == 0).any()  # the constant tokens
+    assert int(store.pool_used) == 12 + total
+    assert torch.equal(store.seg_offset[3:3 + n].cpu(), e0.seg_offset.cpu() + 12)
+    assert torch.equal(store.seg_bytes[3:3 + n].cpu().long(), e0.seg_bytes.cpu())
+    assert torch.equal(store.pool[12:12 + total].cpu(), e0.data.cpu())
+    assert torch.equal(store.perm_of(8)[3:3 + n].cpu(), e0.perm.cpu())
+    assert torch.equal(store.token_min[3:3 + n].cpu(), e0.token_min.cpu())
+    assert torch.equal(store.token_step[3:3 + n].cpu(), e0.token_step.cpu())
+    assert (store.pool[:12].cpu() == 0xA5).all()
+    assert (store.token_step[3:3 + n, :, :].float() == 0).any()  # the constant tokens
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,38 +135,27 @@ def test_store_constant_tokens_and_strided_input():
 
 
 def _build_cache(B, H, nb, T, D, dtype, cfg, gen, shuffle_slots=False, device=DEV):
-    fmt = codec.BlockFormat.from_config(cfg, H, D)
+    """A store holding B rows of nb blocks (BlockStore.add: the Triton store), the dense K/V [B, H, nb*64 + T, D]
+    whose last T tokens are the tail, and the block table."""
     k, v = _kv(B, H, nb * 64 + T, D, dtype, gen, outliers=True, device=device)
-    S = B * nb
-    pool = torch.empty(max(4, S * H * (fmt.max_segment_bytes(0) + fmt.max_segment_bytes(1))), dtype=torch.uint8,
-                       device=device)
-    pool_used = torch.zeros(1, dtype=torch.int64, device=device)
-    seg_offset = torch.zeros(max(S, 1), 2, H, dtype=torch.int64, device=device)
-    token_min = torch.zeros(max(S, 1), 2, 64, fmt.groups, dtype=dtype, device=device)
-    token_step = torch.zeros(max(S, 1), 2, 64, fmt.groups, dtype=torch.bfloat16, device=device)
-    perm = torch.zeros(max(S, 1), 64, dtype=torch.uint8, device=device)
-    store_blocks(k[:, :, : nb * 64], v[:, :, : nb * 64], cfg, fmt, pool, pool_used, seg_offset, token_min,
-                 token_step, perm, 0)
-    block_table = torch.arange(S, dtype=torch.int32, device=device).view(B, nb)
+    store = BlockStore.from_config(cfg, H, D, dtype, torch.device(device), use_triton=True)
+    block_table = store.add(k[:, :, : nb * 64], v[:, :, : nb * 64])
     if shuffle_slots and B > 1:  # beam-search style: rows swapped, one row sharing the other's slots
         block_table = block_table.flip(0).contiguous()
         block_table[-1] = block_table[0]
         k[-1, :, : nb * 64] = k[0, :, : nb * 64]  # the dense copy only feeds the tail below
         v[-1, :, : nb * 64] = v[0, :, : nb * 64]
-    return fmt, k, v, pool, seg_offset, token_min, token_step, perm, block_table
+    return store, k, v, block_table
 
 
-def _reference(q, fmt, k, v, pool, seg_offset, token_min, token_step, perm, block_table, kv_valid, scaling,
-               ref_dtype=torch.float64):
+def _reference(q, store, k, v, block_table, kv_valid, scaling, ref_dtype=torch.float64):
     B, H, _, D = k.shape
     nb = block_table.shape[1]
     k_tail, v_tail = k[:, :, nb * 64:], v[:, :, nb * 64:]
     if nb:
-        slots = block_table.long().flatten()
-        enc = codec.EncodedBlocks(pool, seg_offset[slots], None, token_min[slots], token_step[slots], perm[slots])
-        kh, vh = codec.decode_blocks(enc, fmt)
-        kh = kh.view(B, nb, H, 64, D).transpose(1, 2).reshape(B, H, nb * 64, D)
-        vh = vh.view(B, nb, H, 64, D).transpose(1, 2).reshape(B, H, nb * 64, D)
+        kh, vh = codec.decode_store(store, block_table)  # [B, nb, H, 64, D]
+        kh = kh.transpose(1, 2).reshape(B, H, nb * 64, D)
+        vh = vh.transpose(1, 2).reshape(B, H, nb * 64, D)
         kk = torch.cat([kh.to(ref_dtype), k_tail.to(ref_dtype)], 2)
         vv = torch.cat([vh.to(ref_dtype), v_tail.to(ref_dtype)], 2)
     else:
@@ -187,7 +173,7 @@ def _reference(q, fmt, k, v, pool, seg_offset, token_min, token_step, perm, bloc
 def _check_decode(B, H, group, nb, T, D, QL, dtype, cfg, seed, padding=True, shuffle=False, num_splits=None,
                   device=DEV, ref_dtype=torch.float64, tuning=None):
     gen = torch.Generator().manual_seed(seed)
-    fmt, k, v, pool, so, tm, ts, pm, bt = _build_cache(B, H, nb, T, D, dtype, cfg, gen, shuffle, device)
+    store, k, v, bt = _build_cache(B, H, nb, T, D, dtype, cfg, gen, shuffle, device)
     q = torch.randn(B, H * group, QL, D, generator=gen).to(dtype).to(device)
     L = nb * 64 + T
     kv_valid = None
@@ -197,12 +183,12 @@ def _check_decode(B, H, group, nb, T, D, QL, dtype, cfg, seed, padding=True, shu
         if B > 1:
             kv_valid[-1, 1::5] = False
     scaling = 1.0 / math.sqrt(D)
-    out = decode_attention(q, k[:, :, nb * 64:], v[:, :, nb * 64:], pool, so, tm, ts, pm, bt, kv_valid, scaling,
-                           fmt, num_splits=num_splits, tuning=tuning)
+    out = decode_attention(q, k[:, :, nb * 64:], v[:, :, nb * 64:], store, bt, kv_valid, scaling, tuning=tuning,
+                           num_splits=num_splits)
     assert out.shape == q.shape and out.dtype == q.dtype
     # a split whose keys are all masked (left padding) must not turn the merge into 0/0
     assert torch.isfinite(out).all(), "non-finite output"
-    ref = _reference(q, fmt, k, v, pool, so, tm, ts, pm, bt, kv_valid, scaling, ref_dtype)
+    ref = _reference(q, store, k, v, bt, kv_valid, scaling, ref_dtype)
     err = ((out.to(ref.dtype) - ref).norm() / ref.norm()).item()
     assert err < TOL[dtype], f"relative error {err:.2e}"
     return err

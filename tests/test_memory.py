@@ -108,8 +108,6 @@ def test_beam_search_holds_few_unreferenced_blocks(tiny_llama):
 
 @pytest.mark.cuda
 def test_compaction_keeps_triton_blocks_readable_on_cuda():
-    from kvcomp_hf.attention import _dense_attention, fused_attention
-
     torch.manual_seed(5)
     layer = KVCompLayer(KVCompConfig())
     k = torch.randn(3, 2, 400, 64, device="cuda", dtype=torch.float16)
@@ -129,6 +127,6 @@ def test_compaction_keeps_triton_blocks_readable_on_cuda():
         num_key_value_groups, is_causal, training = 2, True, False
 
     q = torch.randn(3, 4, 1, 64, device="cuda", dtype=torch.float16)
-    fused = fused_attention(layer, q, None, 0.125)
-    exact, _ = _dense_attention(Module(), layer, q, None, 0.125, 0.0, exact=True)
+    fused = layer.attend_fused(q, None, 0.125)
+    exact, _ = layer.attend_dense(q, None, 0.125, Module(), exact=True)
     assert (fused.float() - exact.float()).abs().max() < 1e-2
