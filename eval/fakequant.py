@@ -227,12 +227,14 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.merge:
         return merge(args)
+    specs = [s for s in args.specs.split(";") if s]
+    for spec in specs:  # a bad spec fails now, not after the model has run the ones before it
+        parse_scheme(spec)
     model, tokenizer = common.load_model(args.model, args.gguf_file, args.device, args.dtype)
     text_name, text = common.load_text(args.text, min_words=args.tokens, order=common.PERPLEXITY_ORDER)
     windows = perplexity.token_windows(tokenizer, text, args.tokens, args.windows)
     out = Path(args.out or "eval/results/fakequant")
     out.mkdir(parents=True, exist_ok=True)
-    specs = [s for s in args.specs.split(";") if s]
     results = evaluate(model, windows, specs, args.bits_at)
     common.write_json(out / "fakequant.json", {
         "suite": "fakequant", "model": common.model_label(args.model, args.gguf_file), "text": text_name,

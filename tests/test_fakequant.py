@@ -67,3 +67,13 @@ def test_calibrate_quick_writes_a_preset(tiny_dir, tmp_path):
     assert chosen["bits_per_value"] == min(ok)
     assert doc["provenance"]["measured"]["chosen"]["delta_nll"] <= 0.5
     assert "--quick" in doc["provenance"]["method"]
+
+
+def test_a_bad_spec_fails_before_the_model_loads(monkeypatch):
+    """All specs are parsed first: a typo in the last one must not cost the runs of the ones before it."""
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the specs were checked")
+
+    monkeypatch.setattr(common, "load_model", no_model)
+    with pytest.raises(ValueError, match="pack_size must be one of"):
+        fakequant.main(["--specs", "kvcomp:rel_k=0.1;kvcomp:pack_size=32"])
