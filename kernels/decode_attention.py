@@ -45,8 +45,8 @@ class DecodeTuning:
     maxnreg: int | None = None     # register cap per thread (None: the compiler's choice; for the
                                    # tokens-in-M kernel TOKENS_IN_M_MAXNREG)
     tokens_in_m: bool = False      # _tokens_in_m_kernel (block tokens as the matrix M dimension)
-    prmt_unpack: bool = False      # fixed 4-bit: unpack by inline-PTX byte permutes (563 vs 611 SASS per block
-                                   # for sm_90; not yet run on a GPU, so off by default)
+    prmt_unpack: bool = False      # fixed 4-bit: unpack by inline-PTX byte permutes (H200: 3-6% faster at 32K x 8
+                                   # and 128K, slower at 8K x 1; off by default)
 
     def splits(self, batch: int, kv_heads: int, nb: int, sms: int) -> tuple[int, int]:
         """(num_splits, blocks_per_split)."""
@@ -540,43 +540,14 @@ def _p_step(s, valid, m_i):
 
 
 @triton.jit
-def _warp_sums(p, vmin, w, SPLIT_V: tl.constexpr):
+def _warp_sums(p, vmin, w):
     """Per-warp column sums of what the output needs besides p.V: sum_t p_t (the softmax denominator) and the
-    token-min and offset terms sum_t p_t min_t - 128 sum_t w_t (w: the weights the V dot used), over groups of
-    16 rows of p, w [N, M] -> [N // 16, M, 2] (or [.., 2, 2]). In the matrix-unit layout a 16-row group is one
-    warp's rows, so these sums need no shared memory and no barrier; the sums over the groups wait until the
-    end of the block loop (they are linear and rescaled like the output). SPLIT_V folds the two terms into one
-    column; one bf16 dot keeps sum_t w_t apart."""
-    if SPLIT_V:
-        x = tl.join(p, p * vmin[:, None] - 128.0 * w)
-        out = tl.sum(tl.reshape(x, (x.shape[0] // 16, 16, x.shape[1], 2)), axis=1)
-    else:
-        x = tl.join(tl.join(p, p * vmin[:, None]), tl.join(w, w))
-        out = tl.sum(tl.reshape(x, (x.shape[0] // 16, 16, x.shape[1], 2, 2)), axis=1)
-    return out
-
-
-@triton.jit
-def _rescale(alpha, SPLIT_V: tl.constexpr):
-    """alpha [M] broadcast over the _warp_sums accumulator."""
-    if SPLIT_V:
-        out = alpha[None, :, None]
-    else:
-        out = alpha[None, :, None, None]
-    return out
-
-
-@triton.jit
-def _unjoin_sums(sums, SPLIT_V: tl.constexpr):
-    """_warp_sums accumulated -> (sum p, sum p * min - 128 sum w), each [M]."""
-    if SPLIT_V:
-        l_sum, extra = tl.split(tl.sum(sums, axis=0))
-    else:
-        pair, ww = tl.split(tl.sum(sums, axis=0))
-        l_sum, min_sum = tl.split(pair)
-        w_sum, _w = tl.split(ww)
-        extra = min_sum - 128.0 * w_sum
-    return l_sum, extra
+    token-min and offset terms sum_t (p_t min_t - 128 w_t) (w: the weights the V dot used), over groups of 16
+    rows of p, w [N, M] -> [N // 16, M, 2]. In the matrix-unit layout a 16-row group is one warp's rows, so these
+    sums need no shared memory and no barrier; the sums over the groups wait until the end of the block loop
+    (they are linear and rescaled like the output)."""
+    x = tl.join(p, p * vmin[:, None] - 128.0 * w)
+    return tl.sum(tl.reshape(x, (x.shape[0] // 16, 16, x.shape[1], 2)), axis=1)
 
 
 @triton.jit(do_not_specialize=["skt_b", "skt_h", "svt_b", "svt_h", "T", "bt_b", "nb", "va_b", "bps", "NS", "NPART"])
@@ -645,10 +616,7 @@ def _tokens_in_m_kernel(q_ptr, sq_b, sq_h, sq_t, sq_d,
         R: tl.constexpr = 64 // P
         q_hi = _bf16_op(q32, INTERP)
         q_lo = _bf16_op(q32 - q_hi.to(tl.float32), INTERP)
-        if SPLIT_V:  # _warp_sums of the block tiles, accumulated
-            sums = tl.zeros([4, M, 2], tl.float32)
-        else:
-            sums = tl.zeros([4, M, 2, 2], tl.float32)
+        sums = tl.zeros([4, M, 2], tl.float32)  # _warp_sums of the block tiles, accumulated
         blk_lo = s_id * bps
         blk_hi = tl.minimum(blk_lo + bps, nb)
         if DEV:  # programs past NS read block 0's row (always allocated) and loop over nothing
@@ -717,7 +685,7 @@ def _tokens_in_m_kernel(q_ptr, sq_b, sq_h, sq_t, sq_d,
             accT = accT * alpha[None, :] + pv
             if R == 1 and not FIXED:  # this block's pack minimums: corrected now, over all rows
                 accT += tl.reshape(vpmin, (D,)).to(tl.float32)[:, None] * tl.sum(w, axis=0)[None, :]
-            sums = sums * _rescale(alpha, SPLIT_V) + _warp_sums(p, vmin, w, SPLIT_V)
+            sums = sums * alpha[None, :, None] + _warp_sums(p, vmin, w)
             m_i = m_new
             # rotate the pipeline
             klo, khi, ksh, kL, vlo, vhi, vsh, vL = klo1, khi1, ksh1, kL1, vlo1, vhi1, vsh1, vL1
@@ -725,7 +693,7 @@ def _tokens_in_m_kernel(q_ptr, sq_b, sq_h, sq_t, sq_d,
             kmin, kstep, vmin, vstep = kmin1, kstep1, vmin1, vstep1
             segk1, segv1, segk2, segv2 = segk2, segv2, segk3, segv3
             slot1, slot2, slot3 = slot2, slot3, slot4
-        l_i, extra = _unjoin_sums(sums, SPLIT_V)
+        l_i, extra = tl.split(tl.sum(sums, axis=0))  # sum p; sum (p min - 128 w)
         accT = accT + extra[None, :]
         part = s_id
     else:  # tail chunk s_id: tokens 64 * s_id .. of the dense tail (one program per chunk)
