@@ -252,12 +252,9 @@ class KVCompLayer(CacheLayerMixin):
             self.keys, self.values = self.keys[:, :, :keep], self.values[:, :, :keep]
             return
         keep_blocks = max(new_length - s, 0) // BLOCK_SIZE
-        k, v = self.store.decode(self.block_table[:, keep_blocks:])      # [B, nb', H, 64, D]
-        b, nb, h, _, d = k.shape
-        k = k.permute(0, 2, 1, 3, 4).reshape(b, h, nb * BLOCK_SIZE, d).to(self.dtype)
-        v = v.permute(0, 2, 1, 3, 4).reshape(b, h, nb * BLOCK_SIZE, d).to(self.dtype)
-        k = torch.cat([self.keys[:, :, :s], k, self.keys[:, :, s:]], 2)  # the sinks stay first in the tail
-        v = torch.cat([self.values[:, :, :s], v, self.values[:, :, s:]], 2)
+        # the dropped blocks decoded between the sinks and the rest of the tail, in stored (rotated) coordinates
+        k, v = self._dense(self.keys, self.values, self.block_table[:, keep_blocks:], self.dtype, rotated=True,
+                           sinks=s)
         keep = new_length - keep_blocks * BLOCK_SIZE
         self.keys, self.values = k[:, :, :keep].contiguous(), v[:, :, :keep].contiguous()
         self.block_table = self.block_table[:, :keep_blocks]
