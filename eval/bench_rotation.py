@@ -15,6 +15,7 @@ import torch
 
 from kvcomp_hf.cache import KVCompLayer
 from kvcomp_hf.config import KVCompConfig
+from kvcomp_hf.rotation import LayerRotation
 
 
 def cuda_ms(fn, reps: int = 20) -> float:
@@ -55,11 +56,56 @@ def bench(batch: int, heads: int, q_heads: int, head_dim: int, context: int) -> 
     return out
 
 
+def graph_us(fn, calls: int = 32, reps: int = 20) -> float:
+    """Microseconds per fn() when `calls` of them replay from one CUDA graph (a compiled decode step's setting)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return cuda_ms(graph.replay, reps) * 1000 / calls
+
+
+def bench_step(batch: int, heads: int, q_heads: int, head_dim: int) -> dict:
+    """One layer's decode-step rotations (the token's K and V, q, the output) by each route, in µs per layer."""
+    from kvcomp_hf.kernels.rotate import hadamard_rotate
+
+    dev = torch.device("cuda")
+    rot = LayerRotation(0, 0, heads, head_dim, dev)
+    gen = torch.Generator(device=dev).manual_seed(0)
+    k, v = (torch.randn(batch, heads, 1, head_dim, device=dev, generator=gen).to(torch.bfloat16) for _ in "kv")
+    q = torch.randn(batch, 1, q_heads, head_dim, device=dev, generator=gen).to(torch.bfloat16).transpose(1, 2)
+    torch_route = {"k": lambda: (k.float() * rot._signs_for(0, heads)) @ rot.h,
+                   "v": lambda: (v.float() * rot._signs_for(1, heads)) @ rot.h,
+                   "q": lambda: (q.float() * rot._signs_for(0, q_heads)) @ rot.h,
+                   "o": lambda: (q.float() @ rot.h) * rot._signs_for(1, q_heads)}
+    triton_route = {"k": lambda: hadamard_rotate(k, rot.signs[0], rot.h_pm1, rot.scale, False),
+                    "v": lambda: hadamard_rotate(v, rot.signs[1], rot.h_pm1, rot.scale, False),
+                    "q": lambda: hadamard_rotate(q, rot.signs[0], rot.h_pm1, rot.scale, False),
+                    "o": lambda: hadamard_rotate(q, rot.signs[1], rot.h_pm1, rot.scale, True)}
+    out = {"batch": batch, "kv_heads": heads, "q_heads": q_heads, "head_dim": head_dim}
+    for name, route in (("cublas_fp32", torch_route), ("triton", triton_route)):
+        step = lambda: [f() for f in route.values()]  # noqa: E731
+        out[f"{name}_eager_us"] = cuda_ms(step, reps=50) * 1000
+        out[f"{name}_graph_us"] = graph_us(step)
+    # the same values up to the float32 summation order: count outputs whose bf16 rounding differs
+    diff = [(torch_route[x]().to(torch.bfloat16) != triton_route[x]()).float().mean().item() for x in "kvqo"]
+    out["bf16_mismatch_fraction"] = max(diff)
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="eval/results/bench_rotation.json")
+    p.add_argument("--step-only", action="store_true", help="only the decode-step rotations (no prefill/store)")
     args = p.parse_args(argv)
-    rows = [bench(1, 3, 9, 64, 8192), bench(8, 8, 32, 128, 32768), bench(1, 8, 32, 256, 8192)]
+    rows = [bench_step(1, 8, 32, 128), bench_step(8, 8, 32, 128), bench_step(1, 3, 9, 64), bench_step(1, 8, 32, 256)]
+    if not args.step_only:
+        rows += [bench(1, 3, 9, 64, 8192), bench(8, 8, 32, 128, 32768), bench(1, 8, 32, 256, 8192)]
     for r in rows:
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}))
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}

@@ -494,6 +494,7 @@ class KVCompStaticLayer(KVCompLayer):
             # (the rotation's matrix and signs too: the H200 profile of a compiled Llama-3.1-8B step shows 130
             # host-to-graph copies per step, ~0.9 ms of host time; these are the layer tensors left unmarked)
             rot = [] if self.rotation is None else [self.rotation.h, self.rotation.signs,
+                                                    self.rotation.h_pm1,
                                                     *self.rotation._query_signs.values()]
             for t in (st.pool, st.seg_offset, st.token_min, st.token_step, self.block_table, self.ring_k,
                       self.ring_v, self.ctl, self.splits, self.scratch, *rot):

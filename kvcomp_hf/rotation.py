@@ -37,6 +37,16 @@ def hadamard_block_size(head_dim: int) -> int:
     return head_dim & -head_dim
 
 
+# Up to this many 16-bit rows (a decode step's K, V, q, output) rotate in one Triton launch; cuBLAS runs such
+# skinny float32 products in one or two thread blocks (kernels/rotate.py). Longer inputs (prefill) stay on cuBLAS.
+KERNEL_MAX_ROWS = 4096
+
+
+def _few_rows_on_gpu(x: torch.Tensor) -> bool:
+    return (x.is_cuda and x.dim() == 4 and x.dtype in (torch.float16, torch.bfloat16)
+            and x.shape[0] * x.shape[1] * x.shape[2] <= KERNEL_MAX_ROWS)
+
+
 def hadamard_matrix(head_dim: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Orthonormal block-diagonal Sylvester Hadamard matrix [D, D] (symmetric)."""
     b = hadamard_block_size(head_dim)
@@ -62,6 +72,9 @@ class LayerRotation:
         self.signs = torch.stack([rotation_signs(seed, layer, kv, num_heads, head_dim)
                                   for kv in (0, 1)]).to(device)          # [2, H, D]
         self._query_signs: dict[tuple[int, int], torch.Tensor] = {}  # (kv, query heads) -> expanded signs
+        # the kernel's operands (kernels/rotate.py): H_D = scale * h_pm1, entries ±1 (exact in TF32)
+        self.scale = hadamard_block_size(head_dim) ** -0.5
+        self.h_pm1 = (self.h / self.scale).round()
 
     def _signs_for(self, kv: int, heads: int) -> torch.Tensor:
         """[heads, 1, D]: a query/output head uses the rotation of its KV head (GQA: consecutive groups).
@@ -77,11 +90,22 @@ class LayerRotation:
 
     def rotate(self, x: torch.Tensor, kv: int) -> torch.Tensor:
         """x [B, H, T, D] (H = KV heads, or query heads sharing them) -> x_rot in x's dtype."""
+        if _few_rows_on_gpu(x):
+            return self._kernel(x, kv, inverse=False)
         return ((x.float() * self._signs_for(kv, x.shape[1])) @ self.h).to(x.dtype)
 
     def unrotate(self, x: torch.Tensor, kv: int) -> torch.Tensor:
         """Inverse of rotate: x_rot [B, H, T, D] -> x in x_rot's dtype."""
+        if _few_rows_on_gpu(x):
+            return self._kernel(x, kv, inverse=True)
         return ((x.float() @ self.h.T) * self._signs_for(kv, x.shape[1])).to(x.dtype)
+
+    def _kernel(self, x: torch.Tensor, kv: int, inverse: bool) -> torch.Tensor:
+        from kvcomp_hf.kernels.rotate import hadamard_rotate
+
+        if x.shape[1] % self.num_heads:
+            raise ValueError(f"{x.shape[1]} heads do not share {self.num_heads} KV heads evenly")
+        return hadamard_rotate(x, self.signs[kv], self.h_pm1, self.scale, inverse)  # (H_D = H_Dᵀ)
 
     def rotate_query(self, q: torch.Tensor) -> torch.Tensor:
         """q [B, H_q, T, D] -> q rotated like the keys it scores against (q_rot · k_rot = q · k)."""

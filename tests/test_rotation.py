@@ -48,6 +48,34 @@ def test_rotation_is_orthonormal_and_round_trips(d):
     assert torch.allclose(rotated, scores, atol=1e-4)
 
 
+@pytest.mark.parametrize("d,dtype,heads,t", [(64, torch.float16, 4, 3), (128, torch.bfloat16, 8, 1),
+                                             (128, torch.float16, 2, 1), (256, torch.bfloat16, 4, 1)])
+def test_rotation_kernel_matches_the_pytorch_rotation(d, dtype, heads, t):
+    """kernels/rotate.py (the decode step's few rows; Triton's interpreter on the CPU) against the float32
+    PyTorch formula: same products, one rounding to the dtype, so equal up to the summation order. Queries are
+    a transposed view (as attention passes them) with 2 query heads per KV head."""
+    from kvcomp_hf.kernels.rotate import hadamard_rotate
+
+    device = "cuda" if HAS_CUDA else "cpu"
+    rot = LayerRotation(seed=1, layer=2, num_heads=heads // 2, head_dim=d, device=torch.device(device))
+    x = torch.randn(3, t, heads, d, device=device).mul(torch.linspace(0.1, 10, d, device=device)).to(dtype)
+    x = x.transpose(1, 2)                                                   # [3, heads, t, d], not contiguous
+    for kv in (0, 1):
+        for inverse in (False, True):
+            signs = rot._signs_for(kv, heads)
+            want = (x.float() @ rot.h) * signs if inverse else (x.float() * signs) @ rot.h
+            got = hadamard_rotate(x, rot.signs[kv], rot.h_pm1, rot.scale, inverse)
+            assert got.dtype == dtype and got.shape == x.shape and got.is_contiguous()
+            ulp = torch.finfo(dtype).eps * want.abs().amax()
+            assert (got.float() - want).abs().max() <= ulp, (kv, inverse)
+    assert torch.equal(rot.h_pm1.float() * rot.scale, rot.h)       # the kernel's operands are exact
+    with pytest.raises(ValueError, match="float16/bfloat16"):
+        hadamard_rotate(x.float(), rot.signs[0], rot.h_pm1, rot.scale, False)
+    two = LayerRotation(seed=1, layer=2, num_heads=2, head_dim=d, device=torch.device(device))
+    with pytest.raises(ValueError, match="KV heads evenly"):
+        two._kernel(torch.randn(1, 3, 1, d, device=device), 0, inverse=False)
+
+
 def test_signs_are_fixed_and_differ_by_layer_kv_and_head():
     a = rotation_signs(0, 3, 0, 4, 64)
     assert torch.equal(a, rotation_signs(0, 3, 0, 4, 64))                 # reproducible: part of the format
