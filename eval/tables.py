@@ -2,6 +2,7 @@
 
     python -m eval.tables kernels eval/results/bench_kernels.json
     python -m eval.tables generate eval/results/bench_generate.json
+    python -m eval.tables merge-generate OUT.json RUN1.json RUN2.json ...   (one file from several bench_generate runs)
 """
 
 from __future__ import annotations
@@ -47,11 +48,32 @@ def generate_table(data: dict) -> str:
     return "\n".join(lines)
 
 
+def merge_generate(paths: list[str]) -> dict:
+    """The rows of several bench_generate runs in one file; each row names its run (meta.runs[i]: that run's
+    argv, GPU, versions), so nothing is averaged or re-labelled."""
+    runs, rows = [], []
+    for i, path in enumerate(paths):
+        with open(path) as f:
+            data = json.load(f)
+        runs.append({"file": path, **{k: v for k, v in data["meta"].items() if k != "notes"}})
+        rows += [{**r, "run": i} for r in data["rows"]]
+    with open(paths[0]) as f:
+        notes = json.load(f)["meta"].get("notes", [])
+    return {"meta": {"runs": runs, "notes": notes, "gpu": runs[0].get("gpu")}, "rows": rows}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("kind", choices=["kernels", "generate"])
-    parser.add_argument("path")
+    parser.add_argument("kind", choices=["kernels", "generate", "merge-generate"])
+    parser.add_argument("path", help="the JSON to read (merge-generate: the JSON to write)")
+    parser.add_argument("runs", nargs="*", help="merge-generate: the bench_generate JSON files to merge")
     args = parser.parse_args()
+    if args.kind == "merge-generate":
+        if not args.runs:
+            parser.error("merge-generate needs at least one bench_generate JSON after the output path")
+        with open(args.path, "w") as f:
+            json.dump(merge_generate(args.runs), f, indent=1)
+        return
     with open(args.path) as f:
         data = json.load(f)
     print(kernels_table(data) if args.kind == "kernels" else generate_table(data))

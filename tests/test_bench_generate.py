@@ -58,3 +58,21 @@ def test_runs_per_shape_keeps_the_first_run_apart(tmp_path, one_torch_thread, ca
     with pytest.raises(SystemExit):
         bench_generate.main(["--quick", "--runs-per-shape", "0", "--out", str(out)])
     assert "--runs-per-shape must be >= 1" in capsys.readouterr().err
+
+
+def test_merge_generate_keeps_every_row_with_its_run(tmp_path):
+    from eval import tables
+
+    paths = []
+    for i, gpu in enumerate(["GPU A", "GPU B"]):
+        path = tmp_path / f"run{i}.json"
+        rows = [{"model": "m", "cache": c, "context": 8 * (i + 1), "batch": 1, "status": "ok", "ttft_s": 0.5,
+                 "decode_tok_s": 10.0 + i, "peak_mem_gib": 1.0, "cache_bytes": 2**30, "bits_per_value": 3.0}
+                for c in ("full", "kvcomp")]
+        path.write_text(json.dumps({"meta": {"gpu": gpu, "argv": [str(i)], "notes": ["n"]}, "rows": rows}))
+        paths.append(str(path))
+    merged = tables.merge_generate(paths)
+    assert [r["run"] for r in merged["rows"]] == [0, 0, 1, 1]
+    assert [run["gpu"] for run in merged["meta"]["runs"]] == ["GPU A", "GPU B"]
+    assert merged["meta"]["notes"] == ["n"] and merged["rows"][2]["context"] == 16
+    assert tables.generate_table(merged).count("| m |") == 4
