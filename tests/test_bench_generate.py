@@ -76,3 +76,20 @@ def test_merge_generate_keeps_every_row_with_its_run(tmp_path):
     assert [run["gpu"] for run in merged["meta"]["runs"]] == ["GPU A", "GPU B"]
     assert merged["meta"]["notes"] == ["n"] and merged["rows"][2]["context"] == 16
     assert tables.generate_table(merged).count("| m |") == 4
+
+
+def test_plot_generate_picks_the_first_decode_time_per_cache_and_checks_shapes(tmp_path):
+    from eval import plot_generate
+
+    rows = [{"model": "m", "cache": "full", "context": 8, "batch": 1, "status": "ok", "decode_ms_per_step": 2.0},
+            {"model": "m", "cache": "full", "context": 8, "batch": 1, "status": "ok", "decode_ms_per_step": 3.0},
+            {"model": "m", "cache": "kvcomp", "context": 8, "batch": 1, "status": "skipped_time"},
+            {"model": "m", "cache": "kvcomp", "context": 16, "batch": 2, "status": "ok", "decode_ms_per_step": 1.0}]
+    assert plot_generate.decode_times({"rows": rows}) == {(8, 1): {"full": 2.0}, (16, 2): {"kvcomp": 1.0}}
+    assert plot_generate.parse_shapes("8x1,16x2") == [(8, 1), (16, 2)]
+    with pytest.raises(ValueError, match="CONTEXTxBATCH"):
+        plot_generate.parse_shapes("8k")
+    with pytest.raises(ValueError, match=r"no decode times for \[\(32, 1\)\]"):
+        plot_generate.plot({"rows": rows}, str(tmp_path / "x.png"), shapes=[(32, 1)])
+    plot_generate.plot({"rows": rows}, str(tmp_path / "x.png"), shapes=[(16, 2)])
+    assert (tmp_path / "x.png").stat().st_size > 0
