@@ -19,6 +19,10 @@
 #   bench-compiled   : issue 14's rows: 8K x 1 and 32K x 8 with full, static:compiled, kvcomp, kvcomp:compiled; TTFT
 #                      at 32K x 1 and 8K x 8 (full, kvcomp); two generate() calls per row (the second is reported)
 #   profile-compiled : eval.profile_decode of the compiled decode step (kvcomp:compiled vs static:compiled), 8K x 1
+#   profile-compiled-32k : the same at 32K x 8 (where kvcomp compiled is 2.0x DynamicCache; issue 14 asks 2.5x)
+#   kernels-packed-cap : eval.bench_kernels, default (packed) config with the uncapped variant (r255): the
+#                      168-register cap spills the packed kernel offline (kernels/NOTES.md)
+#   rotation         : eval.bench_rotation --step-only (a decode step's rotations: cuBLAS float32 vs kernels/rotate.py)
 # Usage: OUT=/some/dir bash eval/run_gpu.sh gpu-tests accuracy bench
 set -uo pipefail
 export PYTHONUNBUFFERED=1 KVCOMP_EVAL_NO_PROGRESS=1
@@ -78,6 +82,12 @@ for stage in "$@"; do
     profile-compiled) timeout 330 python -m eval.profile_decode --model llama3.1-8b --context 8192 --batch 1 \
         --caches kvcomp:compiled,static:compiled --skip-generate --steps 12 \
         --out "$OUT/profile_decode_8k_compiled.json" 2>&1 | tail -45 ;;
+    profile-compiled-32k) timeout 400 python -m eval.profile_decode --model llama3.1-8b --context 32768 --batch 8 \
+        --caches kvcomp:compiled,static:compiled --skip-generate --steps 8 \
+        --out "$OUT/profile_decode_32k_compiled.json" 2>&1 | tail -45 ;;
+    kernels-packed-cap) timeout 400 python -m eval.bench_kernels --variants r255 --out "$OUT/bench_kernels_packed_cap.json" \
+        2>&1 | tail -20 ;;
+    rotation) timeout 120 python -m eval.bench_rotation --step-only --out "$OUT/bench_rotation_step.json" 2>&1 | tail -8 ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
 done
