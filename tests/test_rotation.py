@@ -208,3 +208,18 @@ def test_triton_store_and_decode_with_rotation_interpreter(d, cfg):
 def test_triton_store_and_decode_with_rotation_cuda(d, dtype):
     _check_triton_layer_with_rotation("cuda", 2, 4, 4, d, 1000 + d, dtype, 3, ROTATED)
 
+
+
+def test_rotation_kernel_traces_as_one_custom_op():
+    """Inside torch.compile the kernel is the custom op kvcomp::hadamard_rotate (no graph break; its fake gives
+    the output's shape and layout), with the eager launch's values (interpreter on the CPU)."""
+    from kvcomp_hf.kernels.rotate import hadamard_rotate
+
+    rot = LayerRotation(seed=0, layer=1, num_heads=2, head_dim=64, device=torch.device("cpu"))
+    x = torch.randn(2, 1, 4, 64).to(torch.bfloat16).transpose(1, 2)            # [2, 4, 1, 64], 2 heads per KV head
+    step = lambda t: hadamard_rotate(hadamard_rotate(t, rot.signs[0], rot.h_pm1, rot.scale, False),  # noqa: E731
+                                     rot.signs[0], rot.h_pm1, rot.scale, True)
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    got = compiled(x)
+    assert got.shape == x.shape and got.is_contiguous() and torch.equal(got, step(x))
+    assert (got.float() - x.float()).abs().max() <= 2 ** -6 * x.float().abs().max()  # round trip, two roundings
