@@ -1,7 +1,10 @@
 """What the rotation (config.rotation="hadamard") costs on the GPU: the store's one batched matmul against
-the Triton store kernel, and the decode step's q rotation + output un-rotation against the fused kernel.
+the Triton store kernel, the decode step's q rotation + output un-rotation against the fused kernel, and (first,
+alone with --step-only) one layer's decode-step rotations by the float32 cuBLAS formula against kernels/rotate.py,
+launched eagerly and replayed from a CUDA graph.
 
     python -m eval.bench_rotation --out eval/results/bench_rotation.json
+    python -m eval.bench_rotation --step-only --out eval/results/bench_rotation_step.json
 """
 
 from __future__ import annotations
