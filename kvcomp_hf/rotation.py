@@ -18,6 +18,10 @@ as 1 - 2 * torch.randint(0, 2, (H, D)) (one row per KV head), so a reader with t
 layer index rebuilds R exactly. Random signs matter: the plain Hadamard matrix keeps structured
 inputs (e.g. a channel pattern repeated across tokens) structured.
 
+The products are computed in float32 and rounded once to the cache dtype. On CUDA, the few 16-bit rows of a
+decode step go through kernels/rotate.py (exact products, float32 sums in another order: equal, or rarely one
+unit apart in the last place of the 16-bit result); longer inputs through the float32 matrix product.
+
 The cache holds everything of a rotated layer (compressed blocks and the uncompressed tail) in
 rotated coordinates. Attention rotates q once with the K rotation of its KV head and un-rotates the
 output once with the V rotation, per step, never per block.
