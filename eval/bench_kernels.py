@@ -102,6 +102,11 @@ def run_one(shape_name, ctx, B, cfg, bw, dev, variants=(), skip_store=False, sto
         t_store = bench(store)
         row["store_ms"] = t_store
         row["store_GBps_bf16_input"] = store_in / (t_store * 1e-3) / 1e9
+        if torch.device(dev).type == "cuda":  # which of the store's three kernels the time goes to
+            try:
+                row["store_kernels_ms"] = device_ms_by_kernel(store)
+            except RuntimeError as err:  # a profiler that cannot start costs this breakdown, not the row
+                row["store_kernels_error"] = str(err)[:200]
         for sw in store_variants:  # (stats warps, pack warps)
             store(sw)
             t = bench(lambda sw=sw: store(sw))
@@ -168,6 +173,21 @@ def run_one(shape_name, ctx, B, cfg, bw, dev, variants=(), skip_store=False, sto
     row["speedup_vs_cublas"] = row["cublas_ms"] / row["fused_ms"]
     del k, v, p
     return row
+
+
+def device_ms_by_kernel(fn, reps: int = 5) -> dict[str, float]:
+    """GPU ms per fn() call of each kernel fn launches (torch.profiler), largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    times = {e.key: e.self_device_time_total / 1e3 / reps for e in prof.key_averages()
+             if e.self_device_time_total > 0}
+    return dict(sorted(times.items(), key=lambda kv: -kv[1]))
 
 
 def kernel_report(asm_dir=None):
@@ -262,6 +282,8 @@ def main():
               f"{sd:8.4f} {r['cublas_ms']:8.4f} {r['roofline_ms']:8.4f} {r['fused_over_roofline']:6.2f} "
               f"{sd / r['fused_ms']:6.2f} {r.get('store_GBps_bf16_input', float('nan')):10.1f} "
               f"{r.get('rel_err_vs_dequant_sdpa', float('nan')):8.1e}")
+        if r.get("store_kernels_ms"):
+            print("   store ms by kernel:", " ".join(f"{k[:24]}={v:.4f}" for k, v in r["store_kernels_ms"].items()))
         if r.get("store_variants_GBps"):
             print("   store GB/s:", " ".join(f"{k}={v:.1f}" for k, v in r["store_variants_GBps"].items()))
         if r.get("variants_ms"):
