@@ -22,8 +22,8 @@
 #   profile-compiled-32k : the same at 32K x 8 (where kvcomp compiled is 2.0x DynamicCache; issue 14 asks 2.5x)
 #   kernels-packed-cap : eval.bench_kernels, default (packed) config with the uncapped variant (r255): the
 #                      168-register cap spills the packed kernel offline (kernels/NOTES.md)
-#   kernels-static-format : eval.bench_kernels on the static cache's default format (layout fixed, 4-bit K, 2-bit V;
-#                      issue 14's 32K x 8 rows) at 32K x 8 and 128K x 8; run it on main and on branch paired-2bit
+#   kernels-fixed-widths : eval.bench_kernels on the fixed layout at 4/3 bits (kvcomp:compiled's format) and 4/2
+#                      bits (the default rel) at 32K x 8 and 128K x 8; run it on main and on branch paired-2bit
 #   rotation         : eval.bench_rotation --step-only (a decode step's rotations: cuBLAS float32 vs kernels/rotate.py)
 # Usage: OUT=/some/dir bash eval/run_gpu.sh gpu-tests accuracy bench
 set -uo pipefail
@@ -89,8 +89,12 @@ for stage in "$@"; do
         --out "$OUT/profile_decode_32k_compiled.json" 2>&1 | tail -45 ;;
     kernels-packed-cap) timeout 400 python -m eval.bench_kernels --variants r255 --out "$OUT/bench_kernels_packed_cap.json" \
         2>&1 | tail -20 ;;
-    kernels-static-format) timeout 300 python -m eval.bench_kernels --config layout=fixed,rel_k=0.08,rel_v=0.3 \
-        --contexts 32768,131072 --batches 8 --variants r255 --out "$OUT/bench_kernels_static_format.json" 2>&1 | tail -12 ;;
+    kernels-fixed-widths)
+      for cfg in "0.0666667 0.142857 43" "0.08 0.3 42"; do
+        read -r rk rv name <<< "$cfg"
+        timeout 250 python -m eval.bench_kernels --config layout=fixed,rel_k=$rk,rel_v=$rv --contexts 32768,131072 \
+          --batches 8 --out "$OUT/bench_kernels_fixed$name.json" 2>&1 | tail -8
+      done ;;
     rotation) timeout 120 python -m eval.bench_rotation --step-only --out "$OUT/bench_rotation_step.json" 2>&1 | tail -8 ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
