@@ -46,9 +46,17 @@ def hadamard_block_size(head_dim: int) -> int:
 KERNEL_MAX_ROWS = 4096
 
 
+def kernel_rotates(shape: tuple[int, ...], dtype: torch.dtype) -> bool:
+    """Whether kernels/rotate.py takes a CUDA tensor of this shape and dtype: [B, H, T, D] of at most KERNEL_MAX_ROWS
+    16-bit rows, D a power of two in 16..256 (its tiles); anything else goes through the float32 product."""
+    if len(shape) != 4 or dtype not in (torch.float16, torch.bfloat16):
+        return False
+    d = shape[3]
+    return 16 <= d <= 256 and d & (d - 1) == 0 and shape[0] * shape[1] * shape[2] <= KERNEL_MAX_ROWS
+
+
 def _few_rows_on_gpu(x: torch.Tensor) -> bool:
-    return (x.is_cuda and x.dim() == 4 and x.dtype in (torch.float16, torch.bfloat16)
-            and x.shape[0] * x.shape[1] * x.shape[2] <= KERNEL_MAX_ROWS)
+    return x.is_cuda and kernel_rotates(tuple(x.shape), x.dtype)
 
 
 def hadamard_matrix(head_dim: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -223,3 +223,17 @@ def test_rotation_kernel_traces_as_one_custom_op():
     got = compiled(x)
     assert got.shape == x.shape and got.is_contiguous() and torch.equal(got, step(x))
     assert (got.float() - x.float()).abs().max() <= 2 ** -6 * x.float().abs().max()  # round trip, two roundings
+
+
+def test_kernel_takes_only_the_shapes_it_compiles():
+    """The decode step's 16-bit rows go to kernels/rotate.py; head_dim 96 (Phi-3), 8 or 512, float32 and prefill-sized
+    inputs stay on the float32 product (the kernel's tiles need a power of two in 16..256)."""
+    from kvcomp_hf.rotation import KERNEL_MAX_ROWS, kernel_rotates
+
+    bf16 = torch.bfloat16
+    assert kernel_rotates((8, 32, 1, 128), bf16) and kernel_rotates((1, 8, 1, 256), torch.float16)
+    assert kernel_rotates((1, 4, 1, 16), bf16)
+    assert not any(kernel_rotates((1, 32, 1, d), bf16) for d in (8, 96, 512))
+    assert not kernel_rotates((1, 32, 1, 128), torch.float32)
+    assert not kernel_rotates((1, 8, KERNEL_MAX_ROWS, 128), bf16)      # prefill: cuBLAS
+    assert not kernel_rotates((32, 1, 128), bf16)
