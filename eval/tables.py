@@ -51,14 +51,14 @@ def generate_table(data: dict) -> str:
 def merge_generate(paths: list[str]) -> dict:
     """The rows of several bench_generate runs in one file; each row names its run (meta.runs[i]: that run's
     argv, GPU, versions), so nothing is averaged or re-labelled."""
-    runs, rows = [], []
+    runs, rows, notes = [], [], None
     for i, path in enumerate(paths):
         with open(path) as f:
             data = json.load(f)
         runs.append({"file": path, **{k: v for k, v in data["meta"].items() if k != "notes"}})
         rows += [{**r, "run": i} for r in data["rows"]]
-    with open(paths[0]) as f:
-        notes = json.load(f)["meta"].get("notes", [])
+        if notes is None:  # the notes of the first run
+            notes = data["meta"].get("notes", [])
     return {"meta": {"runs": runs, "notes": notes, "gpu": runs[0].get("gpu")}, "rows": rows}
 
 

@@ -11,11 +11,11 @@ than a bf16 dot: Triton's interpreter gets bf16 dots wrong.)
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
+
+from kvcomp_hf.block_store import device_context
 
 
 @triton.jit
@@ -49,7 +49,7 @@ def _launch(x: torch.Tensor, signs: torch.Tensor, h_pm1: torch.Tensor, scale: fl
     out = torch.empty((B, HX, T, D), dtype=x.dtype, device=x.device)
     n_rows = HX * T
     rows = 16  # the smallest dot tile
-    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+    with device_context(x.device):
         _rotate_kernel[(B, triton.cdiv(n_rows, rows))](x, *x.stride(), signs, h_pm1, out, T, n_rows,
                                                        HX // signs.shape[0], scale, D=D, DC=min(D, 64),
                                                        INVERSE=inverse, ROWS=rows, num_warps=4)

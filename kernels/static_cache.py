@@ -20,13 +20,13 @@ chunks), so greedy tokens match the eager cache.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from kvcomp_hf.block_store import device_context
 from kvcomp_hf.codec import BlockFormat
 
 from .decode_attention import (LOG2E, _combine_kernel, _static_args, _tokens_in_m_kernel, choose_tuning,
@@ -119,7 +119,7 @@ def static_append(k_new: torch.Tensor, v_new: torch.Tensor, ring_k: torch.Tensor
                   residual: int, rel_k: float, rel_v: float, bits_k: int, bits_v: int, token_gran: bool) -> None:
     """Append one token per row (k_new, v_new [B, H, 1, D]) to the ring and compress a full block (see module)."""
     B, H, ring, D = ring_k.shape
-    with torch.cuda.device(k_new.device) if k_new.is_cuda else contextlib.nullcontext():
+    with device_context(k_new.device):
         _append_kernel[(B,)](
             k_new, k_new.stride(0), k_new.stride(1), k_new.stride(3),
             v_new, v_new.stride(0), v_new.stride(1), v_new.stride(3),
@@ -165,7 +165,7 @@ def static_decode(q: torch.Tensor, ring_k: torch.Tensor, ring_v: torch.Tensor, c
             token_step, token_step.stride(0), token_step.stride(1), token_step.stride(2),
             block_table, block_table.stride(0), 0, valid_arg, va_b, m_part, l_part, acc_part,
             float(scaling) * LOG2E, 1, 0, 1, ctl, splits, ring)
-    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+    with device_context(q.device):
         if max_splits:
             _tokens_in_m_kernel[(B, H, max_splits)](*args, FIXED=True, TAIL=False, DEV=True, SPLIT_V=tuning.split_v,
                                                     **tm)
