@@ -9,6 +9,10 @@ decode steps three ways:
   - GPU busy time per step from torch.profiler (sum of kernel times), so wall - busy = host-bound time.
 Prints a table and the top kernels / host ops of each cache. Random weights (speed does not depend on
 trained weights).
+
+With --prefill: where the prefill's time goes instead (one forward over the whole context, as generate() runs
+it without --prefill-chunk): wall time and GPU time by kernel, so a cache's TTFT overhead over DynamicCache is
+read kernel by kernel.
 """
 
 from __future__ import annotations
@@ -100,15 +104,60 @@ def _profile_cache(model, cache: str, context: int, batch: int, steps: int, chun
     gpu_us = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
     row["gpu_busy_ms_per_step"] = round(gpu_us / 1e3 / n_prof, 3)
     row["host_bound_ms_per_step"] = round(row["forward_ms_per_step"] - row["gpu_busy_ms_per_step"], 3)
-    kernels = sorted((e for e in events if e.self_device_time_total > 0), key=lambda e: -e.self_device_time_total)
-    row["top_kernels"] = [{"name": e.key[:80], "ms_per_step": round(e.self_device_time_total / 1e3 / n_prof, 3),
-                           "calls_per_step": e.count / n_prof} for e in kernels[:8]]
+    row["top_kernels"] = [{"name": k["name"], "ms_per_step": k["ms_per_call"], "calls_per_step": k["launches_per_call"]}
+                          for k in _top_kernels(events, n_prof, 8)]
     host = sorted(events, key=lambda e: -e.self_cpu_time_total)
     row["top_host_ops"] = [{"name": e.key[:80], "ms_per_step": round(e.self_cpu_time_total / 1e3 / n_prof, 3),
                             "calls_per_step": e.count / n_prof} for e in host[:8]]
     del cache_obj
     torch.cuda.empty_cache()
     return row
+
+
+def _top_kernels(events, n_calls: int, top: int) -> list[dict]:
+    kernels = sorted((e for e in events if e.self_device_time_total > 0), key=lambda e: -e.self_device_time_total)
+    return [{"name": e.key[:80], "ms_per_call": round(e.self_device_time_total / 1e3 / n_calls, 3),
+             "launches_per_call": e.count / n_calls} for e in kernels[:top]]
+
+
+def profile_prefill(model, cache: str, context: int, batch: int, repeats: int = 2) -> dict:
+    """Wall ms of one prefill forward (median of `repeats`, each on a fresh cache) and its GPU time by kernel."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gen = torch.Generator(device="cpu").manual_seed(context + batch)
+    ids = torch.randint(3, model.config.vocab_size - 1, (batch, context), generator=gen).to(model.device)
+    walls = []
+    with common.sdpa_backends(cache), torch.inference_mode():
+        for _ in range(repeats):
+            _, cache_obj = _new_cache(cache, model, context + 1)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            _prefill(model, cache_obj, ids, context)
+            torch.cuda.synchronize()
+            walls.append(time.perf_counter() - t0)
+            del cache_obj
+        _, cache_obj = _new_cache(cache, model, context + 1)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            _prefill(model, cache_obj, ids, context)
+            torch.cuda.synchronize()
+        del cache_obj
+    torch.cuda.empty_cache()
+    events = prof.key_averages()
+    gpu_us = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    walls.sort()
+    return {"cache": cache, "context": context, "batch": batch, "prefill_ms": round(1e3 * walls[len(walls) // 2], 2),
+            "gpu_busy_ms": round(gpu_us / 1e3, 2), "top_kernels": _top_kernels(events, 1, 14)}
+
+
+def _print_prefill(rows: list[dict]) -> None:
+    print("| cache | context | batch | prefill ms | GPU busy ms |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['cache']} | {r['context']} | {r['batch']} | {r['prefill_ms']} | {r['gpu_busy_ms']} |")
+    for r in rows:
+        print(f"\n{r['cache']} {r['context']}x{r['batch']}: top GPU kernels of the prefill")
+        for k in r["top_kernels"]:
+            print(f"  {k['ms_per_call']:9.3f} ms  x{k['launches_per_call']:<6g} {k['name']}")
 
 
 def main(argv=None):
@@ -122,6 +171,8 @@ def main(argv=None):
     p.add_argument("--prefill-chunk", type=int, default=4096)
     p.add_argument("--skip-generate", action="store_true",
                    help="time the forward loop only (a :compiled spec's generate() compiles once more)")
+    p.add_argument("--prefill", action="store_true",
+                   help="profile the prefill (one unchunked forward over --context tokens) instead of decode steps")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -132,6 +183,15 @@ def main(argv=None):
     model = random_llama(llama_config(ARCHS[args.model], args.context + 1024), device, torch.bfloat16)
     model.generation_config.eos_token_id = None
     rows = []
+    if args.prefill:
+        for cache in caches:
+            profile_prefill(model, cache, 640, args.batch, repeats=1)  # warm-up: compiles the kernels
+            rows.append(profile_prefill(model, cache, args.context, args.batch))
+        _print_prefill(rows)
+        if args.out:
+            Path(args.out).write_text(json.dumps({"model": args.model, "gpu": torch.cuda.get_device_name(),
+                                                  "torch": torch.__version__, "prefill_rows": rows}, indent=1))
+        return
     for cache in caches:
         gen = not args.skip_generate
         if gen or common.parse_cache_spec(cache).variant != "compiled":  # (the compiled loop warms up itself)

@@ -1,8 +1,10 @@
-"""The randomised Hadamard rotation (kvcomp_hf/rotation.py) of a few 16-bit rows in one launch.
+"""The randomised Hadamard rotation (kvcomp_hf/rotation.py) of 16-bit rows in one launch.
 
 A decode step rotates one token's K and V, the query, and un-rotates the output: [B, H, 1, D] @ [D, D].
 cuBLAS runs such a skinny float32 GEMM in one or two thread blocks (H200, CUDA graph, Llama-3.1-8B shape at
-batch 1: ~31 us per rotation, four per layer). Here every program takes 16 rows and multiplies them by the
+batch 1: ~31 us per rotation, four per layer). A prefill rotates its K and V: the float32 product converts,
+multiplies and converts back in five passes over float32 copies. Here every program takes 16 rows (64 for long
+inputs: fewer loads of the matrix per row) and multiplies them by the
 unnormalised ±1 Hadamard matrix on the tensor cores in TF32: a 16-bit value (x * s too) and ±1 are exact in
 TF32, so the products are exact and the sums float32, and the scale 1/sqrt(B) is applied in float32 before the
 one rounding to the output dtype. Same result as the float32 formula up to the summation order. (TF32 rather
@@ -48,11 +50,11 @@ def _launch(x: torch.Tensor, signs: torch.Tensor, h_pm1: torch.Tensor, scale: fl
     B, HX, T, D = x.shape
     out = torch.empty((B, HX, T, D), dtype=x.dtype, device=x.device)
     n_rows = HX * T
-    rows = 16  # the smallest dot tile
+    rows = 16 if B * n_rows <= 16 * 132 else 64  # 16: the smallest dot tile, for the few rows of a decode step
     with device_context(x.device):
         _rotate_kernel[(B, triton.cdiv(n_rows, rows))](x, *x.stride(), signs, h_pm1, out, T, n_rows,
                                                        HX // signs.shape[0], scale, D=D, DC=min(D, 64),
-                                                       INVERSE=inverse, ROWS=rows, num_warps=4)
+                                                       INVERSE=inverse, ROWS=rows, num_warps=4 if rows == 16 else 8)
     return out
 
 

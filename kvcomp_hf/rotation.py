@@ -18,9 +18,10 @@ as 1 - 2 * torch.randint(0, 2, (H, D)) (one row per KV head), so a reader with t
 layer index rebuilds R exactly. Random signs matter: the plain Hadamard matrix keeps structured
 inputs (e.g. a channel pattern repeated across tokens) structured.
 
-The products are computed in float32 and rounded once to the cache dtype. On CUDA, the few 16-bit rows of a
-decode step go through kernels/rotate.py (exact products, float32 sums in another order: equal, or rarely one
-unit apart in the last place of the 16-bit result); longer inputs through the float32 matrix product.
+The products are computed in float32 and rounded once to the cache dtype. On CUDA, 16-bit inputs (a decode
+step's rows and a prefill's K and V alike) go through kernels/rotate.py (exact products, float32 sums in another
+order: equal, or rarely one unit apart in the last place of the 16-bit result); float32 inputs and head sizes
+the kernel does not tile through the float32 matrix product.
 
 The cache holds everything of a rotated layer (compressed blocks and the uncompressed tail) in
 rotated coordinates. Attention rotates q once with the K rotation of its KV head and un-rotates the
@@ -41,21 +42,22 @@ def hadamard_block_size(head_dim: int) -> int:
     return head_dim & -head_dim
 
 
-# Up to this many 16-bit rows (a decode step's K, V, q, output) rotate in one Triton launch; cuBLAS runs such
-# skinny float32 products in one or two thread blocks (kernels/rotate.py). Longer inputs (prefill) stay on cuBLAS.
-KERNEL_MAX_ROWS = 4096
+# The most rows (H * T) of one batch row that kernels/rotate.py takes: its launch grid's second dimension is at most
+# 65,535 programs of up to 64 rows. (A decode step's few rows: cuBLAS runs such skinny float32 products in one or
+# two thread blocks; a prefill's K and V: the float32 product makes five passes over float32 copies.)
+KERNEL_MAX_ROWS = 65535 * 64
 
 
 def kernel_rotates(shape: tuple[int, ...], dtype: torch.dtype) -> bool:
-    """Whether kernels/rotate.py takes a CUDA tensor of this shape and dtype: [B, H, T, D] of at most KERNEL_MAX_ROWS
-    16-bit rows, D a power of two in 16..256 (its tiles); anything else goes through the float32 product."""
+    """Whether kernels/rotate.py takes a CUDA tensor of this shape and dtype: [B, H, T, D] 16-bit, H * T <=
+    KERNEL_MAX_ROWS, D a power of two in 16..256 (its tiles); anything else goes through the float32 product."""
     if len(shape) != 4 or dtype not in (torch.float16, torch.bfloat16):
         return False
     d = shape[3]
-    return 16 <= d <= 256 and d & (d - 1) == 0 and shape[0] * shape[1] * shape[2] <= KERNEL_MAX_ROWS
+    return 16 <= d <= 256 and d & (d - 1) == 0 and shape[1] * shape[2] <= KERNEL_MAX_ROWS
 
 
-def _few_rows_on_gpu(x: torch.Tensor) -> bool:
+def _kernel_on_gpu(x: torch.Tensor) -> bool:
     return x.is_cuda and kernel_rotates(tuple(x.shape), x.dtype)
 
 
@@ -102,13 +104,13 @@ class LayerRotation:
 
     def rotate(self, x: torch.Tensor, kv: int) -> torch.Tensor:
         """x [B, H, T, D] (H = KV heads, or query heads sharing them) -> x_rot in x's dtype."""
-        if _few_rows_on_gpu(x):
+        if _kernel_on_gpu(x):
             return self._kernel(x, kv, inverse=False)
         return ((x.float() * self._signs_for(kv, x.shape[1])) @ self.h).to(x.dtype)
 
     def unrotate(self, x: torch.Tensor, kv: int) -> torch.Tensor:
         """Inverse of rotate: x_rot [B, H, T, D] -> x in x_rot's dtype."""
-        if _few_rows_on_gpu(x):
+        if _kernel_on_gpu(x):
             return self._kernel(x, kv, inverse=True)
         return ((x.float() @ self.h.T) * self._signs_for(kv, x.shape[1])).to(x.dtype)
 

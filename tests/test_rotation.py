@@ -49,9 +49,11 @@ def test_rotation_is_orthonormal_and_round_trips(d):
 
 
 @pytest.mark.parametrize("d,dtype,heads,t", [(64, torch.float16, 4, 3), (128, torch.bfloat16, 8, 1),
-                                             (128, torch.float16, 2, 1), (256, torch.bfloat16, 4, 1)])
+                                             (128, torch.float16, 2, 1), (256, torch.bfloat16, 4, 1),
+                                             (64, torch.bfloat16, 2, 400)])
 def test_rotation_kernel_matches_the_pytorch_rotation(d, dtype, heads, t):
-    """kernels/rotate.py (the decode step's few rows; Triton's interpreter on the CPU) against the float32
+    """kernels/rotate.py (a decode step's few rows in 16-row programs, a prefill's many (t 400: 2,400 rows) in 64-row
+    ones; Triton's interpreter on the CPU) against the float32
     PyTorch formula: same products, one rounding to the dtype, so equal up to the summation order. Queries are
     a transposed view (as attention passes them) with 2 query heads per KV head."""
     from kvcomp_hf.kernels.rotate import hadamard_rotate
@@ -226,8 +228,9 @@ def test_rotation_kernel_traces_as_one_custom_op():
 
 
 def test_kernel_takes_only_the_shapes_it_compiles():
-    """The decode step's 16-bit rows go to kernels/rotate.py; head_dim 96 (Phi-3), 8 or 512, float32 and prefill-sized
-    inputs stay on the float32 product (the kernel's tiles need a power of two in 16..256)."""
+    """16-bit rows (decode steps and prefills) go to kernels/rotate.py; head_dim 96 (Phi-3), 8 or 512, float32 and
+    inputs past the launch grid's limit stay on the float32 product (the kernel's tiles need a power of two in
+    16..256)."""
     from kvcomp_hf.rotation import KERNEL_MAX_ROWS, kernel_rotates
 
     bf16 = torch.bfloat16
@@ -235,5 +238,7 @@ def test_kernel_takes_only_the_shapes_it_compiles():
     assert kernel_rotates((1, 4, 1, 16), bf16)
     assert not any(kernel_rotates((1, 32, 1, d), bf16) for d in (8, 96, 512))
     assert not kernel_rotates((1, 32, 1, 128), torch.float32)
-    assert not kernel_rotates((1, 8, KERNEL_MAX_ROWS, 128), bf16)      # prefill: cuBLAS
+    assert kernel_rotates((8, 8, 32768, 128), bf16)                     # a prefill's K or V
+    assert kernel_rotates((2, 1, KERNEL_MAX_ROWS, 128), bf16)
+    assert not kernel_rotates((1, 2, KERNEL_MAX_ROWS, 128), bf16)      # past the grid: the float32 product
     assert not kernel_rotates((32, 1, 128), bf16)
