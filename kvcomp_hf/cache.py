@@ -24,7 +24,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from .block_store import BlockStore, device_context
+from .block_store import BlockStore, device_context, fit_pending_pools
 from .codec import BLOCK_SIZE, BlockFormat
 from .config import BACKENDS, KVCompConfig, resolve_config
 from .rotation import LayerRotation
@@ -194,10 +194,12 @@ class KVCompLayer(CacheLayerMixin):
         return new_k, new_v
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        fit_pending_pools()  # the previous layer's prefill store, now that the GPU has passed it
         new_k, new_v = self._new_states(key_states, value_states)
         was_empty = self.get_seq_length() == 0
-        self.keys = torch.cat([self.keys, new_k], dim=2)
-        self.values = torch.cat([self.values, new_v], dim=2)
+        if self.keys.shape[2] or new_k is key_states or new_v is value_states:  # the tail never aliases the caller's
+            new_k, new_v = torch.cat([self.keys, new_k], dim=2), torch.cat([self.values, new_v], dim=2)
+        self.keys, self.values = new_k, new_v
         self._compress_full_blocks()
         shape = torch.Size((self.keys.shape[0], self.keys.shape[1], self.get_seq_length(), self.keys.shape[3]))
         dense_k, dense_v = (key_states, value_states) if was_empty else (None, None)

@@ -388,3 +388,39 @@ def test_fit_pool_keeps_every_block_and_gives_back_the_reservation():
     assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
     layer.update(k[:, :, :100], v[:, :, :100])  # appending after the fit still works
     assert torch.equal(layer.dense_kv()[0][:, :, :512], before[0][:, :, :512])  # the 8 blocks compressed before
+
+
+@pytest.mark.cuda
+def test_prefill_store_does_not_wait_for_the_gpu_and_fits_its_pool_at_the_next_layer():
+    """A prefill-sized store on CUDA makes no host sync (an .item() per layer let the GPU idle while the host
+    prepared the next layer); its worst-case reservation is fitted when the next layer updates, and the
+    fitted pool decodes to the same K/V."""
+    from kvcomp_hf.block_store import FIT_POOL_AFTER_BYTES, fit_pending_pools
+
+    torch.manual_seed(3)
+    cfg = KVCompConfig()
+    k, v = (torch.randn(2, 8, 4096, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    KVCompLayer(cfg, backend="triton").update(k, v)  # compiles the kernels
+    layers = [KVCompLayer(cfg, backend="triton", layer_idx=i) for i in range(2)]
+    for layer in layers:
+        layer.lazy_initialization(k, v)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        layers[0].update(k, v)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    store = layers[0].store
+    assert store.max_bytes(layers[0].block_table.numel()) >= FIT_POOL_AFTER_BYTES  # a prefill-sized store
+    reserved = store.pool.numel()
+    want = layers[0].dense_kv()
+    layers[1].update(k, v)  # fits layer 0's pool
+    fit_pending_pools()
+    used = int(store.pool_used.item())
+    assert store.used_bound == used and store.pool.numel() < reserved
+    assert used <= store.pool.numel() <= 1.125 * used + 4096
+    got = layers[0].dense_kv()
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    layers[0].update(k[:, :, :64], v[:, :, :64])  # appends after the fit
+    kept = cfg.sink_tokens + 61 * 64  # sinks + the blocks stored before (the append compresses one more)
+    assert torch.equal(layers[0].dense_kv()[0][:, :, :kept], want[0][:, :, :kept])
