@@ -8,8 +8,9 @@ One spec names one cache:
     static                        transformers' StaticCache (cache_implementation="static"), not compiled
     static:compiled               StaticCache with generate()'s automatic torch.compile of the forward (CUDA)
     kvcomp                        KVCompCache with the default KVCompConfig
-    kvcomp:compiled               kvcomp's fastest decode: the static cache (layout "fixed", K 4 bits (rel_k 1/15),
-                                  V 3 bits (rel_v 1/7)) with generate()'s automatic torch.compile (CUDA graphs)
+    kvcomp:compiled               kvcomp's fastest decode: the static cache in the "fast" preset's format (layout
+                                  "fixed", K and V 4 bits, rel 1/15) with generate()'s automatic torch.compile
+                                  (CUDA graphs)
     kvcomp:<preset>               KVCompCache with configs/<preset>.yaml
     kvcomp:rel_k=0.05,rel_v=0.1   the default config with field overrides (';' may replace ',' where the
                                   surrounding list is itself comma-separated, e.g. lm-eval's --model_args)
@@ -45,8 +46,9 @@ ALLOWED_SPEC_FORMS = (
     "hf-int2",
     "hf-int4",
 )
-# kvcomp:compiled's format: fixed widths, each rel using every code of its width (codec.bits_for_rel)
-COMPILED_KVCOMP = (("layout", "fixed"), ("rel_k", 1 / 15), ("rel_v", 1 / 7))
+# kvcomp:compiled's format: configs/fast.yaml's (fixed 4-bit K and V in pair order, the layout the fused kernel
+# reads fastest; kernels/NOTES.md), each rel using every code of its width (codec.bits_for_rel)
+COMPILED_KVCOMP = (("layout", "fixed"), ("rel_k", 1 / 15), ("rel_v", 1 / 15))
 LEGACY_NAMES = {"dynamic": "full", "dynamic-flash": "full:flash"}  # bench_generate's names before the grammar
 
 
