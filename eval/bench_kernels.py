@@ -196,7 +196,8 @@ def kernel_report(asm_dir=None):
     da = sys.modules[decode_attention.__module__]
     sm = sys.modules[store_blocks.__module__]
     rep = []
-    for kern in (da._decode_kernel, da._tokens_in_m_kernel, da._combine_kernel, sm._stats_kernel, sm._pack_kernel):
+    for kern in (da._decode_kernel, da._tokens_in_m_kernel, da._combine_kernel, sm._stats_kernel, sm._pack_kernel,
+                 sm._head_stats_kernel, sm._pack64_kernel):
         try:
             for caches in kern.device_caches.values():
                 for ck in caches[0].values():
@@ -228,7 +229,8 @@ def main():
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--shapes", default="llama3.1-8b")
     ap.add_argument("--variants", default="", help=f"comma list of decode variants to time too: {list(VARIANTS)}")
-    ap.add_argument("--variant-rows", default="", help="ctx:B,... rows that time the variants (default all)")
+    ap.add_argument("--variant-rows", default="", help="ctx:B,... rows that time the (decode and store) variants "
+                                                       "(default all)")
     ap.add_argument("--skip-store", action="store_true")
     ap.add_argument("--asm-dir", default="", help="write the cubin of each compiled decode kernel here")
     ap.add_argument("--config", default="", help="KVCompConfig overrides, e.g. pack_size=16,repack=median")
@@ -255,8 +257,9 @@ def main():
                 t0 = time.time()
                 try:
                     vr = [tuple(map(int, x.split(":"))) for x in args.variant_rows.split(",") if x]
-                    var = [v for v in args.variants.split(",") if v] if not vr or (ctx, B) in vr else []
-                    sv = [tuple(map(int, x.split("x"))) for x in args.store_warps.split(",") if x] if var else []
+                    timed = not vr or (ctx, B) in vr
+                    var = [v for v in args.variants.split(",") if v] if timed else []
+                    sv = [tuple(map(int, x.split("x"))) for x in args.store_warps.split(",") if x] if timed else []
                     row = run_one(shape, ctx, B, cfg, bw, dev, var, args.skip_store, sv)
                 except Exception as err:  # out of memory, or a failed compile: keep the other rows
                     row = dict(shape=shape, context=ctx, batch=B, skipped=f"{type(err).__name__}: {str(err)[:300]}")

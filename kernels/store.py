@@ -3,14 +3,28 @@
 The byte format is the one of kvcomp_hf/codec.py (the executable specification); these kernels
 produce bit-identical segments, token_min/token_step and perm.
 
-Three launches per call, no host synchronisation:
+Whole-block packs in arrival order (pack_size 64, repack "none": the default and layout "fixed"), no host
+synchronisation:
+  1. `_head_stats_kernel`, one program per (block, head) (granularity "token" only): per-token min, max and
+     nonfinite flag of K and V over the head's channels, into a float32 scratch.
+  2. `_pack64_kernel`, one program per (block, head): the token statistics (combined over the heads from 1, or
+     the head's own for "token_head"; written to the slot arrays), quantise, pack mins and widths, payload
+     words. Layout "fixed": every segment has its largest size, so the kernel places it after pool_used
+     itself (seg_offset, seg_bytes) and writes it straight into the pool; pool_used += total. Layout
+     "packed": segments go to a scratch at worst-case places, their sizes to seg_bytes, then
+  3. `_offsets_kernel`, one program: exclusive scan of the segment sizes in (block, K|V, head) order starting
+     at pool_used, written to seg_offset; pool_used += total; and
+  4. `_move_kernel` copies each segment from the scratch to its offset in the pool.
+  The input is read twice (1., 2.) and quantised once. (The earlier design did the statistics and the
+  segment sizes in one program per block, heads in sequence, and quantised twice: 90 GB/s at 32K x 8.)
+
+Other packs (pack_size < 64 or repack "median", whose permutation needs every head's quantised V):
   1. `_stats_kernel`, one program per block: per-token min/step of K and V (granularity "token":
      over all heads), the median repack permutation (lower median from one pass of per-bin counts
      when bits_v == 3, else a binary search with `bits_v` passes over V), token_min/token_step/perm written to the slot arrays, and
      the byte size of each of the block's 2*H segments (quantise in permuted order, pack min and
      width) into a scratch vector.
-  2. `_offsets_kernel`, one program: exclusive scan of the segment sizes in (block, K|V, head)
-     order starting at pool_used, written to seg_offset; pool_used += total.
+  2. `_offsets_kernel` as above.
   3. `_pack_kernel`, one program per (block, head), K and V: quantise again (from the stored
      min/step, so the integers are identical), zero the segment's words, then OR the fields in
      through 32-bit atomics on the int32 view of the pool. Fields are first combined into 64-bit
@@ -160,7 +174,7 @@ def _stats_kernel(k_ptr, v_ptr, ks_b, ks_h, ks_t, ks_d, vs_b, vs_h, vs_t, vs_d,
                   rel_k, rel_v,
                   D: tl.constexpr, P: tl.constexpr, BITS_K: tl.constexpr, BITS_V: tl.constexpr,
                   META_K: tl.constexpr, META_V: tl.constexpr,
-                  TOKEN_GRAN: tl.constexpr, MEDIAN: tl.constexpr, FIXED: tl.constexpr):
+                  TOKEN_GRAN: tl.constexpr, MEDIAN: tl.constexpr):
     n = tl.program_id(0)
     b = n // nb
     i = n % nb
@@ -250,42 +264,30 @@ def _stats_kernel(k_ptr, v_ptr, ks_b, ks_h, ks_t, ks_d, vs_b, vs_h, vs_t, vs_d,
         tl.store(tstep_ptr + slot * ts_s + idx * ts_t, kstep.to(tl.bfloat16))
         tl.store(tstep_ptr + slot * ts_s + ts_kv + idx * ts_t, vstep.to(tl.bfloat16))
 
-    # segment sizes, in permuted order (K then V, one tile live at a time); layout "fixed": constant
-    if FIXED:
-        for h in range(H):
-            tl.store(segbytes_ptr + (n * 2) * H + h, 8 * D * BITS_K)
-            tl.store(segbytes_ptr + (n * 2 + 1) * H + h, 8 * D * BITS_V)
-            if not TOKEN_GRAN:
-                hklo, hkst = _row_stats(_load_tile(k_ptr, kbase + h * ks_h, prow, ks_t, ks_d, D), rel_k)
-                _store_head_stats(tmin_ptr, tstep_ptr, slot * tm_s + idx * tm_t + h, slot * ts_s + idx * ts_t + h,
-                                  hklo, hkst)
-                hvlo, hvst = _row_stats(_load_tile(v_ptr, vbase + h * vs_h, prow, vs_t, vs_d, D), rel_v)
-                _store_head_stats(tmin_ptr, tstep_ptr, slot * tm_s + tm_kv + idx * tm_t + h,
-                                  slot * ts_s + ts_kv + idx * ts_t + h, hvlo, hvst)
-    else:
-        for h in range(H):
-            kx = _load_tile(k_ptr, kbase + h * ks_h, prow, ks_t, ks_d, D)
-            if TOKEN_GRAN:
-                qk = _quant(kx, klo, kstep, MAXK)
-            else:
-                hklo, hkst = _row_stats(kx, rel_k)
-                qk = _quant(kx, hklo, hkst, MAXK)
-                _store_head_stats(tmin_ptr, tstep_ptr, slot * tm_s + idx * tm_t + h, slot * ts_s + idx * ts_t + h,
-                                  hklo, hkst)
-            _q3, _pm, wk = _pack_geometry(qk, P, D, BITS_K)
-            bk = (META_K + (P * tl.sum(tl.sum(wk, axis=1), axis=0) + 7) // 8 + 3) // 4 * 4
-            tl.store(segbytes_ptr + (n * 2) * H + h, bk)
-            vx = _load_tile(v_ptr, vbase + h * vs_h, prow, vs_t, vs_d, D)
-            if TOKEN_GRAN:
-                qv = _quant(vx, vlo, vstep, MAXV)
-            else:
-                hvlo, hvst = _row_stats(vx, rel_v)
-                qv = _quant(vx, hvlo, hvst, MAXV)
-                _store_head_stats(tmin_ptr, tstep_ptr, slot * tm_s + tm_kv + idx * tm_t + h,
-                                  slot * ts_s + ts_kv + idx * ts_t + h, hvlo, hvst)
-            _q3, _pm, wv = _pack_geometry(qv, P, D, BITS_V)
-            bv = (META_V + (P * tl.sum(tl.sum(wv, axis=1), axis=0) + 7) // 8 + 3) // 4 * 4
-            tl.store(segbytes_ptr + (n * 2 + 1) * H + h, bv)
+    # segment sizes, in permuted order (K then V, one tile live at a time)
+    for h in range(H):
+        kx = _load_tile(k_ptr, kbase + h * ks_h, prow, ks_t, ks_d, D)
+        if TOKEN_GRAN:
+            qk = _quant(kx, klo, kstep, MAXK)
+        else:
+            hklo, hkst = _row_stats(kx, rel_k)
+            qk = _quant(kx, hklo, hkst, MAXK)
+            _store_head_stats(tmin_ptr, tstep_ptr, slot * tm_s + idx * tm_t + h, slot * ts_s + idx * ts_t + h,
+                              hklo, hkst)
+        _q3, _pm, wk = _pack_geometry(qk, P, D, BITS_K)
+        bk = (META_K + (P * tl.sum(tl.sum(wk, axis=1), axis=0) + 7) // 8 + 3) // 4 * 4
+        tl.store(segbytes_ptr + (n * 2) * H + h, bk)
+        vx = _load_tile(v_ptr, vbase + h * vs_h, prow, vs_t, vs_d, D)
+        if TOKEN_GRAN:
+            qv = _quant(vx, vlo, vstep, MAXV)
+        else:
+            hvlo, hvst = _row_stats(vx, rel_v)
+            qv = _quant(vx, hvlo, hvst, MAXV)
+            _store_head_stats(tmin_ptr, tstep_ptr, slot * tm_s + tm_kv + idx * tm_t + h,
+                              slot * ts_s + ts_kv + idx * ts_t + h, hvlo, hvst)
+        _q3, _pm, wv = _pack_geometry(qv, P, D, BITS_V)
+        bv = (META_V + (P * tl.sum(tl.sum(wv, axis=1), axis=0) + 7) // 8 + 3) // 4 * 4
+        tl.store(segbytes_ptr + (n * 2 + 1) * H + h, bv)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -371,7 +373,7 @@ def _meta_words(pmin, width, D: tl.constexpr, BITS: tl.constexpr, WB: tl.constex
 def _write_pack64(pool32, x, lo, step, seg_off, D: tl.constexpr, BITS: tl.constexpr, WB: tl.constexpr,
                   META: tl.constexpr, MW: tl.constexpr, CW: tl.constexpr, CJ: tl.constexpr, FIXED: tl.constexpr):
     """One segment with pack_size 64, written with plain stores (no atomics, no zeroing): the
-    program owns every word of it. Channel c's 64 fields of L_c bits fill 2 * L_c words.
+    program owns every word of it. Channel c's 64 fields of L_c bits fill 2 * L_c words. Returns its bytes.
     MW, CW: powers of two >= META // 4 and >= 2 * BITS (tile sizes); CJ: fields per 32-bit chunk
     (a power of two, CJ * BITS <= 32)."""
     MAXV: tl.constexpr = (1 << BITS) - 1
@@ -407,6 +409,7 @@ def _write_pack64(pool32, x, lo, step, seg_off, D: tl.constexpr, BITS: tl.conste
     if not FIXED:
         mw = tl.arange(0, MW)
         tl.store(pool32 + w0 + mw, _meta_words(pmin, width, D, BITS, WB, MW), mask=mw < META // 4)
+    return META + 8 * tl.sum(width, axis=0)  # the segment's bytes (META is a multiple of 4)
 
 
 @triton.jit(do_not_specialize=["ks_b", "ks_h", "vs_b", "vs_h", "nb", "slot_start"])
@@ -448,6 +451,114 @@ def _pack_kernel(k_ptr, v_ptr, ks_b, ks_h, ks_t, ks_d, vs_b, vs_h, vs_t, vs_d, n
         _write_pack64(pool32, vx, vlo, vst, v_off, D, BITS_V, WB_V, META_V, MW_V, CW_V, CJ_V, FIXED)
     else:
         _pack_one(pool32, vx, vlo, vst, v_off, P, D, BITS_V, WB_V, META_V, ZBLOCK)
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole-block packs in arrival order: statistics per (block, head), one quantisation, moved into place
+
+
+@triton.jit(do_not_specialize=["ks_b", "ks_h", "vs_b", "vs_h", "nb"])
+def _head_stats_kernel(k_ptr, v_ptr, ks_b, ks_h, ks_t, ks_d, vs_b, vs_h, vs_t, vs_d, nb, H, part_ptr,
+                       D: tl.constexpr):
+    """part [n, 2 (K|V), 3 (min, max, nonfinite), H, 64] float32: one head's per-token statistics."""
+    n = tl.program_id(0)
+    h = tl.program_id(1)
+    b = n // nb
+    idx = tl.arange(0, 64)
+    rows = (n % nb) * 64 + idx
+    for kv in tl.static_range(2):
+        if kv == 0:
+            x = _load_tile(k_ptr, b.to(tl.int64) * ks_b + h * ks_h, rows, ks_t, ks_d, D)
+        else:
+            x = _load_tile(v_ptr, b.to(tl.int64) * vs_b + h * vs_h, rows, vs_t, vs_d, D)
+        out = part_ptr + (n.to(tl.int64) * 2 + kv) * 3 * H * 64 + h * 64 + idx
+        tl.store(out, tl.min(x, axis=1))
+        tl.store(out + H * 64, tl.max(x, axis=1))
+        tl.store(out + 2 * H * 64, tl.sum(x - x, axis=1))
+
+
+@triton.jit
+def _token_stats(part_ptr, n, kv: tl.constexpr, H, rel, HP: tl.constexpr):
+    """Stored (min, step) of each token over all heads (granularity "token") from _head_stats_kernel's part."""
+    hh = tl.arange(0, HP)[:, None]
+    m = (hh < H) & (tl.arange(0, 64)[None, :] < 64)
+    p = part_ptr + (n.to(tl.int64) * 2 + kv) * 3 * H * 64 + hh * 64 + tl.arange(0, 64)[None, :]
+    lo = tl.min(tl.load(p, mask=m, other=float("inf")), axis=0)
+    hi = tl.max(tl.load(p + H * 64, mask=m, other=float("-inf")), axis=0)
+    nonfinite = tl.sum(tl.load(p + 2 * H * 64, mask=m, other=0.0), axis=0)
+    return _stored_stats(lo, hi, nonfinite, rel)
+
+
+@triton.jit(do_not_specialize=["ks_b", "ks_h", "vs_b", "vs_h", "nb", "slot_start"])
+def _pack64_kernel(k_ptr, v_ptr, ks_b, ks_h, ks_t, ks_d, vs_b, vs_h, vs_t, vs_d, nb, H, part_ptr,
+                   tmin_ptr, tstep_ptr, tm_s, tm_kv, tm_t, ts_s, ts_kv, ts_t,
+                   so_ptr, so_s, so_kv, segbytes_ptr, slot_start, pool_used_ptr, dst32, rel_k, rel_v,
+                   D: tl.constexpr, BITS_K: tl.constexpr, BITS_V: tl.constexpr, META_K: tl.constexpr,
+                   META_V: tl.constexpr, SEG_K: tl.constexpr, SEG_V: tl.constexpr, TOKEN_GRAN: tl.constexpr,
+                   HP: tl.constexpr, WB_K: tl.constexpr, WB_V: tl.constexpr, MW_K: tl.constexpr,
+                   MW_V: tl.constexpr, CW_K: tl.constexpr, CW_V: tl.constexpr, CJ_K: tl.constexpr,
+                   CJ_V: tl.constexpr, FIXED: tl.constexpr):
+    """One program per (block, head), K then V. SEG_K/SEG_V: the largest segment (layout "fixed": the only
+    size). Layout "fixed": segments go straight to their place in the pool (dst32) after pool_used, and
+    seg_offset/seg_bytes are written here. Layout "packed": dst32 is a scratch with a worst-case place per
+    segment; only seg_bytes is written, and _offsets_kernel and _move_kernel place the segments."""
+    n = tl.program_id(0)
+    h = tl.program_id(1)
+    b = n // nb
+    slot = (slot_start + n).to(tl.int64)
+    idx = tl.arange(0, 64)
+    rows = (n % nb) * 64 + idx
+    for kv in tl.static_range(2):
+        if kv == 0:
+            x = _load_tile(k_ptr, b.to(tl.int64) * ks_b + h * ks_h, rows, ks_t, ks_d, D)
+            rel = rel_k
+        else:
+            x = _load_tile(v_ptr, b.to(tl.int64) * vs_b + h * vs_h, rows, vs_t, vs_d, D)
+            rel = rel_v
+        if TOKEN_GRAN:
+            lo, step = _token_stats(part_ptr, n, kv, H, rel, HP)
+        else:
+            lo, step = _row_stats(x, rel)
+        if TOKEN_GRAN:
+            if h == 0:
+                _store_head_stats(tmin_ptr, tstep_ptr, slot * tm_s + kv * tm_kv + idx * tm_t,
+                                  slot * ts_s + kv * ts_kv + idx * ts_t, lo, step)
+        else:
+            _store_head_stats(tmin_ptr, tstep_ptr, slot * tm_s + kv * tm_kv + idx * tm_t + h,
+                              slot * ts_s + kv * ts_kv + idx * ts_t + h, lo, step)
+        lo = lo.to(tmin_ptr.dtype.element_ty).to(tl.float32)  # quantise from the min as stored
+        # (block, K|V, head) order: K segments of a block before its V segments
+        place = n.to(tl.int64) * H * (SEG_K + SEG_V) + kv * H * SEG_K
+        if kv == 0:
+            place += h * SEG_K
+        else:
+            place += h * SEG_V
+        if FIXED:
+            place += tl.load(pool_used_ptr)
+            tl.store(so_ptr + slot * so_s + kv * so_kv + h, place)
+        if kv == 0:
+            nbytes = _write_pack64(dst32, x, lo, step, place, D, BITS_K, WB_K, META_K, MW_K, CW_K, CJ_K, FIXED)
+        else:
+            nbytes = _write_pack64(dst32, x, lo, step, place, D, BITS_V, WB_V, META_V, MW_V, CW_V, CJ_V, FIXED)
+        tl.store(segbytes_ptr + (n * 2 + kv) * H + h, nbytes)
+
+
+@triton.jit(do_not_specialize=["slot_start"])
+def _move_kernel(src32, dst32, segbytes_ptr, so_ptr, so_s, slot_start, H,
+                 SEG_K: tl.constexpr, SEG_V: tl.constexpr, BLOCK: tl.constexpr):
+    """Copy segment (block n, K|V, head h) from its worst-case place in the scratch to seg_offset."""
+    s = tl.program_id(0)
+    n = s // (2 * H)
+    inner = s % (2 * H)
+    kv = inner // H
+    h = inner % H
+    src = n.to(tl.int64) * H * (SEG_K + SEG_V) + tl.where(kv == 0, h * SEG_K, H * SEG_K + h * SEG_V)
+    dst = tl.load(so_ptr + (slot_start + n).to(tl.int64) * so_s + inner)
+    words = tl.load(segbytes_ptr + s) // 4
+    for start in range(0, words, BLOCK):
+        w = start + tl.arange(0, BLOCK)
+        m = w < words
+        tl.store(dst32 + dst // 4 + w, tl.load(src32 + src // 4 + w, mask=m), mask=m)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -498,30 +609,60 @@ def store_blocks(k, v, store: BlockStore, slot_start: int, *, num_warps: tuple[i
     pool32 = _pool_words(store.pool)
     segbytes = store.seg_bytes[slot_start:slot_start + n].view(-1)  # [n, 2, H] in (block, K|V, head) order
     token_gran = fmt.granularity == "token"
-    common = dict(D=D, P=fmt.pack_size, BITS_K=fmt.bits_k, BITS_V=fmt.bits_v,
-                  META_K=fmt.meta_bytes(0), META_V=fmt.meta_bytes(1), TOKEN_GRAN=token_gran,
-                  FIXED=fmt.layout == "fixed")
     if (fmt.groups > 1 and (token_min.stride(3) != 1 or token_step.stride(3) != 1)) or perm.stride(1) != 1:
         raise ValueError("token_min/token_step/perm must have a contiguous last dim")
+    slot_args = (token_min, token_step, token_min.stride(0), token_min.stride(1), token_min.stride(2),
+                 token_step.stride(0), token_step.stride(1), token_step.stride(2))
     nw_stats, nw = num_warps or ((8, 8) if D <= 64 else (16, 16))
+    pack_tiles = dict(WB_K=width_bits(fmt.bits_k), WB_V=width_bits(fmt.bits_v),
+                      MW_K=triton.next_power_of_2(fmt.meta_bytes(0) // 4),
+                      MW_V=triton.next_power_of_2(fmt.meta_bytes(1) // 4),
+                      CW_K=2 * triton.next_power_of_2(fmt.bits_k), CW_V=2 * triton.next_power_of_2(fmt.bits_v),
+                      CJ_K=chunk_fields(fmt.bits_k, 64), CJ_V=chunk_fields(fmt.bits_v, 64),
+                      D=D, BITS_K=fmt.bits_k, BITS_V=fmt.bits_v, META_K=fmt.meta_bytes(0), META_V=fmt.meta_bytes(1),
+                      TOKEN_GRAN=token_gran, FIXED=fmt.layout == "fixed")
+    if fmt.pack_size == BLOCK_SIZE and fmt.repack == "none":
+        _store_whole_blocks(k, v, store, slot_start, n, nb, segbytes, pool32, slot_args, pack_tiles, nw_stats, nw)
+        return
     _stats_kernel[(n,)](
-        k, v, *k.stride(), *v.stride(), nb, H,
-        token_min, token_step, token_min.stride(0), token_min.stride(1), token_min.stride(2),
-        token_step.stride(0), token_step.stride(1), token_step.stride(2),
+        k, v, *k.stride(), *v.stride(), nb, H, *slot_args,
         perm, perm.stride(0), slot_start, segbytes, store.rel_k, store.rel_v,
-        MEDIAN=fmt.repack == "median", num_warps=nw_stats, num_stages=1, **common)
+        D=D, P=fmt.pack_size, BITS_K=fmt.bits_k, BITS_V=fmt.bits_v, META_K=fmt.meta_bytes(0),
+        META_V=fmt.meta_bytes(1), TOKEN_GRAN=token_gran, MEDIAN=fmt.repack == "median",
+        num_warps=nw_stats, num_stages=1)
     _offsets_kernel[(1,)](segbytes, n * 2 * H, store.pool_used, seg_offset, seg_offset.stride(0), slot_start, H,
                           BLOCK=1024, num_warps=4)
     _pack_kernel[(n, H)](
-        k, v, *k.stride(), *v.stride(), nb,
-        token_min, token_step, token_min.stride(0), token_min.stride(1), token_min.stride(2),
-        token_step.stride(0), token_step.stride(1), token_step.stride(2),
+        k, v, *k.stride(), *v.stride(), nb, *slot_args,
         perm, perm.stride(0), seg_offset, seg_offset.stride(0), seg_offset.stride(1), slot_start, pool32,
-        WB_K=width_bits(fmt.bits_k), WB_V=width_bits(fmt.bits_v), ZBLOCK=256,
-        MW_K=triton.next_power_of_2(fmt.meta_bytes(0) // 4), MW_V=triton.next_power_of_2(fmt.meta_bytes(1) // 4),
-        CW_K=2 * triton.next_power_of_2(fmt.bits_k), CW_V=2 * triton.next_power_of_2(fmt.bits_v),
-        CJ_K=chunk_fields(fmt.bits_k, 64), CJ_V=chunk_fields(fmt.bits_v, 64),
-        num_warps=nw, num_stages=1, **common)
+        P=fmt.pack_size, ZBLOCK=256, num_warps=nw, num_stages=1, **pack_tiles)
+
+
+def _store_whole_blocks(k, v, store: BlockStore, slot_start, n, nb, segbytes, pool32, slot_args, pack_tiles,
+                        nw_stats, nw):
+    """store_blocks for whole-block packs in arrival order (see the module docstring)."""
+    fmt, seg_offset = store.fmt, store.seg_offset
+    H = fmt.num_heads
+    seg_k, seg_v = fmt.max_segment_bytes(0), fmt.max_segment_bytes(1)
+    part = torch.empty(0, device=k.device, dtype=torch.float32)
+    if fmt.granularity == "token":
+        part = torch.empty(n * 2 * 3 * H * 64, device=k.device, dtype=torch.float32)
+        _head_stats_kernel[(n, H)](k, v, *k.stride(), *v.stride(), nb, H, part, D=fmt.head_dim,
+                                   num_warps=nw_stats, num_stages=1)
+    fixed = fmt.layout == "fixed"
+    dst32 = pool32 if fixed else torch.empty(n * H * (seg_k + seg_v) // 4, device=k.device, dtype=torch.int32)
+    _pack64_kernel[(n, H)](
+        k, v, *k.stride(), *v.stride(), nb, H, part, *slot_args,
+        seg_offset, seg_offset.stride(0), seg_offset.stride(1), segbytes, slot_start, store.pool_used, dst32,
+        store.rel_k, store.rel_v, SEG_K=seg_k, SEG_V=seg_v, HP=triton.next_power_of_2(H),
+        num_warps=nw, num_stages=1, **pack_tiles)
+    if fixed:  # every segment has its largest size: the pack kernel placed them after pool_used
+        store.pool_used += n * H * (seg_k + seg_v)
+        return
+    _offsets_kernel[(1,)](segbytes, n * 2 * H, store.pool_used, seg_offset, seg_offset.stride(0), slot_start, H,
+                          BLOCK=1024, num_warps=4)
+    _move_kernel[(n * 2 * H,)](dst32, pool32, segbytes, seg_offset, seg_offset.stride(0), slot_start, H,
+                               SEG_K=seg_k, SEG_V=seg_v, BLOCK=256, num_warps=2)
 
 
 def encode_blocks_triton(k: torch.Tensor, v: torch.Tensor, config) -> tuple[EncodedBlocks, BlockFormat]:

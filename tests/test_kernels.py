@@ -98,6 +98,33 @@ def test_store_matches_codec_fixed_layout(gran, rel_k, rel_v, dtype, outliers):
     assert (e0.seg_bytes[:, 0] == 8 * 32 * fmt.bits_k).all() and (e0.seg_bytes[:, 1] == 8 * 32 * fmt.bits_v).all()
 
 
+@pytest.mark.parametrize("gran,layout", [("token", "packed"), ("token_head", "packed"), ("token", "fixed")])
+def test_store_whole_blocks_three_heads_nonfinite_and_offset(gran, layout):
+    """The whole-block path with a head count that is not a power of two (the per-head statistics are
+    combined over a padded tile), NaN and inf tokens, slot_start > 0 and pool_used > 0."""
+    gen = torch.Generator().manual_seed(11)
+    cfg = KVCompConfig(granularity=gran, layout=layout)
+    k, v = _kv(4, 3, 64, 32, torch.bfloat16, gen, outliers=True)
+    k[0] = k[0].abs() + 0.5  # positive: a padded head read as 0 would lower the token minimum
+    k[1, 2, 7, 5] = float("nan")
+    v[2, 0, 40, 1] = float("inf")
+    k[3, 1, 63, 0] = float("-inf")
+    store = BlockStore.from_config(cfg, 3, 32, torch.bfloat16, torch.device(DEV), use_triton=True)
+    store.reserve(9, 40 + store.max_bytes(4))
+    store.pool_used.fill_(40)
+    store_blocks(k, v, store, 5)  # [B=4, H, 64, D]: one block per row
+    e0, _ = codec.encode_blocks(k, v, cfg)
+    total = int(e0.seg_bytes.sum())
+    assert int(store.pool_used) == 40 + total
+    assert torch.equal(store.seg_offset[5:9].cpu(), e0.seg_offset.cpu() + 40)
+    assert torch.equal(store.seg_bytes[5:9].cpu().long(), e0.seg_bytes.cpu())
+    assert torch.equal(store.pool[40:40 + total].cpu(), e0.data.cpu())
+    for name in ("token_min", "token_step"):  # NaN where a token's group holds a NaN or inf
+        got, want = getattr(store, name)[5:9].cpu().float(), getattr(e0, name).cpu().float()
+        assert torch.allclose(got, want, rtol=0, atol=0, equal_nan=True)
+    assert int(store.token_step[5:9].isnan().sum()) == 3  # one group per bad value
+
+
 def test_store_constant_tokens_and_strided_input():
     """Constant tokens (step 0), a strided view of a longer tail, two sequences, slot_start > 0,
     a non-zero pool_used and old bytes in the pool past it."""
