@@ -394,14 +394,17 @@ def _write_pack64(pool32, x, lo, step, seg_off, D: tl.constexpr, BITS: tl.conste
     else:
         jL = j * width[None, None, :]
     chunk = tl.sum(r3 << jL.to(tl.int64), axis=1)                  # [NCH, D]
-    # words: word w of a channel holds bits 32w.. of its stream; chunk g starts at bit g * CJ * L
-    w = tl.arange(0, CW)[:, None, None]
-    g = tl.arange(0, NCH)[None, :, None]
-    sh = g * (CJ * width[None, None, :]) - 32 * w                    # [NWC, NCH, D]
-    cx = chunk[None, :, :]
-    part = tl.where(sh >= 0, cx << tl.maximum(sh, 0).to(tl.int64), cx >> tl.maximum(-sh, 0).to(tl.int64))
-    part = tl.where((sh < 32) & (sh + CJ * width[None, None, :] > 0), part & 0xFFFFFFFF, 0)
-    words = tl.sum(part, axis=1).to(tl.uint32).to(tl.int32, bitcast=True)   # [CW, D]
+    if FIXED and CJ * BITS == 32:  # every chunk is a whole word (NCH == CW)
+        words = chunk.to(tl.uint32).to(tl.int32, bitcast=True)
+    else:
+        # words: word w of a channel holds bits 32w.. of its stream; chunk g starts at bit g * CJ * L
+        w = tl.arange(0, CW)[:, None, None]
+        g = tl.arange(0, NCH)[None, :, None]
+        sh = g * (CJ * width[None, None, :]) - 32 * w                    # [NWC, NCH, D]
+        cx = chunk[None, :, :]
+        part = tl.where(sh >= 0, cx << tl.maximum(sh, 0).to(tl.int64), cx >> tl.maximum(-sh, 0).to(tl.int64))
+        part = tl.where((sh < 32) & (sh + CJ * width[None, None, :] > 0), part & 0xFFFFFFFF, 0)
+        words = tl.sum(part, axis=1).to(tl.uint32).to(tl.int32, bitcast=True)   # [CW, D]
     excl = tl.cumsum(width, axis=0) - width
     w0 = seg_off // 4
     wpos = w0 + META // 4 + 2 * excl[None, :] + tl.arange(0, CW)[:, None]

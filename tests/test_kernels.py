@@ -72,6 +72,7 @@ FIXED_STORE_CASES = [
     ("token", 1 / 15, 1 / 7, torch.bfloat16, True),
     ("token_head", 1 / 3, 1 / 100, torch.float16, False),
     ("token", 0.1, 0.15, torch.float32, True),
+    ("token_head", 1 / 15, 1 / 15, torch.float16, True),  # 4/4 bits: kvcomp:compiled and the fast preset
 ]
 
 
