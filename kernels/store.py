@@ -84,6 +84,16 @@ def _row_stats(x, rel):
 
 
 @triton.jit
+def _group_stats(x, lo, step, rel, TOKEN_GRAN: tl.constexpr):
+    """The (min, step) that quantise tile x [64, D]: the tokens' (granularity "token") or x's own rows'."""
+    if TOKEN_GRAN:
+        glo, gstep = lo, step
+    else:
+        glo, gstep = _row_stats(x, rel)
+    return glo, gstep
+
+
+@triton.jit
 def _store_head_stats(tmin_ptr, tstep_ptr, min_off, step_off, lo, step):
     """Store one KV head's per-token (min, step) (granularity "token_head") at the given element offsets."""
     tl.store(tmin_ptr + min_off, lo.to(tmin_ptr.dtype.element_ty))
@@ -218,11 +228,8 @@ def _stats_kernel(k_ptr, v_ptr, ks_b, ks_h, ks_t, ks_d, vs_b, vs_h, vs_t, vs_d,
             cnt = tl.zeros([64, NBIN], tl.int32)
             for h in range(H):
                 vx = _load_tile(v_ptr, vbase + h * vs_h, rows, vs_t, vs_d, D)
-                if TOKEN_GRAN:
-                    qv = _quant(vx, vlo, vstep, MAXV)
-                else:
-                    hlo, hst = _row_stats(vx, rel_v)
-                    qv = _quant(vx, hlo, hst, MAXV)
+                hlo, hst = _group_stats(vx, vlo, vstep, rel_v, TOKEN_GRAN)
+                qv = _quant(vx, hlo, hst, MAXV)
                 for bb in tl.static_range(NBIN - 1):
                     c_b = tl.sum((qv <= bb).to(tl.int32), axis=1)
                     cnt += tl.where(bins[None, :] == bb, c_b[:, None], 0)
@@ -235,11 +242,8 @@ def _stats_kernel(k_ptr, v_ptr, ks_b, ks_h, ks_t, ks_d, vs_b, vs_h, vs_t, vs_d,
                 cnt = tl.zeros([64], tl.int32)
                 for h in range(H):
                     vx = _load_tile(v_ptr, vbase + h * vs_h, rows, vs_t, vs_d, D)
-                    if TOKEN_GRAN:
-                        qv = _quant(vx, vlo, vstep, MAXV)
-                    else:
-                        hlo, hst = _row_stats(vx, rel_v)
-                        qv = _quant(vx, hlo, hst, MAXV)
+                    hlo, hst = _group_stats(vx, vlo, vstep, rel_v, TOKEN_GRAN)
+                    qv = _quant(vx, hlo, hst, MAXV)
                     cnt += tl.sum((qv <= mid[:, None]).to(tl.int32), axis=1)
                 ok = cnt >= target
                 hi_m = tl.where(ok, mid, hi_m)
@@ -267,22 +271,18 @@ def _stats_kernel(k_ptr, v_ptr, ks_b, ks_h, ks_t, ks_d, vs_b, vs_h, vs_t, vs_d,
     # segment sizes, in permuted order (K then V, one tile live at a time)
     for h in range(H):
         kx = _load_tile(k_ptr, kbase + h * ks_h, prow, ks_t, ks_d, D)
-        if TOKEN_GRAN:
-            qk = _quant(kx, klo, kstep, MAXK)
-        else:
-            hklo, hkst = _row_stats(kx, rel_k)
-            qk = _quant(kx, hklo, hkst, MAXK)
+        hklo, hkst = _group_stats(kx, klo, kstep, rel_k, TOKEN_GRAN)
+        qk = _quant(kx, hklo, hkst, MAXK)
+        if not TOKEN_GRAN:
             _store_head_stats(tmin_ptr, tstep_ptr, slot * tm_s + idx * tm_t + h, slot * ts_s + idx * ts_t + h,
                               hklo, hkst)
         _q3, _pm, wk = _pack_geometry(qk, P, D, BITS_K)
         bk = (META_K + (P * tl.sum(tl.sum(wk, axis=1), axis=0) + 7) // 8 + 3) // 4 * 4
         tl.store(segbytes_ptr + (n * 2) * H + h, bk)
         vx = _load_tile(v_ptr, vbase + h * vs_h, prow, vs_t, vs_d, D)
-        if TOKEN_GRAN:
-            qv = _quant(vx, vlo, vstep, MAXV)
-        else:
-            hvlo, hvst = _row_stats(vx, rel_v)
-            qv = _quant(vx, hvlo, hvst, MAXV)
+        hvlo, hvst = _group_stats(vx, vlo, vstep, rel_v, TOKEN_GRAN)
+        qv = _quant(vx, hvlo, hvst, MAXV)
+        if not TOKEN_GRAN:
             _store_head_stats(tmin_ptr, tstep_ptr, slot * tm_s + tm_kv + idx * tm_t + h,
                               slot * ts_s + ts_kv + idx * ts_t + h, hvlo, hvst)
         _q3, _pm, wv = _pack_geometry(qv, P, D, BITS_V)
