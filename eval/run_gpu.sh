@@ -25,6 +25,12 @@
 #   kernels-fixed-widths : eval.bench_kernels on the fixed layout at 4/3 bits (kvcomp:compiled's format) and 4/2
 #                      bits (the default rel) at 32K x 8 and 128K x 8; run it on main and on branch paired-2bit
 #   rotation         : eval.bench_rotation --step-only (a decode step's rotations: cuBLAS float32 vs kernels/rotate.py)
+#   cuda-tests-no-model : the CUDA tests that need no SmolLM2 file (kernels, caches, rotation, static cache, memory)
+#   kernels-store    : eval.bench_kernels (all rows) with store warp variants at 8K x 8 and 32K x 8, and the fast
+#                      preset at 8K x 8 and 32K x 8
+#   prefill-profile  : eval.profile_decode --prefill at 8K x 8 (where kvcomp's TTFT over DynamicCache goes)
+#   compiled-32k     : issue 14's 32K x 8 row: DynamicCache against kvcomp:compiled
+#   ttft             : TTFT rows at 32K x 1 and 8K x 8 (full, kvcomp)
 # Usage: OUT=/some/dir bash eval/run_gpu.sh gpu-tests accuracy bench
 set -uo pipefail
 export PYTHONUNBUFFERED=1 KVCOMP_EVAL_NO_PROGRESS=1
@@ -96,6 +102,22 @@ for stage in "$@"; do
           --batches 8 --out "$OUT/bench_kernels_fixed$name.json" 2>&1 | tail -8
       done ;;
     rotation) timeout 120 python -m eval.bench_rotation --step-only --out "$OUT/bench_rotation_step.json" 2>&1 | tail -8 ;;
+    cuda-tests-no-model) timeout 270 python -m pytest -q -p no:cacheprovider -m cuda tests/test_cache.py \
+        tests/test_kernels.py tests/test_rotation.py tests/test_static_cache.py tests/test_memory.py \
+        tests/test_cuda_generate.py -k "tiny or not (triton_and_torch or fused_attention_matches or compiled_static)" \
+        2>&1 | tee "$OUT/cuda_tests.log" | tail -8 ;;
+    kernels-store)
+      timeout 300 python -m eval.bench_kernels --store-warps 4x8,4x16,8x16,16x8 --variant-rows 32768:8,8192:8 \
+        --out "$OUT/bench_kernels.json" 2>&1 | tail -45
+      timeout 100 python -m eval.bench_kernels --config preset=fast --contexts 8192,32768 --batches 8 \
+        --out "$OUT/bench_kernels_fast.json" 2>&1 | tail -12 ;;
+    prefill-profile) timeout 200 python -m eval.profile_decode --prefill --model llama3.1-8b --context 8192 --batch 8 \
+        --caches full,kvcomp --out "$OUT/profile_prefill_8kx8.json" 2>&1 | tail -40 ;;
+    compiled-32k) timeout 280 python -m eval.bench_generate --models llama3.1-8b --caches full,kvcomp:compiled \
+        --contexts 32768 --batches 8 --runs-per-shape 2 --no-compiled-warmup --time-budget 260 \
+        --out "$OUT/bench_generate_compiled_32768x8.json" 2>&1 | tail -8 ;;
+    ttft) timeout 290 python -m eval.bench_generate --models llama3.1-8b --caches full,kvcomp --contexts 32768,8192 \
+        --batches 1,8 --runs-per-shape 2 --time-budget 270 --out "$OUT/bench_generate_ttft.json" 2>&1 | tail -12 ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
 done
