@@ -26,8 +26,7 @@
 #                      bits (the default rel) at 32K x 8 and 128K x 8; run it on main and on branch paired-2bit
 #   rotation         : eval.bench_rotation --step-only (a decode step's rotations: cuBLAS float32 vs kernels/rotate.py)
 #   cuda-tests-no-model : the CUDA tests that need no SmolLM2 file (kernels, caches, rotation, static cache, memory)
-#   kernels-store    : eval.bench_kernels (all rows) with store warp variants at 8K x 8 and 32K x 8, and the fast
-#                      preset at 8K x 8 and 32K x 8
+#   kernels-store    : eval.bench_kernels at 8K x 8 and 32K x 8 with store warp variants, and the fast preset
 #   prefill-profile  : eval.profile_decode --prefill at 8K x 8 (where kvcomp's TTFT over DynamicCache goes)
 #   compiled-32k     : issue 14's 32K x 8 row: DynamicCache against kvcomp:compiled
 #   ttft             : TTFT rows at 32K x 1 and 8K x 8 (full, kvcomp)
@@ -107,8 +106,8 @@ for stage in "$@"; do
         tests/test_cuda_generate.py -k "tiny or not (triton_and_torch or fused_attention_matches or compiled_static)" \
         2>&1 | tee "$OUT/cuda_tests.log" | tail -8 ;;
     kernels-store)
-      timeout 300 python -m eval.bench_kernels --store-warps 4x8,4x16,8x16,16x8 --variant-rows 32768:8,8192:8 \
-        --out "$OUT/bench_kernels.json" 2>&1 | tail -45
+      timeout 200 python -m eval.bench_kernels --contexts 8192,32768 --batches 8 --store-warps 4x8,4x16,8x16,16x8 \
+        --out "$OUT/bench_kernels_store.json" 2>&1 | tail -20
       timeout 100 python -m eval.bench_kernels --config preset=fast --contexts 8192,32768 --batches 8 \
         --out "$OUT/bench_kernels_fast.json" 2>&1 | tail -12 ;;
     prefill-profile) timeout 200 python -m eval.profile_decode --prefill --model llama3.1-8b --context 8192 --batch 8 \
