@@ -126,6 +126,17 @@ def test_store_whole_blocks_three_heads_nonfinite_and_offset(gran, layout):
     assert int(store.token_step[5:9].isnan().sum()) == 3  # one group per bad value
 
 
+def test_store_vector_load_hint_only_for_aligned_rows():
+    """The statistics kernels are told rows start 16-byte aligned (vector loads) only when every row does."""
+    from kvcomp_hf.kernels.store import _rows_aligned
+
+    x = torch.zeros(2, 3, 70, 40, dtype=torch.bfloat16)
+    assert _rows_aligned(x[:, :, :64, :32].contiguous()) and _rows_aligned(x[:, :, 3:67, :])  # strides 40*k, 40
+    assert not _rows_aligned(x[:, :, :64, 1:33])  # rows start 2 bytes past an aligned address
+    assert not _rows_aligned(x[:, :, :64, :32].transpose(2, 3).contiguous().transpose(2, 3))  # channel stride 64
+    assert not _rows_aligned(torch.zeros(2, 3, 64, 36, dtype=torch.bfloat16)[..., :32])  # row stride 36
+
+
 def test_store_constant_tokens_and_strided_input():
     """Constant tokens (step 0), a strided view of a longer tail, two sequences, slot_start > 0,
     a non-zero pool_used and old bytes in the pool past it."""
