@@ -101,7 +101,7 @@ for stage in "$@"; do
           --batches 8 --out "$OUT/bench_kernels_fixed$name.json" 2>&1 | tail -8
       done ;;
     rotation) timeout 120 python -m eval.bench_rotation --step-only --out "$OUT/bench_rotation_step.json" 2>&1 | tail -8 ;;
-    cuda-tests-no-model) timeout 270 python -m pytest -q -p no:cacheprovider -m cuda tests/test_cache.py \
+    cuda-tests-no-model) timeout ${TEST_LIMIT:-270} python -m pytest -q -p no:cacheprovider -m cuda tests/test_cache.py \
         tests/test_kernels.py tests/test_rotation.py tests/test_static_cache.py tests/test_memory.py \
         tests/test_cuda_generate.py -k "tiny or not (triton_and_torch or fused_attention_matches or compiled_static)" \
         2>&1 | tee "$OUT/cuda_tests.log" | tail -8 ;;
