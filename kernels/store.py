@@ -636,7 +636,10 @@ def store_blocks(k, v, store: BlockStore, slot_start: int, *, num_warps: tuple[i
         raise ValueError("token_min/token_step/perm must have a contiguous last dim")
     slot_args = (token_min, token_step, token_min.stride(0), token_min.stride(1), token_min.stride(2),
                  token_step.stride(0), token_step.stride(1), token_step.stride(2))
-    nw_stats, nw = num_warps or ((8, 8) if D <= 64 else (16, 16))
+    whole_blocks = fmt.pack_size == BLOCK_SIZE and fmt.repack == "none"
+    # whole blocks: 8-warp pack programs (239 registers, no spills) beat 16 (127): 225 against 151 GB/s at 32K x 8
+    # (H200, bench_kernels --store-warps); the statistics kernel's warps make no difference
+    nw_stats, nw = num_warps or ((8, 8) if D <= 64 or (whole_blocks and D <= 128) else (16, 16))
     pack_tiles = dict(WB_K=width_bits(fmt.bits_k), WB_V=width_bits(fmt.bits_v),
                       MW_K=triton.next_power_of_2(fmt.meta_bytes(0) // 4),
                       MW_V=triton.next_power_of_2(fmt.meta_bytes(1) // 4),
@@ -645,7 +648,7 @@ def store_blocks(k, v, store: BlockStore, slot_start: int, *, num_warps: tuple[i
                       D=D, BITS_K=fmt.bits_k, BITS_V=fmt.bits_v, META_K=fmt.meta_bytes(0), META_V=fmt.meta_bytes(1),
                       TOKEN_GRAN=token_gran, FIXED=fmt.layout == "fixed")
     aligned = _rows_aligned(k) and _rows_aligned(v)
-    if fmt.pack_size == BLOCK_SIZE and fmt.repack == "none":
+    if whole_blocks:
         _store_whole_blocks(k, v, store, slot_start, n, nb, segbytes, pool32, slot_args, pack_tiles, aligned,
                             nw_stats, nw)
         return
