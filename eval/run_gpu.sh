@@ -106,7 +106,7 @@ for stage in "$@"; do
         tests/test_cuda_generate.py -k "tiny or not (triton_and_torch or fused_attention_matches or compiled_static)" \
         2>&1 | tee "$OUT/cuda_tests.log" | tail -8 ;;
     kernels-store)
-      timeout 200 python -m eval.bench_kernels --contexts 8192,32768 --batches 8 --store-warps 4x8,4x16,8x16,16x8 \
+      timeout 200 python -m eval.bench_kernels --contexts 8192,32768 --batches 8 --store-warps 4x8,16x16 \
         --out "$OUT/bench_kernels_store.json" 2>&1 | tail -20
       timeout 100 python -m eval.bench_kernels --config preset=fast --contexts 8192,32768 --batches 8 \
         --out "$OUT/bench_kernels_fast.json" 2>&1 | tail -12 ;;
