@@ -16,7 +16,8 @@ synchronisation:
      at pool_used, written to seg_offset; pool_used += total; and
   4. `_move_kernel` copies each segment from the scratch to its offset in the pool.
   The input is read twice (1., 2.) and quantised once. (The earlier design did the statistics and the
-  segment sizes in one program per block, heads in sequence, and quantised twice: 90 GB/s at 32K x 8.)
+  segment sizes in one program per block, heads in sequence, and quantised twice: 90 GB/s at 32K x 8;
+  this one 225 GB/s, H200, kernels/NOTES.md.)
 
 Other packs (pack_size < 64 or repack "median", whose permutation needs every head's quantised V):
   1. `_stats_kernel`, one program per block: per-token min/step of K and V (granularity "token":
