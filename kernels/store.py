@@ -322,7 +322,8 @@ def _offsets_kernel(segbytes_ptr, total, pool_used_ptr, so_ptr, so_s, slot_start
 
 # The pack kernels read K/V element-wise: 16-byte vector loads lay a tile out along channels, and the per-channel
 # reductions over tokens then cost more than the loads save (sm_90 SASS per thread, 16 warps, 4/2-bit packed:
-# 4072 with the hint, 3320 without; the statistics kernels go the other way: 432 against 1816).
+# 4072 with the hint, 3320 without, int64 packing; the statistics kernels go the other way: 432 against 1824;
+# `python -m eval.sass_count store`).
 PACK_ALIGNED: tl.constexpr = tl.constexpr(False)
 
 
