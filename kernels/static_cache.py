@@ -31,21 +31,7 @@ from kvcomp_hf.codec import BlockFormat
 
 from .decode_attention import (LOG2E, _combine_kernel, _static_args, _tokens_in_m_kernel, choose_tuning,
                                chunk_fields)
-from .store import _load_tile, _row_stats, _stored_stats, _write_pack64
-
-
-@triton.jit
-def _token_stats(ptr, b, s_b, s_h, rows, s_t, H, rel, D: tl.constexpr):
-    """Stored (min, step) of each of 64 tokens over all H heads (granularity "token"), as _stats_kernel."""
-    lo = tl.full([64], float("inf"), tl.float32)
-    hi = tl.full([64], float("-inf"), tl.float32)
-    nf = tl.zeros([64], tl.float32)
-    for h in range(H):
-        x = _load_tile(ptr, b, s_b, h, s_h, rows, s_t, 1, D, False)
-        lo = tl.minimum(lo, tl.min(x, axis=1))
-        hi = tl.maximum(hi, tl.max(x, axis=1))
-        nf += tl.sum(x - x, axis=1)
-    return _stored_stats(lo, hi, nf, rel)
+from .store import _load_tile, _row_stats, _token_stats_over_heads, _write_pack64
 
 
 @triton.jit
@@ -57,7 +43,7 @@ def _compress_ring_block(ring, s_b, s_h, s_t, b, rows, slot, seg0, kv, pool32, t
     8 * D * BITS bytes from byte seg0, as store_blocks writes them for layout "fixed"."""
     idx = tl.arange(0, 64)
     if TOKEN_GRAN:
-        lo, step = _token_stats(ring, b, s_b, s_h, rows, s_t, H, rel, D)
+        lo, step = _token_stats_over_heads(ring, b, s_b, s_h, rows, s_t, 1, H, rel, D, False)
         tl.store(tmin_ptr + slot * tm_s + kv * tm_kv + idx * tm_t, lo.to(tmin_ptr.dtype.element_ty))
         tl.store(tstep_ptr + slot * ts_s + kv * ts_kv + idx * ts_t, step.to(tl.bfloat16))
     for h in range(H):

@@ -136,6 +136,20 @@ def _load_tile(ptr, b, sb, h, sh, rows, st, sd, D: tl.constexpr, ALIGNED: tl.con
 
 
 @triton.jit
+def _token_stats_over_heads(ptr, b, sb, sh, rows, st, sd, H, rel, D: tl.constexpr, ALIGNED: tl.constexpr):
+    """Stored (min, step) of each of 64 tokens (rows `rows` of sequence b) over all H heads (granularity "token")."""
+    lo = tl.full([64], float("inf"), tl.float32)
+    hi = tl.full([64], float("-inf"), tl.float32)
+    nonfinite = tl.zeros([64], tl.float32)
+    for h in range(H):
+        x = _load_tile(ptr, b, sb, h, sh, rows, st, sd, D, ALIGNED)
+        lo = tl.minimum(lo, tl.min(x, axis=1))
+        hi = tl.maximum(hi, tl.max(x, axis=1))
+        nonfinite += tl.sum(x - x, axis=1)
+    return _stored_stats(lo, hi, nonfinite, rel)
+
+
+@triton.jit
 def _or_fields(pool32, start, vals, L, F: tl.constexpr, NC: tl.constexpr):
     """OR fields into the int32 pool. vals [A, F, B] int32 (field f of group (a, b) has L bits at
     group bit f * L), L broadcastable to [A, B] int32, start [A, B] int64 absolute bit offset of
@@ -203,25 +217,15 @@ def _stats_kernel(k_ptr, v_ptr, ks_b, ks_h, ks_t, ks_d, vs_b, vs_h, vs_t, vs_d,
     MAXK: tl.constexpr = (1 << BITS_K) - 1
     MAXV: tl.constexpr = (1 << BITS_V) - 1
 
-    # token statistics over all heads (granularity "token"), original order
-    klo = tl.full([64], float("inf"), tl.float32)
-    khi = tl.full([64], float("-inf"), tl.float32)
-    vlo = tl.full([64], float("inf"), tl.float32)
-    vhi = tl.full([64], float("-inf"), tl.float32)
-    knf = tl.zeros([64], tl.float32)
-    vnf = tl.zeros([64], tl.float32)
+    # token statistics over all heads (granularity "token"), original order; "token_head" uses each tile's own
     if TOKEN_GRAN:
-        for h in range(H):
-            kx = _load_tile(k_ptr, b, ks_b, h, ks_h, rows, ks_t, ks_d, D, ALIGNED)
-            vx = _load_tile(v_ptr, b, vs_b, h, vs_h, rows, vs_t, vs_d, D, ALIGNED)
-            klo = tl.minimum(klo, tl.min(kx, axis=1))
-            khi = tl.maximum(khi, tl.max(kx, axis=1))
-            vlo = tl.minimum(vlo, tl.min(vx, axis=1))
-            vhi = tl.maximum(vhi, tl.max(vx, axis=1))
-            knf += tl.sum(kx - kx, axis=1)
-            vnf += tl.sum(vx - vx, axis=1)
-    klo, kstep = _stored_stats(klo, khi, knf, rel_k)
-    vlo, vstep = _stored_stats(vlo, vhi, vnf, rel_v)
+        klo, kstep = _token_stats_over_heads(k_ptr, b, ks_b, ks_h, rows, ks_t, ks_d, H, rel_k, D, ALIGNED)
+        vlo, vstep = _token_stats_over_heads(v_ptr, b, vs_b, vs_h, rows, vs_t, vs_d, H, rel_v, D, ALIGNED)
+    else:
+        klo = tl.zeros([64], tl.float32)  # unused: _group_stats takes each tile's own rows
+        kstep = klo
+        vlo = klo
+        vstep = klo
 
     # median repack: lower median of the H*D V integers of each token
     if MEDIAN:
@@ -370,12 +374,11 @@ def _in_word(chunk, sh, nbits):
 
 
 @triton.jit
-def _chunks(fields, L, CJ: tl.constexpr):
-    """fields [G * CJ, C] (uint32, L bits each, L broadcastable to [1, C]) -> [G, C] chunks: CJ consecutive
-    fields at bits j * L of one uint32 (CJ * L <= 32)."""
+def _chunks(fields, shift, CJ: tl.constexpr):
+    """fields [G * CJ, C] (uint32) -> [G, C] chunks: field j of each run of CJ at bit shift[j] of one uint32
+    (shift broadcastable to [1, CJ, C]; the fields' bits must not overlap within 32)."""
     f3 = tl.reshape(fields, (fields.shape[0] // CJ, CJ, fields.shape[1]))
-    j = tl.arange(0, CJ)[None, :, None]
-    return tl.sum(f3 << (j * L[:, None, :]).to(tl.uint32), axis=1)  # disjoint bits: sum == or
+    return tl.sum(f3 << shift.to(tl.uint32), axis=1)  # disjoint bits: sum == or
 
 
 @triton.jit
@@ -408,12 +411,11 @@ def _write_pack64(pool32, x, lo, step, seg_off, D: tl.constexpr, BITS: tl.conste
         width = _bitlen(tl.max(q, axis=0) - pmin, BITS)              # [D]
     r = (q - pmin[None, :]).to(tl.uint32)
     # chunks: CJ consecutive fields of one channel -> bits j * L of one uint32 (at most 32 bits)
+    j = tl.arange(0, CJ)[None, :, None]
     if FIXED and BITS == 4:  # pair order (codec: BlockFormat.paired): a chunk is one word
-        j = tl.arange(0, CJ)[None, :, None]
-        jL = (j // 2) * BITS + (j % 2) * 16
-        chunk = tl.sum(tl.reshape(r, (NCH, CJ, D)) << jL.to(tl.uint32), axis=1)
+        chunk = _chunks(r, (j // 2) * BITS + (j % 2) * 16, CJ)
     else:
-        chunk = _chunks(r, width[None, :], CJ)                          # [NCH, D]
+        chunk = _chunks(r, j * width[None, None, :], CJ)                # [NCH, D]
     if FIXED and CJ * BITS == 32:  # every chunk is a whole word (NCH == CW)
         words = chunk.to(tl.int32, bitcast=True)
     else:
@@ -498,7 +500,7 @@ def _head_stats_kernel(k_ptr, v_ptr, ks_b, ks_h, ks_t, ks_d, vs_b, vs_h, vs_t, v
 
 
 @triton.jit
-def _token_stats(part_ptr, n, kv: tl.constexpr, H, rel, HP: tl.constexpr):
+def _token_stats_from_parts(part_ptr, n, kv: tl.constexpr, H, rel, HP: tl.constexpr):
     """Stored (min, step) of each token over all heads (granularity "token") from _head_stats_kernel's part."""
     hh = tl.arange(0, HP)[:, None]
     m = (hh < H) & (tl.arange(0, 64)[None, :] < 64)
@@ -536,14 +538,12 @@ def _pack64_kernel(k_ptr, v_ptr, ks_b, ks_h, ks_t, ks_d, vs_b, vs_h, vs_t, vs_d,
             x = _load_tile(v_ptr, b, vs_b, h, vs_h, rows, vs_t, vs_d, D, PACK_ALIGNED)
             rel = rel_v
         if TOKEN_GRAN:
-            lo, step = _token_stats(part_ptr, n, kv, H, rel, HP)
-        else:
-            lo, step = _row_stats(x, rel)
-        if TOKEN_GRAN:
+            lo, step = _token_stats_from_parts(part_ptr, n, kv, H, rel, HP)
             if h == 0:
                 _store_head_stats(tmin_ptr, tstep_ptr, slot * tm_s + kv * tm_kv + idx * tm_t,
                                   slot * ts_s + kv * ts_kv + idx * ts_t, lo, step)
         else:
+            lo, step = _row_stats(x, rel)
             _store_head_stats(tmin_ptr, tstep_ptr, slot * tm_s + kv * tm_kv + idx * tm_t + h,
                               slot * ts_s + kv * ts_kv + idx * ts_t + h, lo, step)
         lo = lo.to(tmin_ptr.dtype.element_ty).to(tl.float32)  # quantise from the min as stored
