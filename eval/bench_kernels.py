@@ -96,7 +96,7 @@ def run_variants(names, fused, base):
         try:
             tuning = dataclasses.replace(base, **VARIANTS[name])
             fused(tuning)
-            out[name] = bench(lambda: fused(tuning))
+            out[name] = bench_graph(lambda: fused(tuning))
         except Exception as err:  # a variant that fails to compile is reported, not fatal
             out[name] = f"error: {str(err)[:200]}"
     return out
@@ -256,7 +256,7 @@ def main():
     ap.add_argument("--contexts", default="8192,32768,131072")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--shapes", default="llama3.1-8b")
-    ap.add_argument("--variants", default="", help=f"comma list of decode variants to time too: {list(VARIANTS)}")
+    ap.add_argument("--variants", default="", help=f"comma list of decode variants to time too (CUDA graph replays): {list(VARIANTS)}")
     ap.add_argument("--variant-rows", default="", help="ctx:B,... rows that time the (decode and store) variants "
                                                        "(default all)")
     ap.add_argument("--skip-store", action="store_true")
