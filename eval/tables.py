@@ -14,18 +14,28 @@ import json
 def kernels_table(data: dict) -> str:
     info = data["info"]
     date = f"{info['date']}, " if info.get("date") else ""
+    graph = any("fused_graph_ms" in r for r in data["rows"])  # runs before 2026-12-06 have eager times only
+    head = ("| shape | context | batch | bits/value | fused ms | SDPA bf16 ms | cuBLAS q·Kᵀ+p·V ms | fused / SDPA speed-up "
+            "| fused / roofline | store GB/s |")
+    rule = "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    if graph:
+        head += " fused ms (graph) | SDPA ms (graph) | speed-up (graph) |"
+        rule += "---:|---:|---:|"
     lines = [f"{date}{info['device']}, torch {info['torch']}, triton {info['triton']}, copy bandwidth "
              f"{info['copy_bandwidth_GBps']:.0f} GB/s; config {_config(info.get('config', {}))}; {info['timing']}.", "",
-             "| shape | context | batch | bits/value | fused ms | SDPA bf16 ms | cuBLAS q·Kᵀ+p·V ms | fused / SDPA speed-up "
-             "| fused / roofline | store GB/s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             head, rule]
     for r in data["rows"]:
         if "skipped" in r:
             continue
         fused = r["fused_ms"]
         store = r.get("store_GBps_bf16_input")  # absent with --skip-store
-        lines.append(f"| {r['shape']} | {r['context']} | {r['batch']} | {r['bits_per_value']:.2f} | {fused:.3f} | "
-                     f"{r['sdpa_bf16_ms']:.3f} | {r['cublas_ms']:.3f} | {r['sdpa_bf16_ms'] / fused:.2f}x | "
-                     f"{fused / r['roofline_ms']:.1f}x | {'-' if store is None else f'{store:.0f}'} |")
+        line = (f"| {r['shape']} | {r['context']} | {r['batch']} | {r['bits_per_value']:.2f} | {fused:.3f} | "
+                f"{r['sdpa_bf16_ms']:.3f} | {r['cublas_ms']:.3f} | {r['sdpa_bf16_ms'] / fused:.2f}x | "
+                f"{fused / r['roofline_ms']:.1f}x | {'-' if store is None else f'{store:.0f}'} |")
+        if graph:
+            line += (f" {r['fused_graph_ms']:.4f} | {r['sdpa_graph_ms']:.4f} | "
+                     f"**{r['sdpa_graph_ms'] / r['fused_graph_ms']:.2f}x** |")
+        lines.append(line)
     return "\n".join(lines)
 
 
