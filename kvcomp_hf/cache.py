@@ -454,6 +454,7 @@ class KVCompStaticLayer(KVCompLayer):
         self.ring_k = self.ring_v = self.ctl = self.splits = self.scratch = None
         self.has_tokens = False  # host-side: a decode step needs a non-empty layer (prefill fills it eagerly)
 
+    @torch.compiler.disable  # allocation and host-side setup: a compiled prefill chunk must not trace it
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         from kvcomp_hf.kernels.decode_attention import _num_sms, choose_tuning
         from kvcomp_hf.kernels.static_cache import scratch_values
@@ -492,15 +493,14 @@ class KVCompStaticLayer(KVCompLayer):
             self.rotation = LayerRotation(self.config.rotation_seed, self.layer_idx, h, d, device)
             for kv in (0, 1):  # built now, not inside the first compiled step (a side effect that recompiles)
                 self.rotation._signs_for(kv, group * h)
-        if not torch.compiler.is_compiling():  # fixed addresses: CUDA graphs neither copy nor re-record them
-            # (the rotation's matrix and signs too: the H200 profile of a compiled Llama-3.1-8B step shows 130
-            # host-to-graph copies per step, ~0.9 ms of host time; these are the layer tensors left unmarked)
-            rot = [] if self.rotation is None else [self.rotation.h, self.rotation.signs,
-                                                    self.rotation.h_pm1,
-                                                    *self.rotation._query_signs.values()]
-            for t in (st.pool, st.seg_offset, st.token_min, st.token_step, self.block_table, self.ring_k,
-                      self.ring_v, self.ctl, self.splits, self.scratch, *rot):
-                torch._dynamo.mark_static_address(t)
+        # fixed addresses: CUDA graphs neither copy nor re-record them (the rotation's matrix and signs too: the
+        # H200 profile of a compiled Llama-3.1-8B step shows 130 host-to-graph copies per step, ~0.9 ms of host
+        # time; these are the layer tensors left unmarked)
+        rot = [] if self.rotation is None else [self.rotation.h, self.rotation.signs, self.rotation.h_pm1,
+                                                *self.rotation._query_signs.values()]
+        for t in (st.pool, st.seg_offset, st.token_min, st.token_step, self.block_table, self.ring_k,
+                  self.ring_v, self.ctl, self.splits, self.scratch, *rot):
+            torch._dynamo.mark_static_address(t)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -561,7 +561,7 @@ class KVCompStaticLayer(KVCompLayer):
         """A decode step (q_len 1) is one custom op with the lengths on the device, capturable in a CUDA graph;
         longer queries (eager, outside compiled graphs) attend over the layer dequantised to the model dtype."""
         if query.shape[2] != 1:
-            return self.attend_dense(query, attention_mask, scaling, module, dropout, exact=False, **kwargs)
+            return self._attend_chunk(query, attention_mask, scaling, module, dropout, **kwargs)
         scale = scaling if scaling is not None else module.scaling
         rot = self.rotation
         q = query if rot is None else rot.rotate_query(query)
@@ -578,6 +578,10 @@ class KVCompStaticLayer(KVCompLayer):
         if rot is not None:
             out = rot.unrotate_output(out)
         return out.transpose(1, 2).contiguous(), None
+
+    @torch.compiler.disable  # transformers compiles chunked prefill too: chunks run eagerly, as documented
+    def _attend_chunk(self, query, attention_mask, scaling, module, dropout, **kwargs):
+        return self.attend_dense(query, attention_mask, scaling, module, dropout, exact=False, **kwargs)
 
     def _lengths(self) -> tuple[int, int]:
         """(tokens, blocks per row), read from the device."""

@@ -98,6 +98,30 @@ def test_compiled_decode_equals_eager_decode(bf16_llama):
     assert counters["stats"]["unique_graphs"] <= 2  # the mask's length grows: at most one dynamic recompile
 
 
+def test_compiled_prefill_chunks_run_eagerly(bf16_llama):
+    """transformers compiles the forward of chunked prefill too (a compileable cache): the chunks' setup, append and
+    attention must run eagerly (torch.compiler.disable), never traced. On the H200 a traced lazy allocation failed."""
+    import torch._dynamo
+
+    ids, _ = _inputs()
+
+    def run(forward):
+        cache = kvcomp_hf.KVCompCache(bf16_llama.config, CFG, max_cache_len=PROMPT + NEW)
+        with torch.no_grad():
+            for a, b in ((0, 200), (200, PROMPT)):
+                pos = torch.arange(a, b)[None].expand(ids.shape[0], -1)
+                out = forward(ids[:, a:b], position_ids=pos, **kvcomp_hf.cache_kwargs(cache))
+        return out.logits[:, -1].float()
+
+    expected = run(bf16_llama.forward)
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    assert torch.equal(run(torch.compile(bf16_llama.forward, backend="aot_eager")), expected)
+    breaks = list(counters["graph_break"])
+    assert breaks and all("disable" in reason for reason in breaks), breaks
+
+
 def test_generate_builds_and_reuses_the_static_cache(bf16_llama, eager_triton):
     ids, mask = _inputs()
     expected = _generate(bf16_llama, kvcomp_hf.KVCompCache(bf16_llama.config, CFG), ids, mask)
