@@ -45,8 +45,8 @@ class DecodeTuning:
     maxnreg: int | None = None     # register cap per thread (None: the compiler's choice; for the
                                    # tokens-in-M kernel TOKENS_IN_M_MAXNREG)
     tokens_in_m: bool = False      # _tokens_in_m_kernel (block tokens as the matrix M dimension)
-    prmt_unpack: bool = False      # fixed 4-bit: unpack by inline-PTX byte permutes (H200: 3-6% faster at 32K x 8
-                                   # and 128K, slower at 8K x 1; off by default)
+    prmt_unpack: bool = True       # fixed 4-bit: unpack by inline-PTX byte permutes (CUDA graph timing, H100,
+                                   # 2026-12-06: 2-5% faster at 8K-32K x 1-8; ignored by the interpreter)
 
     def splits(self, batch: int, kv_heads: int, nb: int, sms: int) -> tuple[int, int]:
         """(num_splits, blocks_per_split)."""
@@ -59,14 +59,15 @@ class DecodeTuning:
 
 
 def choose_tuning(head_dim: int, batch: int = 1, kv_heads: int = 1, nb: int = 0) -> DecodeTuning:
-    """Defaults from the H200 variants run (eval/results/bench_kernels.json): 4 warps up to D=128; with
-    few (batch, head) rows, short contexts want short splits (4 blocks) and long ones long splits (16)."""
+    """Defaults from the variants runs (eval/results/h100-2026-12-06/bench_kernels.json, CUDA graph replays): 4 warps
+    up to D=128; with few (batch, head) rows, short contexts want short splits (4 blocks) and long ones long splits
+    (16)."""
     rows = batch * kv_heads
     min_blocks = 8 if rows > 16 else (4 if nb < 256 else 16)
-    # the tokens-in-M kernel wins with many (batch, head) rows or long contexts (0.45 vs 0.50 ms at 32K x 8,
-    # 0.26 vs 0.29 ms at 128K x 1) and loses at 8K-32K x 1 (0.09 vs 0.06-0.08 ms): bench_kernels, H200
+    # the tokens-in-M kernel wins with many (batch, head) rows or from 32K tokens (H100, graph replays: 0.071 vs
+    # 0.078 ms at 32K x 1, 0.240 vs 0.241 at 128K x 1) and loses at 8K x 1 (0.034 vs 0.031 ms)
     return DecodeTuning(num_warps=4 if head_dim <= 128 else 8, min_blocks_per_split=min_blocks,
-                        tokens_in_m=rows >= 32 or nb >= 1024)
+                        tokens_in_m=rows >= 32 or nb >= 256)
 
 
 def _pow2_floor(x: int) -> int:

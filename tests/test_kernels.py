@@ -336,7 +336,9 @@ def test_decode_attention_cuda_variants(B, H, group, nb, T, D, QL, dtype, kw, sp
 @pytest.mark.cuda
 @cuda_only
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_decode_attention_cuda_prmt_unpack(dtype):
-    """The inline-PTX unpack of the fast layout (DecodeTuning.prmt_unpack) reads the same values."""
+@pytest.mark.parametrize("prmt", [True, False])
+def test_decode_attention_cuda_prmt_unpack(dtype, prmt):
+    """The fast layout's two 4-bit unpackers (inline-PTX byte permutes, the default, and shifts and masks) read
+    the same values."""
     _check_decode(2, 2, 4, 61, 150, 128, 1, dtype, KVCompConfig.from_dict({"preset": "fast"}), seed=17,
-                  device="cuda", ref_dtype=torch.float32, tuning=DecodeTuning(prmt_unpack=True))
+                  device="cuda", ref_dtype=torch.float32, tuning=DecodeTuning(prmt_unpack=prmt))
