@@ -1,6 +1,7 @@
 """Markdown tables for eval/RESULTS.md from the benchmark JSON in eval/results/.
 
     python -m eval.tables kernels eval/results/bench_kernels.json
+    python -m eval.tables kernels-summary DEFAULT.json FAST.json    (the README's table: graph times of two configs)
     python -m eval.tables generate eval/results/bench_generate.json
     python -m eval.tables merge-generate OUT.json RUN1.json RUN2.json ...   (one file from several bench_generate runs)
 """
@@ -39,6 +40,24 @@ def kernels_table(data: dict) -> str:
     return "\n".join(lines)
 
 
+def kernels_summary(default: dict, fast: dict) -> str:
+    """The default config's and the fast preset's CUDA-graph times against SDPA, one row per shape."""
+    by_shape = {(r["context"], r["batch"]): r for r in fast["rows"] if "fused_graph_ms" in r}
+    fast_bits = next(iter(by_shape.values()))["bits_per_value"] if by_shape else float("nan")
+    lines = [f"| context x batch | SDPA bf16 ms | default bits/value | default ms | default / SDPA | `fast` ms "
+             f"({fast_bits:.2f} bits) | `fast` / SDPA | store GB/s (default) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in default["rows"]:
+        if "fused_graph_ms" not in r:
+            continue
+        f = by_shape.get((r["context"], r["batch"]))
+        fast_cols = f"{f['fused_graph_ms']:.4f} | {f['sdpa_graph_ms'] / f['fused_graph_ms']:.2f}x" if f else "- | -"
+        store = r.get("store_GBps_bf16_input")
+        lines.append(f"| {r['context'] // 1024}K x {r['batch']} | {r['sdpa_graph_ms']:.4f} | {r['bits_per_value']:.2f} | "
+                     f"{r['fused_graph_ms']:.4f} | {r['sdpa_graph_ms'] / r['fused_graph_ms']:.2f}x | {fast_cols} | "
+                     f"{'-' if store is None else f'{store:.0f}'} |")
+    return "\n".join(lines)
+
+
 def _config(cfg: dict) -> str:
     keys = ("rel_k", "rel_v", "pack_size", "repack", "granularity", "layout", "rotation")
     return ", ".join(f"{k} {cfg[k]}" for k in keys if k in cfg)
@@ -74,9 +93,10 @@ def merge_generate(paths: list[str]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("kind", choices=["kernels", "generate", "merge-generate"])
+    parser.add_argument("kind", choices=["kernels", "kernels-summary", "generate", "merge-generate"])
     parser.add_argument("path", help="the JSON to read (merge-generate: the JSON to write)")
-    parser.add_argument("runs", nargs="*", help="merge-generate: the bench_generate JSON files to merge")
+    parser.add_argument("runs", nargs="*", help="merge-generate: the bench_generate JSON files to merge; "
+                                                "kernels-summary: the fast preset's bench_kernels JSON")
     args = parser.parse_args()
     if args.kind == "merge-generate":
         if not args.runs:
@@ -86,6 +106,12 @@ def main() -> None:
         return
     with open(args.path) as f:
         data = json.load(f)
+    if args.kind == "kernels-summary":
+        if len(args.runs) != 1:
+            parser.error("kernels-summary needs the default's and the fast preset's bench_kernels JSON")
+        with open(args.runs[0]) as f:
+            print(kernels_summary(data, json.load(f)))
+        return
     print(kernels_table(data) if args.kind == "kernels" else generate_table(data))
 
 

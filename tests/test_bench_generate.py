@@ -93,3 +93,18 @@ def test_plot_generate_picks_the_first_decode_time_per_cache_and_checks_shapes(t
         plot_generate.plot({"rows": rows}, str(tmp_path / "x.png"), shapes=[(32, 1)])
     plot_generate.plot({"rows": rows}, str(tmp_path / "x.png"), shapes=[(16, 2)])
     assert (tmp_path / "x.png").stat().st_size > 0
+
+
+def test_kernels_summary_pairs_the_configs_by_shape():
+    from eval import tables
+
+    def row(ctx, batch, fused, sdpa, bits, **extra):
+        return dict(context=ctx, batch=batch, fused_graph_ms=fused, sdpa_graph_ms=sdpa, bits_per_value=bits, **extra)
+
+    default = {"rows": [row(8192, 1, 0.04, 0.02, 2.7, store_GBps_bf16_input=210.0), row(32768, 8, 0.2, 0.3, 2.9),
+                        {"context": 131072, "batch": 8, "skipped": "OutOfMemoryError"}]}
+    fast = {"rows": [row(32768, 8, 0.15, 0.3, 4.04)]}
+    lines = tables.kernels_summary(default, fast).splitlines()
+    assert "(4.04 bits)" in lines[0] and len(lines) == 4  # header, rule, two measured shapes
+    assert lines[2] == "| 8K x 1 | 0.0200 | 2.70 | 0.0400 | 0.50x | - | - | 210 |"
+    assert lines[3] == "| 32K x 8 | 0.3000 | 2.90 | 0.2000 | 1.50x | 0.1500 | 2.00x | - |"
