@@ -25,7 +25,7 @@ POINTERS = {"q_ptr": "*bf16", "kt_ptr": "*bf16", "vt_ptr": "*bf16", "pool32": "*
             "tmin_ptr": "*bf16", "tstep_ptr": "*bf16", "bt_ptr": "*i32", "valid_ptr": "*i32", "m_ptr": "*fp32",
             "l_ptr": "*fp32", "acc_ptr": "*fp32", "ctl_ptr": "*i32", "split_ptr": "*i32"}
 DEFAULTS = dict(GROUP=4, QLEN=1, M=16, D=128, P=64, BITS_K=4, BITS_V=4, WB_K=3, WB_V=3, META_K=0, META_V=0,
-                CJ_K=8, CJ_V=8, FIXED=True, TOKEN_GRAN=True, HAS_MASK=False, Q_SPLIT=False, TAIL=False,
+                CJ_K=8, CJ_V=8, FIXED_K=True, FIXED_V=True, TOKEN_GRAN=True, HAS_MASK=False, Q_SPLIT=False, TAIL=False,
                 INTERP=False, SPLIT_V=True, DEV=False, PRMT=True,
                 tm_t=1, ts_t=1, sq_d=1, skt_d=1, svt_d=1)  # unit strides: specialised by Triton
 
@@ -104,7 +104,7 @@ def store(warps: int = 16) -> None:
         usage, ins = _compile(sm._head_stats_kernel, {"D": 128, "ALIGNED": aligned, "ks_d": 1, "vs_d": 1},
                               STORE_POINTERS, {"num_warps": warps, "num_stages": 1}, ("ks_t", "vs_t"))
         print(f"_head_stats_kernel ALIGNED={aligned}: {len(ins)} ({usage}); {dict(_opcodes(i for _, i in ins).most_common(6))}")
-    for bits_k, bits_v, layout in ((4, 2, "packed"), (4, 4, "fixed")):
+    for bits_k, bits_v, layout in ((4, 2, "packed"), (4, 2, "fixed_v"), (4, 4, "fixed")):
         fmt = BlockFormat(num_heads=8, head_dim=128, pack_size=64, bits_k=bits_k, bits_v=bits_v, granularity="token",
                           repack="none", layout=layout)
         const = dict(unit, D=128, BITS_K=bits_k, BITS_V=bits_v, META_K=fmt.meta_bytes(0), META_V=fmt.meta_bytes(1),
@@ -113,7 +113,8 @@ def store(warps: int = 16) -> None:
                      MW_K=triton.next_power_of_2(max(1, fmt.meta_bytes(0) // 4)),
                      MW_V=triton.next_power_of_2(max(1, fmt.meta_bytes(1) // 4)),
                      CW_K=2 * triton.next_power_of_2(bits_k), CW_V=2 * triton.next_power_of_2(bits_v),
-                     CJ_K=chunk_fields(bits_k, 64), CJ_V=chunk_fields(bits_v, 64), FIXED=layout == "fixed")
+                     CJ_K=chunk_fields(bits_k, 64), CJ_V=chunk_fields(bits_v, 64), FIXED_K=fmt.fixed(0),
+                     FIXED_V=fmt.fixed(1))
         usage, ins = _compile(sm._pack64_kernel, const, STORE_POINTERS, {"num_warps": warps, "num_stages": 1},
                               ("ks_t", "vs_t"))
         print(f"_pack64_kernel {layout} {bits_k}/{bits_v}: {len(ins)} ({usage}); "

@@ -506,9 +506,11 @@ def _token_stats(tmin_ptr, tm_s, tm_kv, tm_t, tstep_ptr, ts_s, ts_kv, ts_t, slot
 
 
 @triton.jit
-def _seg_ptr(pool32, so_ptr, slot, so_s, kv_off, h, FIXED: tl.constexpr):
+def _seg_ptr(pool32, so_ptr, slot, so_s, kv_off, h, ALIGNED: tl.constexpr):
+    """int32 pointer to a segment; ALIGNED (layout "fixed": every segment a multiple of 16 bytes) tells the
+    compiler that it is 16-byte aligned, so the fixed loads vectorise."""
     off = tl.load(so_ptr + slot * so_s + kv_off + h) >> 2
-    if FIXED:
+    if ALIGNED:
         off = tl.multiple_of(off, 4)
     return pool32 + off
 
@@ -563,7 +565,7 @@ def _tokens_in_m_kernel(q_ptr, sq_b, sq_h, sq_t, sq_d,
                         GROUP: tl.constexpr, QLEN: tl.constexpr, M: tl.constexpr, D: tl.constexpr,
                         P: tl.constexpr, BITS_K: tl.constexpr, BITS_V: tl.constexpr, WB_K: tl.constexpr,
                         WB_V: tl.constexpr, META_K: tl.constexpr, META_V: tl.constexpr,
-                        CJ_K: tl.constexpr, CJ_V: tl.constexpr, FIXED: tl.constexpr,
+                        CJ_K: tl.constexpr, CJ_V: tl.constexpr, FIXED_K: tl.constexpr, FIXED_V: tl.constexpr,
                         TOKEN_GRAN: tl.constexpr, HAS_MASK: tl.constexpr, Q_SPLIT: tl.constexpr,
                         TAIL: tl.constexpr, INTERP: tl.constexpr, SPLIT_V: tl.constexpr,
                         DEV: tl.constexpr = False, PRMT: tl.constexpr = False):
@@ -609,6 +611,7 @@ def _tokens_in_m_kernel(q_ptr, sq_b, sq_h, sq_t, sq_d,
     accT = tl.zeros([D, M], tl.float32)
     idx = tl.arange(0, 64)
     if not TAIL:
+        ALIGNED: tl.constexpr = FIXED_K and FIXED_V
         qsum = tl.sum(q32, axis=0)
         if TOKEN_GRAN:
             gsel = 0
@@ -633,44 +636,45 @@ def _tokens_in_m_kernel(q_ptr, sq_b, sq_h, sq_t, sq_d,
         slot1 = tl.load(bt_row + tl.minimum(blk_lo + 1, last)).to(tl.int64)
         slot2 = tl.load(bt_row + tl.minimum(blk_lo + 2, last)).to(tl.int64)
         slot3 = tl.load(bt_row + tl.minimum(blk_lo + 3, last)).to(tl.int64)
-        segk = _seg_ptr(pool32, so_ptr, slot, so_s, 0, h, FIXED)
-        segv = _seg_ptr(pool32, so_ptr, slot, so_s, so_kv, h, FIXED)
-        segk1 = _seg_ptr(pool32, so_ptr, slot1, so_s, 0, h, FIXED)
-        segv1 = _seg_ptr(pool32, so_ptr, slot1, so_s, so_kv, h, FIXED)
-        segk2 = _seg_ptr(pool32, so_ptr, slot2, so_s, 0, h, FIXED)
-        segv2 = _seg_ptr(pool32, so_ptr, slot2, so_s, so_kv, h, FIXED)
-        kpmin, kw = _meta(segk, R, D, BITS_K, WB_K, FIXED)
-        vpmin, vw = _meta(segv, R, D, BITS_V, WB_V, FIXED)
-        kpmin1, kw1 = _meta(segk1, R, D, BITS_K, WB_K, FIXED)
-        vpmin1, vw1 = _meta(segv1, R, D, BITS_V, WB_V, FIXED)
-        klo, khi, ksh, kL = _words(segk, kw, META_K, R, D, P, BITS_K, CJ_K, FIXED)
-        vlo, vhi, vsh, vL = _words(segv, vw, META_V, R, D, P, BITS_V, CJ_V, FIXED)
+        segk = _seg_ptr(pool32, so_ptr, slot, so_s, 0, h, ALIGNED)
+        segv = _seg_ptr(pool32, so_ptr, slot, so_s, so_kv, h, ALIGNED)
+        segk1 = _seg_ptr(pool32, so_ptr, slot1, so_s, 0, h, ALIGNED)
+        segv1 = _seg_ptr(pool32, so_ptr, slot1, so_s, so_kv, h, ALIGNED)
+        segk2 = _seg_ptr(pool32, so_ptr, slot2, so_s, 0, h, ALIGNED)
+        segv2 = _seg_ptr(pool32, so_ptr, slot2, so_s, so_kv, h, ALIGNED)
+        kpmin, kw = _meta(segk, R, D, BITS_K, WB_K, FIXED_K)
+        vpmin, vw = _meta(segv, R, D, BITS_V, WB_V, FIXED_V)
+        kpmin1, kw1 = _meta(segk1, R, D, BITS_K, WB_K, FIXED_K)
+        vpmin1, vw1 = _meta(segv1, R, D, BITS_V, WB_V, FIXED_V)
+        klo, khi, ksh, kL = _words(segk, kw, META_K, R, D, P, BITS_K, CJ_K, FIXED_K)
+        vlo, vhi, vsh, vL = _words(segv, vw, META_V, R, D, P, BITS_V, CJ_V, FIXED_V)
         kmin, kstep, vmin, vstep = _token_stats(tmin_ptr, tm_s, tm_kv, tm_t, tstep_ptr, ts_s, ts_kv, ts_t, slot, gsel)
         for blk in range(blk_lo, blk_hi):
             slot4 = tl.load(bt_row + tl.minimum(blk + 4, last)).to(tl.int64)
-            segk3 = _seg_ptr(pool32, so_ptr, slot3, so_s, 0, h, FIXED)
-            segv3 = _seg_ptr(pool32, so_ptr, slot3, so_s, so_kv, h, FIXED)
-            kpmin2, kw2 = _meta(segk2, R, D, BITS_K, WB_K, FIXED)
-            vpmin2, vw2 = _meta(segv2, R, D, BITS_V, WB_V, FIXED)
-            klo1, khi1, ksh1, kL1 = _words(segk1, kw1, META_K, R, D, P, BITS_K, CJ_K, FIXED)
-            vlo1, vhi1, vsh1, vL1 = _words(segv1, vw1, META_V, R, D, P, BITS_V, CJ_V, FIXED)
+            segk3 = _seg_ptr(pool32, so_ptr, slot3, so_s, 0, h, ALIGNED)
+            segv3 = _seg_ptr(pool32, so_ptr, slot3, so_s, so_kv, h, ALIGNED)
+            kpmin2, kw2 = _meta(segk2, R, D, BITS_K, WB_K, FIXED_K)
+            vpmin2, vw2 = _meta(segv2, R, D, BITS_V, WB_V, FIXED_V)
+            klo1, khi1, ksh1, kL1 = _words(segk1, kw1, META_K, R, D, P, BITS_K, CJ_K, FIXED_K)
+            vlo1, vhi1, vsh1, vL1 = _words(segv1, vw1, META_V, R, D, P, BITS_V, CJ_V, FIXED_V)
             kmin1, kstep1, vmin1, vstep1 = _token_stats(tmin_ptr, tm_s, tm_kv, tm_t, tstep_ptr, ts_s, ts_kv, ts_t,
                                                         slot1, gsel)
-            kx = _chunks(klo, khi, ksh, BITS_K, FIXED)
-            vx = _chunks(vlo, vhi, vsh, BITS_V, FIXED)
+            kx = _chunks(klo, khi, ksh, BITS_K, FIXED_K)
+            vx = _chunks(vlo, vhi, vsh, BITS_V, FIXED_V)
             pos = blk * 64 + idx
             valid = pos[:, None] <= qpos[None, :]
             if HAS_MASK:
                 ok = tl.load(valid_ptr + b64 * va_b + pos).to(tl.int1)
                 valid = valid & ok[:, None]
             # scores: q . x_hat = step * (q . (pmin + r)) + min * sum(q); the tile holds 128 + pmin + r
-            if FIXED:  # constant widths: the unpack's shifts and masks fold into immediates
+            if FIXED_K:  # constant widths: the unpack's shifts and masks fold into immediates
                 kL = tl.full(kx.shape, BITS_K, tl.int32)
+            if FIXED_V:
                 vL = tl.full(vx.shape, BITS_V, tl.int32)
-            if FIXED and BITS_K == 4:
+            if FIXED_K and BITS_K == 4:
                 kt = tl.trans(tl.reshape(_tile_paired4(kx, PRMT, INTERP), (D, 64)))
             else:
-                kt = tl.trans(_tile(kx, kL, kpmin, CJ_K, D, R, not FIXED, True, INTERP))     # [64, D]
+                kt = tl.trans(_tile(kx, kL, kpmin, CJ_K, D, R, not FIXED_K, True, INTERP))     # [64, D]
             s = tl.dot(kt, q_hi)
             if Q_SPLIT:
                 s = tl.dot(kt, q_lo, s)
@@ -678,13 +682,13 @@ def _tokens_in_m_kernel(q_ptr, sq_b, sq_h, sq_t, sq_d,
             s = s * (kstep * scale_log2)[:, None] + ((kmin - 128.0 * kstep) * scale_log2)[:, None] * qsum[None, :]
             m_new, alpha, p = _p_step(s, valid, m_i)
             # values: sum_t p x_hat = sum_t w (128 + pmin + r) - 128 sum_t w + sum_t p min, w = p step
-            if FIXED and BITS_V == 4:
+            if FIXED_V and BITS_V == 4:
                 vt = tl.reshape(_tile_paired4(vx, PRMT, INTERP), (D, 64))
             else:
-                vt = _tile(vx, vL, vpmin, CJ_V, D, R, R > 1 and not FIXED, True, INTERP)     # [D, 64]
+                vt = _tile(vx, vL, vpmin, CJ_V, D, R, R > 1 and not FIXED_V, True, INTERP)     # [D, 64]
             pv, w = _weighted_values(vt, p * vstep[:, None], SPLIT_V, INTERP)
             accT = accT * alpha[None, :] + pv
-            if R == 1 and not FIXED:  # this block's pack minimums: corrected now, over all rows
+            if R == 1 and not FIXED_V:  # this block's pack minimums: corrected now, over all rows
                 accT += tl.reshape(vpmin, (D,)).to(tl.float32)[:, None] * tl.sum(w, axis=0)[None, :]
             sums = sums * alpha[None, :, None] + _warp_sums(p, vmin, w)
             m_i = m_new
@@ -883,7 +887,7 @@ def decode_attention(q, k_tail, v_tail, store: BlockStore, block_table, kv_valid
         return out
     tail_chunks = max(1, math.ceil(T / BLOCK_SIZE))
     tm_kernel = consts["FAST"] and q.dtype == k_tail.dtype and not consts["HAS_PERM"] and \
-        (tuning.tokens_in_m or fmt.layout == "fixed")
+        (tuning.tokens_in_m or fmt.layout != "packed")
     n_part = ns + (tail_chunks if tm_kernel else 1)
     part = torch.empty(B * H * n_part * M * (D + 2), dtype=torch.float32, device=dev)
     n_ml = B * H * n_part * M
@@ -897,14 +901,15 @@ def decode_attention(q, k_tail, v_tail, store: BlockStore, block_table, kv_valid
                 block_table, block_table.stride(0), nb, valid_arg, va_b, m_part, l_part, acc_part,
                 float(scaling) * LOG2E, bps, ns, n_part, block_table, block_table, 0)
         if ns:
-            _tokens_in_m_kernel[(B, H, ns)](*args, FIXED=fmt.layout == "fixed", TAIL=False, SPLIT_V=tuning.split_v,
-                                            PRMT=tuning.prmt_unpack, **tm)
-        _tokens_in_m_kernel[(B, H, tail_chunks)](*args, FIXED=fmt.layout == "fixed", TAIL=True, SPLIT_V=False, **tm)
+            _tokens_in_m_kernel[(B, H, ns)](*args, FIXED_K=fmt.fixed(0), FIXED_V=fmt.fixed(1), TAIL=False,
+                                            SPLIT_V=tuning.split_v, PRMT=tuning.prmt_unpack, **tm)
+        _tokens_in_m_kernel[(B, H, tail_chunks)](*args, FIXED_K=fmt.fixed(0), FIXED_V=fmt.fixed(1), TAIL=True,
+                                                 SPLIT_V=False, **tm)
         _combine_kernel[(B, Hq, QLEN)](m_part, l_part, acc_part, out, *out.stride(), H, n_part, **comb)
         return out
-    if fmt.layout == "fixed":
-        raise ValueError("layout='fixed' is read by the fused kernel only for fp16/bf16 q and tail of one dtype "
-                         "and at most 7 bits per value")
+    if fmt.layout != "packed":
+        raise ValueError(f"layout={fmt.layout!r} is read by the fused kernel only for fp16/bf16 q and tail of one "
+                         f"dtype and at most 7 bits per value")
     _decode_kernel[(B, H, ns + 1)](
         q, *q.stride(), k_tail, *k_tail.stride(), v_tail, *v_tail.stride(), T,
         pool32, seg_offset, seg_offset.stride(0), seg_offset.stride(1),

@@ -152,9 +152,10 @@ def static_decode(q: torch.Tensor, ring_k: torch.Tensor, ring_v: torch.Tensor, c
             float(scaling) * LOG2E, 1, 0, 1, ctl, splits, ring)
     with device_context(q.device):
         if max_splits:
-            _tokens_in_m_kernel[(B, H, max_splits)](*args, FIXED=True, TAIL=False, DEV=True, SPLIT_V=tuning.split_v,
-                                                    PRMT=tuning.prmt_unpack, **tm)
-        _tokens_in_m_kernel[(B, H, ring // 64)](*args, FIXED=True, TAIL=True, DEV=True, SPLIT_V=False, **tm)
+            _tokens_in_m_kernel[(B, H, max_splits)](*args, FIXED_K=True, FIXED_V=True, TAIL=False, DEV=True,
+                                                    SPLIT_V=tuning.split_v, PRMT=tuning.prmt_unpack, **tm)
+        _tokens_in_m_kernel[(B, H, ring // 64)](*args, FIXED_K=True, FIXED_V=True, TAIL=True, DEV=True, SPLIT_V=False,
+                                                **tm)
         _combine_kernel[(B, Hq, qlen)](m_part, l_part, acc_part, out, *out.stride(), H, 1, ctl_ptr=ctl,
                                        split_ptr=splits, DEV=True, **comb)
     return out

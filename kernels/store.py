@@ -442,7 +442,7 @@ def _pack_kernel(k_ptr, v_ptr, ks_b, ks_h, ks_t, ks_d, vs_b, vs_h, vs_t, vs_d, n
                  META_K: tl.constexpr, META_V: tl.constexpr, TOKEN_GRAN: tl.constexpr,
                  WB_K: tl.constexpr, WB_V: tl.constexpr, ZBLOCK: tl.constexpr,
                  MW_K: tl.constexpr, MW_V: tl.constexpr, CW_K: tl.constexpr, CW_V: tl.constexpr,
-                 CJ_K: tl.constexpr, CJ_V: tl.constexpr, FIXED: tl.constexpr):
+                 CJ_K: tl.constexpr, CJ_V: tl.constexpr, FIXED_K: tl.constexpr, FIXED_V: tl.constexpr):
     # pack_size 64: each program writes its segments with plain stores (_write_pack64); smaller
     # packs start at arbitrary bits and are OR-ed in with atomics (_pack_one).
     n = tl.program_id(0)
@@ -462,7 +462,7 @@ def _pack_kernel(k_ptr, v_ptr, ks_b, ks_h, ks_t, ks_d, vs_b, vs_h, vs_t, vs_d, n
     kst = tl.load(tstep_ptr + slot * ts_s + idx * ts_t + g).to(tl.float32)
     k_off = tl.load(so_ptr + slot * so_s + h)
     if P == 64:
-        _write_pack64(pool32, kx, klo, kst, k_off, D, BITS_K, WB_K, META_K, MW_K, CW_K, CJ_K, FIXED)
+        _write_pack64(pool32, kx, klo, kst, k_off, D, BITS_K, WB_K, META_K, MW_K, CW_K, CJ_K, FIXED_K)
     else:
         _pack_one(pool32, kx, klo, kst, k_off, P, D, BITS_K, WB_K, META_K, ZBLOCK)
     vx = _load_tile(v_ptr, b, vs_b, h, vs_h, prow, vs_t, vs_d, D, PACK_ALIGNED)
@@ -470,7 +470,7 @@ def _pack_kernel(k_ptr, v_ptr, ks_b, ks_h, ks_t, ks_d, vs_b, vs_h, vs_t, vs_d, n
     vst = tl.load(tstep_ptr + slot * ts_s + ts_kv + idx * ts_t + g).to(tl.float32)
     v_off = tl.load(so_ptr + slot * so_s + so_kv + h)
     if P == 64:
-        _write_pack64(pool32, vx, vlo, vst, v_off, D, BITS_V, WB_V, META_V, MW_V, CW_V, CJ_V, FIXED)
+        _write_pack64(pool32, vx, vlo, vst, v_off, D, BITS_V, WB_V, META_V, MW_V, CW_V, CJ_V, FIXED_V)
     else:
         _pack_one(pool32, vx, vlo, vst, v_off, P, D, BITS_V, WB_V, META_V, ZBLOCK)
 
@@ -519,11 +519,12 @@ def _pack64_kernel(k_ptr, v_ptr, ks_b, ks_h, ks_t, ks_d, vs_b, vs_h, vs_t, vs_d,
                    META_V: tl.constexpr, SEG_K: tl.constexpr, SEG_V: tl.constexpr, TOKEN_GRAN: tl.constexpr,
                    HP: tl.constexpr, WB_K: tl.constexpr, WB_V: tl.constexpr, MW_K: tl.constexpr,
                    MW_V: tl.constexpr, CW_K: tl.constexpr, CW_V: tl.constexpr, CJ_K: tl.constexpr,
-                   CJ_V: tl.constexpr, FIXED: tl.constexpr):
-    """One program per (block, head), K then V. SEG_K/SEG_V: the largest segment (layout "fixed": the only
-    size). Layout "fixed": segments go straight to their place in the pool (dst32) after pool_used, and
-    seg_offset/seg_bytes are written here. Layout "packed": dst32 is a scratch with a worst-case place per
+                   CJ_V: tl.constexpr, FIXED_K: tl.constexpr, FIXED_V: tl.constexpr):
+    """One program per (block, head), K then V. SEG_K/SEG_V: the largest segment (fixed segments: the only
+    size). Layout "fixed" (FIXED_K and FIXED_V): segments go straight to their place in the pool (dst32) after
+    pool_used, and seg_offset/seg_bytes are written here. Otherwise dst32 is a scratch with a worst-case place per
     segment; only seg_bytes is written, and _offsets_kernel and _move_kernel place the segments."""
+    IN_PLACE: tl.constexpr = FIXED_K and FIXED_V
     n = tl.program_id(0)
     h = tl.program_id(1)
     b = n // nb
@@ -553,13 +554,13 @@ def _pack64_kernel(k_ptr, v_ptr, ks_b, ks_h, ks_t, ks_d, vs_b, vs_h, vs_t, vs_d,
             place += h * SEG_K
         else:
             place += h * SEG_V
-        if FIXED:
+        if IN_PLACE:
             place += tl.load(pool_used_ptr)
             tl.store(so_ptr + slot * so_s + kv * so_kv + h, place)
         if kv == 0:
-            nbytes = _write_pack64(dst32, x, lo, step, place, D, BITS_K, WB_K, META_K, MW_K, CW_K, CJ_K, FIXED)
+            nbytes = _write_pack64(dst32, x, lo, step, place, D, BITS_K, WB_K, META_K, MW_K, CW_K, CJ_K, FIXED_K)
         else:
-            nbytes = _write_pack64(dst32, x, lo, step, place, D, BITS_V, WB_V, META_V, MW_V, CW_V, CJ_V, FIXED)
+            nbytes = _write_pack64(dst32, x, lo, step, place, D, BITS_V, WB_V, META_V, MW_V, CW_V, CJ_V, FIXED_V)
         tl.store(segbytes_ptr + (n * 2 + kv) * H + h, nbytes)
 
 
@@ -648,7 +649,7 @@ def store_blocks(k, v, store: BlockStore, slot_start: int, *, num_warps: tuple[i
                       CW_K=2 * triton.next_power_of_2(fmt.bits_k), CW_V=2 * triton.next_power_of_2(fmt.bits_v),
                       CJ_K=chunk_fields(fmt.bits_k, 64), CJ_V=chunk_fields(fmt.bits_v, 64),
                       D=D, BITS_K=fmt.bits_k, BITS_V=fmt.bits_v, META_K=fmt.meta_bytes(0), META_V=fmt.meta_bytes(1),
-                      TOKEN_GRAN=token_gran, FIXED=fmt.layout == "fixed")
+                      TOKEN_GRAN=token_gran, FIXED_K=fmt.fixed(0), FIXED_V=fmt.fixed(1))
     aligned = _rows_aligned(k) and _rows_aligned(v)
     if whole_blocks:
         _store_whole_blocks(k, v, store, slot_start, n, nb, segbytes, pool32, slot_args, pack_tiles, aligned,
@@ -679,7 +680,7 @@ def _store_whole_blocks(k, v, store: BlockStore, slot_start, n, nb, segbytes, po
         part = torch.empty(n * 2 * 3 * H * 64, device=k.device, dtype=torch.float32)
         _head_stats_kernel[(n, H)](k, v, *k.stride(), *v.stride(), nb, H, part, D=fmt.head_dim,
                                    ALIGNED=aligned, num_warps=nw_stats, num_stages=1)
-    fixed = fmt.layout == "fixed"
+    fixed = fmt.layout == "fixed"  # every segment at its only size: written in place (_pack64_kernel's IN_PLACE)
     dst32 = pool32 if fixed else torch.empty(n * H * (seg_k + seg_v) // 4, device=k.device, dtype=torch.int32)
     _pack64_kernel[(n, H)](
         k, v, *k.stride(), *v.stride(), nb, H, part, *slot_args,

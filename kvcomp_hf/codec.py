@@ -52,6 +52,7 @@ Pipeline for one block of `block_size` = 64 tokens of one sequence (K and V of a
    the channel) sits at bit (j // 2) * 4 + (j % 2) * 16, so tokens 2i and 2i + 1 occupy the same bits of
    the low and the high half-word (the decode kernel turns both into bf16 with one shift and one
    mask). Other widths are the plain little-endian stream.
+   Layout "fixed_v": K segments as "packed" (pack_size 64), V segments as "fixed".
 
 4. Storage of a batch of n blocks (EncodedBlocks): the segments back to back in `data` in the
    order (block, K then V, head), each starting at a 4-byte-aligned offset; `seg_offset` and
@@ -115,9 +116,9 @@ class BlockFormat:
         if head_dim % 8 != 0:
             raise ValueError(f"head_dim must be a multiple of 8 for kvcomp, got {head_dim}")
         bits_k, bits_v = bits_for_rel(config.rel_k), bits_for_rel(config.rel_v)
-        if config.layout == "fixed" and max(bits_k, bits_v) > MAX_FIXED_BITS:
-            raise ValueError(f"layout='fixed' stores at most {MAX_FIXED_BITS} bits per value (rel >= 1/125); rel_k="
-                             f"{config.rel_k} needs {bits_k}, rel_v={config.rel_v} needs {bits_v}")
+        if config.layout != "packed" and max(bits_k, bits_v) > MAX_FIXED_BITS:  # (fixed_v: the fused kernel's limit)
+            raise ValueError(f"layout={config.layout!r} stores at most {MAX_FIXED_BITS} bits per value (rel >= 1/125); "
+                             f"rel_k={config.rel_k} needs {bits_k}, rel_v={config.rel_v} needs {bits_v}")
         return cls(num_heads=num_heads, head_dim=head_dim, pack_size=config.pack_size, bits_k=bits_k, bits_v=bits_v,
                    granularity=config.granularity, repack=config.repack, layout=config.layout)
 
@@ -132,9 +133,13 @@ class BlockFormat:
     def bits(self, kv: int) -> int:
         return (self.bits_k, self.bits_v)[kv]
 
+    def fixed(self, kv: int) -> bool:
+        """Whether segments of K (kv 0) or V (kv 1) are fixed: no metadata, every field `bits` wide."""
+        return self.layout == "fixed" or (self.layout == "fixed_v" and kv == 1)
+
     def meta_bytes(self, kv: int) -> int:
         """Pack mins + widths, padded to a multiple of 4 bytes so that the payload starts on a 32-bit word."""
-        if self.layout == "fixed":
+        if self.fixed(kv):
             return 0
         b = self.bits(kv)
         return _round_up4(self.n_packs * (b + width_bits(b)) // 8)
@@ -142,7 +147,7 @@ class BlockFormat:
     def paired(self, kv: int) -> bool:
         """Layout "fixed" with 4-bit fields stores each 32-bit word's fields in pair order (see the module
         docstring): one shift and one mask then give two adjacent tokens as the two halves of a word."""
-        return self.layout == "fixed" and self.bits(kv) == 4
+        return self.fixed(kv) and self.bits(kv) == 4
 
     def field_offsets(self, kv: int, width: torch.Tensor, device) -> torch.Tensor:
         """Bit offset of field j (j = 0 .. pack_size - 1) inside its pack, for packs of `width` bits."""
@@ -258,7 +263,7 @@ def _segment_layout(q: torch.Tensor, fmt: BlockFormat, kv: int):
     n, h, t, d = q.shape
     p = fmt.pack_size
     packs = q.reshape(n, h, t // p, p, d)
-    if fmt.layout == "fixed":
+    if fmt.fixed(kv):
         pmin = torch.zeros_like(packs[:, :, :, 0])
         width = torch.full_like(pmin, fmt.bits(kv))
     else:
@@ -306,7 +311,7 @@ def encode_with_format(k: torch.Tensor, v: torch.Tensor, fmt: BlockFormat, rel_k
         wb = width_bits(b)
         base = seg_offset[:, kv, :, None] * 8                          # [n, H, 1] bit offset
         idx = torch.arange(fmt.n_packs, device=k.device)
-        if fmt.layout == "packed":
+        if not fmt.fixed(kv):
             _write_fields(stream, pmin.flatten().long(), torch.full((pmin.numel(),), b, device=k.device),
                           (base + idx * b).flatten())
             _write_fields(stream, width.flatten().long(), torch.full((width.numel(),), wb, device=k.device),
@@ -332,7 +337,7 @@ def decode_segments(data: torch.Tensor, seg_offset: torch.Tensor, fmt: BlockForm
     b, wb, p, d = fmt.bits(kv), width_bits(fmt.bits(kv)), fmt.pack_size, fmt.head_dim
     idx = torch.arange(fmt.n_packs, device=data.device)
     words = _byte_words(data) if words is None else words
-    if fmt.layout == "fixed":
+    if fmt.fixed(kv):
         pmin = torch.zeros_like(base + idx)
         width = torch.full_like(pmin, b)
     else:

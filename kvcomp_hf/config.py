@@ -13,7 +13,7 @@ from typing import Any
 PACK_SIZES = (4, 8, 16, 64)
 REPACK_METHODS = ("none", "median")
 GRANULARITIES = ("token", "token_head")
-LAYOUTS = ("packed", "fixed")  # kvcomp_hf/codec.py specifies both
+LAYOUTS = ("packed", "fixed", "fixed_v")  # kvcomp_hf/codec.py specifies them
 ROTATIONS = ("none", "hadamard")  # kvcomp_hf.rotation documents the transform
 BACKENDS = ("auto", "torch", "triton")  # KVCompCache(..., backend=): Triton kernels on CUDA, PyTorch, or either
 MIN_RESIDUAL = 128
@@ -50,7 +50,9 @@ class KVCompConfig:
     layout: "packed" stores each pack's minimum and bit width and only the bits each pack needs (fewest
         bytes); "fixed" stores every value in exactly bits_for_rel(rel) bits, no pack metadata, every segment
         the same size (trades bytes for a simpler, faster decode; pairs with rel = 1 / (2**bits - 1), which
-        uses every code of the width). "fixed" needs pack_size 64 and repack "none".
+        uses every code of the width); "fixed_v" packs K and stores V fixed (V's packs rarely need fewer bits
+        than its fixed width, so this costs V almost no bytes and saves the decode V's variable unpack).
+        "fixed" and "fixed_v" need pack_size 64 and repack "none".
     rotation: "hadamard" stores K and V multiplied by a randomised Hadamard matrix along head_dim
         (one per layer, K/V and KV head, from rotation_seed), which spreads outlier channels so the
         per-token range is used by all channels; "none" stores them as they are.
@@ -96,9 +98,10 @@ class KVCompConfig:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
-        if self.layout == "fixed" and (self.pack_size != 64 or self.repack != "none"):
-            raise ValueError(f"layout='fixed' stores whole channels of a block in arrival order: it needs pack_size=64 "
-                             f"and repack='none', got pack_size={self.pack_size!r}, repack={self.repack!r}")
+        if self.layout != "packed" and (self.pack_size != 64 or self.repack != "none"):
+            raise ValueError(f"layout={self.layout!r} stores whole channels of a block in arrival order: it needs "
+                             f"pack_size=64 and repack='none', got pack_size={self.pack_size!r}, "
+                             f"repack={self.repack!r}")
         if self.rotation not in ROTATIONS:
             raise ValueError(f"rotation must be one of {ROTATIONS}, got {self.rotation!r}")
         if isinstance(self.rotation_seed, bool) or not isinstance(self.rotation_seed, int) \

@@ -149,12 +149,13 @@ def test_assisted_decoding_crops_consistently(tiny_llama):
     assert cache.get_seq_length() == out.sequences.shape[1] - 1
 
 
-def test_fixed_layout_holds_the_same_values_in_fixed_size_segments():
-    """layout="fixed" changes only the bit packing: fed the same stream, a fixed and a packed layer decode to the
-    same values, and every fixed segment has 8 * D * bits bytes."""
+@pytest.mark.parametrize("layout", ["fixed", "fixed_v"])
+def test_fixed_layout_holds_the_same_values_in_fixed_size_segments(layout):
+    """layout="fixed" ("fixed_v": V only) changes only the bit packing: fed the same stream, a fixed and a packed
+    layer decode to the same values, and every fixed segment has 8 * D * bits bytes."""
     torch.manual_seed(8)
     cfg = dict(rel_k=1 / 15, rel_v=1 / 7)
-    fixed, packed = KVCompLayer(KVCompConfig(layout="fixed", **cfg)), KVCompLayer(KVCompConfig(**cfg))
+    fixed, packed = KVCompLayer(KVCompConfig(layout=layout, **cfg)), KVCompLayer(KVCompConfig(**cfg))
     for q_len in (300, 1, 70, 1):
         k = (torch.randn(2, 2, q_len, 32) * torch.linspace(0.5, 4, 32)).to(torch.bfloat16)
         v = torch.randn(2, 2, q_len, 32).to(torch.bfloat16)
@@ -164,7 +165,9 @@ def test_fixed_layout_holds_the_same_values_in_fixed_size_segments():
         assert torch.equal(a, b)
     store = fixed.store
     assert store.n_slots > 0
-    assert (store.seg_bytes[: store.n_slots, 0] == 8 * 32 * 4).all()
+    fixed_k = store.seg_bytes[: store.n_slots, 0] == 8 * 32 * 4
+    assert fixed_k.all() if layout == "fixed" else torch.equal(store.seg_bytes[: store.n_slots, 0],
+                                                                 packed.store.seg_bytes[: store.n_slots, 0])
     assert (store.seg_bytes[: store.n_slots, 1] == 8 * 32 * 3).all()
 
 

@@ -1,5 +1,6 @@
 """Properties of the reference codec: error bound, determinism, exact byte accounting, format."""
 
+import dataclasses
 import math
 
 import pytest
@@ -137,6 +138,38 @@ def test_segment_layout_matches_the_documented_format():
             for j in range(p):
                 assert read_bits_le(data, payload + j * width, width) == values[j] - pmin
             payload += p * width
+
+
+def test_fixed_v_segments_match_the_documented_format():
+    """layout "fixed_v": the K segment is a packed one (pack mins, widths, then each channel's L-bit fields from
+    the first 32-bit word after the metadata), the V segment the channels' fixed `bits`-bit fields and nothing
+    else (channel c from 32-bit word 2 * bits * c, plain little-endian order at 2 bits)."""
+    cfg = KVCompConfig(rel_k=0.1, rel_v=1 / 3, layout="fixed_v")
+    k, v = make_kv(9, 1, 1, 16, torch.float32, True)
+    enc, fmt = codec.encode_blocks(k, v, cfg)
+    data = bytes(enc.data.tolist())
+    d = 16
+    qk, _, _ = codec.quantize(k, cfg.rel_k, fmt.bits_k, cfg.granularity)
+    qv, _, _ = codec.quantize(v, cfg.rel_v, fmt.bits_v, cfg.granularity)
+    base = int(enc.seg_offset[0, 0, 0]) * 8
+    bits, wbits = fmt.bits_k, fmt.bits_k.bit_length()
+    payload = base + fmt.meta_bytes(0) * 8
+    for c in range(d):
+        values = [int(qk[0, 0, t, c]) for t in range(64)]
+        pmin = read_bits_le(data, base + c * bits, bits)
+        width = read_bits_le(data, base + d * bits + c * wbits, wbits)
+        assert (pmin, width) == (min(values), (max(values) - min(values)).bit_length())
+        assert [read_bits_le(data, payload + t * width, width) for t in range(64)] == [x - pmin for x in values]
+        payload += 64 * width
+    assert fmt.bits_v == 2 and fmt.meta_bytes(1) == 0 and int(enc.seg_bytes[0, 1, 0]) == 8 * d * 2
+    vbase = int(enc.seg_offset[0, 1, 0]) * 8
+    for c in range(d):
+        got = [read_bits_le(data, vbase + 32 * 2 * 2 * c + 2 * t, 2) for t in range(64)]
+        assert got == [int(qv[0, 0, t, c]) for t in range(64)]
+    k_hat, v_hat = codec.decode_blocks(enc, fmt)
+    packed, pfmt = codec.encode_blocks(k, v, dataclasses.replace(cfg, layout="packed"))
+    for a, b in zip((k_hat, v_hat), codec.decode_blocks(packed, pfmt)):
+        assert torch.equal(a, b)  # the layout changes the bytes, never the values
 
 
 def test_bits_for_rel():

@@ -22,6 +22,7 @@ def test_defaults_are_valid_and_frozen():
     ("pack_size", 5, "(4, 8, 16, 64)"), ("pack_size", 32, "(4, 8, 16, 64)"),
     ("repack", "greedy", "('none', 'median')"),
     ("granularity", "channel", "('token', 'token_head')"),
+    ("layout", "fixed-v", "('packed', 'fixed', 'fixed_v')"),
 ])
 def test_bad_values_name_the_field_and_allowed_values(field, value, allowed):
     with pytest.raises(ValueError) as err:
@@ -159,3 +160,15 @@ def test_triton_backend_without_a_gpu_fails_when_the_cache_is_built():
     else:
         with pytest.raises(ValueError, match="backend='triton' needs a CUDA GPU"):
             kvcomp_hf.KVCompCache(tiny_llama_config(), backend="triton")
+
+
+@pytest.mark.parametrize("layout", ["fixed", "fixed_v"])
+def test_fixed_layouts_need_whole_channels_and_at_most_7_bits(layout):
+    from kvcomp_hf.codec import BlockFormat
+
+    with pytest.raises(ValueError, match=f"layout='{layout}'.*pack_size=64 and repack='none'.*pack_size=16"):
+        KVCompConfig(layout=layout, pack_size=16)
+    with pytest.raises(ValueError, match=f"layout='{layout}' stores at most 7 bits.*rel_k=0.003 needs 9"):
+        BlockFormat.from_config(KVCompConfig(layout=layout, rel_k=0.003), 2, 16)
+    fmt = BlockFormat.from_config(KVCompConfig(layout=layout), 2, 16)
+    assert fmt.fixed(1) and fmt.fixed(0) == (layout == "fixed") and fmt.meta_bytes(1) == 0

@@ -69,10 +69,14 @@ STORE_CASES = [
 ]
 FIXED_STORE_CASES = [
     # layout "fixed": 4-bit K in pair order, 3-bit V straddling words; 2- and 7-bit fields; per-head groups
-    ("token", 1 / 15, 1 / 7, torch.bfloat16, True),
-    ("token_head", 1 / 3, 1 / 100, torch.float16, False),
-    ("token", 0.1, 0.15, torch.float32, True),
-    ("token_head", 1 / 15, 1 / 15, torch.float16, True),  # 4/4 bits: kvcomp:compiled and the fast preset
+    ("fixed", "token", 1 / 15, 1 / 7, torch.bfloat16, True),
+    ("fixed", "token_head", 1 / 3, 1 / 100, torch.float16, False),
+    ("fixed", "token", 0.1, 0.15, torch.float32, True),
+    ("fixed", "token_head", 1 / 15, 1 / 15, torch.float16, True),  # 4/4 bits: kvcomp:compiled and the fast preset
+    # layout "fixed_v": packed K beside fixed 2-bit, 4-bit (pair order) and 3-bit V
+    ("fixed_v", "token", 0.08, 1 / 3, torch.bfloat16, True),
+    ("fixed_v", "token_head", 0.05, 1 / 15, torch.float16, False),
+    ("fixed_v", "token", 0.1, 1 / 7, torch.float32, True),
 ]
 
 
@@ -88,18 +92,22 @@ def test_store_matches_codec(pack, repack, gran, rel_k, rel_v, dtype, outliers):
     _assert_same_encoding(e1, e0)
 
 
-@pytest.mark.parametrize("gran,rel_k,rel_v,dtype,outliers", FIXED_STORE_CASES)
-def test_store_matches_codec_fixed_layout(gran, rel_k, rel_v, dtype, outliers):
+@pytest.mark.parametrize("layout,gran,rel_k,rel_v,dtype,outliers", FIXED_STORE_CASES)
+def test_store_matches_codec_fixed_layout(layout, gran, rel_k, rel_v, dtype, outliers):
+    skip_fp32_on_gpu(dtype)
     gen = torch.Generator().manual_seed(7)
-    cfg = KVCompConfig(layout="fixed", granularity=gran, rel_k=rel_k, rel_v=rel_v)
+    cfg = KVCompConfig(layout=layout, granularity=gran, rel_k=rel_k, rel_v=rel_v)
     k, v = _kv(3, 2, 64, 32, dtype, gen, outliers)
     e1, fmt = encode_blocks_triton(k, v, cfg)
     e0, _ = codec.encode_blocks(k, v, cfg)
     _assert_same_encoding(e1, e0)
-    assert (e0.seg_bytes[:, 0] == 8 * 32 * fmt.bits_k).all() and (e0.seg_bytes[:, 1] == 8 * 32 * fmt.bits_v).all()
+    assert (e0.seg_bytes[:, 1] == 8 * 32 * fmt.bits_v).all()  # V fixed in both layouts
+    fixed_k = e0.seg_bytes[:, 0] == 8 * 32 * fmt.bits_k
+    assert fixed_k.all() if layout == "fixed" else not fixed_k.all()  # packed K: metadata + variable widths
 
 
-@pytest.mark.parametrize("gran,layout", [("token", "packed"), ("token_head", "packed"), ("token", "fixed")])
+@pytest.mark.parametrize("gran,layout", [("token", "packed"), ("token_head", "packed"), ("token", "fixed"),
+                                         ("token", "fixed_v")])
 def test_store_whole_blocks_three_heads_nonfinite_and_offset(gran, layout):
     """The whole-block path with a head count that is not a power of two (the per-head statistics are
     combined over a padded tile), NaN and inf tokens, slot_start > 0 and pool_used > 0."""
@@ -250,6 +258,10 @@ DECODE_CASES = [
     (1, 2, 4, 4, 130, 32, 1, torch.float16, {"layout": "fixed", "rel_k": 1 / 3, "rel_v": 1 / 100}, 3),
     (2, 2, 2, 3, 1, 32, 4, torch.bfloat16, {"layout": "fixed", "granularity": "token_head"}, None),
     (2, 2, 1, 0, 9, 16, 4, torch.bfloat16, {"layout": "fixed"}, None),
+    # layout "fixed_v": packed K (per-channel widths) beside fixed 2-bit and 4-bit (pair order) V
+    (2, 2, 4, 3, 70, 32, 2, torch.bfloat16, {"layout": "fixed_v", "rel_v": 1 / 3}, 2),
+    (1, 2, 2, 4, 130, 32, 1, torch.float16, {"layout": "fixed_v", "rel_k": 0.05, "rel_v": 1 / 15,
+                                             "granularity": "token_head"}, 3),
     # the "fast" preset's 4-bit K and V: two blocks per iteration, odd block counts per split
     (2, 2, 4, 7, 10, 32, 1, torch.bfloat16, {"preset": "fast"}, 3),
     (1, 2, 2, 5, 64, 16, 4, torch.float16, {"preset": "fast", "granularity": "token_head"}, 2),
@@ -322,6 +334,8 @@ CUDA_DECODE_CASES = [
     (2, 2, 1, 20, 129, 64, 16, torch.bfloat16, {"layout": "fixed", "granularity": "token_head"}, 2),
     (2, 2, 4, 61, 150, 128, 1, torch.bfloat16, {"preset": "fast"}, None),
     (1, 2, 8, 33, 131, 256, 2, torch.float16, {"preset": "fast"}, 3),
+    (2, 2, 4, 60, 140, 128, 1, torch.bfloat16, {"layout": "fixed_v", "rel_v": 1 / 3}, None),
+    (1, 2, 8, 30, 131, 256, 4, torch.float16, {"layout": "fixed_v", "rel_v": 1 / 15}, 3),
 ]
 
 
