@@ -8,7 +8,8 @@ from eval import bench_kernels
 from kvcomp_hf.config import KVCompConfig
 
 
-@pytest.mark.parametrize("config", [{}, {"preset": "fast"}], ids=["default", "fast"])
+@pytest.mark.parametrize("config", [{}, {"preset": "fast"}, {"layout": "fixed_v", "rel_v": 1 / 3}],
+                         ids=["default", "fast", "fixed_v"])
 def test_run_one_stores_decodes_and_checks_itself(monkeypatch, config):
     calls = []
 
