@@ -60,6 +60,7 @@ DEFAULT_CACHES = [
     (f"kvcomp:rel_k=0.05,rel_v=0.25,{R4}", "kvcomp rotated, 4 sink tokens"),
     ("kivi2", "KIVI"), ("hf-int2", "QuantizedCache"),
     (f"kvcomp:rel_k=0.08,rel_v=0.3,{R4}", "kvcomp default (rotated, 4 sink tokens)"),
+    (f"kvcomp:layout=fixed_v,rel_k=0.08,rel_v=0.333333,{R4}", "kvcomp fixed_v layout, 4 sink tokens"),
     (f"kvcomp:rel_k=0.06,rel_v=0.2,{R4}", "kvcomp rotated, 4 sink tokens"),
     (f"kvcomp:{FIXED},rel_v=0.0666667,{R4}", "kvcomp fixed layout, 4 sink tokens"),
     ("kvcomp:smollm2-135m-instruct", "kvcomp SmolLM2 preset"),
