@@ -231,6 +231,36 @@ def _tile_paired4(x, PRMT: tl.constexpr, INTERP: tl.constexpr):
 
 
 @triton.jit
+def _tile_paired2(x, INTERP: tl.constexpr):
+    """Words of 2-bit fixed segments in pair order, x [..., 4] -> [..., 4, 2, 2, 2, 2] holding 128 + q (bf16;
+    float32 in the interpreter), reshaped by the caller to [..., 64]: pair i of word w (tokens 16w + 2i and
+    16w + 2i + 1, bits 2i and 16 + 2i) is (x >> 2i) & 0x00030003 | 0x43004300, one shift and one mask."""
+    lo0, hi0 = _pair2(x, 0, INTERP)
+    lo1, hi1 = _pair2(x, 1, INTERP)
+    lo2, hi2 = _pair2(x, 2, INTERP)
+    lo3, hi3 = _pair2(x, 3, INTERP)
+    lo4, hi4 = _pair2(x, 4, INTERP)
+    lo5, hi5 = _pair2(x, 5, INTERP)
+    lo6, hi6 = _pair2(x, 6, INTERP)
+    lo7, hi7 = _pair2(x, 7, INTERP)
+    # element (a, b, c) of the inner joins is pair 4a + 2b + c; the outer join adds the token's parity
+    lo_t = tl.join(tl.join(tl.join(lo0, lo4), tl.join(lo2, lo6)), tl.join(tl.join(lo1, lo5), tl.join(lo3, lo7)))
+    hi_t = tl.join(tl.join(tl.join(hi0, hi4), tl.join(hi2, hi6)), tl.join(tl.join(hi1, hi5), tl.join(hi3, hi7)))
+    return tl.join(lo_t, hi_t)
+
+
+@triton.jit
+def _pair2(x, i: tl.constexpr, INTERP: tl.constexpr):
+    """Tokens 16w + 2i (low half) and 16w + 2i + 1 (high half) of 2-bit pair-order words x, as 128 + q."""
+    if INTERP:
+        lo = (((x >> (2 * i)) & 3) + 128).to(tl.float32)
+        hi = (((x >> (2 * i + 16)) & 3) + 128).to(tl.float32)
+    else:
+        lo, hi = _halves(((x >> (2 * i)) & 0x00030003) | 0x43004300)
+    return lo, hi
+
+
+@triton.jit
 def _softmax_step(s, valid, m_i, l_i):
     """Online softmax over one tile of base-2 scores s [M, N] -> (new row max, rescale factor of the old
     partials, probabilities, new row sums). Fully masked rows keep max -inf and weight 0."""
@@ -461,19 +491,28 @@ def _meta(seg, R: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, WB: tl.cons
 @triton.jit
 def _words(seg, width, META: tl.constexpr, R: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
            BITS: tl.constexpr, CJ: tl.constexpr, FIXED: tl.constexpr):
-    """Issue the payload loads of a segment: (lo, hi, shift, L) [D, 64 // CJ] as _chunk_words. Layout "fixed":
+    """Issue the payload loads of a segment: (lo, hi, shift, L) [D, 64 // CJ] as _chunk_words. Fixed segments:
     channel c at word 2 * BITS * c, no metadata; with BITS dividing 32 no chunk straddles a word and the
-    word index is affine in (c, k), so the loads vectorise (segments of this layout are 16-byte aligned)."""
+    word index is affine in (c, k), so the loads vectorise (layout "fixed": 16-byte aligned segments). 4 and 2
+    bits (pair order, codec: BlockFormat.paired): the channel's 2 * BITS whole words, [D, 2 * BITS]."""
     if FIXED:
-        k = tl.arange(0, 64 // CJ)[None, :]
         c = tl.arange(0, D)[:, None]
-        L = tl.full([D, 64 // CJ], BITS, tl.int32)
-        if (32 % BITS) == 0:
+        if BITS == 4 or BITS == 2:
+            k = tl.arange(0, 2 * BITS)[None, :]
+            L = tl.full([D, 2 * BITS], BITS, tl.int32)
+            lo = tl.load(seg + c * (2 * BITS) + k).to(tl.uint32, bitcast=True)
+            sh = k * 0
+            hi = lo
+        elif (32 % BITS) == 0:
+            k = tl.arange(0, 64 // CJ)[None, :]
+            L = tl.full([D, 64 // CJ], BITS, tl.int32)
             per: tl.constexpr = 32 // (CJ * BITS)  # chunks per word
             lo = tl.load(seg + c * (2 * BITS) + k // per).to(tl.uint32, bitcast=True)
             sh = (k % per) * (CJ * BITS)
             hi = lo
         else:
+            k = tl.arange(0, 64 // CJ)[None, :]
+            L = tl.full([D, 64 // CJ], BITS, tl.int32)
             start = c * (64 * BITS) + k * (CJ * BITS)
             wi = start >> 5
             sh = start & 31
@@ -673,6 +712,8 @@ def _tokens_in_m_kernel(q_ptr, sq_b, sq_h, sq_t, sq_d,
                 vL = tl.full(vx.shape, BITS_V, tl.int32)
             if FIXED_K and BITS_K == 4:
                 kt = tl.trans(tl.reshape(_tile_paired4(kx, PRMT, INTERP), (D, 64)))
+            elif FIXED_K and BITS_K == 2:
+                kt = tl.trans(tl.reshape(_tile_paired2(kx, INTERP), (D, 64)))
             else:
                 kt = tl.trans(_tile(kx, kL, kpmin, CJ_K, D, R, not FIXED_K, True, INTERP))     # [64, D]
             s = tl.dot(kt, q_hi)
@@ -684,6 +725,8 @@ def _tokens_in_m_kernel(q_ptr, sq_b, sq_h, sq_t, sq_d,
             # values: sum_t p x_hat = sum_t w (128 + pmin + r) - 128 sum_t w + sum_t p min, w = p step
             if FIXED_V and BITS_V == 4:
                 vt = tl.reshape(_tile_paired4(vx, PRMT, INTERP), (D, 64))
+            elif FIXED_V and BITS_V == 2:
+                vt = tl.reshape(_tile_paired2(vx, INTERP), (D, 64))
             else:
                 vt = _tile(vx, vL, vpmin, CJ_V, D, R, R > 1 and not FIXED_V, True, INTERP)     # [D, 64]
             pv, w = _weighted_values(vt, p * vstep[:, None], SPLIT_V, INTERP)

@@ -410,16 +410,18 @@ def _write_pack64(pool32, x, lo, step, seg_off, D: tl.constexpr, BITS: tl.conste
         pmin = tl.min(q, axis=0)
         width = _bitlen(tl.max(q, axis=0) - pmin, BITS)              # [D]
     r = (q - pmin[None, :]).to(tl.uint32)
-    # chunks: CJ consecutive fields of one channel -> bits j * L of one uint32 (at most 32 bits)
-    j = tl.arange(0, CJ)[None, :, None]
-    if FIXED and BITS == 4:  # pair order (codec: BlockFormat.paired): a chunk is one word
-        chunk = _chunks(r, (j // 2) * BITS + (j % 2) * 16, CJ)
+    if FIXED and (BITS == 4 or BITS == 2):  # pair order (codec: BlockFormat.paired): a word of PJ fields at once
+        PJ: tl.constexpr = 32 // BITS
+        jw = tl.arange(0, PJ)[None, :, None]
+        words = _chunks(r, (jw // 2) * BITS + (jw % 2) * 16, PJ).to(tl.int32, bitcast=True)  # [2 * BITS, D]
+    elif FIXED and CJ * BITS == 32:  # every chunk is a whole word (NCH == CW)
+        j = tl.arange(0, CJ)[None, :, None]
+        words = _chunks(r, j * width[None, None, :], CJ).to(tl.int32, bitcast=True)
     else:
+        # chunks: CJ consecutive fields of one channel -> bits j * L of one uint32 (at most 32 bits); word w of
+        # a channel holds bits 32w.. of its stream; chunk g starts at bit g * CJ * L
+        j = tl.arange(0, CJ)[None, :, None]
         chunk = _chunks(r, j * width[None, None, :], CJ)                # [NCH, D]
-    if FIXED and CJ * BITS == 32:  # every chunk is a whole word (NCH == CW)
-        words = chunk.to(tl.int32, bitcast=True)
-    else:
-        # word w of a channel holds bits 32w.. of its stream; chunk g starts at bit g * CJ * L
         w = tl.arange(0, CW)[:, None, None]
         g = tl.arange(0, NCH)[None, :, None]
         cl = CJ * width[None, None, :]

@@ -48,10 +48,10 @@ Pipeline for one block of `block_size` = 64 tokens of one sequence (K and V of a
    Layout "fixed" (config.layout): no metadata sections; every pack is one channel of the block
    (pack_size 64) with pmin = 0 and L = bits, so the segment is the D channels' 64 `bits`-bit fields
    of q itself, channel c at 32-bit word 2 * bits * c, and every segment has 8 * D * bits bytes.
-   With bits 4 the 8 fields of each 32-bit word are in pair order: field j of word w (token 8w + j of
-   the channel) sits at bit (j // 2) * 4 + (j % 2) * 16, so tokens 2i and 2i + 1 occupy the same bits of
-   the low and the high half-word (the decode kernel turns both into bf16 with one shift and one
-   mask). Other widths are the plain little-endian stream.
+   With bits 4 and 2 the F = 32 / bits fields of each 32-bit word are in pair order: field j of word w
+   (token F*w + j of the channel) sits at bit (j // 2) * bits + (j % 2) * 16, so tokens 2i and 2i + 1
+   occupy the same bits of the low and the high half-word (the decode kernel turns both into bf16 with
+   one shift and one mask). Other widths are the plain little-endian stream.
    Layout "fixed_v": K segments as "packed" (pack_size 64), V segments as "fixed".
 
 4. Storage of a batch of n blocks (EncodedBlocks): the segments back to back in `data` in the
@@ -145,9 +145,9 @@ class BlockFormat:
         return _round_up4(self.n_packs * (b + width_bits(b)) // 8)
 
     def paired(self, kv: int) -> bool:
-        """Layout "fixed" with 4-bit fields stores each 32-bit word's fields in pair order (see the module
+        """Fixed segments with 4- or 2-bit fields store each 32-bit word's fields in pair order (see the module
         docstring): one shift and one mask then give two adjacent tokens as the two halves of a word."""
-        return self.fixed(kv) and self.bits(kv) == 4
+        return self.fixed(kv) and self.bits(kv) in (2, 4)
 
     def field_offsets(self, kv: int, width: torch.Tensor, device) -> torch.Tensor:
         """Bit offset of field j (j = 0 .. pack_size - 1) inside its pack, for packs of `width` bits."""

@@ -143,7 +143,8 @@ def test_segment_layout_matches_the_documented_format():
 def test_fixed_v_segments_match_the_documented_format():
     """layout "fixed_v": the K segment is a packed one (pack mins, widths, then each channel's L-bit fields from
     the first 32-bit word after the metadata), the V segment the channels' fixed `bits`-bit fields and nothing
-    else (channel c from 32-bit word 2 * bits * c, plain little-endian order at 2 bits)."""
+    else (channel c from 32-bit word 2 * bits * c; at 2 bits in pair order: token 16w + j of the channel at bit
+    (j // 2) * 2 + (j % 2) * 16 of word w, so tokens 2i and 2i + 1 share the bits of the two half-words)."""
     cfg = KVCompConfig(rel_k=0.1, rel_v=1 / 3, layout="fixed_v")
     k, v = make_kv(9, 1, 1, 16, torch.float32, True)
     enc, fmt = codec.encode_blocks(k, v, cfg)
@@ -164,7 +165,8 @@ def test_fixed_v_segments_match_the_documented_format():
     assert fmt.bits_v == 2 and fmt.meta_bytes(1) == 0 and int(enc.seg_bytes[0, 1, 0]) == 8 * d * 2
     vbase = int(enc.seg_offset[0, 1, 0]) * 8
     for c in range(d):
-        got = [read_bits_le(data, vbase + 32 * 2 * 2 * c + 2 * t, 2) for t in range(64)]
+        got = [read_bits_le(data, vbase + 32 * (2 * 2 * c + t // 16) + (t % 16) // 2 * 2 + t % 2 * 16, 2)
+               for t in range(64)]
         assert got == [int(qv[0, 0, t, c]) for t in range(64)]
     k_hat, v_hat = codec.decode_blocks(enc, fmt)
     packed, pfmt = codec.encode_blocks(k, v, dataclasses.replace(cfg, layout="packed"))
