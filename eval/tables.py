@@ -54,7 +54,8 @@ def kernels_summary(default: dict, fast: dict) -> str:
         fast_cols = f"{f['fused_graph_ms']:.4f} | {f['sdpa_graph_ms'] / f['fused_graph_ms']:.2f}x" if f else "- | -"
         store = r.get("store_GBps_bf16_input")
         lines.append(f"| {r['context'] // 1024}K x {r['batch']} | {r['sdpa_graph_ms']:.4f} | "
-                     f"{r['bits_per_value']:.2f} | {r['fused_graph_ms']:.4f} | {r['sdpa_graph_ms'] / r['fused_graph_ms']:.2f}x | {fast_cols} | "
+                     f"{r['bits_per_value']:.2f} | {r['fused_graph_ms']:.4f} | "
+                     f"{r['sdpa_graph_ms'] / r['fused_graph_ms']:.2f}x | {fast_cols} | "
                      f"{'-' if store is None else f'{store:.0f}'} |")
     return "\n".join(lines)
 
