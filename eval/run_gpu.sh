@@ -31,7 +31,8 @@
 #   compiled-32k     : issue 14's 32K x 8 row: DynamicCache against kvcomp:compiled
 #   ttft             : TTFT rows at 32K x 1 and 8K x 8 (full, kvcomp)
 #   kernels-fixed-v  : eval.bench_kernels for layout fixed_v (K packed, V fixed 2-bit) at every row, beside which
-#                      the default's rows (stage kernels) decide whether it becomes the default; its CUDA tests
+#                      the default's rows (stage kernels) decide whether it becomes the default; the kernels' CUDA
+#                      tests (CUDA_DECODE_CASES has fixed_v rows)
 # Usage: OUT=/some/dir bash eval/run_gpu.sh gpu-tests accuracy bench
 set -uo pipefail
 export PYTHONUNBUFFERED=1 KVCOMP_EVAL_NO_PROGRESS=1
@@ -120,8 +121,8 @@ for stage in "$@"; do
     ttft) timeout 290 python -m eval.bench_generate --models llama3.1-8b --caches full,kvcomp --contexts 32768,8192 \
         --batches 1,8 --runs-per-shape 2 --time-budget 270 --out "$OUT/bench_generate_ttft.json" 2>&1 | tail -12 ;;
     kernels-fixed-v)
-      timeout 120 python -m pytest -q -p no:cacheprovider -m cuda tests/test_kernels.py -k "fixed_v or fixed_layout" \
-        2>&1 | tee "$OUT/cuda_tests_fixed_v.log" | tail -3
+      timeout 200 python -m pytest -q -p no:cacheprovider -m cuda tests/test_kernels.py 2>&1 \
+        | tee "$OUT/cuda_tests_kernels.log" | tail -3
       timeout 300 python -m eval.bench_kernels --config layout=fixed_v,rel_v=0.3333333 \
         --out "$OUT/bench_kernels_fixed_v.json" 2>&1 | grep -v '^{' | tail -12 ;;
     *) echo "unknown stage $stage"; exit 2 ;;
