@@ -102,9 +102,10 @@ def _seg_meta(seg, R: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, WB: tl.
 
 @triton.jit
 def _chunk_words(seg, width, META: tl.constexpr, R: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
-                 CJ: tl.constexpr):
+                 CJ: tl.constexpr, ONE_WORD: tl.constexpr = False):
     """Issue the payload loads of one segment: chunk k (tokens k*CJ .. k*CJ+CJ-1) of channel c is
-    CJ fields of L bits (CJ * L <= 32) at a known bit offset, read as two 32-bit words.
+    CJ fields of L bits (CJ * L <= 32) at a known bit offset, read as two 32-bit words (ONE_WORD: the caller
+    knows no chunk straddles a word; hi is then lo and unused).
     width [D, R]. Returns (lo, hi, shift, L), each [D, 64 // CJ]."""
     GP: tl.constexpr = P // CJ
     if R == 1:
@@ -119,7 +120,10 @@ def _chunk_words(seg, width, META: tl.constexpr, R: tl.constexpr, D: tl.constexp
     wi = start >> 5
     sh = start & 31
     lo = tl.load(seg + wi, mask=L > 0, other=0).to(tl.uint32, bitcast=True)
-    hi = tl.load(seg + wi + 1, mask=sh + CJ * L > 32, other=0).to(tl.uint32, bitcast=True)
+    if ONE_WORD:
+        hi = lo
+    else:
+        hi = tl.load(seg + wi + 1, mask=sh + CJ * L > 32, other=0).to(tl.uint32, bitcast=True)
     return lo, hi, sh, L
 
 
@@ -519,14 +523,21 @@ def _words(seg, width, META: tl.constexpr, R: tl.constexpr, D: tl.constexpr, P: 
             lo = tl.load(seg + wi).to(tl.uint32, bitcast=True)
             hi = tl.load(seg + wi + 1, mask=sh + CJ * BITS > 32, other=0).to(tl.uint32, bitcast=True)
     else:
-        lo, hi, sh, L = _chunk_words(seg, width, META, R, D, P, CJ)
+        lo, hi, sh, L = _chunk_words(seg, width, META, R, D, P, CJ, _one_word(P, BITS))
     return lo, hi, sh, L
 
 
 @triton.jit
-def _chunks(lo, hi, sh, BITS: tl.constexpr, FIXED: tl.constexpr):
+def _one_word(P: tl.constexpr, BITS: tl.constexpr):
+    """Whether no packed chunk straddles a 32-bit word: with pack_size 64 every channel starts on a word, and
+    widths L <= 2 make chunks of CJ * L bits (8 or 16) that tile a word."""
+    return P == 64 and BITS <= 2
+
+
+@triton.jit
+def _chunks(lo, hi, sh, P: tl.constexpr, BITS: tl.constexpr, FIXED: tl.constexpr):
     """The loaded words of _words -> payload chunks (CJ fields from bit 0)."""
-    if FIXED and (32 % BITS) == 0:
+    if (FIXED and (32 % BITS) == 0) or (not FIXED and _one_word(P, BITS)):
         x = lo >> sh.to(tl.uint32)
     else:
         x = _funnel(lo, hi, sh)
@@ -698,8 +709,8 @@ def _tokens_in_m_kernel(q_ptr, sq_b, sq_h, sq_t, sq_d,
             vlo1, vhi1, vsh1, vL1 = _words(segv1, vw1, META_V, R, D, P, BITS_V, CJ_V, FIXED_V)
             kmin1, kstep1, vmin1, vstep1 = _token_stats(tmin_ptr, tm_s, tm_kv, tm_t, tstep_ptr, ts_s, ts_kv, ts_t,
                                                         slot1, gsel)
-            kx = _chunks(klo, khi, ksh, BITS_K, FIXED_K)
-            vx = _chunks(vlo, vhi, vsh, BITS_V, FIXED_V)
+            kx = _chunks(klo, khi, ksh, P, BITS_K, FIXED_K)
+            vx = _chunks(vlo, vhi, vsh, P, BITS_V, FIXED_V)
             pos = blk * 64 + idx
             valid = pos[:, None] <= qpos[None, :]
             if HAS_MASK:
