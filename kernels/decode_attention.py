@@ -181,14 +181,16 @@ def _tile(x, L, pmin, CJ: tl.constexpr, D: tl.constexpr, R: tl.constexpr, ADD_MI
 
 
 @triton.jit
-def _pair4(x, j: tl.constexpr, INTERP: tl.constexpr):
-    """Tokens 8w + 2j (low half) and 8w + 2j + 1 (high half) of 4-bit pair-order words x, as 128 + q:
-    t = (x >> 4j) & 0x000F000F | 0x43004300 holds both as bf16 bit patterns."""
+def _pair(x, j: tl.constexpr, BITS: tl.constexpr, INTERP: tl.constexpr):
+    """Tokens F*w + 2j (low half) and F*w + 2j + 1 (high half) of BITS-bit pair-order words x (F = 32 / BITS
+    fields per word), as 128 + q: t = (x >> BITS*j) & (m | m << 16) | 0x43004300 (m = 2**BITS - 1) holds both as
+    bf16 bit patterns."""
+    MASK: tl.constexpr = (1 << BITS) - 1
     if INTERP:  # float32 operands holding the same values (the interpreter's bf16 dot is wrong)
-        lo = (((x >> (4 * j)) & 15) + 128).to(tl.float32)
-        hi = (((x >> (4 * j + 16)) & 15) + 128).to(tl.float32)
+        lo = (((x >> (BITS * j)) & MASK) + 128).to(tl.float32)
+        hi = (((x >> (BITS * j + 16)) & MASK) + 128).to(tl.float32)
     else:
-        lo, hi = _halves(((x >> (4 * j)) & 0x000F000F) | 0x43004300)
+        lo, hi = _halves(((x >> (BITS * j)) & (MASK | (MASK << 16))) | 0x43004300)
     return lo, hi
 
 
@@ -206,10 +208,10 @@ def _tile_paired4(x, PRMT: tl.constexpr, INTERP: tl.constexpr):
     pair j is one byte permute of e or o with the constant 0x43 bytes (bytes 0 and 2 for j = 0, 1; 1 and 3 for
     j = 2, 3): ~1.75 instructions per two tokens, and no mask constant to rematerialise per pair."""
     if INTERP or not PRMT:
-        lo0, hi0 = _pair4(x, 0, INTERP)
-        lo1, hi1 = _pair4(x, 1, INTERP)
-        lo2, hi2 = _pair4(x, 2, INTERP)
-        lo3, hi3 = _pair4(x, 3, INTERP)
+        lo0, hi0 = _pair(x, 0, 4, INTERP)
+        lo1, hi1 = _pair(x, 1, 4, INTERP)
+        lo2, hi2 = _pair(x, 2, 4, INTERP)
+        lo3, hi3 = _pair(x, 3, 4, INTERP)
     else:
         t0, t1, t2, t3 = tl.inline_asm_elementwise(
             asm="""{
@@ -239,29 +241,19 @@ def _tile_paired2(x, INTERP: tl.constexpr):
     """Words of 2-bit fixed segments in pair order, x [..., 4] -> [..., 4, 2, 2, 2, 2] holding 128 + q (bf16;
     float32 in the interpreter), reshaped by the caller to [..., 64]: pair i of word w (tokens 16w + 2i and
     16w + 2i + 1, bits 2i and 16 + 2i) is (x >> 2i) & 0x00030003 | 0x43004300, one shift and one mask."""
-    lo0, hi0 = _pair2(x, 0, INTERP)
-    lo1, hi1 = _pair2(x, 1, INTERP)
-    lo2, hi2 = _pair2(x, 2, INTERP)
-    lo3, hi3 = _pair2(x, 3, INTERP)
-    lo4, hi4 = _pair2(x, 4, INTERP)
-    lo5, hi5 = _pair2(x, 5, INTERP)
-    lo6, hi6 = _pair2(x, 6, INTERP)
-    lo7, hi7 = _pair2(x, 7, INTERP)
+    lo0, hi0 = _pair(x, 0, 2, INTERP)
+    lo1, hi1 = _pair(x, 1, 2, INTERP)
+    lo2, hi2 = _pair(x, 2, 2, INTERP)
+    lo3, hi3 = _pair(x, 3, 2, INTERP)
+    lo4, hi4 = _pair(x, 4, 2, INTERP)
+    lo5, hi5 = _pair(x, 5, 2, INTERP)
+    lo6, hi6 = _pair(x, 6, 2, INTERP)
+    lo7, hi7 = _pair(x, 7, 2, INTERP)
     # element (a, b, c) of the inner joins is pair 4a + 2b + c; the outer join adds the token's parity
     lo_t = tl.join(tl.join(tl.join(lo0, lo4), tl.join(lo2, lo6)), tl.join(tl.join(lo1, lo5), tl.join(lo3, lo7)))
     hi_t = tl.join(tl.join(tl.join(hi0, hi4), tl.join(hi2, hi6)), tl.join(tl.join(hi1, hi5), tl.join(hi3, hi7)))
     return tl.join(lo_t, hi_t)
 
-
-@triton.jit
-def _pair2(x, i: tl.constexpr, INTERP: tl.constexpr):
-    """Tokens 16w + 2i (low half) and 16w + 2i + 1 (high half) of 2-bit pair-order words x, as 128 + q."""
-    if INTERP:
-        lo = (((x >> (2 * i)) & 3) + 128).to(tl.float32)
-        hi = (((x >> (2 * i + 16)) & 3) + 128).to(tl.float32)
-    else:
-        lo, hi = _halves(((x >> (2 * i)) & 0x00030003) | 0x43004300)
-    return lo, hi
 
 
 @triton.jit
@@ -499,24 +491,22 @@ def _words(seg, width, META: tl.constexpr, R: tl.constexpr, D: tl.constexpr, P: 
     channel c at word 2 * BITS * c, no metadata; with BITS dividing 32 no chunk straddles a word and the
     word index is affine in (c, k), so the loads vectorise (layout "fixed": 16-byte aligned segments). 4 and 2
     bits (pair order, codec: BlockFormat.paired): the channel's 2 * BITS whole words, [D, 2 * BITS]."""
-    if FIXED:
-        c = tl.arange(0, D)[:, None]
-        if BITS == 4 or BITS == 2:
-            k = tl.arange(0, 2 * BITS)[None, :]
-            L = tl.full([D, 2 * BITS], BITS, tl.int32)
-            lo = tl.load(seg + c * (2 * BITS) + k).to(tl.uint32, bitcast=True)
-            sh = k * 0
-            hi = lo
-        elif (32 % BITS) == 0:
-            k = tl.arange(0, 64 // CJ)[None, :]
-            L = tl.full([D, 64 // CJ], BITS, tl.int32)
+    c = tl.arange(0, D)[:, None]
+    if FIXED and (BITS == 4 or BITS == 2):
+        k = tl.arange(0, 2 * BITS)[None, :]
+        L = tl.full([D, 2 * BITS], BITS, tl.int32)
+        lo = tl.load(seg + c * (2 * BITS) + k).to(tl.uint32, bitcast=True)
+        sh = k * 0
+        hi = lo
+    elif FIXED:
+        k = tl.arange(0, 64 // CJ)[None, :]
+        L = tl.full([D, 64 // CJ], BITS, tl.int32)
+        if (32 % BITS) == 0:
             per: tl.constexpr = 32 // (CJ * BITS)  # chunks per word
             lo = tl.load(seg + c * (2 * BITS) + k // per).to(tl.uint32, bitcast=True)
             sh = (k % per) * (CJ * BITS)
             hi = lo
         else:
-            k = tl.arange(0, 64 // CJ)[None, :]
-            L = tl.full([D, 64 // CJ], BITS, tl.int32)
             start = c * (64 * BITS) + k * (CJ * BITS)
             wi = start >> 5
             sh = start & 31
