@@ -36,17 +36,24 @@ def bench(fn):
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
-def bench_graph(fn, reps: int = 50) -> float:
-    """Median GPU ms of fn() replayed from a CUDA graph, L2 flushed (256 MB written) before each replay."""
+def capture_graph(fn, calls: int = 1) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of `calls` calls of fn, warmed up first on a side stream (compiles, allocator)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm up (compiles, allocator) outside the capture
+    with torch.cuda.stream(side):
         fn()
         fn()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        fn()
+        for _ in range(calls):
+            fn()
+    return graph
+
+
+def bench_graph(fn, reps: int = 50) -> float:
+    """Median GPU ms of fn() replayed from a CUDA graph, L2 flushed (256 MB written) before each replay."""
+    graph = capture_graph(fn)
     flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from eval.bench_kernels import capture_graph
 from kvcomp_hf.cache import KVCompLayer
 from kvcomp_hf.config import KVCompConfig
 from kvcomp_hf.rotation import LayerRotation
@@ -61,16 +62,7 @@ def bench(batch: int, heads: int, q_heads: int, head_dim: int, context: int) -> 
 
 def graph_us(fn, calls: int = 32, reps: int = 20) -> float:
     """Microseconds per fn() when `calls` of them replay from one CUDA graph (a compiled decode step's setting)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    return cuda_ms(graph.replay, reps) * 1000 / calls
+    return cuda_ms(capture_graph(fn, calls).replay, reps) * 1000 / calls
 
 
 def bench_step(batch: int, heads: int, q_heads: int, head_dim: int) -> dict:
