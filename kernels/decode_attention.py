@@ -135,44 +135,57 @@ def _funnel(lo, hi, sh):
 
 
 @triton.jit
+def _field(x, mask, off, ADD: tl.constexpr):
+    """The low field of x plus off (ADD: off may carry into the field's bits) or ORed with it (one LOP3)."""
+    if ADD:
+        return (x & mask) + off
+    return (x & mask) | off
+
+
+@triton.jit
 def _tile(x, L, pmin, CJ: tl.constexpr, D: tl.constexpr, R: tl.constexpr, ADD_MIN: tl.constexpr,
           FAST: tl.constexpr, INTERP: tl.constexpr):
     """Payload chunks x [D, 64 // CJ] (see _funnel) -> the block's residuals as a dot operand [D, 64] (channel c,
     token k*CJ + j): bf16 bit patterns 0x4300 | r (= 128 + r, exact for r < 128) when FAST, else
     float32 r (pmin + r with ADD_MIN; pmin [D, R]). The CJ fields of a chunk are peeled off one after the other
     (mask, shift right by L: no per-field shift amounts to keep) in the thread that loaded it, and
-    joined along new minor dimensions (registers), so each thread holds CJ adjacent tokens of one channel."""
+    joined along new minor dimensions (registers), so each thread holds CJ adjacent tokens of one channel.
+    ADD_MIN adds the chunk's pack minimum and the 0x4300 in one integer add per field (pmin + r < 128, so the
+    sum is the OR), broadcast to the chunks' layout before the join, which needs no layout conversion."""
     Lu = L.to(tl.uint32)
     mask = (tl.full(L.shape, 1, tl.uint32) << Lu) - 1
-    f0 = x & mask
+    BASE: tl.constexpr = 0x4300 if FAST and not INTERP else 0
+    if ADD_MIN:
+        off = tl.reshape(tl.broadcast_to(pmin[:, :, None], (D, R, 64 // (CJ * R))), L.shape).to(tl.uint32) + BASE
+    else:
+        off = tl.full(L.shape, BASE, tl.uint32)
+    f0 = _field(x, mask, off, ADD_MIN)
     x = x >> Lu
-    f1 = x & mask
+    f1 = _field(x, mask, off, ADD_MIN)
     if CJ == 2:
         v = tl.join(f0, f1)
     else:
         x = x >> Lu
-        f2 = x & mask
+        f2 = _field(x, mask, off, ADD_MIN)
         x = x >> Lu
-        f3 = x & mask
+        f3 = _field(x, mask, off, ADD_MIN)
         if CJ == 4:
             # element (a, b) of the joined dims is field 2a + b
             v = tl.join(tl.join(f0, f2), tl.join(f1, f3))
         else:
             x = x >> Lu
-            f4 = x & mask
+            f4 = _field(x, mask, off, ADD_MIN)
             x = x >> Lu
-            f5 = x & mask
+            f5 = _field(x, mask, off, ADD_MIN)
             x = x >> Lu
-            f6 = x & mask
+            f6 = _field(x, mask, off, ADD_MIN)
             x = x >> Lu
-            f7 = x & mask
+            f7 = _field(x, mask, off, ADD_MIN)
             # element (a, b, c) of the joined dims is field 4a + 2b + c
             v = tl.join(tl.join(tl.join(f0, f4), tl.join(f2, f6)), tl.join(tl.join(f1, f5), tl.join(f3, f7)))
     v = tl.reshape(v, (D, 64))
-    if ADD_MIN:  # pmin + r < 2**bits
-        v = v + tl.reshape(tl.broadcast_to(pmin[:, :, None], (D, R, 64 // R)), (D, 64)).to(tl.uint32)
     if FAST and not INTERP:
-        out = (v | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
+        out = v.to(tl.int16).to(tl.bfloat16, bitcast=True)
     elif FAST:  # the interpreter's bf16 dot is wrong: float32 operands holding the same values
         out = (v + 128).to(tl.float32)
     else:
