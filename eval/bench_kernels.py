@@ -290,7 +290,8 @@ def main():
     bw = copy_bandwidth(dev)
     import triton
     info = dict(device=torch.cuda.get_device_name(), sms=_num_sms(torch.device(dev)), torch=torch.__version__,
-                triton=triton.__version__, copy_bandwidth_GBps=bw / 1e9, config=cfg.to_dict(), data=DATA_NOTE,
+                triton=triton.__version__, copy_bandwidth_GBps=bw / 1e9,
+                config=dict(cfg.to_dict(), storage_layout=cfg.storage_layout), data=DATA_NOTE,
                 timing="triton.testing.do_bench median, L2 flushed between calls; ms. *_graph_ms: median of CUDA "
                        "graph replays, L2 flushed before each",
                 date=time.strftime("%Y-%m-%d"))

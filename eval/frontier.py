@@ -44,7 +44,10 @@ ROT = "rotation=hadamard"
 SINK = "sink_tokens=4"
 FIXED = "layout=fixed,rel_k=0.0666667"  # 4-bit K in the fixed layout (rel 1/15 uses all 16 codes)
 # (spec, family) in priority order (--workers take them round-robin; --time-budget cuts the end of the list).
-# Every field that differs from KVCompConfig's defaults of any time is spelled out.
+# Every field that differs from KVCompConfig's defaults of any time is spelled out, except the layout: specs
+# without one were measured "packed" up to 2026-12-06 (eval/results/frontier-smollm2-8k) and since measure
+# layout "auto" (fixed_v where pack_size is 64 and repack none: the same quantised values, so the same ΔNLL,
+# without V's pack metadata).
 R4, R0, NR = f"{ROT},{SINK}", f"{ROT},sink_tokens=0", "rotation=none,sink_tokens=0"
 DEFAULT_CACHES = [
     ("kvcomp:rel_k=0.1,rel_v=0.2,rotation=none,granularity=token,repack=median,pack_size=16,sink_tokens=0",
@@ -60,7 +63,7 @@ DEFAULT_CACHES = [
     (f"kvcomp:rel_k=0.05,rel_v=0.25,{R4}", "kvcomp rotated, 4 sink tokens"),
     ("kivi2", "KIVI"), ("hf-int2", "QuantizedCache"),
     (f"kvcomp:rel_k=0.08,rel_v=0.3,{R4}", "kvcomp default (rotated, 4 sink tokens)"),
-    (f"kvcomp:layout=fixed_v,rel_k=0.08,rel_v=0.333333,{R4}", "kvcomp fixed_v layout, 4 sink tokens"),
+    (f"kvcomp:layout=packed,rel_k=0.08,rel_v=0.3,{R4}", "kvcomp packed layout (the default before 2026-12-06)"),
     (f"kvcomp:rel_k=0.06,rel_v=0.2,{R4}", "kvcomp rotated, 4 sink tokens"),
     (f"kvcomp:{FIXED},rel_v=0.0666667,{R4}", "kvcomp fixed layout, 4 sink tokens"),
     ("kvcomp:smollm2-135m-instruct", "kvcomp SmolLM2 preset"),

@@ -33,6 +33,10 @@
 #   kernels-fixed-v  : eval.bench_kernels for layout fixed_v (K packed, V fixed 2-bit) at every row, beside which
 #                      the default's rows (stage kernels) decide whether it becomes the default; the kernels' CUDA
 #                      tests (CUDA_DECODE_CASES has fixed_v rows)
+#   frontier-fixed-v : eval.frontier (2 x 8K, SmolLM2, the torch backend as in the 8K frontier) for the default
+#                      packed config beside layout fixed_v at the default's and the SmolLM2 preset's rel
+#   kernels-compare  : eval.bench_kernels at 32K x 8 for the packed layout and the fast preset (the compiled cache's
+#                      format), beside the stage kernels' default (fixed_v) rows
 # Usage: OUT=/some/dir bash eval/run_gpu.sh gpu-tests accuracy bench
 set -uo pipefail
 export PYTHONUNBUFFERED=1 KVCOMP_EVAL_NO_PROGRESS=1
@@ -125,6 +129,15 @@ for stage in "$@"; do
         | tee "$OUT/cuda_tests_kernels.log" | tail -3
       timeout 300 python -m eval.bench_kernels --config layout=fixed_v,rel_v=0.3333333 \
         --out "$OUT/bench_kernels_fixed_v.json" 2>&1 | grep -v '^{' | tail -12 ;;
+    frontier-fixed-v) R4=rotation=hadamard,sink_tokens=4
+      timeout 330 python -m eval.frontier --tokens 8192 --windows 2 --workers 3 --backend torch --time-budget 300 \
+        --no-plot --caches "kvcomp:rel_k=0.08,rel_v=0.3,$R4;kvcomp:layout=fixed_v,rel_k=0.08,rel_v=0.3,$R4;kvcomp:layout=fixed_v,rel_k=0.0666667,rel_v=0.142857,$R4" \
+        --out "$RESULTS/frontier-fixed-v" 2>&1 | tail -12 ;;
+    kernels-compare)
+      timeout 100 python -m eval.bench_kernels --config layout=packed --contexts 32768 --batches 8 --skip-store \
+        --out "$OUT/bench_kernels_packed.json" 2>&1 | grep -v '^{' | tail -3
+      timeout 100 python -m eval.bench_kernels --config preset=fast --contexts 32768 --batches 8 --skip-store \
+        --out "$OUT/bench_kernels_fast.json" 2>&1 | grep -v '^{' | tail -3 ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
 done

@@ -62,7 +62,8 @@ def kernels_summary(default: dict, fast: dict) -> str:
 
 def _config(cfg: dict) -> str:
     keys = ("rel_k", "rel_v", "pack_size", "repack", "granularity", "layout", "rotation")
-    return ", ".join(f"{k} {cfg[k]}" for k in keys if k in cfg)
+    text = ", ".join(f"{k} {cfg[k]}" for k in keys if k in cfg)
+    return text.replace("layout auto", f"layout auto ({cfg['storage_layout']})") if "storage_layout" in cfg else text
 
 
 def generate_table(data: dict) -> str:

@@ -71,28 +71,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .config import KVCompConfig
+from .config import MAX_BITS, MAX_FIXED_BITS, KVCompConfig, bits_for_rel  # noqa: F401 (the codec's names)
 
 if TYPE_CHECKING:  # the codec reads a store; the store module imports the codec
     from .block_store import BlockStore
 
 BLOCK_SIZE = 64
-MAX_FIXED_BITS = 7  # the fused kernel's operand trick (bf16 bits 0x4300 | q = 128 + q) needs q < 128
-MAX_BITS = 16  # fields are read through 3-byte windows: offset-in-byte (<= 7) + bits <= 24
-
-
-def bits_for_rel(rel: float) -> int:
-    """Bits that hold every integer the quantiser can produce at this rel.
-
-    q <= (M - m) / step with step >= rel * (M - m) * (1 - 2**-7) after rounding to bf16, so
-    q <= 1 / rel * (1 + 2**-6) for all practical float32 rounding."""
-    q_max = math.floor(1.0 / rel * (1.0 + 2.0**-6) + 0.5)
-    bits = max(1, q_max.bit_length())
-    if bits > MAX_BITS:
-        raise ValueError(f"rel={rel} needs {bits} bits per value; at most {MAX_BITS} are supported")
-    return bits
-
-
 def width_bits(bits: int) -> int:
     """Bits of a pack's width field, which holds 0..bits."""
     return bits.bit_length()
@@ -116,11 +100,8 @@ class BlockFormat:
         if head_dim % 8 != 0:
             raise ValueError(f"head_dim must be a multiple of 8 for kvcomp, got {head_dim}")
         bits_k, bits_v = bits_for_rel(config.rel_k), bits_for_rel(config.rel_v)
-        if config.layout != "packed" and max(bits_k, bits_v) > MAX_FIXED_BITS:  # (fixed_v: the fused kernel's limit)
-            raise ValueError(f"layout={config.layout!r} stores at most {MAX_FIXED_BITS} bits per value (rel >= 1/125); "
-                             f"rel_k={config.rel_k} needs {bits_k}, rel_v={config.rel_v} needs {bits_v}")
         return cls(num_heads=num_heads, head_dim=head_dim, pack_size=config.pack_size, bits_k=bits_k, bits_v=bits_v,
-                   granularity=config.granularity, repack=config.repack, layout=config.layout)
+                   granularity=config.granularity, repack=config.repack, layout=config.storage_layout)
 
     @property
     def groups(self) -> int:

@@ -13,13 +13,29 @@ from typing import Any
 PACK_SIZES = (4, 8, 16, 64)
 REPACK_METHODS = ("none", "median")
 GRANULARITIES = ("token", "token_head")
-LAYOUTS = ("packed", "fixed", "fixed_v")  # kvcomp_hf/codec.py specifies them
+LAYOUTS = ("packed", "fixed", "fixed_v")  # kvcomp_hf/codec.py specifies them; "auto" picks one (KVCompConfig)
 ROTATIONS = ("none", "hadamard")  # kvcomp_hf.rotation documents the transform
 BACKENDS = ("auto", "torch", "triton")  # KVCompCache(..., backend=): Triton kernels on CUDA, PyTorch, or either
 MIN_RESIDUAL = 128
 MAX_SINK_TOKENS = 64  # exact tokens cost 16 bits per value; more than a block's worth buys nothing measured
 MIN_REL = 1e-4  # keeps the quantised integers within 14 bits (see codec.bits_for_rel)
 MAX_REL = 1.0
+
+MAX_FIXED_BITS = 7  # the fused kernel's operand trick (bf16 bits 0x4300 | q = 128 + q) needs q < 128
+MAX_BITS = 16  # fields are read through 3-byte windows: offset-in-byte (<= 7) + bits <= 24
+
+
+def bits_for_rel(rel: float) -> int:
+    """Bits that hold every integer the quantiser can produce at this rel.
+
+    q <= (M - m) / step with step >= rel * (M - m) * (1 - 2**-7) after rounding to bf16, so
+    q <= 1 / rel * (1 + 2**-6) for all practical float32 rounding."""
+    q_max = math.floor(1.0 / rel * (1.0 + 2.0**-6) + 0.5)
+    bits = max(1, q_max.bit_length())
+    if bits > MAX_BITS:
+        raise ValueError(f"rel={rel} needs {bits} bits per value; at most {MAX_BITS} are supported")
+    return bits
+
 
 # A source checkout reads <repo>/configs; an installed wheel carries the same files as kvcomp_hf.configs.
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -47,12 +63,15 @@ class KVCompConfig:
         order changes no byte, so "none" is the default).
     granularity: "token" = one (min, step) per token across all KV heads (PackKV);
         "token_head" = one per token and KV head (no coupling between heads).
-    layout: "packed" stores each pack's minimum and bit width and only the bits each pack needs (fewest
-        bytes); "fixed" stores every value in exactly bits_for_rel(rel) bits, no pack metadata, every segment
-        the same size (trades bytes for a simpler, faster decode; pairs with rel = 1 / (2**bits - 1), which
-        uses every code of the width); "fixed_v" packs K and stores V fixed (V's packs rarely need fewer bits
-        than its fixed width, so this costs V almost no bytes and saves the decode V's variable unpack).
-        "fixed" and "fixed_v" need pack_size 64 and repack "none".
+    layout: "auto" (default) stores blocks as "fixed_v" when pack_size is 64, repack "none" and both rels
+        need at most 7 bits (rel >= 1/125), else as "packed" (`storage_layout` says which). "fixed_v" packs K
+        and stores V fixed: V's packs rarely need fewer bits than its fixed width, so its pack metadata cost
+        more bytes than its variable widths saved, and the decode skips V's variable unpack (the values of
+        "packed", ~0.5% fewer bytes, ~1.2x faster decode; README "Layouts"). "packed" stores each pack's
+        minimum and bit width and only the bits each pack needs, for K and V; "fixed" stores every value in
+        exactly bits_for_rel(rel) bits, no pack metadata, every segment the same size (trades bytes for a
+        simpler, faster decode; pairs with rel = 1 / (2**bits - 1), which uses every code of the width).
+        "fixed" and "fixed_v" need pack_size 64, repack "none" and rels of at most 7 bits.
     rotation: "hadamard" stores K and V multiplied by a randomised Hadamard matrix along head_dim
         (one per layer, K/V and KV head, from rotation_seed), which spreads outlier channels so the
         per-token range is used by all channels; "none" stores them as they are.
@@ -67,7 +86,7 @@ class KVCompConfig:
     pack_size: int = 64
     repack: str = "none"
     granularity: str = "token"
-    layout: str = "packed"
+    layout: str = "auto"
     rotation: str = "hadamard"
     rotation_seed: int = 0
 
@@ -96,17 +115,33 @@ class KVCompConfig:
             raise ValueError(f"repack must be one of {REPACK_METHODS}, got {self.repack!r}")
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
-        if self.layout not in LAYOUTS:
-            raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
-        if self.layout != "packed" and (self.pack_size != 64 or self.repack != "none"):
+        if self.layout != "auto" and self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be 'auto' or one of {LAYOUTS}, got {self.layout!r}")
+        if self.layout not in ("auto", "packed") and (self.pack_size != 64 or self.repack != "none"):
             raise ValueError(f"layout={self.layout!r} stores whole channels of a block in arrival order: it needs "
-                             f"pack_size=64 and repack='none', got pack_size={self.pack_size!r}, "
-                             f"repack={self.repack!r}")
+                             f"pack_size=64 and repack='none' (other packs need layout='packed'), got "
+                             f"pack_size={self.pack_size!r}, repack={self.repack!r}")
+        if self.layout not in ("auto", "packed") and self._wide_rels():
+            raise ValueError(f"layout={self.layout!r} stores at most {MAX_FIXED_BITS} bits per value (rel >= 1/125; "
+                             f"tighter rels need layout='packed'): {', '.join(self._wide_rels())}")
         if self.rotation not in ROTATIONS:
             raise ValueError(f"rotation must be one of {ROTATIONS}, got {self.rotation!r}")
         if isinstance(self.rotation_seed, bool) or not isinstance(self.rotation_seed, int) \
                 or not 0 <= self.rotation_seed < 2**31:
             raise ValueError(f"rotation_seed must be an int in [0, 2**31), got {self.rotation_seed!r}")
+
+    def _wide_rels(self) -> list[str]:
+        return [f"{name}={getattr(self, name)} needs {bits_for_rel(getattr(self, name))}"
+                for name in ("rel_k", "rel_v") if bits_for_rel(getattr(self, name)) > MAX_FIXED_BITS]
+
+    @property
+    def storage_layout(self) -> str:
+        """The layout blocks are stored in: `layout` with "auto" resolved. Both candidates store the same
+        quantised values; they differ only in bytes and decode speed."""
+        if self.layout != "auto":
+            return self.layout
+        whole = self.pack_size == 64 and self.repack == "none" and not self._wide_rels()
+        return "fixed_v" if whole else "packed"
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], *, _chain: tuple[str, ...] = ()) -> KVCompConfig:

@@ -99,10 +99,13 @@ def test_perm_is_a_permutation_and_median_sorted():
 def test_constant_tokens_are_exact():
     k = torch.full((1, 2, 64, 16), 0.75)
     v = torch.full((1, 2, 64, 16), -3.5)
-    enc, fmt = codec.encode_blocks(k, v, KVCompConfig())
-    k_hat, v_hat = codec.decode_blocks(enc, fmt)
-    assert torch.equal(k_hat, k) and torch.equal(v_hat, v)
-    # all packs have width 0: only metadata
+    for layout in ("packed", "fixed_v"):
+        enc, fmt = codec.encode_blocks(k, v, KVCompConfig(layout=layout))
+        k_hat, v_hat = codec.decode_blocks(enc, fmt)
+        assert torch.equal(k_hat, k) and torch.equal(v_hat, v)
+    # packed: all packs have width 0, only metadata; fixed_v's V keeps its 2-bit fields (64 x 16 x 2 bits)
+    assert torch.all(enc.seg_bytes[:, 0] == (fmt.meta_bytes(0) + 3) // 4 * 4) and torch.all(enc.seg_bytes[:, 1] == 256)
+    enc, fmt = codec.encode_blocks(k, v, KVCompConfig(layout="packed"))
     assert torch.all(enc.seg_bytes == ((fmt.meta_bytes(0) + 3) // 4 * 4) * torch.tensor([1, 0])[None, :, None]
                      + ((fmt.meta_bytes(1) + 3) // 4 * 4) * torch.tensor([0, 1])[None, :, None])
 

@@ -172,3 +172,20 @@ def test_fixed_layouts_need_whole_channels_and_at_most_7_bits(layout):
         BlockFormat.from_config(KVCompConfig(layout=layout, rel_k=0.003), 2, 16)
     fmt = BlockFormat.from_config(KVCompConfig(layout=layout), 2, 16)
     assert fmt.fixed(1) and fmt.fixed(0) == (layout == "fixed") and fmt.meta_bytes(1) == 0
+
+
+def test_auto_layout_stores_fixed_v_where_it_can_else_packed():
+    from kvcomp_hf.codec import BlockFormat
+
+    assert KVCompConfig().layout == "auto" and KVCompConfig().storage_layout == "fixed_v"
+    assert BlockFormat.from_config(KVCompConfig(), 2, 16).layout == "fixed_v"
+    # other packs, or rels wider than the fixed fields' 7 bits: packed (the same quantised values)
+    assert KVCompConfig(pack_size=16, repack="median").storage_layout == "packed"
+    assert KVCompConfig(repack="median").storage_layout == "packed"
+    assert KVCompConfig(rel_k=1e-3).storage_layout == "packed"
+    assert KVCompConfig(rel_v=1e-3).storage_layout == "packed"
+    assert dataclasses.replace(KVCompConfig(), pack_size=8).storage_layout == "packed"
+    assert KVCompConfig(layout="packed").storage_layout == "packed"
+    assert KVCompConfig(layout="fixed").storage_layout == "fixed"
+    with pytest.raises(ValueError, match="layout must be 'auto' or one of"):
+        KVCompConfig(layout="fixed-v")

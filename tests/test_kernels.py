@@ -246,7 +246,7 @@ DECODE_CASES = [
     (2, 2, 2, 3, 5, 32, 1, torch.bfloat16, {}, 2),
     (2, 2, 2, 3, 5, 32, 4, torch.bfloat16, {}, None),
     (2, 1, 3, 2, 0, 16, 4, torch.float16, {"granularity": "token_head", "pack_size": 8}, 1),
-    (1, 2, 1, 0, 70, 16, 1, torch.float32, {}, None),
+    (1, 2, 1, 0, 70, 16, 1, torch.float32, {"layout": "packed"}, None),  # float32: only the packed kernel
     (2, 2, 1, 0, 9, 16, 4, torch.bfloat16, {}, None),
     (2, 2, 2, 1, 0, 16, 8, torch.float32, {"pack_size": 4, "rel_k": 0.02, "repack": "none"}, None),
     (1, 2, 4, 4, 130, 32, 1, torch.float16, {"rel_k": 0.05, "rel_v": 0.1}, 3),

@@ -3,6 +3,7 @@ cache (PyTorch path), and the Triton store + fused decode with rotation on (inte
 shapes on CUDA)."""
 
 import contextlib
+import dataclasses
 import os
 
 import pytest
@@ -194,7 +195,7 @@ def _check_triton_layer_with_rotation(device, b, h, group, d, n_prefill, dtype, 
             assert rel_err(got, want) < max(8 * rounding, 1e-5), (step, rel_err(got, want), rounding)
 
 
-@pytest.mark.parametrize("d,cfg", [(32, ROTATED),
+@pytest.mark.parametrize("d,cfg", [(32, dataclasses.replace(ROTATED, layout="packed")),  # float32: packed kernel
                                    (64, KVCompConfig(rel_k=0.05, rel_v=0.1, granularity="token_head",
                                                      pack_size=8, repack="none", rotation="hadamard"))])
 def test_triton_store_and_decode_with_rotation_interpreter(d, cfg):
