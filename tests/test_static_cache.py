@@ -201,3 +201,14 @@ def test_static_cache_on_the_gpu_eager_and_compiled():
     out = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, cache_implementation="kvcomp",
                          cache_config={**CFG, "static": True})
     assert hasattr(model, "_compiled_call") and out.shape[1] == PROMPT + 8
+
+
+def test_count_guards_counts_each_layers_cache_tensors():
+    """eval.count_guards (issue 14's host time): one more layer adds its weights and the cache's own tensors to
+    the tensor guards, more for the static kvcomp cache (pools, tables, ring, rotation) than for StaticCache."""
+    from eval import count_guards
+
+    per_layer = {name: count_guards.guards(name, 2)["TENSOR_MATCH"] - count_guards.guards(name, 1)["TENSOR_MATCH"]
+                 for name in ("static", "kvcomp")}
+    assert per_layer["static"] >= 9 + 2  # 9 weights, keys and values
+    assert per_layer["kvcomp"] > per_layer["static"]
