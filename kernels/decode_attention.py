@@ -47,6 +47,8 @@ class DecodeTuning:
     tokens_in_m: bool = False      # _tokens_in_m_kernel (block tokens as the matrix M dimension)
     prmt_unpack: bool = True       # fixed 4-bit: unpack by inline-PTX byte permutes (CUDA graph timing, H100,
                                    # 2026-12-06: 2-5% faster at 8K-32K x 1-8; ignored by the interpreter)
+    tail_launch: bool = False      # tokens-in-M: the tail chunks in a launch of their own (False: the blocks'
+                                   # launch runs them too, one launch and its latency fewer per call)
 
     def splits(self, batch: int, kv_heads: int, nb: int, sms: int) -> tuple[int, int]:
         """(num_splits, blocks_per_split)."""
@@ -621,12 +623,13 @@ def _tokens_in_m_kernel(q_ptr, sq_b, sq_h, sq_t, sq_d,
                         CJ_K: tl.constexpr, CJ_V: tl.constexpr, FIXED_K: tl.constexpr, FIXED_V: tl.constexpr,
                         TOKEN_GRAN: tl.constexpr, HAS_MASK: tl.constexpr, Q_SPLIT: tl.constexpr,
                         TAIL: tl.constexpr, INTERP: tl.constexpr, SPLIT_V: tl.constexpr,
-                        DEV: tl.constexpr = False, PRMT: tl.constexpr = False):
+                        DEV: tl.constexpr = False, PRMT: tl.constexpr = False, BOTH: tl.constexpr = False):
     """The decode kernel with the 64 tokens of a block as the M dimension of both matrix products:
     scores^T [64, M] = K_tile [64, D] . q^T [D, M] and out^T [D, M] += V_tile^T [D, 64] . w^T [64, M],
     so the unpacked tiles are the A operands and the few query rows (GQA x q_len, padded) are N.
-    TAIL: the program reads 64 tokens of the dense tail instead of blocks (its own launch; chunk j is split
-    NS + j), so the tail costs one chunk's latency, not ceil(T / 64) chunks in sequence.
+    TAIL: the program reads 64 tokens of the dense tail instead of blocks (chunk j is split NS + j), so the tail
+    costs one chunk's latency, not ceil(T / 64) chunks in sequence. BOTH (eager decode): one launch of NS + tail
+    chunks programs, programs from NS on reading the tail, which saves the tail's own launch and its latency.
     DEV (the static cache, kernels/static_cache.py): the lengths are read on the device, so one captured launch
     serves every step: ctl_ptr holds [kv_len, nb], split_ptr [nb] -> (NS, bps) as choose_tuning gives them; the
     grids have the most splits (tail chunks) any length needs and the programs past NS (the tail's chunks) store
@@ -663,7 +666,13 @@ def _tokens_in_m_kernel(q_ptr, sq_b, sq_h, sq_t, sq_d,
     l_i = tl.zeros([M], tl.float32)
     accT = tl.zeros([D, M], tl.float32)
     idx = tl.arange(0, 64)
-    if not TAIL:
+    if BOTH:  # a runtime branch: programs NS.. read tail chunk s_id - NS
+        on_blocks = s_id < NS
+        chunk = s_id - NS
+    else:  # a constexpr: one launch compiles one of the two paths
+        on_blocks: tl.constexpr = not TAIL
+        chunk = s_id
+    if on_blocks:
         ALIGNED: tl.constexpr = FIXED_K and FIXED_V
         qsum = tl.sum(q32, axis=0)
         if TOKEN_GRAN:
@@ -758,8 +767,8 @@ def _tokens_in_m_kernel(q_ptr, sq_b, sq_h, sq_t, sq_d,
         l_i, extra = tl.split(tl.sum(sums, axis=0))  # sum p; sum (p min - 128 w)
         accT = accT + extra[None, :]
         part = s_id
-    else:  # tail chunk s_id: tokens 64 * s_id .. of the dense tail (one program per chunk)
-        for t0 in range(64 * s_id, tl.minimum(T, 64 * s_id + 64), 64):
+    else:  # tail chunk `chunk`: tokens 64 * chunk .. of the dense tail (one program per chunk)
+        for t0 in range(64 * chunk, tl.minimum(T, 64 * chunk + 64), 64):
             t = t0 + idx
             tok = t < T
             trow = t
@@ -788,7 +797,7 @@ def _tokens_in_m_kernel(q_ptr, sq_b, sq_h, sq_t, sq_d,
                 pv = tl.dot(vx, p_lo, pv)
             accT = accT * alpha[None, :] + pv
             m_i = m_new
-        part = NS + s_id
+        part = NS + chunk
     pbase = ((b64 * H + h) * NPART + part) * M
     tl.store(m_ptr + pbase + rows, m_i, mask=row_ok)
     tl.store(l_ptr + pbase + rows, l_i, mask=row_ok)
@@ -957,11 +966,16 @@ def decode_attention(q, k_tail, v_tail, store: BlockStore, block_table, kv_valid
                 token_step, token_step.stride(0), token_step.stride(1), token_step.stride(2),
                 block_table, block_table.stride(0), nb, valid_arg, va_b, m_part, l_part, acc_part,
                 float(scaling) * LOG2E, bps, ns, n_part, block_table, block_table, 0)
-        if ns:
-            _tokens_in_m_kernel[(B, H, ns)](*args, FIXED_K=fmt.fixed(0), FIXED_V=fmt.fixed(1), TAIL=False,
-                                            SPLIT_V=tuning.split_v, PRMT=tuning.prmt_unpack, **tm)
-        _tokens_in_m_kernel[(B, H, tail_chunks)](*args, FIXED_K=fmt.fixed(0), FIXED_V=fmt.fixed(1), TAIL=True,
-                                                 SPLIT_V=False, **tm)
+        if ns and not tuning.tail_launch:  # blocks and tail chunks in one launch
+            _tokens_in_m_kernel[(B, H, ns + tail_chunks)](*args, FIXED_K=fmt.fixed(0), FIXED_V=fmt.fixed(1),
+                                                          TAIL=False, BOTH=True, SPLIT_V=tuning.split_v,
+                                                          PRMT=tuning.prmt_unpack, **tm)
+        else:
+            if ns:
+                _tokens_in_m_kernel[(B, H, ns)](*args, FIXED_K=fmt.fixed(0), FIXED_V=fmt.fixed(1), TAIL=False,
+                                                SPLIT_V=tuning.split_v, PRMT=tuning.prmt_unpack, **tm)
+            _tokens_in_m_kernel[(B, H, tail_chunks)](*args, FIXED_K=fmt.fixed(0), FIXED_V=fmt.fixed(1), TAIL=True,
+                                                     SPLIT_V=False, **tm)
         _combine_kernel[(B, Hq, QLEN)](m_part, l_part, acc_part, out, *out.stride(), H, n_part, **comb)
         return out
     if fmt.layout != "packed":

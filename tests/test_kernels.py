@@ -277,7 +277,8 @@ def test_decode_attention(B, H, group, nb, T, D, QL, dtype, kw, splits):
 
 @pytest.mark.parametrize("tuning", [DecodeTuning(prefetch=False, split_v=False, min_blocks_per_split=1),
                                     DecodeTuning(num_warps=8, split_waves=1), DecodeTuning(tokens_in_m=True),
-                                    DecodeTuning(tokens_in_m=True, split_v=False)])
+                                    DecodeTuning(tokens_in_m=True, split_v=False),
+                                    DecodeTuning(tokens_in_m=True, tail_launch=True)])
 def test_decode_attention_tunings(tuning):
     """Other compiled variants of the tuning object compute the same attention."""
     _check_decode(2, 2, 4, 5, 3, 32, 1, torch.bfloat16, KVCompConfig(), seed=3, tuning=tuning)
@@ -356,3 +357,12 @@ def test_decode_attention_cuda_prmt_unpack(dtype, prmt):
     the same values."""
     _check_decode(2, 2, 4, 61, 150, 128, 1, dtype, KVCompConfig.from_dict({"preset": "fast"}), seed=17,
                   device="cuda", ref_dtype=torch.float32, tuning=DecodeTuning(prmt_unpack=prmt))
+
+
+@pytest.mark.cuda
+@cuda_only
+@pytest.mark.parametrize("tail_launch", [False, True])
+def test_decode_attention_cuda_tail_launch(tail_launch):
+    """The tail's chunks run in the blocks' launch (the default) or a launch of their own: the same attention."""
+    _check_decode(2, 2, 4, 40, 150, 128, 1, torch.bfloat16, KVCompConfig(), seed=19, device="cuda",
+                  ref_dtype=torch.float32, tuning=DecodeTuning(tokens_in_m=True, tail_launch=tail_launch))
