@@ -96,7 +96,7 @@ VARIANTS = {  # name -> DecodeTuning fields that differ from the default tuning
     "tmmin16": dict(tokens_in_m=True, min_blocks_per_split=16), "tmwaves4": dict(tokens_in_m=True, split_waves=4),
     "tmr128": dict(tokens_in_m=True, maxnreg=128), "tmr160": dict(tokens_in_m=True, maxnreg=160),
     "old": dict(tokens_in_m=False), "sv0": dict(split_v=False), "prmt": dict(prmt_unpack=True),
-    "tail2": dict(tail_launch=True),
+    "tail2": dict(tail_launch=True), "tail1": dict(tail_launch=False),
     "prmt0": dict(prmt_unpack=False),  # (the default unpacks fixed 4-bit fields with prmt since 2026-12-06)
 }
 

@@ -48,7 +48,8 @@ class DecodeTuning:
     prmt_unpack: bool = True       # fixed 4-bit: unpack by inline-PTX byte permutes (CUDA graph timing, H100,
                                    # 2026-12-06: 2-5% faster at 8K-32K x 1-8; ignored by the interpreter)
     tail_launch: bool = False      # tokens-in-M: the tail chunks in a launch of their own (False: the blocks'
-                                   # launch runs them too, one launch and its latency fewer per call)
+                                   # launch runs them too, one launch and its latency fewer per call;
+                                   # choose_tuning decides by the number of (batch, head) rows)
 
     def splits(self, batch: int, kv_heads: int, nb: int, sms: int) -> tuple[int, int]:
         """(num_splits, blocks_per_split)."""
@@ -68,8 +69,10 @@ def choose_tuning(head_dim: int, batch: int = 1, kv_heads: int = 1, nb: int = 0)
     min_blocks = 8 if rows > 16 else (4 if nb < 256 else 16)
     # the tokens-in-M kernel wins with many (batch, head) rows or from 32K tokens (H100, graph replays: 0.071 vs
     # 0.078 ms at 32K x 1, 0.240 vs 0.241 at 128K x 1) and loses at 8K x 1 (0.034 vs 0.031 ms)
+    # the tail's chunks in the blocks' launch pay off with few rows (8K x 1: 0.0262 vs 0.0308 ms, 32K x 1: 0.0594 vs
+    # 0.0603) and cost with many (8K x 8: 0.1143 vs 0.1054, 32K x 8: 0.3658 vs 0.3429; H100, graph replays)
     return DecodeTuning(num_warps=4 if head_dim <= 128 else 8, min_blocks_per_split=min_blocks,
-                        tokens_in_m=rows >= 32 or nb >= 256)
+                        tokens_in_m=rows >= 32 or nb >= 256, tail_launch=rows >= 32)
 
 
 def _pow2_floor(x: int) -> int:
