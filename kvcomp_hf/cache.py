@@ -717,6 +717,7 @@ class KVCompCache(Cache):
                            out["k"]["compressed_bytes"] + out["v"]["compressed_bytes"], elem))
         out["shared_parts"] = parts_total["shared"]
         out["config"] = self.kvcomp_config.to_dict()
+        out["storage_layout"] = self.kvcomp_config.storage_layout  # "auto" resolved
         return out
 
 

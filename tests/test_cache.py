@@ -286,6 +286,8 @@ def test_memory_report_counts_every_byte(tiny_llama):
     report = cache.memory_report()
     n_layers, b, h, d = 2, 2, 2, 16
     assert report["tokens"] == 500
+    assert report["config"]["layout"] == "auto" and report["storage_layout"] == "fixed_v"
+    assert all(layer.store.fmt.layout == "fixed_v" for layer in cache.layers)
     assert report["dense_bytes"] == 2 * n_layers * b * h * 500 * d * 4
     held = 0
     for layer in cache.layers:
