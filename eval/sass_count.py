@@ -15,6 +15,7 @@ versions (kernels/NOTES.md)."""
 from __future__ import annotations
 
 import collections
+import inspect
 import os
 import re
 import subprocess
@@ -37,6 +38,9 @@ def _compile(fn, const: dict, pointers: dict, options: dict, divisible=()):
     from triton.compiler import ASTSource
 
     names = fn.arg_names
+    # constexpr parameters left out take their defaults (not an i32 argument, which would compile both branches)
+    const = {**{p.name: p.default for p in fn.params if p.is_constexpr and p.default is not inspect.Parameter.empty},
+             **const}
     sig = {n: "constexpr" if n in const else pointers.get(n, "fp32" if n in ("scale_log2", "rel_k", "rel_v") else "i32")
            for n in names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
