@@ -437,7 +437,7 @@ class KVCompStaticLayer(KVCompLayer):
                  max_cache_len: int | None = None, shared: dict | None = None):
         if config.layout != "fixed":
             raise ValueError(f"a static KVCompCache (max_cache_len={max_cache_len}) needs layout='fixed' (fixed-size "
-                             f"segments at fixed offsets), got layout={config.layout!r}")
+                             f"segments at fixed offsets; the 'fast' preset is one), got layout={config.layout!r}")
         if backend == "torch":
             raise ValueError("a static KVCompCache (max_cache_len set) runs the Triton kernels: use backend='auto' or "
                              "'triton', or drop max_cache_len for the PyTorch path")

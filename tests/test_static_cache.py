@@ -139,8 +139,9 @@ def test_generate_builds_and_reuses_the_static_cache(bf16_llama, eager_triton):
 
 
 def test_static_cache_errors(bf16_llama):
-    with pytest.raises(ValueError, match="layout='fixed'"):
-        kvcomp_hf.KVCompCache(bf16_llama.config, {"layout": "packed"}, max_cache_len=100)
+    for config in ({"layout": "packed"}, {}):  # the default (layout "auto" -> fixed_v) is not fixed-size either
+        with pytest.raises(ValueError, match="needs layout='fixed'.*'fast' preset"):
+            kvcomp_hf.KVCompCache(bf16_llama.config, config, max_cache_len=100)
     with pytest.raises(ValueError, match="max_cache_len must be a positive int"):
         kvcomp_hf.KVCompCache(bf16_llama.config, CFG, max_cache_len=0)
     cache = kvcomp_hf.KVCompCache(bf16_llama.config, CFG, max_cache_len=10)
