@@ -67,7 +67,7 @@ class KVCompConfig:
         need at most 7 bits (rel >= 1/125), else as "packed" (`storage_layout` says which). "fixed_v" packs K
         and stores V fixed: V's packs rarely need fewer bits than its fixed width, so its pack metadata cost
         more bytes than its variable widths saved, and the decode skips V's variable unpack (the values of
-        "packed", ~0.5% fewer bytes, ~1.2x faster decode; README "Layouts"). "packed" stores each pack's
+        "packed", ~0.5% fewer bytes, ~1.2x faster decode; README "Configuration"). "packed" stores each pack's
         minimum and bit width and only the bits each pack needs, for K and V; "fixed" stores every value in
         exactly bits_for_rel(rel) bits, no pack metadata, every segment the same size (trades bytes for a
         simpler, faster decode; pairs with rel = 1 / (2**bits - 1), which uses every code of the width).
