@@ -64,6 +64,10 @@ DEFAULT_CACHES = [
     ("kivi2", "KIVI"), ("hf-int2", "QuantizedCache"),
     (f"kvcomp:rel_k=0.08,rel_v=0.3,{R4}", "kvcomp default (rotated, 4 sink tokens)"),
     (f"kvcomp:layout=packed,rel_k=0.08,rel_v=0.3,{R4}", "kvcomp packed layout (the default before 2026-12-06)"),
+    # fixed V fields at the smallest rel of their width (same bytes, a smaller step): 2 bits from rel 0.2902, 3 from
+    # 0.1355 (codec.bits_for_rel); the CPU screen of 2026-12-06 (eval/RESULTS.md) could not separate them from noise
+    (f"kvcomp:rel_k=0.08,rel_v=0.2903,{R4}", "kvcomp rotated, 4 sink tokens"),
+    (f"kvcomp:rel_k=0.0666667,rel_v=0.1355,{R4}", "kvcomp rotated, 4 sink tokens"),
     (f"kvcomp:rel_k=0.06,rel_v=0.2,{R4}", "kvcomp rotated, 4 sink tokens"),
     (f"kvcomp:{FIXED},rel_v=0.0666667,{R4}", "kvcomp fixed layout, 4 sink tokens"),
     ("kvcomp:smollm2-135m-instruct", "kvcomp SmolLM2 preset"),
