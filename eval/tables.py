@@ -62,8 +62,10 @@ def kernels_summary(default: dict, fast: dict) -> str:
 
 def _config(cfg: dict) -> str:
     keys = ("rel_k", "rel_v", "pack_size", "repack", "granularity", "layout", "rotation")
-    text = ", ".join(f"{k} {cfg[k]}" for k in keys if k in cfg)
-    return text.replace("layout auto", f"layout auto ({cfg['storage_layout']})") if "storage_layout" in cfg else text
+    shown = dict(cfg)
+    if shown.get("layout") == "auto" and "storage_layout" in cfg:  # the layout "auto" chose
+        shown["layout"] = f"auto ({cfg['storage_layout']})"
+    return ", ".join(f"{k} {shown[k]}" for k in keys if k in shown)
 
 
 def generate_table(data: dict) -> str:

@@ -969,16 +969,14 @@ def decode_attention(q, k_tail, v_tail, store: BlockStore, block_table, kv_valid
                 token_step, token_step.stride(0), token_step.stride(1), token_step.stride(2),
                 block_table, block_table.stride(0), nb, valid_arg, va_b, m_part, l_part, acc_part,
                 float(scaling) * LOG2E, bps, ns, n_part, block_table, block_table, 0)
+        tm = dict(tm, FIXED_K=fmt.fixed(0), FIXED_V=fmt.fixed(1))
+        blocks = dict(SPLIT_V=tuning.split_v, PRMT=tuning.prmt_unpack)
         if ns and not tuning.tail_launch:  # blocks and tail chunks in one launch
-            _tokens_in_m_kernel[(B, H, ns + tail_chunks)](*args, FIXED_K=fmt.fixed(0), FIXED_V=fmt.fixed(1),
-                                                          TAIL=False, BOTH=True, SPLIT_V=tuning.split_v,
-                                                          PRMT=tuning.prmt_unpack, **tm)
+            _tokens_in_m_kernel[(B, H, ns + tail_chunks)](*args, TAIL=False, BOTH=True, **blocks, **tm)
         else:
             if ns:
-                _tokens_in_m_kernel[(B, H, ns)](*args, FIXED_K=fmt.fixed(0), FIXED_V=fmt.fixed(1), TAIL=False,
-                                                SPLIT_V=tuning.split_v, PRMT=tuning.prmt_unpack, **tm)
-            _tokens_in_m_kernel[(B, H, tail_chunks)](*args, FIXED_K=fmt.fixed(0), FIXED_V=fmt.fixed(1), TAIL=True,
-                                                     SPLIT_V=False, **tm)
+                _tokens_in_m_kernel[(B, H, ns)](*args, TAIL=False, **blocks, **tm)
+            _tokens_in_m_kernel[(B, H, tail_chunks)](*args, TAIL=True, SPLIT_V=False, **tm)
         _combine_kernel[(B, Hq, QLEN)](m_part, l_part, acc_part, out, *out.stride(), H, n_part, **comb)
         return out
     if fmt.layout != "packed":

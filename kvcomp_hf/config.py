@@ -121,9 +121,10 @@ class KVCompConfig:
             raise ValueError(f"layout={self.layout!r} stores whole channels of a block in arrival order: it needs "
                              f"pack_size=64 and repack='none' (other packs need layout='packed'), got "
                              f"pack_size={self.pack_size!r}, repack={self.repack!r}")
-        if self.layout not in ("auto", "packed") and self._wide_rels():
+        wide = self._wide_rels()
+        if self.layout not in ("auto", "packed") and wide:
             raise ValueError(f"layout={self.layout!r} stores at most {MAX_FIXED_BITS} bits per value (rel >= 1/125; "
-                             f"tighter rels need layout='packed'): {', '.join(self._wide_rels())}")
+                             f"tighter rels need layout='packed'): {', '.join(wide)}")
         if self.rotation not in ROTATIONS:
             raise ValueError(f"rotation must be one of {ROTATIONS}, got {self.rotation!r}")
         if isinstance(self.rotation_seed, bool) or not isinstance(self.rotation_seed, int) \
