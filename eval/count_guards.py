@@ -4,8 +4,9 @@
 
 A tiny random bf16 Llama (CPU; kvcomp's kernels run in Triton's interpreter) is prefilled eagerly, then two
 decode steps run under torch.compile (backend "eager": the guards do not depend on the backend). Prints the
-guards by kind (the guard log itself goes to stderr) and Dynamo's own guard-evaluation latency for transformers' StaticCache and the static kvcomp cache at each layer count; the difference
-between two layer counts is the per-layer cost, which a 32-layer model pays 32 times per step (issue 14: the
+guards by kind (the guard log itself goes to stderr) for transformers' StaticCache and the static kvcomp cache at
+each layer count; the difference between two layer counts is the per-layer cost, which a 32-layer model pays 32
+times per step (issue 14: the
 compiled 32K x 8 step is host-bound for 3.5 ms, `eval/results/h100-default-fixed-v/profile_decode_32k_compiled.json`).
 """
 
@@ -24,14 +25,12 @@ PROMPT = 300
 
 def guards(cache_name: str, layers: int) -> collections.Counter:
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
+    from transformers import StaticCache
 
     import kvcomp_hf
+    from eval.common import TINY_LLAMA, llama_config, random_llama
 
-    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).eval().to(torch.bfloat16)
+    model = random_llama(llama_config(TINY_LLAMA, 1024, num_hidden_layers=layers), "cpu", torch.bfloat16).eval()
     if cache_name == "kvcomp":
         model.set_attn_implementation("kvcomp")
         cache = kvcomp_hf.KVCompCache(model.config, "fast", max_cache_len=PROMPT + 8)
@@ -56,9 +55,6 @@ def guards(cache_name: str, layers: int) -> collections.Counter:
     counts = collections.Counter()
     for line in log.getvalue().splitlines():
         counts["lines"] += 1
-        latency = re.search(r"Guard eval latency = ([0-9.]+) us", line)
-        if latency:  # Dynamo's own measurement of one evaluation of the frame's guards, on this host
-            counts["latency_us"] += round(float(latency.group(1)))
         found = re.search(r"\b(" + "|".join(KINDS) + r")\b", line)
         if found:
             counts[found.group(1)] += 1
@@ -71,16 +67,15 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     os.environ.setdefault("TRITON_INTERPRET", "1")
     counts = [int(x) for x in args.layers.split(",")]
-    print("| cache | layers | guard lines | guard eval us | " + " | ".join(KINDS) + " |")
-    print("|---|---:|---:|---:|" + "---:|" * len(KINDS))
+    print("| cache | layers | guard lines | " + " | ".join(KINDS) + " |")
+    print("|---|---:|---:|" + "---:|" * len(KINDS))
     for name in ("static", "kvcomp"):
         seen = [guards(name, n) for n in counts]
         for n, c in zip(counts, seen):
-            print(f"| {name} | {n} | {c['lines']} | {c['latency_us']} | " + " | ".join(str(c[k]) for k in KINDS) + " |")
+            print(f"| {name} | {n} | {c['lines']} | " + " | ".join(str(c[k]) for k in KINDS) + " |")
         if len(seen) == 2:
-            per = {k: (seen[1][k] - seen[0][k]) / (counts[1] - counts[0]) for k in ("lines", "latency_us", *KINDS)}
-            print(f"| {name} | per layer | {per['lines']:.0f} | {per['latency_us']:.0f} | "
-                  + " | ".join(f"{per[k]:.0f}" for k in KINDS) + " |")
+            per = {k: (seen[1][k] - seen[0][k]) / (counts[1] - counts[0]) for k in ("lines", *KINDS)}
+            print(f"| {name} | per layer | {per['lines']:.0f} | " + " | ".join(f"{per[k]:.0f}" for k in KINDS) + " |")
     return 0
 
 
