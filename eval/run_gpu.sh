@@ -35,6 +35,10 @@
 #                      tests (CUDA_DECODE_CASES has fixed_v rows)
 #   frontier-fixed-v : eval.frontier (2 x 8K, SmolLM2, the torch backend as in the 8K frontier) for the default
 #                      packed config beside layout fixed_v at the default's and the SmolLM2 preset's rel
+#   frontier-kivi4-gap : eval.frontier (2 x 8K, SmolLM2) for KIVI-4 beside fixed_v configs around the SmolLM2
+#                      preset's rel (3-bit V at its tightest rel, 0.1355; K 1/15 .. 0.06): issue 12's last target
+#   frontier-kivi4-4w : the same question on 4 windows (window 0 as before, three new ones): KIVI-4, the preset's rel
+#                      as fixed_v, and the three fixed_v points that came out below KIVI-4's ΔNLL or beside it
 #   kernels-compare  : eval.bench_kernels at 32K x 8 for the packed layout and the fast preset (the compiled cache's
 #                      format), beside the stage kernels' default (fixed_v) rows
 # Usage: OUT=/some/dir bash eval/run_gpu.sh gpu-tests accuracy bench
@@ -133,6 +137,14 @@ for stage in "$@"; do
       timeout 330 python -m eval.frontier --tokens 8192 --windows 2 --workers 3 --backend torch --time-budget 300 \
         --no-plot --caches "kvcomp:rel_k=0.08,rel_v=0.3,$R4;kvcomp:layout=fixed_v,rel_k=0.08,rel_v=0.3,$R4;kvcomp:layout=fixed_v,rel_k=0.0666667,rel_v=0.142857,$R4" \
         --out "$RESULTS/frontier-fixed-v" 2>&1 | tail -12 ;;
+    frontier-kivi4-gap) FV=layout=fixed_v,rotation=hadamard,sink_tokens=4
+      timeout 420 python -m eval.frontier --tokens 8192 --windows 2 --workers 7 --backend torch --time-budget 390 \
+        --no-plot --caches "kivi4;kvcomp:$FV,rel_k=0.0666667,rel_v=0.142857;kvcomp:$FV,rel_k=0.0666667,rel_v=0.1355;kvcomp:$FV,rel_k=0.0625,rel_v=0.1355;kvcomp:$FV,rel_k=0.06,rel_v=0.1355;kvcomp:$FV,rel_k=0.0714286,rel_v=0.1355;kvcomp:$FV,rel_k=0.055,rel_v=0.1355" \
+        --out "$RESULTS/frontier-kivi4-gap" 2>&1 | tail -14 ;;
+    frontier-kivi4-4w) FV=layout=fixed_v,rotation=hadamard,sink_tokens=4
+      timeout 400 python -m eval.frontier --tokens 8192 --windows 4 --workers 5 --backend torch --time-budget 370 \
+        --no-plot --caches "kivi4;kvcomp:$FV,rel_k=0.0666667,rel_v=0.1355;kvcomp:$FV,rel_k=0.0666667,rel_v=0.142857;kvcomp:$FV,rel_k=0.0625,rel_v=0.1355;kvcomp:$FV,rel_k=0.06,rel_v=0.1355" \
+        --out "$RESULTS/frontier-kivi4-4w" 2>&1 | tail -14 ;;
     kernels-compare)
       timeout 100 python -m eval.bench_kernels --config layout=packed --contexts 32768 --batches 8 --skip-store \
         --out "$OUT/bench_kernels_packed.json" 2>&1 | grep -v '^{' | tail -3

@@ -810,7 +810,11 @@ def _tokens_in_m_kernel(q_ptr, sq_b, sq_h, sq_t, sq_d,
 @triton.jit(do_not_specialize=["NSP1"])
 def _combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, so_b, so_h, so_t, so_d, H, NSP1,
                     GROUP: tl.constexpr, QLEN: tl.constexpr, M: tl.constexpr, D: tl.constexpr,
-                    SP: tl.constexpr, SC: tl.constexpr, ctl_ptr=None, split_ptr=None, DEV: tl.constexpr = False):
+                    SP: tl.constexpr, SC: tl.constexpr, ctl_ptr=None, split_ptr=None, DEV: tl.constexpr = False,
+                    signs_ptr=None, h_ptr=None, rot_scale=1.0, UNROTATE: tl.constexpr = False, UC: tl.constexpr = 32):
+    """Partials of the splits and tail chunks -> the output of query row (b, hq, qi); with UNROTATE the float32
+    output o_rot is rotated back once (o = (o_rot @ H) * s, s: the V signs of its KV head, H = rot_scale *
+    h_ptr's ±1 matrix; kvcomp_hf/rotation.py) before its one rounding to the output dtype, UC columns at a time."""
     if DEV:  # the number of partials from the device (see _tokens_in_m_kernel)
         nb = tl.load(ctl_ptr + 1)
         NSP1 = tl.load(split_ptr + 2 * nb) + tl.maximum((tl.load(ctl_ptr) - nb * 64 + 63) // 64, 1)
@@ -841,8 +845,15 @@ def _combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, so_b, so_h, so_t, so_d, H, N
         acc += tl.sum(w[:, None] * a, axis=0)
     L = tl.sum(lsum, axis=0)
     out = tl.where(L > 0, acc / tl.where(L > 0, L, 1.0), 0.0)
-    tl.store(out_ptr + b.to(tl.int64) * so_b + hq * so_h + qi * so_t + cols * so_d,
-             out.to(out_ptr.dtype.element_ty))
+    out_row = out_ptr + b.to(tl.int64) * so_b + hq * so_h + qi * so_t
+    if UNROTATE:  # float32 products with ±1 are exact: float32 sums over D
+        for c in tl.static_range(D // UC):
+            dc = c * UC + tl.arange(0, UC)
+            y = tl.sum(out[:, None] * tl.load(h_ptr + cols[:, None] * D + dc[None, :]), axis=0)
+            y = y * rot_scale * tl.load(signs_ptr + h * D + dc)
+            tl.store(out_row + dc * so_d, y.to(out_ptr.dtype.element_ty))
+    else:
+        tl.store(out_row + cols * so_d, out.to(out_ptr.dtype.element_ty))
 
 
 _SM_COUNT: dict = {}
@@ -889,7 +900,7 @@ def _static_args(fmt: BlockFormat, q_dtype, tail_dtype, group: int, qlen: int, D
         num_warps=tuning.num_warps, num_stages=1)
     if tuning.maxnreg:
         consts["maxnreg"] = tuning.maxnreg
-    comb = dict(GROUP=group, QLEN=qlen, M=M, D=D, SP=64, SC=8, num_warps=4 if D <= 128 else 8)
+    comb = dict(GROUP=group, QLEN=qlen, M=M, D=D, SP=64, SC=8, UC=min(D, 32), num_warps=4 if D <= 128 else 8)
     tm = {k: v for k, v in consts.items() if k in _TOKENS_IN_M_ARGS}
     # 3 CTAs of 4 warps per SM need <= 170 registers: Triton 3.6 gives the tokens-in-M kernel 196 (2 CTAs) since
     # each block's V sum starts from zero; capped at 168 the fixed layout compiles without spills for sm_90
@@ -903,13 +914,14 @@ def _static_args(fmt: BlockFormat, q_dtype, tail_dtype, group: int, qlen: int, D
 
 
 def decode_attention(q, k_tail, v_tail, store: BlockStore, block_table, kv_valid, scaling, *,
-                     tuning: DecodeTuning | None = None, num_splits: int | None = None):
+                     tuning: DecodeTuning | None = None, num_splits: int | None = None, rotation=None):
     """Attention of the last q_len positions over compressed blocks (slots of `store`) + dense tail.
 
     q [B, Hq, q_len, D]; k_tail, v_tail [B, H, T, D]; block_table int32 [B, nb] of store slots; kv_valid bool
     [B, nb*64 + T] or None. Query i has position kv_len - q_len + i and sees positions <= its own.
     Returns out [B, Hq, q_len, D] in q's dtype. tuning: the compiled variant (default choose_tuning);
-    num_splits forces the split count."""
+    num_splits forces the split count. rotation: the layer's LayerRotation when K/V (and q) are rotated: the
+    output is rotated back in the combine (combine_rotation)."""
     fmt = store.fmt
     pool, seg_offset, token_min, token_step, perm = (store.pool, store.seg_offset, store.token_min,
                                                      store.token_step, store.perm)
@@ -977,7 +989,8 @@ def decode_attention(q, k_tail, v_tail, store: BlockStore, block_table, kv_valid
             if ns:
                 _tokens_in_m_kernel[(B, H, ns)](*args, TAIL=False, **blocks, **tm)
             _tokens_in_m_kernel[(B, H, tail_chunks)](*args, TAIL=True, SPLIT_V=False, **tm)
-        _combine_kernel[(B, Hq, QLEN)](m_part, l_part, acc_part, out, *out.stride(), H, n_part, **comb)
+        _combine_kernel[(B, Hq, QLEN)](m_part, l_part, acc_part, out, *out.stride(), H, n_part, **comb,
+                                       **combine_rotation(rotation))
         return out
     if fmt.layout != "packed":
         raise ValueError(f"layout={fmt.layout!r} is read by the fused kernel only for fp16/bf16 q and tail of one "
@@ -990,5 +1003,13 @@ def decode_attention(q, k_tail, v_tail, store: BlockStore, block_table, kv_valid
         perm, perm.stride(0), block_table, block_table.stride(0), nb,
         valid_arg, va_b, m_part, l_part, acc_part,
         float(scaling) * LOG2E, bps, ns, **consts)
-    _combine_kernel[(B, Hq, QLEN)](m_part, l_part, acc_part, out, *out.stride(), H, ns + 1, **comb)
+    _combine_kernel[(B, Hq, QLEN)](m_part, l_part, acc_part, out, *out.stride(), H, ns + 1, **comb,
+                                   **combine_rotation(rotation))
     return out
+
+
+def combine_rotation(rotation) -> dict:
+    """The combine kernel's arguments that rotate the output back with a LayerRotation's V rotation (none: {})."""
+    if rotation is None:
+        return {}
+    return dict(signs_ptr=rotation.signs[1], h_ptr=rotation.h_pm1, rot_scale=rotation.scale, UNROTATE=True)

@@ -21,6 +21,16 @@ from kvcomp_hf.block_store import device_context
 
 
 @triton.jit
+def hadamard_cols(x, h_ptr, c, scale, D: tl.constexpr, DC: tl.constexpr):
+    """Columns c*DC .. c*DC+DC of scale * x @ H: x [R, D] float32 (R >= 16) holding 16-bit values (times ±1),
+    H the ±1 matrix [D, D] at h_ptr (row-major). TF32 products are exact for such x, the sums float32; every
+    caller uses this one dot, so a row rotated here equals the same row rotated by another kernel."""
+    d = tl.arange(0, D)
+    dc = c * DC + tl.arange(0, DC)
+    return tl.dot(x, tl.load(h_ptr + d[:, None] * D + dc[None, :]), input_precision="tf32") * scale
+
+
+@triton.jit
 def _rotate_kernel(x_ptr, sx_b, sx_h, sx_t, sx_d, s_ptr, h_ptr, out_ptr, T, n_rows, group, scale,
                    D: tl.constexpr, DC: tl.constexpr, INVERSE: tl.constexpr, ROWS: tl.constexpr):
     """Rows r = h * T + t of batch row b (program (b, r // ROWS)): out = (x * s) @ H, or INVERSE (x @ H) * s
@@ -40,7 +50,7 @@ def _rotate_kernel(x_ptr, sx_b, sx_h, sx_t, sx_d, s_ptr, h_ptr, out_ptr, T, n_ro
     out_row = out_ptr + b * n_rows * D + r.to(tl.int64)[:, None] * D
     for c in tl.static_range(D // DC):
         dc = c * DC + tl.arange(0, DC)
-        y = tl.dot(x, tl.load(h_ptr + d[:, None] * D + dc[None, :]), input_precision="tf32") * scale
+        y = hadamard_cols(x, h_ptr, c, scale, D, DC)
         if INVERSE:
             y = y * tl.load(s_row + dc[None, :], mask=ok[:, None], other=0.0)
         tl.store(out_row + dc[None, :], y.to(out_ptr.dtype.element_ty), mask=ok[:, None])

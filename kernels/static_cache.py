@@ -9,11 +9,12 @@ which is where store_blocks puts slots slot_start.. when pool_used starts at slo
 The uncompressed tail is a ring of RING tokens (a multiple of 64, >= residual_length + 64): token p at row p % RING,
 so every block's 64 tokens are contiguous rows. ctl (int64 [4], on the device) = [kv_len, nb, done counter, 0].
 
-kvcomp::static_append (one launch, grid (B,)): writes the step's token into the ring at kv_len % RING; when the
+kvcomp::static_append (one launch, grid (B,)): writes the step's token (rotated first for a rotated layer, with the
+products and sums of kernels/rotate.py) into the ring at kv_len % RING; when the
 tail then holds residual_length + 64 tokens it compresses its oldest block into slot b * NB + nb (decided on the
 device, so the launch is the same every step); the last program to finish advances ctl.
 kvcomp::static_decode: the tokens-in-M decode kernel with DEV=True (lengths and split counts read on the device,
-fixed grid from the largest split count) and the combine kernel. Neither syncs with the host or allocates
+fixed grid from the largest split count) and the combine kernel, which also rotates the output back. Neither syncs with the host or allocates
 storage that outlives the call; the results equal KVCompLayer's for the same tokens (same splits, same tail
 chunks), so greedy tokens match the eager cache.
 """
@@ -31,6 +32,7 @@ from kvcomp_hf.codec import BlockFormat
 
 from .decode_attention import (LOG2E, _combine_kernel, _static_args, _tokens_in_m_kernel, choose_tuning,
                                chunk_fields)
+from .rotate import hadamard_cols
 from .store import _load_tile, _row_stats, _token_stats_over_heads, _write_pack64
 
 
@@ -55,23 +57,43 @@ def _compress_ring_block(ring, s_b, s_h, s_t, b, rows, slot, seg0, kv, pool32, t
         _write_pack64(pool32, x, lo, step, seg0 + h * (8 * D * BITS), D, BITS, 1, 0, 1, CW, CJ, True)
 
 
+@triton.jit
+def _put_token(x_ptr, sx_b, sx_h, sx_d, ring, sr_b, sr_h, sr_t, b, r, H, signs_ptr, h_ptr, rot_scale,
+               D: tl.constexpr, ROTATE: tl.constexpr, HR: tl.constexpr, RC: tl.constexpr):
+    """Row b's new token (x [B, H, 1, D]) -> ring row r of every head, rotated first with ROTATE (signs_ptr:
+    this K or V's [H, D] signs; HR >= 16 heads at a time, the tile kernels/rotate.py uses for a decode step)."""
+    cols = tl.arange(0, D)
+    for h0 in range(0, H, HR):
+        hr = h0 + tl.arange(0, HR)
+        ok = hr[:, None] < H
+        x = tl.load(x_ptr + b * sx_b + hr[:, None] * sx_h + cols[None, :] * sx_d, mask=ok, other=0.0)
+        dst = ring + b * sr_b + hr[:, None] * sr_h + r * sr_t
+        if ROTATE:
+            x = x.to(tl.float32) * tl.load(signs_ptr + hr[:, None] * D + cols[None, :], mask=ok, other=0.0)
+            for c in tl.static_range(D // RC):
+                dc = c * RC + tl.arange(0, RC)
+                y = hadamard_cols(x, h_ptr, c, rot_scale, D, RC)
+                tl.store(dst + dc[None, :], y.to(ring.dtype.element_ty), mask=ok)
+        else:
+            tl.store(dst + cols[None, :], x.to(ring.dtype.element_ty), mask=ok)
+
+
 @triton.jit(do_not_specialize=["NB", "B"])
 def _append_kernel(kn_ptr, skn_b, skn_h, skn_d, vn_ptr, svn_b, svn_h, svn_d,
                    rk_ptr, rv_ptr, sr_b, sr_h, sr_t, ctl_ptr, pool32,
                    tmin_ptr, tstep_ptr, tm_s, tm_kv, tm_t, ts_s, ts_kv, ts_t,
-                   NB, B, H, RING, RESIDUAL, rel_k, rel_v,
+                   NB, B, H, RING, RESIDUAL, rel_k, rel_v, signs_ptr, h_ptr, rot_scale,
                    D: tl.constexpr, BITS_K: tl.constexpr, BITS_V: tl.constexpr, CW_K: tl.constexpr,
-                   CW_V: tl.constexpr, CJ_K: tl.constexpr, CJ_V: tl.constexpr, TOKEN_GRAN: tl.constexpr):
+                   CW_V: tl.constexpr, CJ_K: tl.constexpr, CJ_V: tl.constexpr, TOKEN_GRAN: tl.constexpr,
+                   ROTATE: tl.constexpr, HR: tl.constexpr, RC: tl.constexpr):
     b = tl.program_id(0)
     kv_len = tl.load(ctl_ptr)
     nb = tl.load(ctl_ptr + 1)
-    cols = tl.arange(0, D)
     r = kv_len % RING
-    for h in range(H):
-        kx = tl.load(kn_ptr + b * skn_b + h * skn_h + cols * skn_d)
-        tl.store(rk_ptr + b * sr_b + h * sr_h + r * sr_t + cols, kx)
-        vx = tl.load(vn_ptr + b * svn_b + h * svn_h + cols * svn_d)
-        tl.store(rv_ptr + b * sr_b + h * sr_h + r * sr_t + cols, vx)
+    _put_token(kn_ptr, skn_b, skn_h, skn_d, rk_ptr, sr_b, sr_h, sr_t, b, r, H, signs_ptr, h_ptr, rot_scale,
+               D, ROTATE, HR, RC)
+    _put_token(vn_ptr, svn_b, svn_h, svn_d, rv_ptr, sr_b, sr_h, sr_t, b, r, H, signs_ptr + H * D, h_ptr, rot_scale,
+               D, ROTATE, HR, RC)
     # The tail now holds kv_len + 1 - 64 nb tokens; the block to compress never holds the new token
     # (RESIDUAL >= 128), so no barrier is needed between the writes above and the reads below.
     full = kv_len + 1 - nb * 64 >= RESIDUAL + 64
@@ -101,9 +123,13 @@ def _fmt(num_heads: int, head_dim: int, bits_k: int, bits_v: int, token_gran: bo
                                                                "token_step"))
 def static_append(k_new: torch.Tensor, v_new: torch.Tensor, ring_k: torch.Tensor, ring_v: torch.Tensor,
                   ctl: torch.Tensor, pool: torch.Tensor, token_min: torch.Tensor, token_step: torch.Tensor,
-                  residual: int, rel_k: float, rel_v: float, bits_k: int, bits_v: int, token_gran: bool) -> None:
-    """Append one token per row (k_new, v_new [B, H, 1, D]) to the ring and compress a full block (see module)."""
+                  residual: int, rel_k: float, rel_v: float, bits_k: int, bits_v: int, token_gran: bool,
+                  signs: Optional[torch.Tensor], h_pm1: Optional[torch.Tensor], rot_scale: float) -> None:
+    """Append one token per row (k_new, v_new [B, H, 1, D]) to the ring and compress a full block (see module).
+    signs (float32 [2, H, D], K's and V's) and h_pm1 (the ±1 matrix [D, D]): rotate k_new and v_new first
+    (kvcomp_hf/rotation.py; the same products and sums as kernels/rotate.py); None: they are stored as given."""
     B, H, ring, D = ring_k.shape
+    rotate = signs is not None
     with device_context(k_new.device):
         _append_kernel[(B,)](
             k_new, k_new.stride(0), k_new.stride(1), k_new.stride(3),
@@ -112,14 +138,16 @@ def static_append(k_new: torch.Tensor, v_new: torch.Tensor, ring_k: torch.Tensor
             token_min, token_step, token_min.stride(0), token_min.stride(1), token_min.stride(2),
             token_step.stride(0), token_step.stride(1), token_step.stride(2),
             token_min.shape[0] // B, B, H, ring, residual, rel_k, rel_v,
-            D=D, BITS_K=bits_k, BITS_V=bits_v, CW_K=2 * triton.next_power_of_2(bits_k),
+            signs if rotate else ctl, h_pm1 if rotate else ctl, rot_scale,
+            ROTATE=rotate, HR=max(16, triton.next_power_of_2(H)) if rotate else triton.next_power_of_2(H),
+            RC=min(D, 64), D=D, BITS_K=bits_k, BITS_V=bits_v, CW_K=2 * triton.next_power_of_2(bits_k),
             CW_V=2 * triton.next_power_of_2(bits_v), CJ_K=chunk_fields(bits_k, 64), CJ_V=chunk_fields(bits_v, 64),
             TOKEN_GRAN=token_gran, num_warps=4 if D <= 64 else 8, num_stages=1)
 
 
 @static_append.register_fake
 def _(k_new, v_new, ring_k, ring_v, ctl, pool, token_min, token_step, residual, rel_k, rel_v, bits_k, bits_v,
-      token_gran):
+      token_gran, signs, h_pm1, rot_scale):
     return None
 
 
@@ -128,9 +156,11 @@ def static_decode(q: torch.Tensor, ring_k: torch.Tensor, ring_v: torch.Tensor, c
                   splits: torch.Tensor, pool: torch.Tensor, seg_offset: torch.Tensor, token_min: torch.Tensor,
                   token_step: torch.Tensor, block_table: torch.Tensor, kv_valid: Optional[torch.Tensor],
                   scratch: torch.Tensor, scaling: float, bits_k: int, bits_v: int, token_gran: bool,
-                  max_splits: int) -> torch.Tensor:
+                  max_splits: int, signs_v: Optional[torch.Tensor], h_pm1: Optional[torch.Tensor],
+                  rot_scale: float) -> torch.Tensor:
     """Attention of q [B, Hq, 1, D] (rotated like the stored keys) over the layer's blocks + ring -> [B, Hq, 1, D].
-    scratch: scratch_values(...) float32 values (the partials of the splits and tail chunks)."""
+    scratch: scratch_values(...) float32 values (the partials of the splits and tail chunks). signs_v (float32
+    [H, D]) and h_pm1: the output is rotated back with the V rotation in the combine; None: returned as computed."""
     B, Hq, qlen, D = q.shape
     H, ring = ring_k.shape[1], ring_k.shape[2]
     fmt = _fmt(H, D, bits_k, bits_v, token_gran)
@@ -156,14 +186,15 @@ def static_decode(q: torch.Tensor, ring_k: torch.Tensor, ring_v: torch.Tensor, c
                                                     SPLIT_V=tuning.split_v, PRMT=tuning.prmt_unpack, **tm)
         _tokens_in_m_kernel[(B, H, ring // 64)](*args, FIXED_K=True, FIXED_V=True, TAIL=True, DEV=True, SPLIT_V=False,
                                                 **tm)
+        unrotate = {} if signs_v is None else dict(signs_ptr=signs_v, h_ptr=h_pm1, rot_scale=rot_scale, UNROTATE=True)
         _combine_kernel[(B, Hq, qlen)](m_part, l_part, acc_part, out, *out.stride(), H, 1, ctl_ptr=ctl,
-                                       split_ptr=splits, DEV=True, **comb)
+                                       split_ptr=splits, DEV=True, **comb, **unrotate)
     return out
 
 
 @static_decode.register_fake
 def _(q, ring_k, ring_v, ctl, splits, pool, seg_offset, token_min, token_step, block_table, kv_valid, scratch,
-      scaling, bits_k, bits_v, token_gran, max_splits):
+      scaling, bits_k, bits_v, token_gran, max_splits, signs_v, h_pm1, rot_scale):
     return torch.empty_like(q)
 
 

@@ -175,7 +175,8 @@ class KVCompLayer(CacheLayerMixin):
         self.values = value_states.new_zeros(b, h, 0, d)
         self.block_table = torch.zeros(b, 0, dtype=torch.int32, device=self.device)
         if self.config.rotation == "hadamard":
-            self.rotation = LayerRotation(self.config.rotation_seed, self.layer_idx, h, d, self.device)
+            self.rotation = LayerRotation(self.config.rotation_seed, self.layer_idx, h, d, self.device,
+                                          kernel_on_cpu=self.use_triton)
         self.is_initialized = True
 
     def _new_states(self, key_states: torch.Tensor, value_states: torch.Tensor):
@@ -330,14 +331,13 @@ class KVCompLayer(CacheLayerMixin):
         """Triton flash-decoding over the compressed blocks + tail; returns [B, q_len, H_q, D]."""
         from kvcomp_hf.kernels import decode_attention
 
-        rot = self.rotation  # the layer holds rotated K/V: rotate q once before, the output once after
+        rot = self.rotation  # the layer holds rotated K/V: rotate q once before, the output once (in the combine)
         q = query if rot is None else rot.rotate_query(query)
         # The kernel applies causality itself; the mask's last query row carries the padding of every key.
         kv_valid = None if attention_mask is None else self.storage_order(attention_mask[:, 0, -1, :])
         with device_context(query.device):
-            out = decode_attention(q, self.keys, self.values, self.store, self.block_table, kv_valid, scaling)
-        if rot is not None:
-            out = rot.unrotate_output(out)
+            out = decode_attention(q, self.keys, self.values, self.store, self.block_table, kv_valid, scaling,
+                                   rotation=rot)
         return out.transpose(1, 2).contiguous()
 
     def attend_dense(self, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float | None,
@@ -490,28 +490,27 @@ class KVCompStaticLayer(KVCompLayer):
             self.shared[device] = torch.empty(need, dtype=torch.float32, device=device)
         self.scratch = self.shared[device]
         if self.config.rotation == "hadamard":
-            self.rotation = LayerRotation(self.config.rotation_seed, self.layer_idx, h, d, device)
-            for kv in (0, 1):  # built now, not inside the first compiled step (a side effect that recompiles)
-                self.rotation._signs_for(kv, group * h)
+            # a decode step rotates through kernels (q: kernels/rotate.py; K, V: the append; the output: the
+            # combine), which take the signs per KV head and the ±1 matrix
+            self.rotation = LayerRotation(self.config.rotation_seed, self.layer_idx, h, d, device, kernel_on_cpu=True)
         # fixed addresses: CUDA graphs neither copy nor re-record them (the rotation's matrix and signs too: the
         # H200 profile of a compiled Llama-3.1-8B step shows 130 host-to-graph copies per step, ~0.9 ms of host
         # time; these are the layer tensors left unmarked)
-        rot = [] if self.rotation is None else [self.rotation.h, self.rotation.signs, self.rotation.h_pm1,
-                                                *self.rotation._query_signs.values()]
+        rot = [] if self.rotation is None else [self.rotation.signs, self.rotation.h_pm1]
         for t in (st.pool, st.seg_offset, st.token_min, st.token_step, self.block_table, self.ring_k,
                   self.ring_v, self.ctl, self.splits, self.scratch, *rot):
             torch._dynamo.mark_static_address(t)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        new_k, new_v = self._new_states(key_states, value_states)  # (self.keys is the ring)
         if key_states.shape[2] != 1 or not self.has_tokens:
+            new_k, new_v = self._new_states(key_states, value_states)  # (self.keys is the ring)
             return self._append_eagerly(new_k, new_v, key_states, value_states)
-        fmt = self.fmt
-        torch.ops.kvcomp.static_append(new_k, new_v, self.ring_k, self.ring_v, self.ctl, self.store.pool,
+        fmt, rot = self.fmt, self.rotation  # a decode step: the append kernel rotates the token itself
+        torch.ops.kvcomp.static_append(key_states, value_states, self.ring_k, self.ring_v, self.ctl, self.store.pool,
                                        self.store.token_min, self.store.token_step, self.config.residual_length,
                                        self.config.rel_k, self.config.rel_v, fmt.bits_k, fmt.bits_v,
-                                       fmt.granularity == "token")
+                                       fmt.granularity == "token", *self._rotation_args(rot, rot and rot.signs))
         b, h, _, d = self.ring_k.shape
         shape = torch.Size((b, h, self.max_cache_len, d))  # the length is on the device (ctl)
         return (CompressedKV(self, "k", shape, self.dtype, self.device),
@@ -574,10 +573,13 @@ class KVCompStaticLayer(KVCompLayer):
         out = torch.ops.kvcomp.static_decode(q, self.ring_k, self.ring_v, self.ctl, self.splits, st.pool,
                                              st.seg_offset, st.token_min, st.token_step, self.block_table, kv_valid,
                                              self.scratch, scale, fmt.bits_k, fmt.bits_v, fmt.granularity == "token",
-                                             self.max_splits)
-        if rot is not None:
-            out = rot.unrotate_output(out)
+                                             self.max_splits, *self._rotation_args(rot, rot and rot.signs[1]))
         return out.transpose(1, 2).contiguous(), None
+
+    @staticmethod
+    def _rotation_args(rot: LayerRotation | None, signs: torch.Tensor | None) -> tuple:
+        """(signs, ±1 matrix, scale) for the static kernels that rotate (append) or rotate back (combine)."""
+        return (None, None, 1.0) if rot is None else (signs, rot.h_pm1, rot.scale)
 
     @torch.compiler.disable  # transformers compiles chunked prefill too: chunks run eagerly, as documented
     def _attend_chunk(self, query, attention_mask, scaling, module, dropout, **kwargs):

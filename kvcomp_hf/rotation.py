@@ -57,8 +57,6 @@ def kernel_rotates(shape: tuple[int, ...], dtype: torch.dtype) -> bool:
     return 16 <= d <= 256 and d & (d - 1) == 0 and shape[1] * shape[2] <= KERNEL_MAX_ROWS
 
 
-def _kernel_on_gpu(x: torch.Tensor) -> bool:
-    return x.is_cuda and kernel_rotates(tuple(x.shape), x.dtype)
 
 
 def hadamard_matrix(head_dim: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -80,8 +78,12 @@ def rotation_signs(seed: int, layer: int, kv: int, num_heads: int, head_dim: int
 class LayerRotation:
     """The rotations of one layer's K and V, applied to [B, H, T, D] tensors (float32 arithmetic)."""
 
-    def __init__(self, seed: int, layer: int, num_heads: int, head_dim: int, device: torch.device):
+    def __init__(self, seed: int, layer: int, num_heads: int, head_dim: int, device: torch.device,
+                 kernel_on_cpu: bool = False):
+        """kernel_on_cpu: rotate CPU tensors through kernels/rotate.py too (Triton's interpreter), as the layers of
+        the Triton backend do: their static append and combine kernels rotate with its products and sums."""
         self.num_heads = num_heads
+        self.kernel_on_cpu = kernel_on_cpu
         self.h = hadamard_matrix(head_dim).to(device)
         self.signs = torch.stack([rotation_signs(seed, layer, kv, num_heads, head_dim)
                                   for kv in (0, 1)]).to(device)          # [2, H, D]
@@ -102,15 +104,18 @@ class LayerRotation:
             self._query_signs[(kv, heads)] = s[:, None, :]
         return self._query_signs[(kv, heads)]
 
+    def _kernel_takes(self, x: torch.Tensor) -> bool:
+        return (x.is_cuda or self.kernel_on_cpu) and kernel_rotates(tuple(x.shape), x.dtype)
+
     def rotate(self, x: torch.Tensor, kv: int) -> torch.Tensor:
         """x [B, H, T, D] (H = KV heads, or query heads sharing them) -> x_rot in x's dtype."""
-        if _kernel_on_gpu(x):
+        if self._kernel_takes(x):
             return self._kernel(x, kv, inverse=False)
         return ((x.float() * self._signs_for(kv, x.shape[1])) @ self.h).to(x.dtype)
 
     def unrotate(self, x: torch.Tensor, kv: int) -> torch.Tensor:
         """Inverse of rotate: x_rot [B, H, T, D] -> x in x_rot's dtype."""
-        if _kernel_on_gpu(x):
+        if self._kernel_takes(x):
             return self._kernel(x, kv, inverse=True)
         return ((x.float() @ self.h.T) * self._signs_for(kv, x.shape[1])).to(x.dtype)
 
