@@ -88,7 +88,8 @@ def make_kv(B, H, L, D, gen_dev, dtype=torch.bfloat16):
 VARIANTS = {  # name -> DecodeTuning fields that differ from the default tuning
     "w4pf0": dict(num_warps=4, prefetch=False), "w8": dict(num_warps=8), "w8pf0": dict(num_warps=8, prefetch=False),
     "r168": dict(maxnreg=168), "r128": dict(maxnreg=128), "r255": dict(maxnreg=255),
-    "waves8": dict(split_waves=8), "waves32": dict(split_waves=32),
+    "waves3": dict(split_waves=3), "waves6": dict(split_waves=6), "waves8": dict(split_waves=8),
+    "waves12": dict(split_waves=12), "waves24": dict(split_waves=24), "waves32": dict(split_waves=32),
     "min1": dict(min_blocks_per_split=1), "min2": dict(min_blocks_per_split=2),
     "min4": dict(min_blocks_per_split=4), "min16": dict(min_blocks_per_split=16),
     "tmmin2": dict(tokens_in_m=True, min_blocks_per_split=2), "tmmin4": dict(tokens_in_m=True, min_blocks_per_split=4),

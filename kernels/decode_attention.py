@@ -904,9 +904,11 @@ def _static_args(fmt: BlockFormat, q_dtype, tail_dtype, group: int, qlen: int, D
     tm = {k: v for k, v in consts.items() if k in _TOKENS_IN_M_ARGS}
     # 3 CTAs of 4 warps per SM need <= 170 registers: Triton 3.6 gives the tokens-in-M kernel 196 (2 CTAs) since
     # each block's V sum starts from zero; capped at 168 the fixed layout compiles without spills for sm_90
-    # (eval/sass_count.py). The packed layout's unpacker spills under the cap: 0.492 ms capped vs 0.435 uncapped
-    # at 32K x 8 (bench_kernels variant r255, H200), so it keeps the compiler's choice.
-    if fmt.layout == "fixed":
+    # (eval/sass_count.py). fixed_v spills 56 bytes under the cap (1015 instead of 946 SASS per block) and is still
+    # 6-14% faster from the third CTA (H100, graph replays, bench_kernels variant r168: 32K x 8 0.3172 vs 0.3410 ms,
+    # 128K x 1 0.1796 vs 0.2080, 8K x 8 0.0992 vs 0.1068). The packed layout's unpacker spills more: 0.492 ms
+    # capped vs 0.435 uncapped at 32K x 8 (variant r255, H200), so it keeps the compiler's choice.
+    if fmt.layout in ("fixed", "fixed_v"):
         tm.setdefault("maxnreg", TOKENS_IN_M_MAXNREG)
     hit = (M, consts, tm, comb)
     _STATIC[key] = hit
