@@ -446,7 +446,7 @@ class KVCompStaticLayer(KVCompLayer):
         if model_config is None:
             raise ValueError("a static KVCompLayer needs the model config (its query heads size the decode scratch)")
         self.max_cache_len = max_cache_len
-        self.shared = shared if shared is not None else {}  # the cache's layers share one decode scratch
+        self.shared = shared if shared is not None else {}  # the layers' common tensors (decode scratch, tables)
         super().__init__(dataclasses.replace(config, sink_tokens=0), model_config, backend, layer_idx)
 
     def _clear(self):
@@ -473,7 +473,10 @@ class KVCompStaticLayer(KVCompLayer):
         self.nb_max = nb_max = -(-self.max_cache_len // BLOCK_SIZE)
         n_slots = b * nb_max
         self.slot_bytes = st.preallocate_fixed(n_slots)
-        self.block_table = torch.arange(n_slots, dtype=torch.int32, device=device).view(b, nb_max)
+        # tensors equal in every layer are one tensor: Dynamo then checks it once per step, not once per layer
+        # (eval.count_guards: 2 tensor guards per layer fewer for the block table and split counts)
+        self.block_table = self._shared(("block_table", b, nb_max), lambda: torch.arange(
+            n_slots, dtype=torch.int32, device=device).view(b, nb_max))
         self.ring = -(-(self.config.residual_length + BLOCK_SIZE) // BLOCK_SIZE) * BLOCK_SIZE
         self.ring_k = key_states.new_zeros(b, h, self.ring, d)
         self.ring_v = value_states.new_zeros(b, h, self.ring, d)
@@ -482,7 +485,8 @@ class KVCompStaticLayer(KVCompLayer):
         # the split counts the eager decode would choose at each block count (same splits: same rounding)
         sms = _num_sms(device)
         splits = [choose_tuning(d, b, h, nb).splits(b, h, nb, sms) for nb in range(nb_max + 1)]
-        self.splits = torch.tensor(splits, dtype=torch.int64, device=device)
+        self.splits = self._shared(("splits", b, h, nb_max), lambda: torch.tensor(splits, dtype=torch.int64,
+                                                                                 device=device))
         self.max_splits = max(ns for ns, _ in splits)
         group = _text_config(self.model_config).num_attention_heads // h
         need = scratch_values(b, h, group, d, self.max_splits, self.ring)
@@ -501,6 +505,12 @@ class KVCompStaticLayer(KVCompLayer):
                   self.ring_v, self.ctl, self.splits, self.scratch, *rot):
             torch._dynamo.mark_static_address(t)
         self.is_initialized = True
+
+    def _shared(self, key: tuple, build) -> torch.Tensor:
+        """The cache's one tensor for `key` (read-only in decode steps), built by the first layer that asks."""
+        if key not in self.shared:
+            self.shared[key] = build()
+        return self.shared[key]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if key_states.shape[2] != 1 or not self.has_tokens:
