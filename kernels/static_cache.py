@@ -14,9 +14,9 @@ products and sums of kernels/rotate.py) into the ring at kv_len % RING; when the
 tail then holds residual_length + 64 tokens it compresses its oldest block into slot b * NB + nb (decided on the
 device, so the launch is the same every step); the last program to finish advances ctl.
 kvcomp::static_decode: the tokens-in-M decode kernel with DEV=True (lengths and split counts read on the device,
-fixed grid from the largest split count) and the combine kernel, which also rotates the output back. Neither syncs with the host or allocates
-storage that outlives the call; the results equal KVCompLayer's for the same tokens (same splits, same tail
-chunks), so greedy tokens match the eager cache.
+fixed grid from the largest split count) and the combine kernel, which also rotates the output back. Neither
+syncs with the host or allocates storage that outlives the call; the results equal KVCompLayer's for the same
+tokens (same splits, same tail chunks), so greedy tokens match the eager cache.
 """
 
 from __future__ import annotations
