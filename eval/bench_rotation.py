@@ -1,7 +1,9 @@
 """What the rotation (config.rotation="hadamard") costs on the GPU: the store's one batched matmul against
 the Triton store kernel, the decode step's q rotation + output un-rotation against the fused kernel, and (first,
 alone with --step-only) one layer's decode-step rotations by the float32 cuBLAS formula against kernels/rotate.py,
-launched eagerly and replayed from a CUDA graph.
+launched eagerly and replayed from a CUDA graph. (Since 2026-12-06 a decode step rotates only q in a launch of its
+own: the static append rotates the new token's K and V and the combine kernel the output, so the step's four
+rotations timed here are what the cache did before.)
 
     python -m eval.bench_rotation --out eval/results/bench_rotation.json
     python -m eval.bench_rotation --step-only --out eval/results/bench_rotation_step.json
