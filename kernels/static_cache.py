@@ -8,6 +8,7 @@ which is where store_blocks puts slots slot_start.. when pool_used starts at slo
 (BlockStore.preallocate_fixed lays the store out so).
 The uncompressed tail is a ring of RING tokens (a multiple of 64, >= residual_length + 64): token p at row p % RING,
 so every block's 64 tokens are contiguous rows. ctl (int64 [4], on the device) = [kv_len, nb, done counter, 0].
+The ops take every layer's ring, ctl, pool and token statistics stacked on dim 0, and the layer's index.
 
 kvcomp::static_append (one launch, grid (B,)): writes the step's token (rotated first for a rotated layer, with the
 products and sums of kernels/rotate.py) into the ring at kv_len % RING; when the
@@ -121,15 +122,21 @@ def _fmt(num_heads: int, head_dim: int, bits_k: int, bits_v: int, token_gran: bo
 
 @torch.library.custom_op("kvcomp::static_append", mutates_args=("ring_k", "ring_v", "ctl", "pool", "token_min",
                                                                "token_step"))
-def static_append(k_new: torch.Tensor, v_new: torch.Tensor, ring_k: torch.Tensor, ring_v: torch.Tensor,
+def static_append(k_new: torch.Tensor, v_new: torch.Tensor, layer: int, ring_k: torch.Tensor, ring_v: torch.Tensor,
                   ctl: torch.Tensor, pool: torch.Tensor, token_min: torch.Tensor, token_step: torch.Tensor,
                   residual: int, rel_k: float, rel_v: float, bits_k: int, bits_v: int, token_gran: bool,
                   signs: Optional[torch.Tensor], h_pm1: Optional[torch.Tensor], rot_scale: float) -> None:
-    """Append one token per row (k_new, v_new [B, H, 1, D]) to the ring and compress a full block (see module).
-    signs (float32 [2, H, D], K's and V's) and h_pm1 (the ±1 matrix [D, D]): rotate k_new and v_new first
-    (kvcomp_hf/rotation.py; the same products and sums as kernels/rotate.py); None: they are stored as given."""
+    """Append one token per row (k_new, v_new [B, H, 1, D]) to layer `layer`'s ring and compress a full block (see
+    module). ring_k, ring_v, ctl, pool, token_min, token_step: every layer's, stacked on dim 0 (a compiled step then
+    sees one tensor of each, not one per layer). signs (float32 [layers, 2, H, D], K's and V's) and h_pm1 (the ±1
+    matrix [D, D]): rotate k_new and v_new first (kvcomp_hf/rotation.py; the same products and sums as
+    kernels/rotate.py); None: they are stored as given."""
+    ring_k, ring_v, ctl, pool, token_min, token_step = (t[layer] for t in (ring_k, ring_v, ctl, pool, token_min,
+                                                                            token_step))
     B, H, ring, D = ring_k.shape
     rotate = signs is not None
+    if rotate:
+        signs = signs[layer]
     with device_context(k_new.device):
         _append_kernel[(B,)](
             k_new, k_new.stride(0), k_new.stride(1), k_new.stride(3),
@@ -146,21 +153,26 @@ def static_append(k_new: torch.Tensor, v_new: torch.Tensor, ring_k: torch.Tensor
 
 
 @static_append.register_fake
-def _(k_new, v_new, ring_k, ring_v, ctl, pool, token_min, token_step, residual, rel_k, rel_v, bits_k, bits_v,
+def _(k_new, v_new, layer, ring_k, ring_v, ctl, pool, token_min, token_step, residual, rel_k, rel_v, bits_k, bits_v,
       token_gran, signs, h_pm1, rot_scale):
     return None
 
 
 @torch.library.custom_op("kvcomp::static_decode", mutates_args=("scratch",))
-def static_decode(q: torch.Tensor, ring_k: torch.Tensor, ring_v: torch.Tensor, ctl: torch.Tensor,
+def static_decode(q: torch.Tensor, layer: int, ring_k: torch.Tensor, ring_v: torch.Tensor, ctl: torch.Tensor,
                   splits: torch.Tensor, pool: torch.Tensor, seg_offset: torch.Tensor, token_min: torch.Tensor,
                   token_step: torch.Tensor, block_table: torch.Tensor, kv_valid: Optional[torch.Tensor],
                   scratch: torch.Tensor, scaling: float, bits_k: int, bits_v: int, token_gran: bool,
-                  max_splits: int, signs_v: Optional[torch.Tensor], h_pm1: Optional[torch.Tensor],
+                  max_splits: int, signs: Optional[torch.Tensor], h_pm1: Optional[torch.Tensor],
                   rot_scale: float) -> torch.Tensor:
-    """Attention of q [B, Hq, 1, D] (rotated like the stored keys) over the layer's blocks + ring -> [B, Hq, 1, D].
-    scratch: scratch_values(...) float32 values (the partials of the splits and tail chunks). signs_v (float32
-    [H, D]) and h_pm1: the output is rotated back with the V rotation in the combine; None: returned as computed."""
+    """Attention of q [B, Hq, 1, D] (rotated like the stored keys) over layer `layer`'s blocks + ring ->
+    [B, Hq, 1, D]. ring_k, ring_v, ctl, pool, token_min, token_step and signs: stacked as static_append takes them.
+    scratch: scratch_values(...) float32 values (the partials of the splits and tail chunks). signs (float32
+    [layers, 2, H, D]) and h_pm1: the output is rotated back with the V rotation in the combine; None: returned as
+    computed."""
+    ring_k, ring_v, ctl, pool, token_min, token_step = (t[layer] for t in (ring_k, ring_v, ctl, pool, token_min,
+                                                                            token_step))
+    signs_v = None if signs is None else signs[layer, 1]
     B, Hq, qlen, D = q.shape
     H, ring = ring_k.shape[1], ring_k.shape[2]
     fmt = _fmt(H, D, bits_k, bits_v, token_gran)
@@ -193,8 +205,8 @@ def static_decode(q: torch.Tensor, ring_k: torch.Tensor, ring_v: torch.Tensor, c
 
 
 @static_decode.register_fake
-def _(q, ring_k, ring_v, ctl, splits, pool, seg_offset, token_min, token_step, block_table, kv_valid, scratch,
-      scaling, bits_k, bits_v, token_gran, max_splits, signs_v, h_pm1, rot_scale):
+def _(q, layer, ring_k, ring_v, ctl, splits, pool, seg_offset, token_min, token_step, block_table, kv_valid, scratch,
+      scaling, bits_k, bits_v, token_gran, max_splits, signs, h_pm1, rot_scale):
     return torch.empty_like(q)
 
 

@@ -153,25 +153,43 @@ class BlockStore:
         self.n_slots = s1
         return s0, s1
 
-    def preallocate_fixed(self, n_slots: int) -> int:
+    def fixed_slot_bytes(self) -> int:
+        """Bytes of one slot in layout "fixed": K and V segments of every head at their (only) size."""
+        return self.fmt.num_heads * (self.fmt.max_segment_bytes(0) + self.fmt.max_segment_bytes(1))
+
+    def preallocate_fixed(self, n_slots: int, layers: int = 1) -> dict[str, torch.Tensor]:
         """Layout "fixed" (the static cache): n_slots slots at fixed offsets, every segment at its (only) size;
         segment (slot, kv, head) at slot * slot_bytes + kv * H * seg[0] + head * seg[kv] (kernels/static_cache.py).
-        Returns slot_bytes; the pool counts as full (its writers place segments by slot, not by pool_used)."""
+        The pool, token_min and token_step are allocated for `layers` stores of this format at once and this store
+        takes the first; returns them all ({"pool": [layers, n_slots * slot_bytes], "token_min", "token_step"}), for
+        the other stores' use_slots. The pool counts as full (its writers place segments by slot, not by
+        pool_used)."""
         if self.fmt.layout != "fixed" or self.has_perm:
             raise ValueError(f"preallocated slots need layout='fixed' and repack='none', got {self.fmt}")
         h, device = self.fmt.num_heads, self.device
         seg = torch.tensor([self.fmt.max_segment_bytes(0), self.fmt.max_segment_bytes(1)])
-        slot_bytes = h * int(seg.sum())
-        self.pool = torch.zeros(n_slots * slot_bytes, dtype=torch.uint8, device=device)
+        slot_bytes = self.fixed_slot_bytes()
+        stacked = {"pool": torch.zeros(layers, n_slots * slot_bytes, dtype=torch.uint8, device=device),
+                   "token_min": torch.zeros(layers, n_slots, 2, BLOCK_SIZE, self.fmt.groups, dtype=self.dtype,
+                                            device=device),
+                   "token_step": torch.zeros(layers, n_slots, 2, BLOCK_SIZE, self.fmt.groups, dtype=torch.bfloat16,
+                                             device=device),
+                   "seg_offset": (torch.arange(n_slots)[:, None, None] * slot_bytes
+                                  + torch.tensor([0, h * int(seg[0])])[None, :, None]
+                                  + torch.arange(h)[None, None, :] * seg[None, :, None]).to(device),
+                   "seg_bytes": seg.to(torch.int32).view(1, 2, 1).expand(n_slots, 2, h).contiguous().to(device)}
+        self.use_slots(stacked, 0)
+        return stacked
+
+    def use_slots(self, stacked: dict[str, torch.Tensor], index: int) -> None:
+        """Take store `index` of preallocate_fixed's tensors (seg_offset and seg_bytes are equal in every store:
+        shared, and rewritten with the same values by each store's writes)."""
+        self.pool = stacked["pool"][index]
+        self.token_min = stacked["token_min"][index]
+        self.token_step = stacked["token_step"][index]
+        self.seg_offset, self.seg_bytes = stacked["seg_offset"], stacked["seg_bytes"]
         self.used_bound = self.pool.numel()
-        self.n_slots = n_slots
-        self.seg_offset = (torch.arange(n_slots)[:, None, None] * slot_bytes
-                           + torch.tensor([0, h * int(seg[0])])[None, :, None]
-                           + torch.arange(h)[None, None, :] * seg[None, :, None]).to(device)
-        self.seg_bytes = seg.to(torch.int32).view(1, 2, 1).expand(n_slots, 2, h).contiguous().to(device)
-        self.token_min = torch.zeros(n_slots, 2, BLOCK_SIZE, self.fmt.groups, dtype=self.dtype, device=device)
-        self.token_step = torch.zeros(n_slots, 2, BLOCK_SIZE, self.fmt.groups, dtype=torch.bfloat16, device=device)
-        return slot_bytes
+        self.n_slots = stacked["seg_offset"].shape[0]
 
     def perm_of(self, n_slots: int) -> torch.Tensor:
         """Permutation rows of n_slots slots (for "none": the shared identity row, stride 0; the store

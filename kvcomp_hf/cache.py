@@ -27,7 +27,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from .block_store import BlockStore, device_context, fit_pending_pools
 from .codec import BLOCK_SIZE, BlockFormat
 from .config import BACKENDS, KVCompConfig, resolve_config
-from .rotation import LayerRotation
+from .rotation import LayerRotation, hadamard_block_size, hadamard_matrix, rotation_signs
 
 ATTN_IMPLEMENTATION = "kvcomp"
 MAX_FUSED_QUERIES = 16  # decode and speculative verification; longer chunks take the dense path
@@ -451,7 +451,7 @@ class KVCompStaticLayer(KVCompLayer):
 
     def _clear(self):
         super()._clear()
-        self.ring_k = self.ring_v = self.ctl = self.splits = self.scratch = None
+        self.ring_k = self.ring_v = self.ctl = self.splits = self.scratch = self.stacks = None
         self.has_tokens = False  # host-side: a decode step needs a non-empty layer (prefill fills it eagerly)
 
     @torch.compiler.disable  # allocation and host-side setup: a compiled prefill chunk must not trace it
@@ -472,16 +472,18 @@ class KVCompStaticLayer(KVCompLayer):
         self.use_triton = True
         self.nb_max = nb_max = -(-self.max_cache_len // BLOCK_SIZE)
         n_slots = b * nb_max
-        self.slot_bytes = st.preallocate_fixed(n_slots)
-        # tensors equal in every layer are one tensor: Dynamo then checks it once per step, not once per layer
-        # (eval.count_guards: 2 tensor guards per layer fewer for the block table and split counts)
-        self.block_table = self._shared(("block_table", b, nb_max), lambda: torch.arange(
-            n_slots, dtype=torch.int32, device=device).view(b, nb_max))
+        self.slot_bytes = st.fixed_slot_bytes()
         self.ring = -(-(self.config.residual_length + BLOCK_SIZE) // BLOCK_SIZE) * BLOCK_SIZE
-        self.ring_k = key_states.new_zeros(b, h, self.ring, d)
-        self.ring_v = value_states.new_zeros(b, h, self.ring, d)
+        # Every layer's storage is one slice of the cache's stacked tensors, and the tensors equal in every layer
+        # (block table, split counts, segment offsets, the ±1 matrix, the scratch) are one tensor: a decode step
+        # passes the stacked tensors and its layer index to the custom ops, so Dynamo checks each tensor once per
+        # step, not once per layer (eval.count_guards).
+        stacks = self._shared(("stacks", device, b), lambda: self._stack_storage(st, n_slots, key_states))
+        self.stacks, self.li = stacks, self.layer_idx
+        st.use_slots(stacks, self.li)
+        self.ring_k, self.ring_v, self.ctl = (stacks[name][self.li] for name in ("ring_k", "ring_v", "ctl"))
         self.keys, self.values = self.ring_k, self.ring_v  # (dtype and storage accounting read these)
-        self.ctl = torch.zeros(4, dtype=torch.int64, device=device)  # [kv_len, blocks per row, done counter, 0]
+        self.block_table = stacks["block_table"]
         # the split counts the eager decode would choose at each block count (same splits: same rounding)
         sms = _num_sms(device)
         splits = [choose_tuning(d, b, h, nb).splits(b, h, nb, sms) for nb in range(nb_max + 1)]
@@ -495,16 +497,34 @@ class KVCompStaticLayer(KVCompLayer):
         self.scratch = self.shared[device]
         if self.config.rotation == "hadamard":
             # a decode step rotates through kernels (q: kernels/rotate.py; K, V: the append; the output: the
-            # combine), which take the signs per KV head and the ±1 matrix
-            self.rotation = LayerRotation(self.config.rotation_seed, self.layer_idx, h, d, device, kernel_on_cpu=True)
+            # combine), which take the signs per KV head and the ±1 matrix: the stacked ones
+            rot = self.rotation = LayerRotation(self.config.rotation_seed, self.layer_idx, h, d, device,
+                                                kernel_on_cpu=True)
+            rot.signs, rot.h_pm1 = stacks["signs"][self.li], stacks["h_pm1"]
         # fixed addresses: CUDA graphs neither copy nor re-record them (the rotation's matrix and signs too: the
         # H200 profile of a compiled Llama-3.1-8B step shows 130 host-to-graph copies per step, ~0.9 ms of host
         # time; these are the layer tensors left unmarked)
-        rot = [] if self.rotation is None else [self.rotation.signs, self.rotation.h_pm1]
-        for t in (st.pool, st.seg_offset, st.token_min, st.token_step, self.block_table, self.ring_k,
-                  self.ring_v, self.ctl, self.splits, self.scratch, *rot):
+        for t in (*stacks.values(), self.splits, self.scratch):
             torch._dynamo.mark_static_address(t)
         self.is_initialized = True
+
+    def _stack_storage(self, st: BlockStore, n_slots: int, key_states: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The cache's storage for all its layers (built by the first layer): the stores' pools and token
+        statistics, rings, lengths (ctl: [kv_len, blocks per row, done counter, 0] per layer) and rotation signs,
+        each [layers, ...], and the tensors equal in every layer."""
+        layers = _text_config(self.model_config).num_hidden_layers
+        b, h, _, d = key_states.shape
+        stacks = st.preallocate_fixed(n_slots, layers)
+        stacks["ring_k"] = key_states.new_zeros(layers, b, h, self.ring, d)
+        stacks["ring_v"] = key_states.new_zeros(layers, b, h, self.ring, d)
+        stacks["ctl"] = torch.zeros(layers, 4, dtype=torch.int64, device=self.device)
+        stacks["block_table"] = torch.arange(n_slots, dtype=torch.int32, device=self.device).view(b, self.nb_max)
+        if self.config.rotation == "hadamard":
+            seed = self.config.rotation_seed
+            stacks["signs"] = torch.stack([torch.stack([rotation_signs(seed, i, kv, h, d) for kv in (0, 1)])
+                                           for i in range(layers)]).to(self.device)
+            stacks["h_pm1"] = (hadamard_matrix(d) * hadamard_block_size(d) ** 0.5).round().to(self.device)
+        return stacks
 
     def _shared(self, key: tuple, build) -> torch.Tensor:
         """The cache's one tensor for `key` (read-only in decode steps), built by the first layer that asks."""
@@ -516,11 +536,12 @@ class KVCompStaticLayer(KVCompLayer):
         if key_states.shape[2] != 1 or not self.has_tokens:
             new_k, new_v = self._new_states(key_states, value_states)  # (self.keys is the ring)
             return self._append_eagerly(new_k, new_v, key_states, value_states)
-        fmt, rot = self.fmt, self.rotation  # a decode step: the append kernel rotates the token itself
-        torch.ops.kvcomp.static_append(key_states, value_states, self.ring_k, self.ring_v, self.ctl, self.store.pool,
-                                       self.store.token_min, self.store.token_step, self.config.residual_length,
+        fmt, sk = self.fmt, self.stacks  # a decode step: the append kernel rotates the token itself
+        torch.ops.kvcomp.static_append(key_states, value_states, self.li, sk["ring_k"], sk["ring_v"], sk["ctl"],
+                                       sk["pool"], sk["token_min"], sk["token_step"], self.config.residual_length,
                                        self.config.rel_k, self.config.rel_v, fmt.bits_k, fmt.bits_v,
-                                       fmt.granularity == "token", *self._rotation_args(rot, rot and rot.signs))
+                                       fmt.granularity == "token", sk.get("signs"), sk.get("h_pm1"),
+                                       self.rotation.scale if self.rotation else 1.0)
         b, h, _, d = self.ring_k.shape
         shape = torch.Size((b, h, self.max_cache_len, d))  # the length is on the device (ctl)
         return (CompressedKV(self, "k", shape, self.dtype, self.device),
@@ -571,25 +592,24 @@ class KVCompStaticLayer(KVCompLayer):
         longer queries (eager, outside compiled graphs) attend over the layer dequantised to the model dtype."""
         if query.shape[2] != 1:
             return self._attend_chunk(query, attention_mask, scaling, module, dropout, **kwargs)
+        from kvcomp_hf.kernels.rotate import hadamard_rotate
+
         scale = scaling if scaling is not None else module.scaling
-        rot = self.rotation
-        q = query if rot is None else rot.rotate_query(query)
+        rot, sk = self.rotation, self.stacks
+        # q is rotated with the stacked signs, indexed in the step (not the layer's own view: one tensor to check)
+        q = query if rot is None else hadamard_rotate(query, sk["signs"][self.li, 0], sk["h_pm1"], rot.scale, False)
         kv_valid = None
         if attention_mask is not None:  # the last query row carries the padding of every key
             kv_valid = attention_mask[:, 0, -1, :]
             if kv_valid.dtype != torch.bool:  # an additive mask: 0 where attended
                 kv_valid = kv_valid == 0
-        fmt, st = self.fmt, self.store
-        out = torch.ops.kvcomp.static_decode(q, self.ring_k, self.ring_v, self.ctl, self.splits, st.pool,
-                                             st.seg_offset, st.token_min, st.token_step, self.block_table, kv_valid,
-                                             self.scratch, scale, fmt.bits_k, fmt.bits_v, fmt.granularity == "token",
-                                             self.max_splits, *self._rotation_args(rot, rot and rot.signs[1]))
+        fmt = self.fmt
+        out = torch.ops.kvcomp.static_decode(q, self.li, sk["ring_k"], sk["ring_v"], sk["ctl"], self.splits, sk["pool"],
+                                             sk["seg_offset"], sk["token_min"], sk["token_step"], sk["block_table"],
+                                             kv_valid, self.scratch, scale, fmt.bits_k, fmt.bits_v,
+                                             fmt.granularity == "token", self.max_splits, sk.get("signs"),
+                                             sk.get("h_pm1"), rot.scale if rot else 1.0)
         return out.transpose(1, 2).contiguous(), None
-
-    @staticmethod
-    def _rotation_args(rot: LayerRotation | None, signs: torch.Tensor | None) -> tuple:
-        """(signs, ±1 matrix, scale) for the static kernels that rotate (append) or rotate back (combine)."""
-        return (None, None, 1.0) if rot is None else (signs, rot.h_pm1, rot.scale)
 
     @torch.compiler.disable  # transformers compiles chunked prefill too: chunks run eagerly, as documented
     def _attend_chunk(self, query, attention_mask, scaling, module, dropout, **kwargs):
@@ -654,6 +674,11 @@ class KVCompStaticLayer(KVCompLayer):
         held = {**self.store.allocated_bytes(), "pool_in_use": b * nb * self.slot_bytes,
                 "tail": 2 * self.ring_k.numel() * elem, "block_table": self.block_table.numel() * 4,
                 "ctl": self.ctl.numel() * 8 + self.splits.numel() * 8}
+        if self.li:  # the tensors every layer shares are counted once, with layer 0
+            st = self.store
+            held["slot_metadata"] -= st.seg_offset.numel() * 8 + st.seg_bytes.numel() * 4
+            held["block_table"] = 0
+            held["ctl"] -= self.splits.numel() * 8
         dense = b * h * length * d * elem
         return {"tokens": length, "dense_bytes": {"k": dense, "v": dense}, "parts": parts, "held": held,
                 "unreferenced_blocks": 0}

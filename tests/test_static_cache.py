@@ -207,11 +207,12 @@ def test_static_cache_on_the_gpu_eager_and_compiled():
 
 
 def test_count_guards_counts_each_layers_cache_tensors():
-    """eval.count_guards (issue 14's host time): one more layer adds its weights and the cache's own tensors to
-    the tensor guards, more for the static kvcomp cache (pools, tables, ring, rotation) than for StaticCache."""
+    """eval.count_guards (issue 14's host time): one more layer adds its weights to the tensor guards, and for
+    StaticCache its keys and values; the static kvcomp cache passes every layer's storage stacked (pools, rings,
+    lengths, rotation signs) with the layer's index, so a layer adds fewer cache tensors than StaticCache's two."""
     from eval import count_guards
 
     per_layer = {name: count_guards.guards(name, 2)["TENSOR_MATCH"] - count_guards.guards(name, 1)["TENSOR_MATCH"]
                  for name in ("static", "kvcomp")}
     assert per_layer["static"] >= 9 + 2  # 9 weights, keys and values
-    assert per_layer["kvcomp"] > per_layer["static"]
+    assert 9 <= per_layer["kvcomp"] < per_layer["static"]
