@@ -927,6 +927,7 @@ def decode_attention(q, k_tail, v_tail, store: BlockStore, block_table, kv_valid
     fmt = store.fmt
     pool, seg_offset, token_min, token_step, perm = (store.pool, store.seg_offset, store.token_min,
                                                      store.token_step, store.perm)
+    unrotate = {} if rotation is None else combine_rotation(rotation.signs[1], rotation.h_pm1, rotation.scale)
     B, Hq, QLEN, D = q.shape
     H = fmt.num_heads
     if k_tail.shape[0] != B or k_tail.shape[1] != H or k_tail.shape[3] != D or v_tail.shape != k_tail.shape:
@@ -992,7 +993,7 @@ def decode_attention(q, k_tail, v_tail, store: BlockStore, block_table, kv_valid
                 _tokens_in_m_kernel[(B, H, ns)](*args, TAIL=False, **blocks, **tm)
             _tokens_in_m_kernel[(B, H, tail_chunks)](*args, TAIL=True, SPLIT_V=False, **tm)
         _combine_kernel[(B, Hq, QLEN)](m_part, l_part, acc_part, out, *out.stride(), H, n_part, **comb,
-                                       **combine_rotation(rotation))
+                                       **unrotate)
         return out
     if fmt.layout != "packed":
         raise ValueError(f"layout={fmt.layout!r} is read by the fused kernel only for fp16/bf16 q and tail of one "
@@ -1006,12 +1007,13 @@ def decode_attention(q, k_tail, v_tail, store: BlockStore, block_table, kv_valid
         valid_arg, va_b, m_part, l_part, acc_part,
         float(scaling) * LOG2E, bps, ns, **consts)
     _combine_kernel[(B, Hq, QLEN)](m_part, l_part, acc_part, out, *out.stride(), H, ns + 1, **comb,
-                                   **combine_rotation(rotation))
+                                   **unrotate)
     return out
 
 
-def combine_rotation(rotation) -> dict:
-    """The combine kernel's arguments that rotate the output back with a LayerRotation's V rotation (none: {})."""
-    if rotation is None:
+def combine_rotation(signs_v, h_pm1, scale: float) -> dict:
+    """The combine kernel's arguments that rotate the output back with V's signs ([H, D]) and the ±1 matrix times
+    scale ({} for signs_v None: no rotation)."""
+    if signs_v is None:
         return {}
-    return dict(signs_ptr=rotation.signs[1], h_ptr=rotation.h_pm1, rot_scale=rotation.scale, UNROTATE=True)
+    return dict(signs_ptr=signs_v, h_ptr=h_pm1, rot_scale=scale, UNROTATE=True)

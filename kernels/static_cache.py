@@ -32,7 +32,7 @@ from kvcomp_hf.block_store import device_context
 from kvcomp_hf.codec import BlockFormat
 
 from .decode_attention import (LOG2E, _combine_kernel, _static_args, _tokens_in_m_kernel, choose_tuning,
-                               chunk_fields)
+                               chunk_fields, combine_rotation)
 from .rotate import hadamard_cols
 from .store import _load_tile, _row_stats, _token_stats_over_heads, _write_pack64
 
@@ -120,6 +120,11 @@ def _fmt(num_heads: int, head_dim: int, bits_k: int, bits_v: int, token_gran: bo
                        granularity="token" if token_gran else "token_head", repack="none", layout="fixed")
 
 
+def _layer_slices(layer: int, *stacked: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Layer `layer`'s slice of each of the ops' stacked [layers, ...] tensors."""
+    return tuple(t[layer] for t in stacked)
+
+
 @torch.library.custom_op("kvcomp::static_append", mutates_args=("ring_k", "ring_v", "ctl", "pool", "token_min",
                                                                "token_step"))
 def static_append(k_new: torch.Tensor, v_new: torch.Tensor, layer: int, ring_k: torch.Tensor, ring_v: torch.Tensor,
@@ -131,8 +136,8 @@ def static_append(k_new: torch.Tensor, v_new: torch.Tensor, layer: int, ring_k: 
     sees one tensor of each, not one per layer). signs (float32 [layers, 2, H, D], K's and V's) and h_pm1 (the ±1
     matrix [D, D]): rotate k_new and v_new first (kvcomp_hf/rotation.py; the same products and sums as
     kernels/rotate.py); None: they are stored as given."""
-    ring_k, ring_v, ctl, pool, token_min, token_step = (t[layer] for t in (ring_k, ring_v, ctl, pool, token_min,
-                                                                            token_step))
+    ring_k, ring_v, ctl, pool, token_min, token_step = _layer_slices(layer, ring_k, ring_v, ctl, pool, token_min,
+                                                                     token_step)
     B, H, ring, D = ring_k.shape
     rotate = signs is not None
     if rotate:
@@ -170,8 +175,8 @@ def static_decode(q: torch.Tensor, layer: int, ring_k: torch.Tensor, ring_v: tor
     scratch: scratch_values(...) float32 values (the partials of the splits and tail chunks). signs (float32
     [layers, 2, H, D]) and h_pm1: the output is rotated back with the V rotation in the combine; None: returned as
     computed."""
-    ring_k, ring_v, ctl, pool, token_min, token_step = (t[layer] for t in (ring_k, ring_v, ctl, pool, token_min,
-                                                                            token_step))
+    ring_k, ring_v, ctl, pool, token_min, token_step = _layer_slices(layer, ring_k, ring_v, ctl, pool, token_min,
+                                                                     token_step)
     signs_v = None if signs is None else signs[layer, 1]
     B, Hq, qlen, D = q.shape
     H, ring = ring_k.shape[1], ring_k.shape[2]
@@ -198,9 +203,9 @@ def static_decode(q: torch.Tensor, layer: int, ring_k: torch.Tensor, ring_v: tor
                                                     SPLIT_V=tuning.split_v, PRMT=tuning.prmt_unpack, **tm)
         _tokens_in_m_kernel[(B, H, ring // 64)](*args, FIXED_K=True, FIXED_V=True, TAIL=True, DEV=True, SPLIT_V=False,
                                                 **tm)
-        unrotate = {} if signs_v is None else dict(signs_ptr=signs_v, h_ptr=h_pm1, rot_scale=rot_scale, UNROTATE=True)
         _combine_kernel[(B, Hq, qlen)](m_part, l_part, acc_part, out, *out.stride(), H, 1, ctl_ptr=ctl,
-                                       split_ptr=splits, DEV=True, **comb, **unrotate)
+                                       split_ptr=splits, DEV=True, **comb,
+                                       **combine_rotation(signs_v, h_pm1, rot_scale))
     return out
 
 

@@ -27,7 +27,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from .block_store import BlockStore, device_context, fit_pending_pools
 from .codec import BLOCK_SIZE, BlockFormat
 from .config import BACKENDS, KVCompConfig, resolve_config
-from .rotation import LayerRotation, hadamard_block_size, hadamard_matrix, rotation_signs
+from .rotation import LayerRotation, hadamard_pm1, layer_signs
 
 ATTN_IMPLEMENTATION = "kvcomp"
 MAX_FUSED_QUERIES = 16  # decode and speculative verification; longer chunks take the dense path
@@ -498,9 +498,8 @@ class KVCompStaticLayer(KVCompLayer):
         if self.config.rotation == "hadamard":
             # a decode step rotates through kernels (q: kernels/rotate.py; K, V: the append; the output: the
             # combine), which take the signs per KV head and the ±1 matrix: the stacked ones
-            rot = self.rotation = LayerRotation(self.config.rotation_seed, self.layer_idx, h, d, device,
-                                                kernel_on_cpu=True)
-            rot.signs, rot.h_pm1 = stacks["signs"][self.li], stacks["h_pm1"]
+            self.rotation = LayerRotation(self.config.rotation_seed, self.layer_idx, h, d, device, kernel_on_cpu=True,
+                                          signs=stacks["signs"][self.li], h_pm1=stacks["h_pm1"])
         # fixed addresses: CUDA graphs neither copy nor re-record them (the rotation's matrix and signs too: the
         # H200 profile of a compiled Llama-3.1-8B step shows 130 host-to-graph copies per step, ~0.9 ms of host
         # time; these are the layer tensors left unmarked)
@@ -521,9 +520,8 @@ class KVCompStaticLayer(KVCompLayer):
         stacks["block_table"] = torch.arange(n_slots, dtype=torch.int32, device=self.device).view(b, self.nb_max)
         if self.config.rotation == "hadamard":
             seed = self.config.rotation_seed
-            stacks["signs"] = torch.stack([torch.stack([rotation_signs(seed, i, kv, h, d) for kv in (0, 1)])
-                                           for i in range(layers)]).to(self.device)
-            stacks["h_pm1"] = (hadamard_matrix(d) * hadamard_block_size(d) ** 0.5).round().to(self.device)
+            stacks["signs"] = torch.stack([layer_signs(seed, i, h, d) for i in range(layers)]).to(self.device)
+            stacks["h_pm1"] = hadamard_pm1(d).to(self.device)
         return stacks
 
     def _shared(self, key: tuple, build) -> torch.Tensor:
@@ -540,8 +538,7 @@ class KVCompStaticLayer(KVCompLayer):
         torch.ops.kvcomp.static_append(key_states, value_states, self.li, sk["ring_k"], sk["ring_v"], sk["ctl"],
                                        sk["pool"], sk["token_min"], sk["token_step"], self.config.residual_length,
                                        self.config.rel_k, self.config.rel_v, fmt.bits_k, fmt.bits_v,
-                                       fmt.granularity == "token", sk.get("signs"), sk.get("h_pm1"),
-                                       self.rotation.scale if self.rotation else 1.0)
+                                       fmt.granularity == "token", *self._rotation_operands())
         b, h, _, d = self.ring_k.shape
         shape = torch.Size((b, h, self.max_cache_len, d))  # the length is on the device (ctl)
         return (CompressedKV(self, "k", shape, self.dtype, self.device),
@@ -607,9 +604,14 @@ class KVCompStaticLayer(KVCompLayer):
         out = torch.ops.kvcomp.static_decode(q, self.li, sk["ring_k"], sk["ring_v"], sk["ctl"], self.splits, sk["pool"],
                                              sk["seg_offset"], sk["token_min"], sk["token_step"], sk["block_table"],
                                              kv_valid, self.scratch, scale, fmt.bits_k, fmt.bits_v,
-                                             fmt.granularity == "token", self.max_splits, sk.get("signs"),
-                                             sk.get("h_pm1"), rot.scale if rot else 1.0)
+                                             fmt.granularity == "token", self.max_splits, *self._rotation_operands())
         return out.transpose(1, 2).contiguous(), None
+
+    def _rotation_operands(self) -> tuple:
+        """(stacked signs, ±1 matrix, scale) of the static ops, (None, None, 1.0) for a layer without rotation."""
+        if self.rotation is None:
+            return None, None, 1.0
+        return self.stacks["signs"], self.stacks["h_pm1"], self.rotation.scale
 
     @torch.compiler.disable  # transformers compiles chunked prefill too: chunks run eagerly, as documented
     def _attend_chunk(self, query, attention_mask, scaling, module, dropout, **kwargs):

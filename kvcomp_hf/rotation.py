@@ -75,22 +75,34 @@ def rotation_signs(seed: int, layer: int, kv: int, num_heads: int, head_dim: int
     return (1 - 2 * torch.randint(0, 2, (num_heads, head_dim), generator=gen)).to(torch.float32)
 
 
+def layer_signs(seed: int, layer: int, num_heads: int, head_dim: int) -> torch.Tensor:
+    """float32 [2, H, D]: rotation_signs of layer `layer` for K and V."""
+    return torch.stack([rotation_signs(seed, layer, kv, num_heads, head_dim) for kv in (0, 1)])
+
+
+def hadamard_pm1(head_dim: int) -> torch.Tensor:
+    """float32 [D, D] of ±1 (and 0 off the diagonal blocks): hadamard_matrix(head_dim) / its scale
+    hadamard_block_size(head_dim) ** -0.5, the operand of the rotation kernels (exact in TF32)."""
+    return (hadamard_matrix(head_dim) * hadamard_block_size(head_dim) ** 0.5).round()
+
+
 class LayerRotation:
     """The rotations of one layer's K and V, applied to [B, H, T, D] tensors (float32 arithmetic)."""
 
     def __init__(self, seed: int, layer: int, num_heads: int, head_dim: int, device: torch.device,
-                 kernel_on_cpu: bool = False):
+                 kernel_on_cpu: bool = False, signs: torch.Tensor | None = None, h_pm1: torch.Tensor | None = None):
         """kernel_on_cpu: rotate CPU tensors through kernels/rotate.py too (Triton's interpreter), as the layers of
-        the Triton backend do: their static append and combine kernels rotate with its products and sums."""
+        the Triton backend do: their static append and combine kernels rotate with its products and sums.
+        signs, h_pm1: tensors already holding layer_signs(seed, layer, ...) and hadamard_pm1(head_dim) on the
+        device (the static cache's stacked ones), used instead of building them."""
         self.num_heads = num_heads
         self.kernel_on_cpu = kernel_on_cpu
         self.h = hadamard_matrix(head_dim).to(device)
-        self.signs = torch.stack([rotation_signs(seed, layer, kv, num_heads, head_dim)
-                                  for kv in (0, 1)]).to(device)          # [2, H, D]
+        self.signs = layer_signs(seed, layer, num_heads, head_dim).to(device) if signs is None else signs  # [2, H, D]
         self._query_signs: dict[tuple[int, int], torch.Tensor] = {}  # (kv, query heads) -> expanded signs
         # the kernel's operands (kernels/rotate.py): H_D = scale * h_pm1, entries ±1 (exact in TF32)
         self.scale = hadamard_block_size(head_dim) ** -0.5
-        self.h_pm1 = (self.h / self.scale).round()
+        self.h_pm1 = hadamard_pm1(head_dim).to(device) if h_pm1 is None else h_pm1
 
     def _signs_for(self, kv: int, heads: int) -> torch.Tensor:
         """[heads, 1, D]: a query/output head uses the rotation of its KV head (GQA: consecutive groups).
