@@ -43,6 +43,8 @@
 #                      the two tighter K of frontier-kivi4-4w
 #   frontier-kivi4-cfi : the same caches on 4 windows of a second text ($CFI_TEXT: a text file; default the cfi-en
 #                      package's HTML)
+#   ncu-stalls       : Nsight Compute on the tokens-in-M decode kernel at 32K x 8, default config and `fast`: issue
+#                      rate and the average stalled warps per issue by reason (kernels/NOTES.md: what is in the way)
 #   kernels-compare  : eval.bench_kernels at 32K x 8 for the packed layout and the fast preset (the compiled cache's
 #                      format), beside the stage kernels' default (fixed_v) rows
 # Usage: OUT=/some/dir bash eval/run_gpu.sh gpu-tests accuracy bench
@@ -157,6 +159,15 @@ for stage in "$@"; do
     frontier-kivi4-cfi)
       timeout 330 python -m eval.frontier --tokens 8192 --windows 4 --workers 4 --backend torch --time-budget 300 \
         --no-plot --text "${CFI_TEXT:-cfi}" --caches "$KIVI4_GAP" --out "$RESULTS/frontier-kivi4-cfi" 2>&1 | tail -14 ;;
+    ncu-stalls)
+      for cfg in default preset=fast; do
+        timeout 200 ncu --clock-control none -k regex:_tokens_in_m -s 2 -c 1 --section SchedulerStats \
+          --section WarpStateStats --section Occupancy \
+          --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
+          python -m eval.ncu_decode --context 32768 --batch 8 --config "${cfg#default}" > "$OUT/ncu_stalls_${cfg#*=}.txt" 2>&1
+        echo "--- $cfg"; grep -E "Eligible Warps|Issued Warp|Registers Per|stalled" "$OUT/ncu_stalls_${cfg#*=}.txt" \
+          | awk '{print $1, $NF}' | sort -k2 -g -r | head -14
+      done ;;
     kernels-compare)
       timeout 100 python -m eval.bench_kernels --config layout=packed --contexts 32768 --batches 8 --skip-store \
         --out "$OUT/bench_kernels_packed.json" 2>&1 | grep -v '^{' | tail -3
