@@ -73,8 +73,8 @@ def decode(argv: list[str]) -> None:
     options = {"num_warps": 4, "num_stages": 1}
     for item in argv:
         name, _, value = item.partition("=")
-        if name == "maxnreg":  # a launch option, not a kernel argument
-            options["maxnreg"] = int(value)
+        if name in ("maxnreg", "num_warps"):  # launch options, not kernel arguments
+            options[name] = int(value)
             continue
         if name not in fn.arg_names:
             raise SystemExit(f"unknown kernel argument {name!r}; constexprs: {sorted(k for k in DEFAULTS if k.isupper())}")

@@ -139,32 +139,45 @@ def test_tiny_model_on_cuda_backends_agree(dtype):
         assert cache.get_seq_length() == out.shape[1] - 1
 
 
+class _ForceTokens:
+    """A logits processor that makes generate() pick the given tokens (generate's raw logits stay as computed)."""
+
+    def __init__(self, tokens: torch.Tensor, prompt_len: int):
+        self.tokens, self.prompt_len = tokens, prompt_len
+
+    def __call__(self, input_ids, scores):
+        forced = torch.full_like(scores, float("-inf"))
+        forced[:, self.tokens[input_ids.shape[1] - self.prompt_len]] = 0
+        return forced
+
+
 def test_compiled_static_cache_generates_the_eager_tokens():
     """generate() with the static cache (transformers compiles the decode step; CUDA graphs) against the eager
     KVCompCache of the same format, on 2 prompts of 2,000+ tokens of real text, 64 new tokens each (a block is
-    compressed inside the compiled steps). The texts must be identical, except that from a position where the
-    eager logits of the two candidate tokens are within 2 bf16 steps (a near-tie that inductor's differently
-    rounded model ops may break the other way) the rest is not compared."""
+    compressed inside the compiled steps). The compiled run is forced along the eager run's tokens, so every step
+    compares the two at the same prefix: the logits agree to 2e-2 (relative) and the greedy token is the same, except
+    where the eager logits of the two candidates are within 2 bf16 steps (a near-tie that inductor's differently
+    rounded model ops may break the other way)."""
     model, tokenizer = load_smollm2("cuda")
     cfg = {"layout": "fixed", "rel_k": 1 / 15, "rel_v": 1 / 7, "sink_tokens": 0}  # the static cache keeps no sinks
-    same = total = 0
     for seed, (n_tokens, question) in enumerate(SUMMARY_PROMPTS[:2]):
         inputs = _summary_inputs(tokenizer, n_tokens, question, seed)
         n = inputs["input_ids"].shape[1]
         kwargs = dict(max_new_tokens=64, min_new_tokens=64, do_sample=False, output_logits=True,
                       return_dict_in_generate=True)
         eager = model.generate(**inputs, **cache_kwargs(kvcomp_hf.KVCompCache(model.config, cfg)), **kwargs)
+        tokens = eager.sequences[0, n:]
         compiled = model.generate(**inputs, cache_implementation="kvcomp", cache_config={**cfg, "static": True},
-                                  **kwargs)
+                                  logits_processor=[_ForceTokens(tokens, n)], **kwargs)
         assert hasattr(model, "_compiled_call")
-        a, b = eager.sequences[0, n:], compiled.sequences[0, n:]
-        common = a.numel() if torch.equal(a, b) else int((a != b).nonzero()[0])
-        print(f"prompt {seed}: eager and compiled texts identical for {common} of {a.numel()} tokens")
-        if common < a.numel():
-            logits = eager.logits[common][0].float()
-            gap = float(logits[a[common]] - logits[b[common]])
-            step = float(logits.abs().max()) * 2.0 ** -7
-            print(f"  first difference at {common}: eager logit gap {gap:.4f} (bf16 step {step:.4f})")
-            assert gap <= 2 * step
-        same, total = same + common, total + a.numel()
-    assert same >= total // 2
+        assert torch.equal(compiled.sequences[0, n:], tokens)
+        ref, got = torch.stack(eager.logits)[:, 0].float(), torch.stack(compiled.logits)[:, 0].float()
+        err = (got - ref).norm(dim=-1) / ref.norm(dim=-1)
+        picks = got.argmax(-1)
+        gaps = ref.gather(1, tokens[:, None])[:, 0] - ref.gather(1, picks[:, None])[:, 0]
+        steps = ref.abs().amax(-1) * 2.0 ** -7
+        differ = (picks != tokens).nonzero()[:, 0].tolist()
+        print(f"prompt {seed}: max per-step relative logit error {float(err.max()):.2e}; greedy tokens differ at "
+              f"{differ} (eager gaps {[round(float(gaps[i] / steps[i]), 2) for i in differ]} bf16 steps)")
+        assert float(err.max()) < 2e-2
+        assert bool((gaps[differ] <= 2 * steps[differ]).all())
