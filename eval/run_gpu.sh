@@ -39,10 +39,8 @@
 #                      preset's rel (3-bit V at its tightest rel, 0.1355; K 1/15 .. 0.06): issue 12's last target
 #   frontier-kivi4-4w : the same question on 4 windows (window 0 as before, three new ones): KIVI-4, the preset's rel
 #                      as fixed_v, and the three fixed_v points that came out below KIVI-4's ΔNLL or beside it
-#   frontier-kivi4-8w : issue 12's last target on more text: 8 windows of pydoc, KIVI-4 beside the preset's rel and
-#                      the two tighter K of frontier-kivi4-4w
-#   frontier-kivi4-cfi : the same caches on 4 windows of a second text ($CFI_TEXT: a text file; default the cfi-en
-#                      package's HTML)
+#   frontier-kivi4-cfi : KIVI-4 beside the preset's rel and two tighter K on 4 windows of a second text
+#                      ($CFI_TEXT: a text file; default the cfi-en package's HTML)
 #   ncu-stalls       : Nsight Compute on the tokens-in-M decode kernel at 32K x 8, default config and `fast`: issue
 #                      rate and the average stalled warps per issue by reason (kernels/NOTES.md: what is in the way)
 #   kernels-compare  : eval.bench_kernels at 32K x 8 for the packed layout and the fast preset (the compiled cache's
@@ -153,9 +151,6 @@ for stage in "$@"; do
       timeout 400 python -m eval.frontier --tokens 8192 --windows 4 --workers 5 --backend torch --time-budget 370 \
         --no-plot --caches "kivi4;kvcomp:$FV,rel_k=0.0666667,rel_v=0.1355;kvcomp:$FV,rel_k=0.0666667,rel_v=0.142857;kvcomp:$FV,rel_k=0.0625,rel_v=0.1355;kvcomp:$FV,rel_k=0.06,rel_v=0.1355" \
         --out "$RESULTS/frontier-kivi4-4w" 2>&1 | tail -14 ;;
-    frontier-kivi4-8w)
-      timeout 560 python -m eval.frontier --tokens 8192 --windows 8 --workers 4 --backend torch --time-budget 500 \
-        --no-plot --caches "$KIVI4_GAP" --out "$RESULTS/frontier-kivi4-8w" 2>&1 | tail -14 ;;
     frontier-kivi4-cfi)
       timeout 330 python -m eval.frontier --tokens 8192 --windows 4 --workers 4 --backend torch --time-budget 300 \
         --no-plot --text "${CFI_TEXT:-cfi}" --caches "$KIVI4_GAP" --out "$RESULTS/frontier-kivi4-cfi" 2>&1 | tail -14 ;;
