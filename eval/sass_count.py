@@ -2,6 +2,7 @@
 
     python -m eval.sass_count                                  # decode: fixed layout, 4-bit K and V, D 128, GQA 4
     python -m eval.sass_count BITS_V=3 SPLIT_V=False           # constexpr overrides
+    python -m eval.sass_count maxnreg=168 num_warps=4          # launch options
     python -m eval.sass_count store                            # store kernels, packed 4/2 and fixed 4/4, D 128
 
 Compiles with the installed Triton for an H100/H200 target (GPUTarget("cuda", 90, 32)) and disassembles the cubin
