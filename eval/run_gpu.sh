@@ -41,6 +41,8 @@
 #                      as fixed_v, and the three fixed_v points that came out below KIVI-4's ΔNLL or beside it
 #   frontier-kivi4-cfi : KIVI-4 beside the preset's rel and two tighter K on 4 windows of a second text
 #                      ($CFI_TEXT: a text file; default the cfi-en package's HTML)
+#   frontier-tail8   : the |tail=8 lever (an 8-bit tail) at the preset's rel and a tighter K, beside KIVI-4 and the
+#                      preset, on 4 windows of pydoc and 4 of $CFI_TEXT (issue 12: the tail is 0.375 of 3.76 bits)
 #   ncu-stalls       : Nsight Compute on the tokens-in-M decode kernel at 32K x 8, default config and `fast`: issue
 #                      rate and the average stalled warps per issue by reason (kernels/NOTES.md: what is in the way)
 #   kernels-compare  : eval.bench_kernels at 32K x 8 for the packed layout and the fast preset (the compiled cache's
@@ -154,6 +156,12 @@ for stage in "$@"; do
     frontier-kivi4-cfi)
       timeout 330 python -m eval.frontier --tokens 8192 --windows 4 --workers 4 --backend torch --time-budget 300 \
         --no-plot --text "${CFI_TEXT:-cfi}" --caches "$KIVI4_GAP" --out "$RESULTS/frontier-kivi4-cfi" 2>&1 | tail -14 ;;
+    frontier-tail8) P="kvcomp:$FV,rel_k=0.0666667,rel_v=0.1355"
+      C="kivi4;$P;$P|tail=8;kvcomp:$FV,rel_k=0.06,rel_v=0.1355|tail=8"
+      timeout 280 python -m eval.frontier --tokens 8192 --windows 4 --workers 4 --backend torch --time-budget 250 \
+        --no-plot --caches "$C" --out "$RESULTS/frontier-tail8-pydoc" 2>&1 | tail -12
+      timeout 280 python -m eval.frontier --tokens 8192 --windows 4 --workers 4 --backend torch --time-budget 250 \
+        --no-plot --text "${CFI_TEXT:-cfi}" --caches "$C" --out "$RESULTS/frontier-tail8-cfi" 2>&1 | tail -12 ;;
     ncu-stalls)
       for cfg in default preset=fast; do
         timeout 200 ncu --clock-control none -k regex:_tokens_in_m -s 2 -c 1 --section SchedulerStats \
