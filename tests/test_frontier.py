@@ -105,18 +105,19 @@ def test_integer_tail_lever_quantises_arriving_tokens_and_counts_them_at_that_wi
 
     model, _ = common.load_model(str(tiny_dir), device="cpu", dtype="float32")
     ids = torch.randint(3, 200, (1, 300))
+    plain_spec = "kvcomp:rel_k=0.1,rel_v=0.1,sink_tokens=4"
     reports, tails = {}, {}
-    for spec in ("kvcomp:rel_k=0.1,rel_v=0.1,sink_tokens=4", "kvcomp:rel_k=0.1,rel_v=0.1,sink_tokens=4|tail=8"):
+    for spec in (plain_spec, plain_spec + "|tail=8"):
         cache = frontier.make_cache(spec, model, "torch")
         with torch.no_grad():
             for s in range(0, 300, 64):
                 model(input_ids=ids[:, s:s + 64], use_cache=True, **cache_kwargs(cache))
         reports[spec], tails[spec], n_layers = cache.memory_report(), cache.layers[0].keys, len(cache.layers)
     plain, integer = reports.values()
-    b, h, t, d = tails["kvcomp:rel_k=0.1,rel_v=0.1,sink_tokens=4|tail=8"].shape
+    tail = tails[plain_spec + "|tail=8"]
+    b, h, t, d = tail.shape
     assert t > 64 and integer["k"]["parts"]["tail"] == n_layers * b * h * (4 * d * 4 + (t - 4) * (d * 8 + 32) // 8)
     assert integer["bits_per_value"] < plain["bits_per_value"]
-    tail = tails["kvcomp:rel_k=0.1,rel_v=0.1,sink_tokens=4|tail=8"]
     lo, hi = tail.amin(-1, keepdim=True), tail.amax(-1, keepdim=True)
     steps = (tail - lo) / ((hi - lo) / 255)
     assert torch.allclose(steps[:, :, 4:], steps[:, :, 4:].round(), atol=1e-3)  # on the 8-bit grid
