@@ -43,6 +43,9 @@
 #                      ($CFI_TEXT: a text file; default the cfi-en package's HTML)
 #   frontier-tail8   : the |tail=8 lever (an 8-bit tail) at the preset's rel and a tighter K, beside KIVI-4 and the
 #                      preset, on 4 windows of pydoc and 4 of $CFI_TEXT (issue 12: the tail is 0.375 of 3.76 bits)
+#   frontier-residual : the residual_length lever (64 and 0 recent tokens exact instead of 128) at the preset's rel,
+#                      a 4-bit V (rel_v 1/15) at residual 0 with the preset's K and with a looser K (0.1), and the
+#                      8-bit tail, beside KIVI-4, on 4 windows of pydoc and 4 of $CFI_TEXT, the two texts at once
 #   ncu-stalls       : Nsight Compute on the tokens-in-M decode kernel at 32K x 8, default config and `fast`: issue
 #                      rate and the average stalled warps per issue by reason (kernels/NOTES.md: what is in the way)
 #   kernels-compare  : eval.bench_kernels at 32K x 8 for the packed layout and the fast preset (the compiled cache's
@@ -162,6 +165,16 @@ for stage in "$@"; do
         --no-plot --caches "$C" --out "$RESULTS/frontier-tail8-pydoc" 2>&1 | tail -12
       timeout 280 python -m eval.frontier --tokens 8192 --windows 4 --workers 4 --backend torch --time-budget 250 \
         --no-plot --text "${CFI_TEXT:-cfi}" --caches "$C" --out "$RESULTS/frontier-tail8-cfi" 2>&1 | tail -12 ;;
+    frontier-residual)
+      K=kvcomp:$FV,rel_k=0.0666667
+      C="kivi4;$K,rel_v=0.1355,residual_length=0;$K,rel_v=0.1355,residual_length=64;$K,rel_v=0.0666667,residual_length=0"
+      C="$C;kvcomp:$FV,rel_k=0.1,rel_v=0.0666667,residual_length=0;$K,rel_v=0.1355|tail=8"
+      for text in pydoc "${CFI_TEXT:-cfi}"; do
+        OMP_NUM_THREADS=1 timeout 470 python -m eval.frontier --tokens 8192 --windows 4 --workers 6 --backend torch \
+          --time-budget 430 --no-plot --text "$text" --caches "$C" --out "$RESULTS/frontier-residual-$(basename "${text%.txt}")" \
+          > "$OUT/frontier_residual_$(basename "${text%.txt}").log" 2>&1 &
+      done
+      wait; tail -n 12 "$OUT"/frontier_residual_*.log ;;
     ncu-stalls)
       for cfg in default preset=fast; do
         timeout 200 ncu --clock-control none -k regex:_tokens_in_m -s 2 -c 1 --section SchedulerStats \

@@ -16,7 +16,7 @@ GRANULARITIES = ("token", "token_head")
 LAYOUTS = ("packed", "fixed", "fixed_v")  # kvcomp_hf/codec.py specifies them; "auto" picks one (KVCompConfig)
 ROTATIONS = ("none", "hadamard")  # kvcomp_hf.rotation documents the transform
 BACKENDS = ("auto", "torch", "triton")  # KVCompCache(..., backend=): Triton kernels on CUDA, PyTorch, or either
-MIN_RESIDUAL = 128
+MIN_RESIDUAL = 0  # per-token quantisation needs no window of exact recent tokens (KIVI's per-channel K does)
 MAX_SINK_TOKENS = 64  # exact tokens cost 16 bits per value; more than a block's worth buys nothing measured
 MIN_REL = 1e-4  # keeps the quantised integers within 14 bits (see codec.bits_for_rel)
 MAX_REL = 1.0
@@ -52,7 +52,8 @@ class KVCompConfig:
     rel_k, rel_v: relative quantisation step: step = rel * (max - min) of a token's values (per
         token, or per token and KV head), so every value is reconstructed within step / 2.
     block_size: tokens per compressed block (repacking and the block table work in these units).
-    residual_length: the most recent tokens kept uncompressed in the model dtype.
+    residual_length: the most recent tokens kept uncompressed in the model dtype (blocks are compressed once
+        residual_length + 64 tokens wait, so the tail holds residual_length to residual_length + 63 of them).
     sink_tokens: the first tokens of every sequence kept uncompressed in the model dtype (attention
         sinks: most heads put much of their weight on them, so their quantisation error reaches every
         query). Blocks start after them.

@@ -48,16 +48,19 @@ def test_seq_lengths_mask_sizes_and_attention_match_dynamic_cache(tiny_llama):
     assert 128 <= ours.layers[0].keys.shape[2] < 128 + 64
 
 
-@pytest.mark.parametrize("rel,bound,sinks", [(1e-4, 1e-3, 0), (1e-3, 1e-2, 0), (1e-3, 1e-2, 4)])
-def test_attention_over_compressed_cache_matches_sdpa_on_dense(rel, bound, sinks):
+@pytest.mark.parametrize("rel,bound,sinks,residual", [(1e-4, 1e-3, 0, 128), (1e-3, 1e-2, 0, 128), (1e-3, 1e-2, 4, 128),
+                                                     (1e-3, 1e-2, 0, 0), (1e-3, 1e-2, 4, 64)])
+def test_attention_over_compressed_cache_matches_sdpa_on_dense(rel, bound, sinks, residual):
     """Same Gaussian K/V stream into a KVCompLayer and a DynamicLayer, with causal chunks of several
     lengths: attention outputs agree. (Uniform quantisation error on Gaussian data gives a relative
     output error of about rel * range / (2 * sqrt(3) * std), several times rel with K's 8x channel spread.)"""
     torch.manual_seed(2)
     dtype = torch.float32
     b, h, hq, d = 3, 2, 4, 16
-    ours, ref = KVCompLayer(KVCompConfig(rel_k=rel, rel_v=rel, sink_tokens=sinks)), DynamicLayer()
+    ours = KVCompLayer(KVCompConfig(rel_k=rel, rel_v=rel, sink_tokens=sinks, residual_length=residual))
+    ref = DynamicLayer()
     module = FakeAttention(hq // h)
+    tails = set()
     for q_len in [300, 1, 1, 64, 1] + [1] * 70 + [17]:
         k = torch.randn(b, h, q_len, d, dtype=dtype) * torch.linspace(0.5, 4, d)
         v = torch.randn(b, h, q_len, d, dtype=dtype)
@@ -70,6 +73,8 @@ def test_attention_over_compressed_cache_matches_sdpa_on_dense(rel, bound, sinks
         got, _ = kvcomp_attention_forward(module, q, hk, hv, mask, scaling=d**-0.5)
         want, _ = sdpa_attention_forward(module, q, dk, dv, mask, scaling=d**-0.5)
         assert rel_err(got, want) < bound
+        tails.add(ours.keys.shape[2] - min(sinks, kv_len))
+    assert min(tails) == residual and max(tails) == residual + 63  # every tail length from empty to full
 
 
 def test_decode_queries_on_a_16bit_model_attend_in_float32_over_exact_values():

@@ -8,7 +8,7 @@ from kvcomp_hf.config import KVCompConfig, load_preset, load_preset_file, resolv
 
 def test_defaults_are_valid_and_frozen():
     cfg = KVCompConfig()
-    assert cfg.block_size == 64 and cfg.residual_length >= 128 and cfg.pack_size in (4, 8, 16, 64)
+    assert cfg.block_size == 64 and cfg.residual_length >= 0 and cfg.pack_size in (4, 8, 16, 64)
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.rel_k = 0.5
 
@@ -17,7 +17,7 @@ def test_defaults_are_valid_and_frozen():
     ("rel_k", 0.0, "rel_k"), ("rel_k", -1, "rel_k"), ("rel_v", 2.0, "rel_v"), ("rel_v", float("nan"), "rel_v"),
     ("rel_k", "0.1", "rel_k"), ("rel_k", True, "rel_k"),
     ("block_size", 32, "block_size must be 64"),
-    ("residual_length", 64, ">= 128"), ("residual_length", 200.0, "residual_length"),
+    ("residual_length", -1, ">= 0"), ("residual_length", 200.0, "residual_length"),
     ("sink_tokens", -1, "[0, 64]"), ("sink_tokens", 65, "[0, 64]"), ("sink_tokens", 4.0, "sink_tokens"),
     ("pack_size", 5, "(4, 8, 16, 64)"), ("pack_size", 32, "(4, 8, 16, 64)"),
     ("repack", "greedy", "('none', 'median')"),

@@ -51,7 +51,8 @@ def _generate(model, cache, ids, mask):
                           do_sample=False)[:, PROMPT:]
 
 
-@pytest.mark.parametrize("cfg", [CFG, {**CFG, "rel_v": 1 / 15}], ids=["k4v3", "k4v4-pairs"])
+@pytest.mark.parametrize("cfg", [CFG, {**CFG, "rel_v": 1 / 15}, {**CFG, "residual_length": 0}],
+                         ids=["k4v3", "k4v4-pairs", "no-residual"])
 def test_static_decode_equals_the_eager_triton_cache(bf16_llama, eager_triton, cfg):
     ids, mask = _inputs()
     eager = kvcomp_hf.KVCompCache(bf16_llama.config, cfg)
@@ -62,7 +63,10 @@ def test_static_decode_equals_the_eager_triton_cache(bf16_llama, eager_triton, c
     tokens = _generate(bf16_llama, eager, ids, mask)
     assert torch.equal(_generate(bf16_llama, static, ids, mask), tokens)
     layer = static.layers[1]
-    assert layer.ctl[:2].tolist() == [PROMPT + NEW - 1, 3]  # the third block was compressed by a decode step
+    # prefill stored (PROMPT - residual) // 64 blocks, a decode step the last one
+    length, residual = PROMPT + NEW - 1, cfg.get("residual_length", 128)
+    assert (PROMPT - residual) // 64 < (length - residual) // 64 == layer.ctl[1].item()
+    assert layer.ctl[0].item() == length
     for a, b in zip(eager.layers[1].dense_kv(torch.float32), layer.dense_kv(torch.float32)):
         assert torch.equal(a, b)
     # tensors equal in every layer are one tensor (fewer Dynamo guards per step)
