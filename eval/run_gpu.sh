@@ -45,7 +45,8 @@
 #                      preset, on 4 windows of pydoc and 4 of $CFI_TEXT (issue 12: the tail is 0.375 of 3.76 bits)
 #   frontier-residual : the residual_length lever (64 and 0 recent tokens exact instead of 128) at the preset's rel,
 #                      a 4-bit V (rel_v 1/15) at residual 0 with the preset's K and with a looser K (0.1), and the
-#                      8-bit tail, beside KIVI-4, on 4 windows of pydoc and 4 of $CFI_TEXT, the two texts at once
+#                      beside KIVI-4, on 4 windows of pydoc and 4 of $CFI_TEXT, the two texts at once (3 workers each:
+#                      12 processes ran out of GPU memory)
 #   ncu-stalls       : Nsight Compute on the tokens-in-M decode kernel at 32K x 8, default config and `fast`: issue
 #                      rate and the average stalled warps per issue by reason (kernels/NOTES.md: what is in the way)
 #   kernels-compare  : eval.bench_kernels at 32K x 8 for the packed layout and the fast preset (the compiled cache's
@@ -168,9 +169,9 @@ for stage in "$@"; do
     frontier-residual)
       K=kvcomp:$FV,rel_k=0.0666667
       C="kivi4;$K,rel_v=0.1355,residual_length=0;$K,rel_v=0.1355,residual_length=64;$K,rel_v=0.0666667,residual_length=0"
-      C="$C;kvcomp:$FV,rel_k=0.1,rel_v=0.0666667,residual_length=0;$K,rel_v=0.1355|tail=8"
+      C="$C;kvcomp:$FV,rel_k=0.1,rel_v=0.0666667,residual_length=0"
       for text in pydoc "${CFI_TEXT:-cfi}"; do
-        OMP_NUM_THREADS=1 timeout 470 python -m eval.frontier --tokens 8192 --windows 4 --workers 6 --backend torch \
+        OMP_NUM_THREADS=1 timeout 470 python -m eval.frontier --tokens 8192 --windows 4 --workers 3 --backend torch \
           --time-budget 430 --no-plot --text "$text" --caches "$C" --out "$RESULTS/frontier-residual-$(basename "${text%.txt}")" \
           > "$OUT/frontier_residual_$(basename "${text%.txt}").log" 2>&1 &
       done
