@@ -47,6 +47,9 @@
 #                      a 4-bit V (rel_v 1/15) at residual 0 with the preset's K and with a looser K (0.1), and the
 #                      beside KIVI-4, on 4 windows of pydoc and 4 of $CFI_TEXT, the two texts at once (3 workers each:
 #                      12 processes ran out of GPU memory)
+#   compiled-pair    : kvcomp:compiled ms per decode step at 8K x 1 and 32K x 8 for the checkout at $BEFORE (a
+#                      `git archive` of an earlier commit) and this one, back to back on one machine; then the
+#                      profile of this one's 32K x 8 step (host: Dynamo's guards, cudaGraphLaunch)
 #   ncu-stalls       : Nsight Compute on the tokens-in-M decode kernel at 32K x 8, default config and `fast`: issue
 #                      rate and the average stalled warps per issue by reason (kernels/NOTES.md: what is in the way)
 #   kernels-compare  : eval.bench_kernels at 32K x 8 for the packed layout and the fast preset (the compiled cache's
@@ -176,6 +179,17 @@ for stage in "$@"; do
           > "$OUT/frontier_residual_$(basename "${text%.txt}").log" 2>&1 &
       done
       wait; tail -n 12 "$OUT"/frontier_residual_*.log ;;
+    compiled-pair)
+      for shape in 8192:1 32768:8; do
+        for tree in "$BEFORE" .; do
+          name=$([ "$tree" = . ] && echo after || echo before)_${shape/:/x}
+          (cd "$tree" && PYTHONPATH=$PWD timeout 150 python -m eval.bench_generate --models llama3.1-8b \
+            --caches kvcomp:compiled --contexts "${shape%:*}" --batches "${shape#*:}" --runs-per-shape 2 \
+            --no-compiled-warmup --out "$OUT/$name.json" 2>&1 | grep -E "kvcomp|Error" | tail -2)
+        done
+      done
+      timeout 200 python -m eval.profile_decode --model llama3.1-8b --context 32768 --batch 8 --caches kvcomp:compiled \
+        --skip-generate --steps 8 --out "$OUT/profile_decode_32k_compiled.json" 2>&1 | tail -30 ;;
     ncu-stalls)
       for cfg in default preset=fast; do
         timeout 200 ncu --clock-control none -k regex:_tokens_in_m -s 2 -c 1 --section SchedulerStats \
