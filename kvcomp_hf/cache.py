@@ -623,8 +623,10 @@ class KVCompStaticLayer(KVCompLayer):
         return length, nb
 
     def get_seq_length(self):
-        # a 0-d device tensor, as transformers' StaticLayer: reading it never syncs inside a compiled step
-        return self.ctl[0] if self.is_initialized else 0
+        # a 0-d device tensor, as transformers' StaticLayer: reading it never syncs inside a compiled step. Indexed
+        # from the stacked lengths, not through the layer's view of them: a compiled step whose graph took both as
+        # inputs would see aliased inputs that the custom ops mutate, and inductor then skips CUDA graphs
+        return self.stacks["ctl"][self.li, 0] if self.is_initialized else 0
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.max_cache_len, 0

@@ -99,9 +99,31 @@ def test_compiled_decode_equals_eager_decode(bf16_llama):
     expected = run(bf16_llama.forward)
     counters = torch._dynamo.utils.counters
     counters.clear()
-    compiled = torch.compile(bf16_llama.forward, backend="aot_eager", fullgraph=True)
+    compiled = torch.compile(bf16_llama.forward, backend=_static_inputs_then_aot_eager, fullgraph=True)
     assert torch.equal(run(compiled), expected)
     assert counters["stats"]["unique_graphs"] <= 2  # the mask's length grows: at most one dynamic recompile
+
+
+def _static_inputs_then_aot_eager(gm, example_inputs):
+    """A Dynamo backend that checks a compiled step's inputs, then runs aot_eager. CUDA graphs need them: every cache
+    tensor must be a static address, and no two inputs may share storage (AOTAutograd merges aliased inputs that the
+    custom ops mutate into one new, non-static input, and inductor then skips CUDA graphs: "mutated inputs")."""
+    from torch._dynamo.backends.registry import lookup_backend
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    sources = {}
+    for node in gm.graph.find_nodes(op="placeholder"):
+        value = node.meta.get("example_value")
+        if not isinstance(value, torch.Tensor):
+            continue
+        source = node._dynamo_source.name
+        if "past_key_values" in source:
+            assert node.meta["tensor_dict"].get("_dynamo_static_input_type"), f"{source} is not a static address"
+        storage = StorageWeakRef(value.untyped_storage())
+        assert storage not in sources, f"{source} shares storage with {sources[storage]}"
+        sources[storage] = source
+    assert any("past_key_values" in s for s in sources.values())  # the check saw the cache's tensors
+    return lookup_backend("aot_eager")(gm, example_inputs)
 
 
 def test_compiled_prefill_chunks_run_eagerly(bf16_llama):
@@ -182,8 +204,9 @@ def _teacher_forced_logits(model, cache, ids, mask, tokens, forward):
 def test_static_cache_on_the_gpu_eager_and_compiled():
     """On the GPU, batch 2 with padding, 140 decode steps (three blocks compressed inside decode steps): the static
     cache's decode gives exactly the eager Triton cache's logits; under torch.compile(mode="reduce-overhead")
-    (CUDA graphs) the logits stay within bf16 rounding of the eager ones (inductor's fused model ops round
+    (CUDA graphs, no step skipping them) the logits stay within bf16 rounding of the eager ones (inductor's fused model ops round
     differently) and the greedy choices mostly agree; generate(cache_implementation="kvcomp", static) auto-compiles."""
+    import torch._dynamo
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -201,7 +224,10 @@ def test_static_cache_on_the_gpu_eager_and_compiled():
         assert static.layers[0].ctl[1].item() == (PROMPT + new - 1 - 128) // 64  # 3 blocks from decode steps
         compiled = torch.compile(model.forward, mode="reduce-overhead")
         static = kvcomp_hf.KVCompCache(model.config, CFG, max_cache_len=PROMPT + new)
+        skips = torch._dynamo.utils.counters["inductor"]
+        skips.clear()
         got = _teacher_forced_logits(model, static, ids, mask, tokens, compiled)
+    assert skips["cudagraph_skips"] == 0  # captured in CUDA graphs, not run as compiled kernels one by one
     assert (got - eager).abs().max() <= 0.05 * eager.abs().max()
     # a random tiny model has near-ties; measured on the H200 2026-12-01: 96.4% of positions agree
     assert (got.argmax(-1) == eager.argmax(-1)).float().mean() >= 0.9
