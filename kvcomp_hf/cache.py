@@ -25,7 +25,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from .block_store import BlockStore, device_context, fit_pending_pools
-from .codec import BLOCK_SIZE, BlockFormat
+from .codec import BLOCK_SIZE, BlockFormat, decode_tail, encode_tail
 from .config import BACKENDS, KVCompConfig, resolve_config
 from .rotation import LayerRotation, hadamard_pm1, layer_signs
 
@@ -139,7 +139,8 @@ class CompressedKV:
 
 
 class KVCompLayer(CacheLayerMixin):
-    """One layer: tail buffer (model dtype) + compressed blocks + block table."""
+    """One layer: tail buffer + compressed blocks + block table. The tail (keys, values) holds the model dtype, or
+    with config.tail_bits the codec's stage-5 rows, beside exact copies of the sequence's first sink_tokens."""
 
     is_compileable = False
     is_croppable = True
@@ -155,7 +156,8 @@ class KVCompLayer(CacheLayerMixin):
         self._clear()
 
     def _clear(self):
-        self.keys = self.values = None  # the tail buffer, [B, H, T, D]
+        self.keys = self.values = None  # the tail buffer, [B, H, T, D] (tail_bits: uint8 rows, encode_tail)
+        self.sink_keys = self.sink_values = None  # tail_bits: the first sink_tokens exact, [B, H, <= sinks, D]
         self.store: BlockStore | None = None
         self.block_table: torch.Tensor | None = None  # int32 [B, n_blocks]
         self.rotation: LayerRotation | None = None  # set: blocks and tail hold rotated K/V
@@ -171,8 +173,11 @@ class KVCompLayer(CacheLayerMixin):
         self.use_triton = _use_triton(self.backend, key_states, self.fmt)
         self.store = BlockStore(self.fmt, self.dtype, self.device, self.config.rel_k, self.config.rel_v,
                                 self.config.rotation, self.use_triton)
-        self.keys = key_states.new_zeros(b, h, 0, d)
-        self.values = value_states.new_zeros(b, h, 0, d)
+        self.head_dim = d
+        self.keys = self._encode(key_states.new_zeros(b, h, 0, d))
+        self.values = self._encode(value_states.new_zeros(b, h, 0, d))
+        if self.config.tail_bits:
+            self.sink_keys, self.sink_values = key_states.new_zeros(b, h, 0, d), value_states.new_zeros(b, h, 0, d)
         self.block_table = torch.zeros(b, 0, dtype=torch.int32, device=self.device)
         if self.config.rotation == "hadamard":
             self.rotation = LayerRotation(self.config.rotation_seed, self.layer_idx, h, d, self.device,
@@ -185,10 +190,10 @@ class KVCompLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         if key_states.shape[0] != self.keys.shape[0] or key_states.shape[1] != self.keys.shape[1] \
-                or key_states.shape[3] != self.keys.shape[3] or value_states.shape != key_states.shape:
+                or key_states.shape[3] != self.head_dim or value_states.shape != key_states.shape:
             raise ValueError(f"key/value states of shape {tuple(key_states.shape)}/{tuple(value_states.shape)} do not "
                              f"match the cache's [batch={self.keys.shape[0]}, kv_heads={self.keys.shape[1]}, *, "
-                             f"head_dim={self.keys.shape[3]}]")
+                             f"head_dim={self.head_dim}]")
         new_k, new_v = key_states.to(self.dtype), value_states.to(self.dtype)
         if self.rotation is not None:  # stored in rotated coordinates from here on (tail and blocks)
             new_k, new_v = self.rotation.rotate(new_k, 0), self.rotation.rotate(new_v, 1)
@@ -198,11 +203,14 @@ class KVCompLayer(CacheLayerMixin):
         fit_pending_pools()  # the previous layer's prefill store, now that the GPU has passed it
         new_k, new_v = self._new_states(key_states, value_states)
         was_empty = self.get_seq_length() == 0
+        if self.config.tail_bits:
+            self._keep_sinks(new_k, new_v)
+            new_k, new_v = self._encode(new_k), self._encode(new_v)
         if self.keys.shape[2] or new_k is key_states or new_v is value_states:  # the tail never aliases the caller's
             new_k, new_v = torch.cat([self.keys, new_k], dim=2), torch.cat([self.values, new_v], dim=2)
         self.keys, self.values = new_k, new_v
         self._compress_full_blocks()
-        shape = torch.Size((self.keys.shape[0], self.keys.shape[1], self.get_seq_length(), self.keys.shape[3]))
+        shape = torch.Size((self.keys.shape[0], self.keys.shape[1], self.get_seq_length(), self.head_dim))
         dense_k, dense_v = (key_states, value_states) if was_empty else (None, None)
         return (CompressedKV(self, "k", shape, self.dtype, self.device, dense_k),
                 CompressedKV(self, "v", shape, self.dtype, self.device, dense_v))
@@ -229,6 +237,8 @@ class KVCompLayer(CacheLayerMixin):
             return
         idx = indices.to(self.device)
         self.keys, self.values = self.keys[idx], self.values[idx]
+        if self.config.tail_bits:
+            self.sink_keys, self.sink_values = self.sink_keys[idx], self.sink_values[idx]
         self.block_table = self.block_table[idx]
         self._maybe_compact()
 
@@ -237,6 +247,9 @@ class KVCompLayer(CacheLayerMixin):
             return
         self.keys = self.keys.repeat_interleave(repeats, dim=0)
         self.values = self.values.repeat_interleave(repeats, dim=0)
+        if self.config.tail_bits:
+            self.sink_keys = self.sink_keys.repeat_interleave(repeats, dim=0)
+            self.sink_values = self.sink_values.repeat_interleave(repeats, dim=0)
         self.block_table = self.block_table.repeat_interleave(repeats, dim=0)
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -253,13 +266,17 @@ class KVCompLayer(CacheLayerMixin):
         if new_length >= s + n_blocks * BLOCK_SIZE:
             keep = new_length - n_blocks * BLOCK_SIZE
             self.keys, self.values = self.keys[:, :, :keep], self.values[:, :, :keep]
+            if self.config.tail_bits:
+                self.sink_keys, self.sink_values = self.sink_keys[:, :, :keep], self.sink_values[:, :, :keep]
             return
         keep_blocks = max(new_length - s, 0) // BLOCK_SIZE
         # the dropped blocks decoded between the sinks and the rest of the tail, in stored (rotated) coordinates
-        k, v = self._dense(self.keys, self.values, self.block_table[:, keep_blocks:], self.dtype, rotated=True,
-                           sinks=s)
+        k, v = self._dense(*self.tail(), self.block_table[:, keep_blocks:], self.dtype, rotated=True, sinks=s)
         keep = new_length - keep_blocks * BLOCK_SIZE
-        self.keys, self.values = k[:, :, :keep].contiguous(), v[:, :, :keep].contiguous()
+        k, v = k[:, :, :keep].contiguous(), v[:, :, :keep].contiguous()
+        self.keys, self.values = self._encode(k), self._encode(v)  # (tail_bits: the decoded blocks re-encoded)
+        if self.config.tail_bits:
+            self.sink_keys, self.sink_values = k[:, :, :s], v[:, :, :s]
         self.block_table = self.block_table[:, :keep_blocks]
         self._maybe_compact()
 
@@ -285,13 +302,35 @@ class KVCompLayer(CacheLayerMixin):
         n = self.block_table.shape[1] * BLOCK_SIZE
         return torch.cat([x[..., s:s + n], x[..., :s], x[..., s + n:]], -1)
 
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Tail tokens in the model dtype -> as the tail stores them."""
+        return encode_tail(x) if self.config.tail_bits else x
+
+    def _decode(self, x: torch.Tensor) -> torch.Tensor:
+        return decode_tail(x, self.dtype) if self.config.tail_bits else x
+
+    def _keep_sinks(self, new_k: torch.Tensor, new_v: torch.Tensor) -> None:
+        """tail_bits: exact copies of the sequence's first sink_tokens, which the tail's rows only approximate."""
+        n = min(self.config.sink_tokens - self.sink_keys.shape[2], new_k.shape[2])
+        if n > 0 and self.get_seq_length() == self.sink_keys.shape[2]:
+            self.sink_keys = torch.cat([self.sink_keys, new_k[:, :, :n]], 2)
+            self.sink_values = torch.cat([self.sink_values, new_v[:, :, :n]], 2)
+
+    def tail(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tail [B, H, T, D] in the model dtype (tail_bits: the rows decoded, the sinks exact)."""
+        if not self.config.tail_bits:
+            return self.keys, self.values
+        s = self.sink_keys.shape[2]
+        k, v = self._decode(self.keys[:, :, s:]), self._decode(self.values[:, :, s:])
+        return torch.cat([self.sink_keys, k], 2), torch.cat([self.sink_values, v], 2)
+
     def _compress_full_blocks(self) -> None:
         s = min(self.config.sink_tokens, self.keys.shape[2])  # the first tokens stay in the tail
         n_blocks = (self.keys.shape[2] - s - self.config.residual_length) // BLOCK_SIZE
         if n_blocks <= 0:
             return
         n_tokens = n_blocks * BLOCK_SIZE
-        slots = self.store.add(self.keys[:, :, s:s + n_tokens], self.values[:, :, s:s + n_tokens])
+        slots = self.store.add(self._decode(self.keys[:, :, s:s + n_tokens]), self._decode(self.values[:, :, s:s + n_tokens]))
         self.block_table = torch.cat([self.block_table, slots], dim=1)
         # new tensors, so the compressed tokens' dense copy is freed
         self.keys = torch.cat([self.keys[:, :, :s], self.keys[:, :, s + n_tokens:]], 2)
@@ -336,8 +375,7 @@ class KVCompLayer(CacheLayerMixin):
         # The kernel applies causality itself; the mask's last query row carries the padding of every key.
         kv_valid = None if attention_mask is None else self.storage_order(attention_mask[:, 0, -1, :])
         with device_context(query.device):
-            out = decode_attention(q, self.keys, self.values, self.store, self.block_table, kv_valid, scaling,
-                                   rotation=rot)
+            out = decode_attention(q, *self.tail(), self.store, self.block_table, kv_valid, scaling, rotation=rot)
         return out.transpose(1, 2).contiguous()
 
     def attend_dense(self, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float | None,
@@ -363,7 +401,7 @@ class KVCompLayer(CacheLayerMixin):
         """The whole cache dequantised in arrival order: [B, H, kv_len, D] each, in `dtype` (default: the
         model dtype; float32 keeps the decoded values exact). With a rotation, rotated=True returns the
         stored (rotated) coordinates, as attention reads them; otherwise K and V are rotated back."""
-        return self._dense(self.keys, self.values, self.block_table, dtype, rotated, self.n_sinks())
+        return self._dense(*self.tail(), self.block_table, dtype, rotated, self.n_sinks())
 
     def _dense(self, tail_k, tail_v, block_table, dtype, rotated: bool, sinks: int = 0):
         """dense_kv of the blocks in block_table [B, nb] and the tail [B, H, T, D] (its first `sinks` tokens
@@ -400,15 +438,15 @@ class KVCompLayer(CacheLayerMixin):
         if not self.is_initialized:
             return {"tokens": 0, "dense_bytes": {"k": 0, "v": 0}, "parts": parts, "held": {}, "unreferenced_blocks": 0}
         slots = torch.unique(self.block_table)
-        tail = self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
-        held = {**self.store.allocated_bytes(), "pool_in_use": self.store.used_bytes(), "tail": tail,
-                "block_table": self.block_table.numel() * self.block_table.element_size()}
+        nbytes = lambda t: t.numel() * t.element_size() if t is not None else 0  # noqa: E731
+        tail_k, tail_v = nbytes(self.keys) + nbytes(self.sink_keys), nbytes(self.values) + nbytes(self.sink_values)
+        held = {**self.store.allocated_bytes(), "pool_in_use": self.store.used_bytes(), "tail": tail_k + tail_v,
+                "block_table": nbytes(self.block_table)}
         parts = self.store.bytes_of(slots)
-        parts["k"]["tail"] = self.keys.numel() * self.keys.element_size()
-        parts["v"]["tail"] = self.values.numel() * self.values.element_size()
-        parts["shared"]["block_table"] = self.block_table.numel() * self.block_table.element_size()
-        b, h, _, d = self.keys.shape
-        dense = b * h * self.get_seq_length() * d * self.keys.element_size()
+        parts["k"]["tail"], parts["v"]["tail"] = tail_k, tail_v
+        parts["shared"]["block_table"] = nbytes(self.block_table)
+        b, h = self.keys.shape[:2]
+        dense = b * h * self.get_seq_length() * self.head_dim * self.dtype.itemsize
         return {"tokens": self.get_seq_length(), "dense_bytes": {"k": dense, "v": dense}, "parts": parts,
                 "held": held, "unreferenced_blocks": self.store.n_slots - slots.numel()}
 
@@ -445,6 +483,9 @@ class KVCompStaticLayer(KVCompLayer):
             raise ValueError(f"max_cache_len must be a positive int, got {max_cache_len!r}")
         if model_config is None:
             raise ValueError("a static KVCompLayer needs the model config (its query heads size the decode scratch)")
+        if config.tail_bits is not None:
+            raise ValueError(f"a static KVCompCache (max_cache_len={max_cache_len}) keeps its ring tail in the model "
+                             f"dtype: it needs tail_bits=None, got tail_bits={config.tail_bits!r}")
         self.max_cache_len = max_cache_len
         self.shared = shared if shared is not None else {}  # the layers' common tensors (decode scratch, tables)
         super().__init__(dataclasses.replace(config, sink_tokens=0), model_config, backend, layer_idx)
@@ -466,7 +507,7 @@ class KVCompStaticLayer(KVCompLayer):
                 or dtype not in (torch.float16, torch.bfloat16):
             raise ValueError(f"a static KVCompCache needs a CUDA device, fp16/bf16 K/V and a power-of-two head_dim "
                              f">= 16; got device {device}, dtype {dtype}, head_dim {d}")
-        self.dtype, self.device = dtype, device
+        self.dtype, self.device, self.head_dim = dtype, device, d
         st = self.store = BlockStore.from_config(self.config, h, d, dtype, device, use_triton=True)
         self.fmt = st.fmt
         self.use_triton = True
@@ -772,5 +813,5 @@ def _ratios(dense: int, held: float, element_size: int) -> dict:
 def _element_size(cache: KVCompCache) -> int:
     for layer in cache.layers:
         if layer.is_initialized:
-            return layer.keys.element_size()
+            return layer.dtype.itemsize
     return 0

@@ -61,6 +61,15 @@ Pipeline for one block of `block_size` = 64 tokens of one sequence (K and V of a
    `perm` [n, 64] uint8. A cache layer keeps its blocks in a BlockStore (kvcomp_hf/block_store.py):
    the same arrays per *slot*, offsets into one byte pool, plus the format (BlockFormat, rel_k/rel_v,
    rotation); store_slots/decode_store read slots of it here, and both Triton kernels take it.
+
+5. The tail (config.tail_bits = 8; None keeps it in the model dtype): the tokens not yet in a block, past
+   the sinks, are stored per (token, KV head) as TAIL_BITS-bit codes over head_dim (rotated, as blocks):
+       m, M = min, max of the token's D values (model dtype, exact)
+       scale = (M - m) / 255                       # float32
+       q = clamp(round_half_even((x - m) / scale), 0, 255)     (scale 0: q = 0)
+       x̂ = model_dtype(m + q * scale)               # |x - x̂| <= scale / 2, plus the final rounding
+   one row of D + 2 * itemsize bytes per token: the D codes, then m and M as the model dtype's bytes
+   (encode_tail / decode_tail). The sinks stay in the model dtype. Blocks are compressed from x̂.
 """
 
 from __future__ import annotations
@@ -71,7 +80,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .config import MAX_BITS, MAX_FIXED_BITS, KVCompConfig, bits_for_rel  # noqa: F401 (the codec's names)
+from .config import MAX_BITS, MAX_FIXED_BITS, TAIL_BITS, KVCompConfig, bits_for_rel  # noqa: F401 (the codec's names)
 
 if TYPE_CHECKING:  # the codec reads a store; the store module imports the codec
     from .block_store import BlockStore
@@ -162,6 +171,25 @@ class EncodedBlocks:
 
 # ---------------------------------------------------------------------------------------------
 # Quantisation
+
+
+def encode_tail(x: torch.Tensor) -> torch.Tensor:
+    """x [..., D] (model dtype, rotated) -> uint8 rows [..., D + 2 * itemsize]: stage 5's codes, then m and M."""
+    lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+    scale = (hi.float() - lo.float()) / (2**TAIL_BITS - 1)
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.clamp(torch.round((x.float() - lo.float()) / safe), 0, 2**TAIL_BITS - 1).to(torch.uint8)
+    return torch.cat([q, lo.contiguous().view(torch.uint8), hi.contiguous().view(torch.uint8)], -1)
+
+
+def decode_tail(rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """encode_tail's rows [..., D + 2 * itemsize] -> x̂ [..., D] in `dtype`."""
+    size = torch.empty((), dtype=dtype).element_size()
+    d = rows.shape[-1] - 2 * size
+    lo = rows[..., d:d + size].contiguous().view(dtype).float()
+    hi = rows[..., d + size:].contiguous().view(dtype).float()
+    scale = (hi - lo) / (2**TAIL_BITS - 1)
+    return (rows[..., :d].float() * scale + lo).to(dtype)
 
 
 def round_step_to_bf16(step: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ GRANULARITIES = ("token", "token_head")
 LAYOUTS = ("packed", "fixed", "fixed_v")  # kvcomp_hf/codec.py specifies them; "auto" picks one (KVCompConfig)
 ROTATIONS = ("none", "hadamard")  # kvcomp_hf.rotation documents the transform
 BACKENDS = ("auto", "torch", "triton")  # KVCompCache(..., backend=): Triton kernels on CUDA, PyTorch, or either
+TAIL_BITS = 8  # tail_bits' one integer width (codec stage 5)
 MIN_RESIDUAL = 0  # per-token quantisation needs no window of exact recent tokens (KIVI's per-channel K does)
 MAX_SINK_TOKENS = 64  # exact tokens cost 16 bits per value; more than a block's worth buys nothing measured
 MIN_REL = 1e-4  # keeps the quantised integers within 14 bits (see codec.bits_for_rel)
@@ -77,6 +78,10 @@ class KVCompConfig:
         (one per layer, K/V and KV head, from rotation_seed), which spreads outlier channels so the
         per-token range is used by all channels; "none" stores them as they are.
     rotation_seed: int seed of the rotation's random signs (part of the format).
+    tail_bits: None keeps the tail (the tokens not yet in a block) in the model dtype; 8 stores each of its
+        tokens past the sinks as 8-bit codes per KV head over head_dim, with the token's min and max in the
+        model dtype (codec stage 5): about half the tail's bytes, so a longer residual_length costs what a
+        shorter one did. The eager cache only (a static cache's ring stays in the model dtype).
     """
 
     rel_k: float = 0.08
@@ -90,6 +95,7 @@ class KVCompConfig:
     layout: str = "auto"
     rotation: str = "hadamard"
     rotation_seed: int = 0
+    tail_bits: int | None = None
 
     def __post_init__(self):
         for name in ("rel_k", "rel_v"):
@@ -100,7 +106,7 @@ class KVCompConfig:
             if not MIN_REL <= value <= MAX_REL:
                 raise ValueError(f"{name} must be in [{MIN_REL}, {MAX_REL}], got {value!r}")
             object.__setattr__(self, name, float(value))
-        for name in ("block_size", "residual_length", "sink_tokens", "pack_size"):
+        for name in ("block_size", "residual_length", "sink_tokens", "pack_size", "tail_bits"):
             value = getattr(self, name)  # integers only (numpy's included): 16.0 is refused, not truncated
             if isinstance(value, numbers.Integral) and not isinstance(value, bool):
                 object.__setattr__(self, name, int(value))
@@ -131,6 +137,8 @@ class KVCompConfig:
         if isinstance(self.rotation_seed, bool) or not isinstance(self.rotation_seed, int) \
                 or not 0 <= self.rotation_seed < 2**31:
             raise ValueError(f"rotation_seed must be an int in [0, 2**31), got {self.rotation_seed!r}")
+        if self.tail_bits is not None and (not _is_int(self.tail_bits) or self.tail_bits != TAIL_BITS):
+            raise ValueError(f"tail_bits must be None (the model dtype) or {TAIL_BITS}, got {self.tail_bits!r}")
 
     def _wide_rels(self) -> list[str]:
         return [f"{name}={getattr(self, name)} needs {bits_for_rel(getattr(self, name))}"

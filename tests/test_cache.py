@@ -1,5 +1,6 @@
 """KVCompCache semantics against DynamicCache on a tiny random Llama (no download)."""
 
+import dataclasses
 import pytest
 import torch
 from transformers import DynamicCache, LlamaForCausalLM
@@ -436,3 +437,65 @@ def test_prefill_store_does_not_wait_for_the_gpu_and_fits_its_pool_at_the_next_l
     kept = cfg.sink_tokens + layers[0].block_table.shape[1] * 64  # (the append below compresses one more block)
     layers[0].update(k[:, :, :64], v[:, :, :64])  # appends after the fit
     assert torch.equal(layers[0].dense_kv()[0][:, :, :kept], want[0][:, :, :kept])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_integer_tail_holds_what_the_frontier_lever_simulated(dtype):
+    """tail_bits=8 stores the tail as codec stage-5 rows, the sinks exact: the same K/V stream gives bit for bit the
+    values of eval.frontier's |tail=8 lever (fake quantisation of every arriving token past the sinks), whose
+    accuracy RESULTS reports; through beam reorder, repeat and a crop inside the tail. The tail's bytes are the
+    rows plus the exact sinks."""
+    from eval.frontier import _integer_tail
+
+    torch.manual_seed(21)
+    cfg = KVCompConfig(rel_k=0.05, rel_v=0.1, sink_tokens=4, residual_length=64)
+    ours, lever = KVCompLayer(dataclasses.replace(cfg, tail_bits=8)), KVCompLayer(cfg)
+    _integer_tail(lever, 8)
+    b, h, d = 2, 2, 16
+    for step, q_len in enumerate([2, 1, 150, 1, 64, 1, 1, 70]):
+        k = (torch.randn(b, h, q_len, d) * torch.linspace(0.5, 4, d)).to(dtype)
+        v = torch.randn(b, h, q_len, d).to(dtype)
+        ours.update(k, v)
+        lever.update(k, v)
+        if step == 4:
+            for layer in (ours, lever):
+                layer.batch_select_indices(torch.tensor([1, 0]))
+                layer.batch_repeat_interleave(2)
+                layer.batch_select_indices(torch.tensor([0, 3]))
+        for a, c in zip(ours.dense_kv(), lever.dense_kv()):
+            assert torch.equal(a, c)
+    assert ours.keys.dtype == torch.uint8 and ours.block_table.shape[1] >= 3
+    t = ours.keys.shape[2]
+    ours.crop(-(t - 10))  # inside the tail: the first tokens as they were
+    lever.crop(-(t - 10))
+    assert torch.equal(ours.dense_kv()[0], lever.dense_kv()[0])
+    rows = b * h * ours.keys.shape[2] * (d + 2 * dtype.itemsize)
+    assert ours.memory_report()["parts"]["k"]["tail"] == rows + b * h * 4 * d * dtype.itemsize
+    # the lever's count plus the sinks' rows, and m and M at the model dtype's width (the lever counts 16 bits each)
+    t, es = ours.keys.shape[2], dtype.itemsize
+    want = lever.memory_report()["parts"]["k"]["tail"] + b * h * (4 * (d + 2 * es) + (t - 4) * (2 * es - 4))
+    assert ours.memory_report()["parts"]["k"]["tail"] == want
+
+
+def test_integer_tail_crop_into_a_block_and_fused_decode():
+    """A crop inside a block re-encodes its decoded tokens as tail rows (one more 8-bit rounding: close, not
+    equal); the fused Triton decode (interpreted here) reads the decoded tail as the dense path does."""
+    torch.manual_seed(22)
+    layer = KVCompLayer(KVCompConfig(sink_tokens=4, residual_length=0, tail_bits=8))
+    k, v = torch.randn(1, 2, 300, 16, dtype=torch.bfloat16), torch.randn(1, 2, 300, 16, dtype=torch.bfloat16)
+    layer.update(k, v)
+    before = layer.dense_kv(torch.float32)[0]
+    layer.crop(-100)  # 200 tokens: into the fourth block
+    after = layer.dense_kv(torch.float32)[0]
+    assert after.shape[2] == 200 and torch.equal(after[:, :, :4], before[:, :, :4])  # the sinks exact
+    assert (after - before[:, :, :200]).abs().max() <= (before.amax(-1) - before.amin(-1)).max() / 255
+    q = torch.randn(1, 4, 1, 16, dtype=torch.bfloat16)
+    layer.use_triton = True
+    fused = layer.attend(q, None, 0.25, FakeAttention(2))[0]
+    dense = layer.attend_dense(q, None, 0.25, FakeAttention(2))[0]
+    assert rel_err(fused.float(), dense.float()) < 1e-2
+
+
+def test_static_cache_refuses_an_integer_tail(tiny_llama):
+    with pytest.raises(ValueError, match="tail_bits=None"):
+        kvcomp_hf.KVCompCache(tiny_llama.config, {"layout": "fixed", "tail_bits": 8}, max_cache_len=64).layers[0]
