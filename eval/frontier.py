@@ -146,7 +146,9 @@ def make_cache(spec: str, model, backend: str = "auto"):
 def _integer_tail(layer, bits: int) -> None:
     """The |tail=B lever on one KVCompLayer: every arriving token (after the layer's rotation) is quantised per
     (token, head) to B bits, except the sequence's first sink_tokens, so the tail and the blocks compressed from it
-    hold what an integer tail would; memory_report counts those tokens at B bits plus a 16-bit min and scale."""
+    hold what an integer tail would; memory_report counts those tokens at B bits plus a 16-bit min and scale.
+    B = 8 holds the values of the cache's own tail_bits=8 (tests/test_cache.py checks them bit for bit), which
+    stores each token's min and max at the model dtype's width and keeps exact copies of the sinks beside it."""
     from eval.baselines import fake_quantize
 
     new_states, report = layer._new_states, layer.memory_report
