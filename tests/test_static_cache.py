@@ -104,6 +104,11 @@ def test_compiled_decode_equals_eager_decode(bf16_llama):
     assert counters["stats"]["unique_graphs"] <= 2  # the mask's length grows: at most one dynamic recompile
 
 
+# the cache's tensors in a Dynamo source (its keyword is past_key_values up to transformers 5.23, cache from 5.24;
+# the model's own layers are ..._modules['layers']...)
+_CACHE_TENSOR = ".layers["
+
+
 def _static_inputs_then_aot_eager(gm, example_inputs):
     """A Dynamo backend that checks a compiled step's inputs, then runs aot_eager. CUDA graphs need them: every cache
     tensor must be a static address, and no two inputs may share storage (AOTAutograd merges aliased inputs that the
@@ -117,12 +122,12 @@ def _static_inputs_then_aot_eager(gm, example_inputs):
         if not isinstance(value, torch.Tensor):
             continue
         source = node._dynamo_source.name
-        if "past_key_values" in source:
+        if _CACHE_TENSOR in source:
             assert node.meta["tensor_dict"].get("_dynamo_static_input_type"), f"{source} is not a static address"
         storage = StorageWeakRef(value.untyped_storage())
         assert storage not in sources, f"{source} shares storage with {sources[storage]}"
         sources[storage] = source
-    assert any("past_key_values" in s for s in sources.values())  # the check saw the cache's tensors
+    assert any(_CACHE_TENSOR in s for s in sources.values())  # the check saw the cache's tensors
     return lookup_backend("aot_eager")(gm, example_inputs)
 
 
