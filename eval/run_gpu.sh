@@ -45,8 +45,8 @@
 #                      recent tokens, beside KIVI-4, on 4 windows of pydoc and 4 of $CFI_TEXT, the two texts at once
 #                      (issue 12: the recent tokens hold the accuracy; a CPU screen put 256 at KIVI-4's ΔNLL)
 #   frontier-residual : the residual_length lever (64 and 0 recent tokens exact instead of 128) at the preset's rel,
-#                      a 4-bit V (rel_v 1/15) at residual 0 with the preset's K and with a looser K (0.1), and the
-#                      beside KIVI-4, on 4 windows of pydoc and 4 of $CFI_TEXT, the two texts at once (3 workers each:
+#                      a 4-bit V (rel_v 1/15) at residual 0 with the preset's K and with a looser K (0.1), beside
+#                      KIVI-4, on 4 windows of pydoc and 4 of $CFI_TEXT, the two texts at once (3 workers each:
 #                      12 processes ran out of GPU memory)
 #   compiled-pair    : kvcomp:compiled ms per decode step at 8K x 1 and 32K x 8 for the checkout at $BEFORE (a
 #                      `git archive` of an earlier commit) and this one, back to back on one machine; then the

@@ -310,9 +310,10 @@ class KVCompLayer(CacheLayerMixin):
         return decode_tail(x, self.dtype) if self.config.tail_bits else x
 
     def _keep_sinks(self, new_k: torch.Tensor, new_v: torch.Tensor) -> None:
-        """tail_bits: exact copies of the sequence's first sink_tokens, which the tail's rows only approximate."""
+        """tail_bits: exact copies of the sequence's first sink_tokens, which the tail's rows only approximate (the
+        copies hold min(sink_tokens, sequence length) tokens, so fewer than sink_tokens means all of them)."""
         n = min(self.config.sink_tokens - self.sink_keys.shape[2], new_k.shape[2])
-        if n > 0 and self.get_seq_length() == self.sink_keys.shape[2]:
+        if n > 0:
             self.sink_keys = torch.cat([self.sink_keys, new_k[:, :, :n]], 2)
             self.sink_values = torch.cat([self.sink_values, new_v[:, :, :n]], 2)
 

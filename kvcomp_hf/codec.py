@@ -184,7 +184,7 @@ def encode_tail(x: torch.Tensor) -> torch.Tensor:
 
 def decode_tail(rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """encode_tail's rows [..., D + 2 * itemsize] -> x̂ [..., D] in `dtype`."""
-    size = torch.empty((), dtype=dtype).element_size()
+    size = dtype.itemsize
     d = rows.shape[-1] - 2 * size
     lo = rows[..., d:d + size].contiguous().view(dtype).float()
     hi = rows[..., d + size:].contiguous().view(dtype).float()

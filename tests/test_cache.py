@@ -469,10 +469,9 @@ def test_integer_tail_holds_what_the_frontier_lever_simulated(dtype):
     ours.crop(-(t - 10))  # inside the tail: the first tokens as they were
     lever.crop(-(t - 10))
     assert torch.equal(ours.dense_kv()[0], lever.dense_kv()[0])
-    rows = b * h * ours.keys.shape[2] * (d + 2 * dtype.itemsize)
-    assert ours.memory_report()["parts"]["k"]["tail"] == rows + b * h * 4 * d * dtype.itemsize
-    # the lever's count plus the sinks' rows, and m and M at the model dtype's width (the lever counts 16 bits each)
     t, es = ours.keys.shape[2], dtype.itemsize
+    assert ours.memory_report()["parts"]["k"]["tail"] == b * h * (t * (d + 2 * es) + 4 * d * es)  # rows + sinks
+    # the lever's count plus the sinks' rows, and m and M at the model dtype's width (the lever counts 16 bits each)
     want = lever.memory_report()["parts"]["k"]["tail"] + b * h * (4 * (d + 2 * es) + (t - 4) * (2 * es - 4))
     assert ours.memory_report()["parts"]["k"]["tail"] == want
 
