@@ -476,22 +476,23 @@ def test_integer_tail_holds_what_the_frontier_lever_simulated(dtype):
     assert ours.memory_report()["parts"]["k"]["tail"] == want
 
 
-def test_integer_tail_crop_into_a_block_and_fused_decode():
+@pytest.mark.parametrize("device, d", [("cpu", 16), pytest.param("cuda", 128, marks=pytest.mark.cuda)])
+def test_integer_tail_crop_into_a_block_and_fused_decode(device, d):
     """A crop inside a block re-encodes its decoded tokens as tail rows (one more 8-bit rounding: close, not
-    equal); the fused Triton decode (interpreted here) reads the decoded tail as the dense path does."""
+    equal); the fused Triton decode (interpreted on CPU) reads the decoded tail as the dense path does."""
     torch.manual_seed(22)
     layer = KVCompLayer(KVCompConfig(sink_tokens=4, residual_length=0, tail_bits=8))
-    k, v = torch.randn(1, 2, 300, 16, dtype=torch.bfloat16), torch.randn(1, 2, 300, 16, dtype=torch.bfloat16)
+    k, v = (torch.randn(1, 2, 300, d, dtype=torch.bfloat16, device=device) for _ in range(2))
     layer.update(k, v)
     before = layer.dense_kv(torch.float32)[0]
     layer.crop(-100)  # 200 tokens: into the fourth block
     after = layer.dense_kv(torch.float32)[0]
     assert after.shape[2] == 200 and torch.equal(after[:, :, :4], before[:, :, :4])  # the sinks exact
     assert (after - before[:, :, :200]).abs().max() <= (before.amax(-1) - before.amin(-1)).max() / 255
-    q = torch.randn(1, 4, 1, 16, dtype=torch.bfloat16)
+    q = torch.randn(1, 4, 1, d, dtype=torch.bfloat16, device=device)
     layer.use_triton = True
-    fused = layer.attend(q, None, 0.25, FakeAttention(2))[0]
-    dense = layer.attend_dense(q, None, 0.25, FakeAttention(2))[0]
+    fused = layer.attend(q, None, d**-0.5, FakeAttention(2))[0]
+    dense = layer.attend_dense(q, None, d**-0.5, FakeAttention(2))[0]
     assert rel_err(fused.float(), dense.float()) < 1e-2
 
 
