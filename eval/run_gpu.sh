@@ -41,7 +41,7 @@
 #                      as fixed_v, and the three fixed_v points that came out below KIVI-4's ΔNLL or beside it
 #   frontier-kivi4-cfi : KIVI-4 beside the preset's rel and two tighter K on 4 windows of a second text
 #                      ($CFI_TEXT: a text file; default the cfi-en package's HTML)
-#   frontier-tiered  : an 8-bit tail (the |tail=8 lever) with the preset's 128-token window and with 256 and 384
+#   frontier-tiered  : an 8-bit tail (tail_bits=8) with the preset's 128-token window and with 256 and 384
 #                      recent tokens, beside KIVI-4, on 4 windows of pydoc and 4 of $CFI_TEXT, the two texts at once
 #                      (issue 12: the recent tokens hold the accuracy; a CPU screen put 256 at KIVI-4's ΔNLL)
 #   frontier-residual : the residual_length lever (64 and 0 recent tokens exact instead of 128) at the preset's rel,
@@ -166,7 +166,7 @@ for stage in "$@"; do
         --no-plot --text "${CFI_TEXT:-cfi}" --caches "$KIVI4_GAP" --out "$RESULTS/frontier-kivi4-cfi" 2>&1 | tail -14 ;;
     frontier-tiered)
       P=kvcomp:$FV,rel_k=0.0666667,rel_v=0.1355
-      C="kivi4;$P|tail=8;$P,residual_length=256|tail=8;$P,residual_length=384|tail=8"
+      C="kivi4;$P,tail_bits=8;$P,residual_length=256,tail_bits=8;$P,residual_length=384,tail_bits=8"
       for text in pydoc "${CFI_TEXT:-cfi}"; do
         timeout 470 python -m eval.frontier --tokens 8192 --windows 4 --workers 2 --backend torch --time-budget 430 \
           --no-plot --text "$text" --caches "$C" --out "$RESULTS/frontier-tiered-$(basename "${text%.txt}")" \
