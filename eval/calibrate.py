@@ -21,9 +21,10 @@ whose NLL increase is within budget is written, with its provenance. No syntheti
 
     python -m eval.calibrate --quick --model meta-llama/Llama-3.1-8B-Instruct --name llama-3.1-8b-instruct
 
-From a frontier run (--from-frontier): the kvcomp config with the fewest bits/value all-in whose NLL increase is
-within --max-nll-increase among those eval/frontier.py measured (its perplexity.json) is written, with the run's
-provenance. No model is loaded.
+From frontier runs (--from-frontier, a comma list of eval/frontier.py's perplexity.json, e.g. one per text): the
+kvcomp config with the fewest bits/value all-in whose NLL increase is within --max-nll-increase in every run is
+written, with the runs' provenance. No model is loaded. The budget may name a cache of the runs: `kivi4` means at
+most KIVI-4's NLL increase in each run.
 
     python -m eval.calibrate --from-frontier eval/results/frontier-smollm2-8k/perplexity.json \
         --max-nll-increase 0.01 --name smollm2-135m-instruct --model-id HuggingFaceTB/SmolLM2-135M-Instruct
@@ -118,12 +119,16 @@ def write_preset(path: Path, chosen: dict[str, Any], provenance: dict[str, Any],
     chosen = json.loads(json.dumps(chosen, default=str))
     doc = {"calibrated": True, "model": model_id,
            "source": "eval/calibrate.py: most compressive config within the accuracy budget "
-                     f"(perplexity NLL increase <= {provenance['budget']['max_nll_increase']} nats, "
+                     f"(perplexity NLL increase <= {_nats(provenance['budget']['max_nll_increase'])}, "
                      + (f"synthetic score drop <= {provenance['budget']['max_score_drop_pct']}% relative)"
                         if provenance["budget"]["max_score_drop_pct"] is not None else "no synthetic check)"),
            "config": chosen, "provenance": provenance}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(header + yaml.safe_dump(doc, sort_keys=False, width=120), encoding="utf-8")
+
+
+def _nats(budget: float | str) -> str:
+    return f"{budget} nats" if isinstance(budget, (int, float)) else budget
 
 
 def floats(text: str) -> list[float]:
@@ -174,41 +179,75 @@ def run_quick(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def _nll_budget(text: str) -> float | str:
+    """--max-nll-increase: nats, or the name of a cache measured in the same frontier run (e.g. kivi4)."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
 def run_from_frontier(args: argparse.Namespace) -> dict[str, Any]:
-    """The fewest-bits kvcomp config within budget among the caches of an eval/frontier.py run; writes the preset."""
-    path = Path(args.from_frontier)
-    run_ = json.loads(path.read_text())
-    if run_.get("suite") != "perplexity":
-        raise ValueError(f"--from-frontier needs eval/frontier.py's perplexity.json, got suite {run_.get('suite')!r}")
-    model_id = args.model_id or run_.get("model") or "model"
-    name = args.name or slug(model_id.split("/")[-1])
-    output = Path(args.output) if args.output else CONFIGS_DIR / f"{name}.yaml"
-    rows = {c: r for c, r in run_["results"].items()  # per-layer levers ("|edge=...") are no config
-            if c.startswith("kvcomp") and "|" not in c and r.get("delta_nll") is not None}
-    ok = [c for c, r in rows.items() if r["delta_nll"] <= args.max_nll_increase]
+    """The fewest-bits kvcomp config within budget on every one of the eval/frontier.py runs given (e.g. one per
+    text); writes the preset. Its bits/value and NLL increase are the largest over the runs."""
+    paths = [Path(p) for p in args.from_frontier.split(",")]
+    runs = [json.loads(p.read_text()) for p in paths]
+    budget = args.max_nll_increase
+    per_run = []  # {config: result} of each run's kvcomp configs within budget
+    for path, run_ in zip(paths, runs):
+        if run_.get("suite") != "perplexity":
+            raise ValueError(f"--from-frontier needs eval/frontier.py's perplexity.json, got suite "
+                             f"{run_.get('suite')!r} in {path}")
+        if isinstance(budget, str) and run_["results"].get(budget, {}).get("delta_nll") is None:
+            raise ValueError(f"--max-nll-increase {budget!r} is no number and no cache measured in {path} "
+                             f"(measured: {sorted(run_['results'])})")
+        limit = run_["results"][budget]["delta_nll"] if isinstance(budget, str) else budget
+        per_run.append({c: r for c, r in run_["results"].items()  # per-layer levers ("|edge=...") are no config
+                        if c.startswith("kvcomp") and "|" not in c and r.get("delta_nll") is not None
+                        and r["delta_nll"] <= limit})
+    ok = [c for c in per_run[0] if all(c in rows for rows in per_run)]
     if not ok:
-        raise ValueError(f"no kvcomp config of {path} has an NLL increase <= {args.max_nll_increase}")
+        raise ValueError(f"no kvcomp config has an NLL increase <= {budget} in every one of {args.from_frontier}")
+    worst = {c: {k: max(rows[c][k] for rows in per_run) for k in ("bits_per_value", "delta_nll")} for c in ok}
     # bits within 0.01 of each other are equal (e.g. fixed V fields at two rels of one width: the values the cache
     # feeds later layers move K's pack widths by ~0.0003 bits/value): the more accurate of them
-    best = min(ok, key=lambda c: (round(rows[c]["bits_per_value"], 2), rows[c]["delta_nll"]))
+    best = min(ok, key=lambda c: (round(worst[c]["bits_per_value"], 2), worst[c]["delta_nll"]))
+    model_id = args.model_id or runs[0].get("model") or "model"
+    name = args.name or slug(model_id.split("/")[-1])
+    output = Path(args.output) if args.output else CONFIGS_DIR / f"{name}.yaml"
     chosen = common.parse_cache_spec(best).kvcomp_config().to_dict()
     meta = common.run_metadata(args)
-    measured_on = run_.get("meta", {})
+
+    def measured_by(path, run_):
+        return {"file": path.as_posix(), **{k: run_.get("meta", {}).get(k) for k in
+                                            ("command", "date", "device", "torch", "transformers")}}
+
+    def data(run_):
+        return {k: run_.get(k) for k in ("text", "text_sha256", "tokens", "windows", "chunk")}
+
+    def grid(run_):
+        rows = {c: r for c, r in run_["results"].items() if r.get("delta_nll") is not None}
+        return [{"cache": c, "bits_per_value": _round(r["bits_per_value"]), "delta_nll": _round(r["delta_nll"], 4),
+                 "kl": _round(r.get("kl"), 4)} for c, r in sorted(rows.items(), key=lambda kv: kv[1]["bits_per_value"])]
+
+    def chosen_row(run_):
+        return {k: _round(run_["results"][best].get(k), 4) for k in ("bits_per_value", "delta_nll", "kl", "top1_agreement")}
+
+    one = len(runs) == 1  # one run keeps the single-run shape of the presets written before
     provenance = {
         "command": meta["command"], "date": datetime.date.today().isoformat(),
-        "method": f"eval/calibrate.py --from-frontier: fewest bits/value among the kvcomp configs of {path.as_posix()}",
-        "measured_by": {"file": path.as_posix(), **{k: measured_on.get(k) for k in
-                                                   ("command", "date", "device", "torch", "transformers")}},
-        "budget": {"max_nll_increase": args.max_nll_increase, "max_score_drop_pct": None},
-        "data": {"perplexity": {k: run_.get(k) for k in ("text", "text_sha256", "tokens", "windows", "chunk")}},
-        "measured": {"chosen": {k: _round(rows[best].get(k), 4) for k in
-                                ("bits_per_value", "delta_nll", "kl", "top1_agreement")}},
-        "grid": [{"cache": c, "bits_per_value": _round(r["bits_per_value"]), "delta_nll": _round(r["delta_nll"], 4),
-                  "kl": _round(r.get("kl"), 4)} for c, r in sorted(rows.items(), key=lambda kv: kv[1]["bits_per_value"])],
+        "method": "eval/calibrate.py --from-frontier: fewest bits/value among the kvcomp configs within budget in "
+                  + ("" if one else "every one of ") + ", ".join(p.as_posix() for p in paths),
+        "measured_by": measured_by(paths[0], runs[0]) if one else [measured_by(p, r) for p, r in zip(paths, runs)],
+        "budget": {"max_nll_increase": budget if not isinstance(budget, str) else f"{budget}'s in the same run",
+                   "max_score_drop_pct": None},
+        "data": {"perplexity": data(runs[0]) if one else [data(r) for r in runs]},
+        "measured": {"chosen": chosen_row(runs[0]) if one else [chosen_row(r) for r in runs]},
+        "grid": grid(runs[0]) if one else [grid(r) for r in runs],
     }
     write_preset(output, chosen, provenance, model_id)
-    print(f"chosen {best}: {rows[best]['bits_per_value']:.3f} bits/value, dNLL {rows[best]['delta_nll']:+.4f}; "
-          f"wrote {output}")
+    print(f"chosen {best}: {worst[best]['bits_per_value']:.3f} bits/value, dNLL {worst[best]['delta_nll']:+.4f} "
+          f"(the largest over {len(runs)} run(s)); wrote {output}")
     return {"model": model_id, "name": name, "chosen": best, "config": chosen}
 
 
@@ -316,7 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shorthand 'score=<pct>,nll=<nats>' for --max-score-drop / --max-nll-increase")
     p.add_argument("--max-score-drop", type=float, default=1.0,
                    help="largest relative drop (percent) of the synthetic average at every length")
-    p.add_argument("--max-nll-increase", type=float, default=0.02, help="largest perplexity NLL increase (nats)")
+    p.add_argument("--max-nll-increase", type=_nll_budget, default=0.02,
+                   help="largest perplexity NLL increase (nats); with --from-frontier also a cache of the runs, "
+                        "e.g. kivi4: at most its NLL increase in each run")
     p.add_argument("--rel-k", default="0.025,0.05,0.1,0.15,0.2,0.3")
     p.add_argument("--rel-v", default="0.05,0.1,0.2,0.3,0.4")
     p.add_argument("--pack-sizes", default="16", help="comma list of 4, 8, 16")
@@ -352,9 +393,12 @@ def parse_args(argv=None) -> argparse.Namespace:
             if key.strip() == "score":
                 args.max_score_drop = float(val)
             elif key.strip() == "nll":
-                args.max_nll_increase = float(val)
+                args.max_nll_increase = _nll_budget(val)
             else:
                 raise ValueError(f"--budget takes score=<pct>,nll=<nats>; got {item!r}")
+    if isinstance(args.max_nll_increase, str) and not args.from_frontier:
+        raise ValueError(f"--max-nll-increase takes nats (a number), got {args.max_nll_increase!r}; a cache's name "
+                         "(e.g. kivi4) only with --from-frontier, whose runs measured it")
     if args.quick and "--ppl-tokens" not in (argv or sys.argv):
         args.ppl_tokens = 2048
     if args.quick and "--ppl-windows" not in (argv or sys.argv):

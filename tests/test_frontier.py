@@ -62,6 +62,34 @@ def test_frontier_equals_perplexity_and_merges_without_rerunning(tiny_dir, tmp_p
                         "--output", str(tmp_path / "none.yaml")])
 
 
+def test_calibrate_from_several_runs_keeps_the_budget_in_every_run(tmp_path):
+    """--from-frontier over two texts: a config passes only within budget in both; a cache's name as the budget
+    means its NLL increase in each run; the preset reports the chosen config's numbers per run."""
+    small, mid, big = ("kvcomp:rel_k=0.2,rel_v=0.3", "kvcomp:rel_k=0.1,rel_v=0.2", "kvcomp:rel_k=0.05,rel_v=0.1")
+
+    def run(name, rows):
+        path = tmp_path / f"{name}.json"
+        results = {c: {"bits_per_value": b, "delta_nll": n, "kl": n, "top1_agreement": 0.9} for c, (b, n) in rows.items()}
+        path.write_text(json.dumps({"suite": "perplexity", "text": name, "results": results,
+                                    "meta": {"command": f"frontier {name}", "device": "cpu"}}))
+        return str(path)
+
+    a = run("pydoc", {small: (3.0, 0.004), mid: (3.5, 0.003), big: (4.5, 0.001), "kivi4": (5.0, 0.005)})
+    b = run("cfi", {small: (3.1, 0.006), mid: (3.6, 0.002), big: (4.6, 0.001), "kivi4": (5.0, 0.004)})
+    preset = tmp_path / "p.yaml"
+    calibrate.main(["--from-frontier", f"{a},{b}", "--max-nll-increase", "kivi4", "--output", str(preset)])
+    doc = yaml.safe_load(preset.read_text())
+    assert doc["config"] == common.parse_cache_spec(mid).kvcomp_config().to_dict()  # small fails on cfi
+    assert [m["delta_nll"] for m in doc["provenance"]["measured"]["chosen"]] == [0.003, 0.002]
+    assert [m["command"] for m in doc["provenance"]["measured_by"]] == ["frontier pydoc", "frontier cfi"]
+    calibrate.main(["--from-frontier", a, "--max-nll-increase", "kivi4", "--output", str(preset)])
+    assert yaml.safe_load(preset.read_text())["config"]["rel_k"] == 0.2  # pydoc alone lets small through
+    with pytest.raises(ValueError, match="hf-int4"):
+        calibrate.main(["--from-frontier", a, "--max-nll-increase", "hf-int4", "--output", str(preset)])
+    with pytest.raises(ValueError, match="only with --from-frontier"):
+        calibrate.main(["--max-nll-increase", "kivi4", "--output", str(preset)])
+
+
 def test_targets_compare_baselines_with_kvcomp_front_at_equal_nll(tmp_path):
     from eval import make_results, plot_frontier
     from kvcomp_hf import KVCompConfig
