@@ -231,7 +231,8 @@ def run_from_frontier(args: argparse.Namespace) -> dict[str, Any]:
                  "kl": _round(r.get("kl"), 4)} for c, r in sorted(rows.items(), key=lambda kv: kv[1]["bits_per_value"])]
 
     def chosen_row(run_):
-        return {k: _round(run_["results"][best].get(k), 4) for k in ("bits_per_value", "delta_nll", "kl", "top1_agreement")}
+        return {k: _round(run_["results"][best].get(k), 4)
+                for k in ("bits_per_value", "delta_nll", "kl", "top1_agreement")}
 
     one = len(runs) == 1  # one run keeps the single-run shape of the presets written before
     provenance = {

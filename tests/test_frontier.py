@@ -69,7 +69,8 @@ def test_calibrate_from_several_runs_keeps_the_budget_in_every_run(tmp_path):
 
     def run(name, rows):
         path = tmp_path / f"{name}.json"
-        results = {c: {"bits_per_value": b, "delta_nll": n, "kl": n, "top1_agreement": 0.9} for c, (b, n) in rows.items()}
+        results = {c: {"bits_per_value": b, "delta_nll": n, "kl": n, "top1_agreement": 0.9}
+                   for c, (b, n) in rows.items()}
         path.write_text(json.dumps({"suite": "perplexity", "text": name, "results": results,
                                     "meta": {"command": f"frontier {name}", "device": "cpu"}}))
         return str(path)
