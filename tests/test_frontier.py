@@ -103,7 +103,7 @@ def test_targets_compare_baselines_with_kvcomp_front_at_equal_nll(tmp_path):
                "kvcomp:rel_k=0.1,rel_v=0.1": r(4.5, 0.03),  # beaten on both by the default: not on the front
                "kvcomp:fast": r(4.1, 0.005),  # a preset: within 0.01 nats but over 3.8 bits
                "kvcomp:rel_k=0.5,rel_v=0.5|edge=1*0.5": r(1.0, 0.0),  # a lever, not a config: left out
-               "kivi4": r(5.0, 0.012), "hf-int2": r(2.0, 3.0)}
+               "kivi4": r(5.0, 0.012), "hf-int2": r(2.0, 3.0), "hf-int4": r(4.0, 0.025)}
     t = frontier.targets(results)
     assert t["kvcomp_front"] == [(3.0, 0.02), (4.0, 0.004)]
     base = {b["cache"]: b for b in t["baselines"]}
@@ -112,8 +112,11 @@ def test_targets_compare_baselines_with_kvcomp_front_at_equal_nll(tmp_path):
     assert base["kivi4"]["fewer_bits"] == pytest.approx(0.3)
     assert base["kivi4"]["kvcomp_nll_at_bits"] is None  # 5 bits: past the last kvcomp config, no extrapolation
     assert base["hf-int2"]["kvcomp_bits_at_nll"] is None and base["hf-int2"]["fewer_bits"] is None
+    # hf-int4 loses more than kvcomp's cheapest config (3.0 bits at 0.02) at more bits: at most 3.0, >= 25% fewer
+    assert base["hf-int4"]["kvcomp_bits_at_most"] and base["hf-int4"]["fewer_bits"] == pytest.approx(0.25)
+    assert not base["kivi4"]["kvcomp_bits_at_most"] and not base["hf-int2"]["kvcomp_bits_at_most"]
     assert {row["key"]: row["met"] for row in t["rows"]} == {"default": True, "kvcomp:fast": False, "kivi4": True,
-                                                            "stretch": False}
+                                                            "hf-int4": True, "stretch": False}
 
     path = tmp_path / "perplexity.json"
     path.write_text(json.dumps({"suite": "perplexity", "caches": list(results), "results": results,
