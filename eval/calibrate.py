@@ -222,29 +222,30 @@ def run_from_frontier(args: argparse.Namespace) -> dict[str, Any]:
         return {"file": path.as_posix(), **{k: run_.get("meta", {}).get(k) for k in
                                             ("command", "date", "device", "torch", "transformers")}}
 
-    def data(run_):
+    def data(path, run_):
         return {k: run_.get(k) for k in ("text", "text_sha256", "tokens", "windows", "chunk")}
 
-    def grid(run_):
+    def grid(path, run_):
         rows = {c: r for c, r in run_["results"].items() if r.get("delta_nll") is not None}
         return [{"cache": c, "bits_per_value": _round(r["bits_per_value"]), "delta_nll": _round(r["delta_nll"], 4),
                  "kl": _round(r.get("kl"), 4)} for c, r in sorted(rows.items(), key=lambda kv: kv[1]["bits_per_value"])]
 
-    def chosen_row(run_):
+    def chosen_row(path, run_):
         return {k: _round(run_["results"][best].get(k), 4)
                 for k in ("bits_per_value", "delta_nll", "kl", "top1_agreement")}
 
-    one = len(runs) == 1  # one run keeps the single-run shape of the presets written before
+    def each(part):  # a list over the runs; one run keeps the shape of the presets written before
+        got = [part(p, r) for p, r in zip(paths, runs)]
+        return got[0] if len(got) == 1 else got
+
     provenance = {
         "command": meta["command"], "date": datetime.date.today().isoformat(),
         "method": "eval/calibrate.py --from-frontier: fewest bits/value among the kvcomp configs within budget in "
-                  + ("" if one else "every one of ") + ", ".join(p.as_posix() for p in paths),
-        "measured_by": measured_by(paths[0], runs[0]) if one else [measured_by(p, r) for p, r in zip(paths, runs)],
+                  + ("" if len(runs) == 1 else "every one of ") + ", ".join(p.as_posix() for p in paths),
+        "measured_by": each(measured_by),
         "budget": {"max_nll_increase": budget if not isinstance(budget, str) else f"{budget}'s in the same run",
                    "max_score_drop_pct": None},
-        "data": {"perplexity": data(runs[0]) if one else [data(r) for r in runs]},
-        "measured": {"chosen": chosen_row(runs[0]) if one else [chosen_row(r) for r in runs]},
-        "grid": grid(runs[0]) if one else [grid(r) for r in runs],
+        "data": {"perplexity": each(data)}, "measured": {"chosen": each(chosen_row)}, "grid": each(grid),
     }
     write_preset(output, chosen, provenance, model_id)
     print(f"chosen {best}: {worst[best]['bits_per_value']:.3f} bits/value, dNLL {worst[best]['delta_nll']:+.4f} "
