@@ -55,6 +55,8 @@
 #                      rate and the average stalled warps per issue by reason (kernels/NOTES.md: what is in the way)
 #   kernels-compare  : eval.bench_kernels at 32K x 8 for the packed layout and the fast preset (the compiled cache's
 #                      format), beside the stage kernels' default (fixed_v) rows
+# The two-text frontier stages also pack their result folders into $OUT/<stage>.tgz: a lent device returns few files
+# per call, and the pydoc run of frontier-tiered lost its JSON that way (2026-12-06).
 # Usage: OUT=/some/dir bash eval/run_gpu.sh gpu-tests accuracy bench
 set -uo pipefail
 export PYTHONUNBUFFERED=1 KVCOMP_EVAL_NO_PROGRESS=1
@@ -172,7 +174,8 @@ for stage in "$@"; do
           --no-plot --text "$text" --caches "$C" --out "$RESULTS/frontier-tiered-$(basename "${text%.txt}")" \
           > "$OUT/frontier_tiered_$(basename "${text%.txt}").log" 2>&1 &
       done
-      wait; tail -n 12 "$OUT"/frontier_tiered_*.log ;;
+      wait; tail -n 12 "$OUT"/frontier_tiered_*.log
+      tar czf "$OUT/frontier_tiered.tgz" -C "$RESULTS" $(cd "$RESULTS" && ls -d frontier-tiered-*) ;;
     frontier-residual)
       K=kvcomp:$FV,rel_k=0.0666667
       C="kivi4;$K,rel_v=0.1355,residual_length=0;$K,rel_v=0.1355,residual_length=64;$K,rel_v=0.0666667,residual_length=0"
@@ -182,7 +185,8 @@ for stage in "$@"; do
           --time-budget 430 --no-plot --text "$text" --caches "$C" --out "$RESULTS/frontier-residual-$(basename "${text%.txt}")" \
           > "$OUT/frontier_residual_$(basename "${text%.txt}").log" 2>&1 &
       done
-      wait; tail -n 12 "$OUT"/frontier_residual_*.log ;;
+      wait; tail -n 12 "$OUT"/frontier_residual_*.log
+      tar czf "$OUT/frontier_residual.tgz" -C "$RESULTS" $(cd "$RESULTS" && ls -d frontier-residual-*) ;;
     compiled-pair)
       for shape in 8192:1 32768:8; do
         for tree in "$BEFORE" .; do
