@@ -47,7 +47,9 @@ def series_from(path: Path, ppl_metric: str = "top1_agreement") -> list[dict[str
                 label = families.get(cache) or f"{model} ppl {data.get('text', '')} {data.get('tokens', '')} tok"
                 groups.setdefault(label, []).append(
                     (r["bits_per_value"], 100 * y if metric == "top1_agreement" else y, _short(cache)))
-            out += [{"label": label, "ylabel": ylabel, "points": pts} for label, pts in groups.items()]
+            named = set(families.values())  # a family is a sweep, drawn joined; the other caches are unrelated
+            out += [{"label": label, "ylabel": ylabel, "points": pts, "joined": label in named}
+                    for label, pts in groups.items()]
             front = (data.get("targets") or {}).get("kvcomp_front")  # eval/frontier.py's Pareto front (ΔNLL only)
             if metric == "delta_nll" and front:
                 out.append({"label": "kvcomp Pareto front", "ylabel": ylabel, "line": "-",
@@ -69,9 +71,17 @@ def _short(cache: str) -> str:
     for old, new in (("kvcomp:", ""), (",rotation=hadamard", ""), ("rotation=hadamard,", ""), ("rotation=none,", ""),
                      (",rotation=none", ""), ("layout=fixed,", ""), (",sink_tokens=4", ""), (",sink_tokens=0", ""),
                      ("sink_tokens=", "sinks "), ("rel_k=", "k"), (",rel_v=", "/v"), ("granularity=", ""),
-                     ("pack_size=", "p")):
+                     ("pack_size=", "p"), ("layout=", ""), ("residual_length=", "res"), ("tail_bits=", "tail")):
         cache = cache.replace(old, new)
     return re.sub(r"\d+\.\d{4,}", lambda m: f"{float(m.group()):.3g}", cache)
+
+
+def y_scale(ylabel: str, values: list[float]) -> str:
+    """NLL increase and KL over many configs span orders of magnitude: symlog (which keeps 0 on the axis); within
+    one order (e.g. configs around one accuracy) a linear axis reads better."""
+    positive = [v for v in values if v > 0]
+    spread = max(positive) / min(positive) if positive else 1.0
+    return "symlog" if ylabel.startswith(("NLL", "KL")) and spread > 10 else "linear"
 
 
 def plot(series: list[dict[str, Any]], out: Path, title: str | None = None) -> Path:
@@ -91,11 +101,12 @@ def plot(series: list[dict[str, Any]], out: Path, title: str | None = None) -> P
                 ax.plot(xs, ys, color="black", linestyle=s["line"], linewidth=1, alpha=0.6, label=s["label"])
                 continue
             single = len(pts) == 1  # a single config (a default, a preset): a star the legend names
-            ax.plot(xs, ys, marker="*" if single else "o", markersize=13 if single else 6, linestyle=":",
+            ax.plot(xs, ys, marker="*" if single else "o", markersize=13 if single else 6,
+                    linestyle=":" if s.get("joined", True) else "none",
                     alpha=0.85, color=next(colors), markeredgecolor="black" if single else None, label=s["label"])
             for x, y, name in pts if not single else ():
                 ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=6.5, alpha=0.8)
-        if ylabel.startswith(("NLL", "KL")):  # spans two orders of magnitude; symlog keeps 0 on the axis
+        if y_scale(ylabel, [p[1] for s in series if s["ylabel"] == ylabel for p in s["points"]]) == "symlog":
             ax.set_yscale("symlog", linthresh=0.005)
         ax.set_xlabel("bits per K/V value (everything counted)")
         ax.set_ylabel(ylabel)

@@ -121,6 +121,9 @@ def test_targets_compare_baselines_with_kvcomp_front_at_equal_nll(tmp_path):
     path = tmp_path / "perplexity.json"
     path.write_text(json.dumps({"suite": "perplexity", "caches": list(results), "results": results,
                                 "families": {s: "f" for s in results}, "targets": t}))
+    assert plot_frontier.y_scale("NLL increase (nats)", [0.0, 0.004, 3.0]) == "symlog"  # hf-int2 beside kvcomp
+    assert plot_frontier.y_scale("NLL increase (nats)", [0.0, 0.002, 0.0077]) == "linear"  # within one order
+    assert plot_frontier.y_scale("top-1 agreement (%)", [27.7, 95.0]) == "linear"
     fronts = [s for s in plot_frontier.series_from(path, "delta_nll,kl") if s["label"] == "kvcomp Pareto front"]
     assert len(fronts) == 1 and [list(p[:2]) for p in fronts[0]["points"]] == [list(p) for p in t["kvcomp_front"]]
     # RESULTS.md's generated part shows a frontier run with its families, part columns and target check
