@@ -174,8 +174,7 @@ class KVCompLayer(CacheLayerMixin):
         self.store = BlockStore(self.fmt, self.dtype, self.device, self.config.rel_k, self.config.rel_v,
                                 self.config.rotation, self.use_triton)
         self.head_dim = d
-        self.keys = self._encode(key_states.new_zeros(b, h, 0, d))
-        self.values = self._encode(value_states.new_zeros(b, h, 0, d))
+        self.keys, self.values = self._encode(key_states.new_zeros(b, h, 0, d), value_states.new_zeros(b, h, 0, d))
         if self.config.tail_bits:
             self.sink_keys, self.sink_values = key_states.new_zeros(b, h, 0, d), value_states.new_zeros(b, h, 0, d)
         self.block_table = torch.zeros(b, 0, dtype=torch.int32, device=self.device)
@@ -205,7 +204,7 @@ class KVCompLayer(CacheLayerMixin):
         was_empty = self.get_seq_length() == 0
         if self.config.tail_bits:
             self._keep_sinks(new_k, new_v)
-            new_k, new_v = self._encode(new_k), self._encode(new_v)
+            new_k, new_v = self._encode(new_k, new_v)
         if self.keys.shape[2] or new_k is key_states or new_v is value_states:  # the tail never aliases the caller's
             new_k, new_v = torch.cat([self.keys, new_k], dim=2), torch.cat([self.values, new_v], dim=2)
         self.keys, self.values = new_k, new_v
@@ -274,7 +273,7 @@ class KVCompLayer(CacheLayerMixin):
         k, v = self._dense(*self.tail(), self.block_table[:, keep_blocks:], self.dtype, rotated=True, sinks=s)
         keep = new_length - keep_blocks * BLOCK_SIZE
         k, v = k[:, :, :keep].contiguous(), v[:, :, :keep].contiguous()
-        self.keys, self.values = self._encode(k), self._encode(v)  # (tail_bits: the decoded blocks re-encoded)
+        self.keys, self.values = self._encode(k, v)  # (tail_bits: the decoded blocks re-encoded)
         if self.config.tail_bits:
             self.sink_keys, self.sink_values = k[:, :, :s], v[:, :, :s]
         self.block_table = self.block_table[:, :keep_blocks]
@@ -302,12 +301,13 @@ class KVCompLayer(CacheLayerMixin):
         n = self.block_table.shape[1] * BLOCK_SIZE
         return torch.cat([x[..., s:s + n], x[..., :s], x[..., s + n:]], -1)
 
-    def _encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Tail tokens in the model dtype -> as the tail stores them."""
-        return encode_tail(x) if self.config.tail_bits else x
+    def _encode(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tail tokens (K and V) in the model dtype -> as the tail stores them. tail_bits codes K and V in one pass:
+        half the small ops that eager decoding launches per layer and step (`python -m eval.count_tail_ops`)."""
+        return tuple(encode_tail(torch.stack([k, v])).unbind(0)) if self.config.tail_bits else (k, v)
 
-    def _decode(self, x: torch.Tensor) -> torch.Tensor:
-        return decode_tail(x, self.dtype) if self.config.tail_bits else x
+    def _decode(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return tuple(decode_tail(torch.stack([k, v]), self.dtype).unbind(0)) if self.config.tail_bits else (k, v)
 
     def _keep_sinks(self, new_k: torch.Tensor, new_v: torch.Tensor) -> None:
         """tail_bits: exact copies of the sequence's first sink_tokens, which the tail's rows only approximate (the
@@ -322,7 +322,7 @@ class KVCompLayer(CacheLayerMixin):
         if not self.config.tail_bits:
             return self.keys, self.values
         s = self.sink_keys.shape[2]
-        k, v = self._decode(self.keys[:, :, s:]), self._decode(self.values[:, :, s:])
+        k, v = self._decode(self.keys[:, :, s:], self.values[:, :, s:])
         return torch.cat([self.sink_keys, k], 2), torch.cat([self.sink_values, v], 2)
 
     def _compress_full_blocks(self) -> None:
@@ -331,7 +331,7 @@ class KVCompLayer(CacheLayerMixin):
         if n_blocks <= 0:
             return
         n_tokens = n_blocks * BLOCK_SIZE
-        slots = self.store.add(self._decode(self.keys[:, :, s:s + n_tokens]), self._decode(self.values[:, :, s:s + n_tokens]))
+        slots = self.store.add(*self._decode(self.keys[:, :, s:s + n_tokens], self.values[:, :, s:s + n_tokens]))
         self.block_table = torch.cat([self.block_table, slots], dim=1)
         # new tensors, so the compressed tokens' dense copy is freed
         self.keys = torch.cat([self.keys[:, :, :s], self.keys[:, :, s + n_tokens:]], 2)

@@ -175,19 +175,20 @@ class EncodedBlocks:
 
 def encode_tail(x: torch.Tensor) -> torch.Tensor:
     """x [..., D] (model dtype, rotated) -> uint8 rows [..., D + 2 * itemsize]: stage 5's codes, then m and M."""
-    lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
-    scale = (hi.float() - lo.float()) / (2**TAIL_BITS - 1)
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.clamp(torch.round((x.float() - lo.float()) / safe), 0, 2**TAIL_BITS - 1).to(torch.uint8)
-    return torch.cat([q, lo.contiguous().view(torch.uint8), hi.contiguous().view(torch.uint8)], -1)
+    lo, hi = torch.aminmax(x, dim=-1, keepdim=True)
+    lo32 = lo.float()
+    scale = (hi.float() - lo32) / (2**TAIL_BITS - 1)
+    safe = scale.masked_fill(scale == 0, 1.0)
+    q = torch.clamp(torch.round((x.float() - lo32) / safe), 0, 2**TAIL_BITS - 1).to(torch.uint8)
+    return torch.cat([q, torch.cat([lo, hi], -1).view(torch.uint8)], -1)
 
 
 def decode_tail(rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """encode_tail's rows [..., D + 2 * itemsize] -> x̂ [..., D] in `dtype`."""
     size = dtype.itemsize
     d = rows.shape[-1] - 2 * size
-    lo = rows[..., d:d + size].contiguous().view(dtype).float()
-    hi = rows[..., d + size:].contiguous().view(dtype).float()
+    lo_hi = rows[..., d:].contiguous().view(dtype).float()
+    lo, hi = lo_hi[..., :1], lo_hi[..., 1:]
     scale = (hi - lo) / (2**TAIL_BITS - 1)
     return (rows[..., :d].float() * scale + lo).to(dtype)
 

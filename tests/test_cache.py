@@ -501,3 +501,13 @@ def test_integer_tail_crop_into_a_block_and_fused_decode(device, d):
 def test_static_cache_refuses_an_integer_tail(tiny_llama):
     with pytest.raises(ValueError, match="tail_bits=None"):
         kvcomp_hf.KVCompCache(tiny_llama.config, {"layout": "fixed", "tail_bits": 8}, max_cache_len=64).layers[0]
+
+
+def test_the_integer_tail_adds_host_ops_that_eval_counts():
+    """eval.count_tail_ops counts the torch ops of a layer's one-token update and tail(): none for reading a tail
+    held in the model dtype, some for the 8-bit rows (what eager decoding pays per layer and step)."""
+    from eval import count_tail_ops
+
+    plain = count_tail_ops.count("kvcomp:residual_length=128", 300)
+    rows = count_tail_ops.count("kvcomp:residual_length=128,tail_bits=8", 300)
+    assert plain["tail"] == 0 and rows["tail"] > 0 and rows["update"] > plain["update"]

@@ -196,3 +196,18 @@ def test_compresses_correlated_data_below_quantisation_width():
     bits_per_value = 8 * enc.data.numel() / (2 * k.numel())
     assert bits_per_value < (fmt.bits_k + fmt.bits_v) / 2
     assert math.isfinite(bits_per_value)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_tail_rows_are_8_bit_min_max_quantisation_per_row(dtype):
+    """Stage 5: each row [D] -> D codes, then its min and max in the model dtype; decoding gives bit for bit the
+    8-bit asymmetric min-max quantisation (eval.baselines.fake_quantize at 8 bits), constant rows exactly."""
+    from eval.baselines import fake_quantize
+
+    k, _ = make_kv(5, 2, 3, 64, dtype, outliers=True)
+    k[0, 0, 7] = 1.5  # a constant row
+    rows = codec.encode_tail(k)
+    assert rows.dtype == torch.uint8 and rows.shape == (*k.shape[:-1], 64 + 2 * dtype.itemsize)
+    assert torch.equal(rows[..., 64:64 + dtype.itemsize].contiguous().view(dtype), k.amin(-1, keepdim=True))
+    got = codec.decode_tail(rows, dtype)
+    assert torch.equal(got, fake_quantize(k, 8, -1)) and torch.equal(got[0, 0, 7], k[0, 0, 7])
