@@ -169,24 +169,28 @@ for stage in "$@"; do
     frontier-tiered)
       P=kvcomp:$FV,rel_k=0.0666667,rel_v=0.1355
       C="kivi4;$P,tail_bits=8;$P,residual_length=256,tail_bits=8;$P,residual_length=384,tail_bits=8"
+      dirs=()
       for text in pydoc "${CFI_TEXT:-cfi}"; do
+        name=$(basename "${text%.txt}"); dirs+=("frontier-tiered-$name")
         timeout 470 python -m eval.frontier --tokens 8192 --windows 4 --workers 2 --backend torch --time-budget 430 \
-          --no-plot --text "$text" --caches "$C" --out "$RESULTS/frontier-tiered-$(basename "${text%.txt}")" \
-          > "$OUT/frontier_tiered_$(basename "${text%.txt}").log" 2>&1 &
+          --no-plot --text "$text" --caches "$C" --out "$RESULTS/frontier-tiered-$name" \
+          > "$OUT/frontier_tiered_$name.log" 2>&1 &
       done
       wait; tail -n 12 "$OUT"/frontier_tiered_*.log
-      tar czf "$OUT/frontier_tiered.tgz" -C "$RESULTS" $(cd "$RESULTS" && ls -d frontier-tiered-*) ;;
+      tar czf "$OUT/frontier_tiered.tgz" -C "$RESULTS" "${dirs[@]}" ;;
     frontier-residual)
       K=kvcomp:$FV,rel_k=0.0666667
       C="kivi4;$K,rel_v=0.1355,residual_length=0;$K,rel_v=0.1355,residual_length=64;$K,rel_v=0.0666667,residual_length=0"
       C="$C;kvcomp:$FV,rel_k=0.1,rel_v=0.0666667,residual_length=0"
+      dirs=()
       for text in pydoc "${CFI_TEXT:-cfi}"; do
+        name=$(basename "${text%.txt}"); dirs+=("frontier-residual-$name")
         OMP_NUM_THREADS=1 timeout 470 python -m eval.frontier --tokens 8192 --windows 4 --workers 3 --backend torch \
-          --time-budget 430 --no-plot --text "$text" --caches "$C" --out "$RESULTS/frontier-residual-$(basename "${text%.txt}")" \
-          > "$OUT/frontier_residual_$(basename "${text%.txt}").log" 2>&1 &
+          --time-budget 430 --no-plot --text "$text" --caches "$C" --out "$RESULTS/frontier-residual-$name" \
+          > "$OUT/frontier_residual_$name.log" 2>&1 &
       done
       wait; tail -n 12 "$OUT"/frontier_residual_*.log
-      tar czf "$OUT/frontier_residual.tgz" -C "$RESULTS" $(cd "$RESULTS" && ls -d frontier-residual-*) ;;
+      tar czf "$OUT/frontier_residual.tgz" -C "$RESULTS" "${dirs[@]}" ;;
     compiled-pair)
       for shape in 8192:1 32768:8; do
         for tree in "$BEFORE" .; do
