@@ -101,10 +101,13 @@ def test_kernels_summary_pairs_the_configs_by_shape():
     def row(ctx, batch, fused, sdpa, bits, **extra):
         return dict(context=ctx, batch=batch, fused_graph_ms=fused, sdpa_graph_ms=sdpa, bits_per_value=bits, **extra)
 
-    default = {"rows": [row(8192, 1, 0.04, 0.02, 2.7, store_GBps_bf16_input=210.0), row(32768, 8, 0.2, 0.3, 2.9),
+    default = {"rows": [row(8192, 1, 0.04, 0.02, 2.7, store_GBps_bf16_input=151.6, store_GBps_bf16_input_gpu=245.2),
+                        row(32768, 8, 0.2, 0.3, 2.9), row(32768, 1, 0.1, 0.05, 2.6, store_GBps_bf16_input=210.0),
                         {"context": 131072, "batch": 8, "skipped": "OutOfMemoryError"}]}
     fast = {"rows": [row(32768, 8, 0.15, 0.3, 4.04)]}
     lines = tables.kernels_summary(default, fast).splitlines()
-    assert "(4.04 bits)" in lines[0] and len(lines) == 4  # header, rule, two measured shapes
-    assert lines[2] == "| 8K x 1 | 0.0200 | 2.70 | 0.0400 | 0.50x | - | - | 210 |"
+    assert "(4.04 bits)" in lines[0] and len(lines) == 5  # header, rule, three measured shapes
+    # the store's eager GB/s, and beside it the kernels' own where the run timed them (runs before did not)
+    assert lines[2] == "| 8K x 1 | 0.0200 | 2.70 | 0.0400 | 0.50x | - | - | 152 / 245 |"
     assert lines[3] == "| 32K x 8 | 0.3000 | 2.90 | 0.2000 | 1.50x | 0.1500 | 2.00x | - |"
+    assert lines[4] == "| 32K x 1 | 0.0500 | 2.60 | 0.1000 | 0.50x | - | - | 210 |"
