@@ -302,12 +302,27 @@ class KVCompLayer(CacheLayerMixin):
         return torch.cat([x[..., s:s + n], x[..., :s], x[..., s + n:]], -1)
 
     def _encode(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tail tokens (K and V) in the model dtype -> as the tail stores them. tail_bits codes K and V in one pass:
-        half the small ops that eager decoding launches per layer and step (`python -m eval.count_tail_ops`)."""
-        return tuple(encode_tail(torch.stack([k, v])).unbind(0)) if self.config.tail_bits else (k, v)
+        """Tail tokens (K and V) in the model dtype -> as the tail stores them. tail_bits codes K and V in one pass
+        (Triton: one launch; eager decoding runs this every layer and step, `python -m eval.count_tail_ops`)."""
+        if not self.config.tail_bits:
+            return k, v
+        if self.use_triton:
+            from kvcomp_hf.kernels.tail_rows import encode_rows
+            return encode_rows(k, v)
+        return tuple(encode_tail(torch.stack([k, v])).unbind(0))
 
-    def _decode(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return tuple(decode_tail(torch.stack([k, v]), self.dtype).unbind(0)) if self.config.tail_bits else (k, v)
+    def _decode(self, k: torch.Tensor, v: torch.Tensor, sink_k: torch.Tensor | None = None,
+                sink_v: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """tail_bits rows (K and V) -> the model dtype, after the exact sinks sink_k, sink_v if given."""
+        if not self.config.tail_bits:
+            return k, v
+        if self.use_triton:
+            from kvcomp_hf.kernels.tail_rows import decode_rows
+            return decode_rows(k, v, self.dtype, sink_k, sink_v)
+        k, v = decode_tail(torch.stack([k, v]), self.dtype).unbind(0)
+        if sink_k is None:
+            return k, v
+        return torch.cat([sink_k, k], 2), torch.cat([sink_v, v], 2)
 
     def _keep_sinks(self, new_k: torch.Tensor, new_v: torch.Tensor) -> None:
         """tail_bits: exact copies of the sequence's first sink_tokens, which the tail's rows only approximate (the
@@ -322,8 +337,7 @@ class KVCompLayer(CacheLayerMixin):
         if not self.config.tail_bits:
             return self.keys, self.values
         s = self.sink_keys.shape[2]
-        k, v = self._decode(self.keys[:, :, s:], self.values[:, :, s:])
-        return torch.cat([self.sink_keys, k], 2), torch.cat([self.sink_values, v], 2)
+        return self._decode(self.keys[:, :, s:], self.values[:, :, s:], self.sink_keys, self.sink_values)
 
     def _compress_full_blocks(self) -> None:
         s = min(self.config.sink_tokens, self.keys.shape[2])  # the first tokens stay in the tail

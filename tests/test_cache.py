@@ -498,6 +498,39 @@ def test_integer_tail_crop_into_a_block_and_fused_decode(device, d):
     assert rel_err(fused.float(), dense.float()) < 1e-2
 
 
+def test_integer_tail_on_the_triton_kernels_equals_the_torch_path(monkeypatch):
+    """With the Triton kernels (on a GPU; interpreted here) the tail rows are coded and decoded by
+    kernels/tail_rows.py, one launch each: the same rows, sinks, blocks and decoded tail as the PyTorch path, bit for
+    bit, through block compression, batch selection and a crop into a block."""
+    from kvcomp_hf import cache as cache_module
+
+    monkeypatch.setattr(cache_module, "_use_triton", lambda backend, k, fmt: backend != "torch")
+    torch.manual_seed(23)
+    # no rotation: the rotation kernel and PyTorch's float32 product may round a value differently
+    cfg = KVCompConfig(rel_k=0.05, rel_v=0.1, sink_tokens=4, residual_length=64, tail_bits=8, rotation="none")
+    reference, kernels = KVCompLayer(cfg, backend="torch"), KVCompLayer(cfg)
+    b, h, d = 2, 2, 16
+
+    def same():
+        assert torch.equal(reference.keys, kernels.keys) and torch.equal(reference.values, kernels.values)
+        assert torch.equal(reference.sink_keys, kernels.sink_keys)
+        for x, y in zip(reference.tail() + reference.dense_kv(), kernels.tail() + kernels.dense_kv()):
+            assert torch.equal(x, y)
+
+    for step, q_len in enumerate([2, 1, 150, 1, 70, 1]):
+        k = (torch.randn(b, h, q_len, d) * torch.linspace(0.5, 4, d)).to(torch.bfloat16)
+        v = torch.randn(b, h, q_len, d).to(torch.bfloat16)
+        for layer in (reference, kernels):
+            layer.update(k, v)
+            if step == 3:
+                layer.batch_select_indices(torch.tensor([1, 0]))
+        same()
+    assert kernels.use_triton and not reference.use_triton and kernels.block_table.shape[1] == 2
+    for layer in (reference, kernels):
+        layer.crop(-100)  # into a block: decoded and re-encoded as rows
+    same()
+
+
 def test_static_cache_refuses_an_integer_tail(tiny_llama):
     with pytest.raises(ValueError, match="tail_bits=None"):
         kvcomp_hf.KVCompCache(tiny_llama.config, {"layout": "fixed", "tail_bits": 8}, max_cache_len=64).layers[0]
@@ -511,3 +544,7 @@ def test_the_integer_tail_adds_host_ops_that_eval_counts():
     plain = count_tail_ops.count("kvcomp:residual_length=128", 300)
     rows = count_tail_ops.count("kvcomp:residual_length=128,tail_bits=8", 300)
     assert plain["tail"] == 0 and rows["tail"] > 0 and rows["update"] > plain["update"]
+    # on the GPU's path (kernels/tail_rows.py) a launch each for coding and decoding, fewer ops around them
+    launched = count_tail_ops.count("kvcomp:residual_length=128,tail_bits=8", 300, kernels=True)
+    assert plain["update"] < launched["update"] < rows["update"] and 0 < launched["tail"] < rows["tail"]
+    assert count_tail_ops.count("kvcomp:residual_length=128", 300, kernels=True) == plain

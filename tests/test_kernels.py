@@ -366,3 +366,60 @@ def test_decode_attention_cuda_tail_launch(tail_launch):
     """The tail's chunks run in the blocks' launch (the default) or a launch of their own: the same attention."""
     _check_decode(2, 2, 4, 40, 150, 128, 1, torch.bfloat16, KVCompConfig(), seed=19, device="cuda",
                   ref_dtype=torch.float32, tuning=DecodeTuning(tokens_in_m=True, tail_launch=tail_launch))
+
+
+def _nan_aware_equal(a, b):
+    return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(0.0), b.nan_to_num(0.0))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("device, D, T", [("cpu", 16, 37), pytest.param("cuda", 128, 451, marks=pytest.mark.cuda)])
+def test_tail_rows_kernels_are_the_codec_bit_for_bit(dtype, device, D, T):
+    """config.tail_bits' rows in one launch each: encode_rows gives codec.encode_tail's bytes, decode_rows
+    codec.decode_tail's values after the exact sinks, on strided inputs (K as a projection leaves it), with constant
+    rows and channels 100x apart; a row with NaN or inf decodes to NaN as in the codec."""
+    from kvcomp_hf.kernels.tail_rows import decode_rows, encode_rows
+
+    gen = torch.Generator().manual_seed(31)
+    B, H, S = 2, 3, 4
+    k = torch.randn(B, T, H, D, generator=gen) * torch.logspace(-1, 1, D)  # [B, T, H, D] then transposed
+    v = torch.randn(B, H, T + 5, D, generator=gen)
+    k[0, 3, 1] = 1.5  # a constant row
+    v[1, 2, 12] = float("nan")
+    v[1, 0, 14, 2] = float("inf")
+    # a slice: rows start past the tensor's start
+    k, v = k.to(dtype).to(device).transpose(1, 2), v.to(dtype).to(device)[:, :, 5:]
+    assert not k.is_contiguous() and not v.is_contiguous()
+    rows_k, rows_v = encode_rows(k, v)
+    assert rows_k.shape == (B, H, T, D + 2 * dtype.itemsize) and rows_k.dtype == torch.uint8
+    want_k, want_v = codec.encode_tail(k), codec.encode_tail(v)
+    assert torch.equal(rows_k, want_k)
+    finite = v.isfinite().all(-1)
+    assert torch.equal(rows_v[finite], want_v[finite])  # a non-finite row's codes are unspecified
+    sink_k, sink_v = k[:, :, :S].contiguous(), v[:, :, :S].clone()
+    got_k, got_v = decode_rows(rows_k[:, :, S:], rows_v[:, :, S:], dtype, sink_k, sink_v)
+    assert torch.equal(got_k, torch.cat([sink_k, codec.decode_tail(want_k[:, :, S:], dtype)], 2))
+    got_v_rows = got_v[:, :, S:]
+    assert _nan_aware_equal(got_v_rows, codec.decode_tail(want_v[:, :, S:], dtype))
+    assert got_v_rows[~finite[:, :, S:]].isnan().all() and not got_v_rows[finite[:, :, S:]].isnan().any()
+    assert torch.equal(got_v[:, :, :S], sink_v)
+    no_sinks = decode_rows(rows_k, rows_v, dtype)[0]
+    assert torch.equal(no_sinks, codec.decode_tail(want_k, dtype))
+    empty_k, empty_v = encode_rows(k[:, :, :0], v[:, :, :0])  # a layer's first, empty tail
+    assert empty_k.shape == (B, H, 0, D + 2 * dtype.itemsize)
+    assert decode_rows(empty_k, empty_v, dtype, sink_k, sink_v)[0].shape == (B, H, S, D)
+
+
+def test_tail_rows_kernels_name_the_bad_argument():
+    from kvcomp_hf.kernels.tail_rows import decode_rows, encode_rows
+
+    x = torch.zeros(1, 2, 3, 16, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="16-bit float dtype"):
+        encode_rows(x.float(), x.float())
+    with pytest.raises(ValueError, match="contiguous rows"):
+        encode_rows(x.transpose(2, 3), x.transpose(2, 3))
+    rows = encode_rows(x, x)[0]
+    with pytest.raises(ValueError, match="dtype must be"):
+        decode_rows(rows, rows, torch.float32)
+    with pytest.raises(ValueError, match="sink_k and sink_v"):
+        decode_rows(rows, rows, torch.bfloat16, x[:, :, :2, :8], x[:, :, :2, :8])
