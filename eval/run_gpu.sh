@@ -53,6 +53,9 @@
 #                      profile of this one's 32K x 8 step (host: Dynamo's guards, cudaGraphLaunch)
 #   ncu-stalls       : Nsight Compute on the tokens-in-M decode kernel at 32K x 8, default config and `fast`: issue
 #                      rate and the average stalled warps per issue by reason (kernels/NOTES.md: what is in the way)
+#   tail8-eager      : the 8-bit tail's rows on the GPU (kernels/tail_rows.py): their CUDA tests, then eager generate()
+#                      with the SmolLM2 preset and its tail8 twin, Llama-3.1-8B shape, 8K and 32K x 1 and 8 (what
+#                      tail_bits costs per decode step)
 #   kernels-compare  : eval.bench_kernels at 32K x 8 for the packed layout and the fast preset (the compiled cache's
 #                      format), beside the stage kernels' default (fixed_v) rows
 # The two-text frontier stages also pack their result folders into $OUT/<stage>.tgz: a lent device returns few files
@@ -211,6 +214,12 @@ for stage in "$@"; do
         echo "--- $cfg"; grep -E "Eligible Warps|Issued Warp|Registers Per|stalled" "$OUT/ncu_stalls_${cfg#*=}.txt" \
           | awk '{print $1, $NF}' | sort -k2 -g -r | head -14
       done ;;
+    tail8-eager)
+      timeout 200 python -m pytest -q -p no:cacheprovider -m cuda tests/test_kernels.py tests/test_cache.py \
+        -k "tail_rows or integer_tail" 2>&1 | tee "$OUT/cuda_tail_tests.log" | tail -3
+      timeout 280 python -m eval.bench_generate --models llama3.1-8b \
+        --caches kvcomp:smollm2-135m-instruct,kvcomp:smollm2-135m-instruct-tail8 --contexts 8192,32768 --batches 1,8 \
+        --runs-per-shape 2 --time-budget 270 --out "$OUT/bench_generate_tail8.json" 2>&1 | grep "^| llama" | head -8 ;;
     kernels-compare)
       timeout 100 python -m eval.bench_kernels --config layout=packed --contexts 32768 --batches 8 --skip-store \
         --out "$OUT/bench_kernels_packed.json" 2>&1 | grep -v '^{' | tail -3
