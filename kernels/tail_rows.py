@@ -4,9 +4,10 @@ Eager decoding with tail_bits codes the new token's K and V and decodes the whol
 PyTorch that is ~40 small ops per layer and step, each a kernel launch: on an H100, Llama-3.1-8B shape, 32.3 ->
 46.4 ms per step at 8K x 1 (eval/RESULTS.md). Here encoding K and V is one launch, and decoding them together with
 the exact sinks in front (KVCompLayer.tail) is one more. Bit for bit the codec's functions, which stay the
-specification: the same float32 operations in the same order, division correctly rounded (div_rn), rounding half
-to even, and the decode's multiply and add kept apart (launched with enable_fp_fusion=False: an FMA would round
-once where PyTorch rounds twice).
+specification: the same float32 operations in the same order as PyTorch runs them on the data's device (a division
+correctly rounded, except that CUDA PyTorch divides by the number of levels as a product with its reciprocal),
+rounding half to even, and the decode's multiply and add kept apart (launched with enable_fp_fusion=False: an FMA
+would round once where PyTorch rounds twice).
 """
 
 from __future__ import annotations
@@ -45,8 +46,20 @@ def _rounded(x, DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _row_scale(lo, hi, LEVELS: tl.constexpr, RECIPROCAL: tl.constexpr):
+    """(hi - lo) / LEVELS as the codec computes it on the data's device: PyTorch on CUDA divides by a Python number
+    as a product with its float32 reciprocal (ATen's div_true_kernel_cuda), on the CPU it divides."""
+    if RECIPROCAL:
+        scale = (hi - lo) * (1.0 / LEVELS)  # 1/255 rounded once to float32 (the double is no float32 midpoint)
+    else:
+        scale = tl.math.div_rn(hi - lo, tl.full(lo.shape, LEVELS, tl.float32))
+    return scale
+
+
+@triton.jit
 def _encode_rows_kernel(k_ptr, v_ptr, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, out_ptr, out16_ptr, so_kv, so_b, so_h,
-                        so_t, H, T, n_rows, D: tl.constexpr, LEVELS: tl.constexpr, ROWS: tl.constexpr):
+                        so_t, H, T, n_rows, D: tl.constexpr, LEVELS: tl.constexpr, ROWS: tl.constexpr,
+                        RECIPROCAL: tl.constexpr):
     """Program (i, kv) codes rows i*ROWS.. of K (kv 0) or V (kv 1): out (uint8) gets each row's codes, then its
     min and max in the model dtype (out16_ptr: the same bytes seen as that dtype; so_*: strides in bytes)."""
     kv = tl.program_id(1)
@@ -62,7 +75,7 @@ def _encode_rows_kernel(k_ptr, v_ptr, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, out_pt
     nan = tl.sum((x32 != x32).to(tl.int32), axis=1) > 0  # torch.aminmax propagates NaN; tl.min/max skip it
     lo = tl.where(nan, float("nan"), tl.min(x32, axis=1))
     hi = tl.where(nan, float("nan"), tl.max(x32, axis=1))
-    scale = tl.math.div_rn(hi - lo, tl.full(lo.shape, LEVELS, tl.float32))
+    scale = _row_scale(lo, hi, LEVELS, RECIPROCAL)
     safe = tl.where(scale == 0, 1.0, scale)
     y = tl.math.div_rn(x32 - lo[:, None], safe[:, None])
     q = tl.minimum(tl.maximum(_rne(tl.maximum(y, 0.0)), 0), LEVELS)  # y < 0 only by NaN: codes 0
@@ -77,7 +90,8 @@ def _encode_rows_kernel(k_ptr, v_ptr, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, out_pt
 def _decode_rows_kernel(k_ptr, v_ptr, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, k16_ptr, v16_ptr,
                         sink_k_ptr, sink_v_ptr, ssk_b, ssk_h, ssk_t, ssv_b, ssv_h, ssv_t, S,
                         out_ptr, so_kv, so_b, so_h, so_t,
-                        H, L, n_rows, D: tl.constexpr, LEVELS: tl.constexpr, ROWS: tl.constexpr):
+                        H, L, n_rows, D: tl.constexpr, LEVELS: tl.constexpr, ROWS: tl.constexpr,
+                        RECIPROCAL: tl.constexpr):
     """Program (i, kv): rows i*ROWS.. of out[kv] [B, H, L = S + T, D]: the S exact sinks, then the T rows decoded
     (k_ptr/v_ptr: uint8 rows with strides in bytes; k16_ptr/v16_ptr: the same bytes seen as the model dtype)."""
     kv = tl.program_id(1)
@@ -101,7 +115,7 @@ def _decode_rows_kernel(k_ptr, v_ptr, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, k16_pt
     codes = tl.load(rows + row[:, None] + d[None, :], mask=row_ok[:, None], other=0)
     lo = tl.load(rows16 + (row + D) // 2, mask=row_ok, other=0.0).to(tl.float32)
     hi = tl.load(rows16 + (row + D) // 2 + 1, mask=row_ok, other=0.0).to(tl.float32)
-    scale = tl.math.div_rn(hi - lo, tl.full(lo.shape, LEVELS, tl.float32))
+    scale = _row_scale(lo, hi, LEVELS, RECIPROCAL)
     x = codes.to(tl.float32) * scale[:, None] + lo[:, None]  # two roundings (launched without FP fusion)
     x = tl.where(sink[:, None], exact.to(tl.float32), x)
     tl.store(out_ptr + kv * so_kv + (b * so_b + h * so_h + t * so_t)[:, None] + d[None, :],
@@ -123,9 +137,11 @@ def _dtype_view(rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
                          f"{dtype}: {err}") from None
 
 
-def encode_rows(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_rows(k: torch.Tensor, v: torch.Tensor, *, reciprocal: bool | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """codec.encode_tail of k and of v [B, H, T, D] (float16 or bfloat16), in one launch: two uint8 views
-    [B, H, T, D + 4] of one [2, B, H, T, D + 4] tensor."""
+    [B, H, T, D + 4] of one [2, B, H, T, D + 4] tensor. reciprocal: whether a row's range is divided by 255 as a
+    product with the reciprocal (None: as PyTorch does on the data's device, i.e. on CUDA)."""
     _check(k, "k")
     _check(v, "v")
     if k.shape != v.shape or k.dtype != v.dtype or k.dtype not in (torch.float16, torch.bfloat16):
@@ -138,14 +154,17 @@ def encode_rows(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.T
         with device_context(k.device):
             _encode_rows_kernel[(triton.cdiv(n, ROWS), 2)](
                 k, v, *k.stride()[:3], *v.stride()[:3], out, out.view(k.dtype), *out.stride()[:4], H, T, n,
-                D=D, LEVELS=LEVELS, ROWS=ROWS, num_warps=4)
+                D=D, LEVELS=LEVELS, ROWS=ROWS, RECIPROCAL=k.is_cuda if reciprocal is None else reciprocal,
+                num_warps=4)
     return out[0], out[1]
 
 
 def decode_rows(k_rows: torch.Tensor, v_rows: torch.Tensor, dtype: torch.dtype, sink_k: torch.Tensor | None = None,
-                sink_v: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                sink_v: torch.Tensor | None = None, *, reciprocal: bool | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """codec.decode_tail of k_rows and v_rows [B, H, T, D + 4] (uint8) in `dtype`, after the exact sinks
-    sink_k, sink_v [B, H, S, D] if given, in one launch: two views [B, H, S + T, D] of one [2, B, H, S + T, D]."""
+    sink_k, sink_v [B, H, S, D] if given, in one launch: two views [B, H, S + T, D] of one [2, B, H, S + T, D].
+    reciprocal: as encode_rows."""
     _check(k_rows, "k_rows")
     _check(v_rows, "v_rows")
     if k_rows.shape != v_rows.shape or k_rows.dtype != torch.uint8 or v_rows.dtype != torch.uint8:
@@ -172,5 +191,6 @@ def decode_rows(k_rows: torch.Tensor, v_rows: torch.Tensor, dtype: torch.dtype, 
                 k_rows, v_rows, *k_rows.stride()[:3], *v_rows.stride()[:3], _dtype_view(k_rows, dtype),
                 _dtype_view(v_rows, dtype), sink_k, sink_v, *sink_k.stride()[:3], *sink_v.stride()[:3], S,
                 out, *out.stride()[:4], H,
-                S + T, n, D=D, LEVELS=LEVELS, ROWS=ROWS, num_warps=4, enable_fp_fusion=False)
+                S + T, n, D=D, LEVELS=LEVELS, ROWS=ROWS, RECIPROCAL=k_rows.is_cuda if reciprocal is None else reciprocal, num_warps=4,
+                enable_fp_fusion=False)
     return out[0], out[1]

@@ -410,6 +410,30 @@ def test_tail_rows_kernels_are_the_codec_bit_for_bit(dtype, device, D, T):
     assert decode_rows(empty_k, empty_v, dtype, sink_k, sink_v)[0].shape == (B, H, S, D)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_tail_rows_kernels_divide_by_255_as_cuda_pytorch_does(dtype):
+    """On CUDA, PyTorch computes codec's `(hi - lo) / 255` as (hi - lo) times the float32 reciprocal of 255 (ATen's
+    div_true_kernel_cuda, a Python number as divisor), which differs from the division in the last bit of some rows;
+    the kernels do the same there (checked bit for bit on a GPU by the test above). Here, in the interpreter: that
+    branch against the codec's formulas with that product, which changes some codes."""
+    from kvcomp_hf.kernels.tail_rows import LEVELS, decode_rows, encode_rows
+
+    inv = (torch.tensor(1.0) / LEVELS).item()  # float32 division on the host, as ATen's inv_b
+    x = torch.randn(3, 2, 300, 32, generator=torch.Generator().manual_seed(32)).mul(7).to(dtype)
+
+    def scale_of(lo, hi):
+        return (hi.float() - lo.float()) * inv
+
+    lo, hi = torch.aminmax(x, dim=-1, keepdim=True)
+    scale = scale_of(lo, hi)
+    q = torch.clamp(torch.round((x.float() - lo.float()) / scale.masked_fill(scale == 0, 1.0)), 0, LEVELS)
+    want = torch.cat([q.to(torch.uint8), torch.cat([lo, hi], -1).view(torch.uint8)], -1)
+    rows = encode_rows(x, x, reciprocal=True)[0]
+    assert torch.equal(rows, want) and not torch.equal(rows, codec.encode_tail(x))
+    got = decode_rows(rows, rows, dtype, reciprocal=True)[0]
+    assert torch.equal(got, (q * scale_of(lo, hi) + lo.float()).to(dtype))
+
+
 def test_tail_rows_kernels_name_the_bad_argument():
     from kvcomp_hf.kernels.tail_rows import decode_rows, encode_rows
 
