@@ -56,7 +56,10 @@ def _row_scale(lo, hi, LEVELS: tl.constexpr, RECIPROCAL: tl.constexpr):
     return scale
 
 
-@triton.jit
+# the tail grows by a token a step: its length and strides are not specialised, or every new divisibility by 16
+# would compile another variant in the middle of generate()
+@triton.jit(do_not_specialize=["sk_b", "sk_h", "sk_t", "sv_b", "sv_h", "sv_t", "so_kv", "so_b", "so_h", "so_t", "T",
+                               "n_rows"])
 def _encode_rows_kernel(k_ptr, v_ptr, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, out_ptr, out16_ptr, so_kv, so_b, so_h,
                         so_t, H, T, n_rows, D: tl.constexpr, LEVELS: tl.constexpr, ROWS: tl.constexpr,
                         RECIPROCAL: tl.constexpr):
@@ -86,7 +89,8 @@ def _encode_rows_kernel(k_ptr, v_ptr, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, out_pt
     tl.store(out16_ptr + row16 + 1, hi.to(out16_ptr.dtype.element_ty), mask=ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["sk_b", "sk_h", "sk_t", "sv_b", "sv_h", "sv_t", "ssk_b", "ssk_h", "ssk_t", "ssv_b",
+                               "ssv_h", "ssv_t", "S", "so_kv", "so_b", "so_h", "so_t", "L", "n_rows"])
 def _decode_rows_kernel(k_ptr, v_ptr, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, k16_ptr, v16_ptr,
                         sink_k_ptr, sink_v_ptr, ssk_b, ssk_h, ssk_t, ssv_b, ssv_h, ssv_t, S,
                         out_ptr, so_kv, so_b, so_h, so_t,
