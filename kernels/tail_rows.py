@@ -126,10 +126,11 @@ def _decode_rows_kernel(k_ptr, v_ptr, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, k16_pt
              _rounded(x, out_ptr.dtype.element_ty), mask=ok[:, None])
 
 
-def _check(x: torch.Tensor, name: str) -> None:
-    if x.dim() != 4 or x.stride(3) != 1:
-        raise ValueError(f"{name} must be [B, H, T, D] with contiguous rows, got shape {tuple(x.shape)} and "
-                         f"strides {x.stride()}")
+def _rows(x: torch.Tensor, name: str) -> torch.Tensor:
+    """x [B, H, T, D] with unit stride along D (the kernels read rows as runs), copied only if it has none."""
+    if x.dim() != 4:
+        raise ValueError(f"{name} must be [B, H, T, D], got shape {tuple(x.shape)}")
+    return x if x.stride(3) == 1 else x.contiguous()
 
 
 def _dtype_view(rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -146,8 +147,7 @@ def encode_rows(k: torch.Tensor, v: torch.Tensor, *, reciprocal: bool | None = N
     """codec.encode_tail of k and of v [B, H, T, D] (float16 or bfloat16), in one launch: two uint8 views
     [B, H, T, D + 4] of one [2, B, H, T, D + 4] tensor. reciprocal: whether a row's range is divided by 255 as a
     product with the reciprocal (None: as PyTorch does on the data's device, i.e. on CUDA)."""
-    _check(k, "k")
-    _check(v, "v")
+    k, v = _rows(k, "k"), _rows(v, "v")
     if k.shape != v.shape or k.dtype != v.dtype or k.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"k and v must have one shape and a 16-bit float dtype, got {tuple(k.shape)} {k.dtype} and "
                          f"{tuple(v.shape)} {v.dtype}")
@@ -169,8 +169,7 @@ def decode_rows(k_rows: torch.Tensor, v_rows: torch.Tensor, dtype: torch.dtype, 
     """codec.decode_tail of k_rows and v_rows [B, H, T, D + 4] (uint8) in `dtype`, after the exact sinks
     sink_k, sink_v [B, H, S, D] if given, in one launch: two views [B, H, S + T, D] of one [2, B, H, S + T, D].
     reciprocal: as encode_rows."""
-    _check(k_rows, "k_rows")
-    _check(v_rows, "v_rows")
+    k_rows, v_rows = _rows(k_rows, "k_rows"), _rows(v_rows, "v_rows")
     if k_rows.shape != v_rows.shape or k_rows.dtype != torch.uint8 or v_rows.dtype != torch.uint8:
         raise ValueError(f"k_rows and v_rows must be uint8 rows of one shape, got {tuple(k_rows.shape)} "
                          f"{k_rows.dtype} and {tuple(v_rows.shape)} {v_rows.dtype}")
@@ -180,8 +179,7 @@ def decode_rows(k_rows: torch.Tensor, v_rows: torch.Tensor, dtype: torch.dtype, 
     D = width - 2 * dtype.itemsize
     if sink_k is None:
         sink_k = sink_v = k_rows.new_empty(B, H, 0, D, dtype=dtype)
-    _check(sink_k, "sink_k")
-    _check(sink_v, "sink_v")
+    sink_k, sink_v = _rows(sink_k, "sink_k"), _rows(sink_v, "sink_v")
     if sink_k.shape != sink_v.shape or sink_k.shape[:2] != (B, H) or sink_k.shape[3] != D or sink_k.dtype != dtype \
             or sink_v.dtype != dtype:
         raise ValueError(f"sink_k and sink_v must be [B={B}, H={H}, S, D={D}] in {dtype}, got "

@@ -313,7 +313,8 @@ class KVCompLayer(CacheLayerMixin):
 
     def _decode(self, k: torch.Tensor, v: torch.Tensor, sink_k: torch.Tensor | None = None,
                 sink_v: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """tail_bits rows (K and V) -> the model dtype, after the exact sinks sink_k, sink_v if given."""
+        """tail_bits rows (K and V) -> the model dtype, after the exact sinks sink_k, sink_v if given (without
+        tail_bits the tail is held in the model dtype: k, v as they are)."""
         if not self.config.tail_bits:
             return k, v
         if self.use_triton:
