@@ -1,9 +1,9 @@
 """The 8-bit tail rows (config.tail_bits, codec.encode_tail / decode_tail) in one launch each.
 
 Eager decoding with tail_bits codes the new token's K and V and decodes the whole tail every step and layer. In
-PyTorch that is ~40 small ops per layer and step, each a kernel launch: on an H100, Llama-3.1-8B shape, 32.3 ->
-46.4 ms per step at 8K x 1 (eval/RESULTS.md). Here encoding K and V is one launch, and decoding them together with
-the exact sinks in front (KVCompLayer.tail) is one more. Bit for bit the codec's functions, which stay the
+PyTorch that is 37 more small ops per layer and step than a bf16 tail, each a kernel launch: on an H100,
+Llama-3.1-8B shape, 1.41-1.61x the bf16-tail preset's eager step. Here encoding K and V is one launch, and decoding
+them together with the exact sinks in front (KVCompLayer.tail) is one more: 1.08-1.16x (eval/RESULTS.md). Bit for bit the codec's functions, which stay the
 specification: the same float32 operations in the same order as PyTorch runs them on the data's device (a division
 correctly rounded, except that CUDA PyTorch divides by the number of levels as a product with its reciprocal),
 rounding half to even, and the decode's multiply and add kept apart (launched with enable_fp_fusion=False: an FMA
