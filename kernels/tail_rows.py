@@ -3,11 +3,11 @@
 Eager decoding with tail_bits codes the new token's K and V and decodes the whole tail every step and layer. In
 PyTorch that is 37 more small ops per layer and step than a bf16 tail, each a kernel launch: on an H100,
 Llama-3.1-8B shape, 1.41-1.61x the bf16-tail preset's eager step. Here encoding K and V is one launch, and decoding
-them together with the exact sinks in front (KVCompLayer.tail) is one more: 1.08-1.16x (eval/RESULTS.md). Bit for bit the codec's functions, which stay the
-specification: the same float32 operations in the same order as PyTorch runs them on the data's device (a division
-correctly rounded, except that CUDA PyTorch divides by the number of levels as a product with its reciprocal),
-rounding half to even, and the decode's multiply and add kept apart (launched with enable_fp_fusion=False: an FMA
-would round once where PyTorch rounds twice).
+them together with the exact sinks in front (KVCompLayer.tail) is one more: 1.08-1.16x (eval/RESULTS.md).
+Bit for bit the codec's functions, which stay the specification: the same float32 operations in the same order
+as PyTorch runs them on the data's device (a division correctly rounded, except that CUDA PyTorch divides by the
+number of levels as a product with its reciprocal), rounding half to even, and the decode's multiply and add kept
+apart (launched with enable_fp_fusion=False: an FMA would round once where PyTorch rounds twice).
 """
 
 from __future__ import annotations
@@ -192,7 +192,6 @@ def decode_rows(k_rows: torch.Tensor, v_rows: torch.Tensor, dtype: torch.dtype, 
             _decode_rows_kernel[(triton.cdiv(n, ROWS), 2)](
                 k_rows, v_rows, *k_rows.stride()[:3], *v_rows.stride()[:3], _dtype_view(k_rows, dtype),
                 _dtype_view(v_rows, dtype), sink_k, sink_v, *sink_k.stride()[:3], *sink_v.stride()[:3], S,
-                out, *out.stride()[:4], H,
-                S + T, n, D=D, LEVELS=LEVELS, ROWS=ROWS, RECIPROCAL=k_rows.is_cuda if reciprocal is None else reciprocal, num_warps=4,
-                enable_fp_fusion=False)
+                out, *out.stride()[:4], H, S + T, n, D=D, LEVELS=LEVELS, ROWS=ROWS,
+                RECIPROCAL=k_rows.is_cuda if reciprocal is None else reciprocal, num_warps=4, enable_fp_fusion=False)
     return out[0], out[1]
