@@ -368,10 +368,6 @@ def test_decode_attention_cuda_tail_launch(tail_launch):
                   ref_dtype=torch.float32, tuning=DecodeTuning(tokens_in_m=True, tail_launch=tail_launch))
 
 
-def _nan_aware_equal(a, b):
-    return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(0.0), b.nan_to_num(0.0))
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("device, D, T", [("cpu", 16, 37), pytest.param("cuda", 128, 451, marks=pytest.mark.cuda)])
 def test_tail_rows_kernels_are_the_codec_bit_for_bit(dtype, device, D, T):
@@ -400,7 +396,7 @@ def test_tail_rows_kernels_are_the_codec_bit_for_bit(dtype, device, D, T):
     got_k, got_v = decode_rows(rows_k[:, :, S:], rows_v[:, :, S:], dtype, sink_k, sink_v)
     assert torch.equal(got_k, torch.cat([sink_k, codec.decode_tail(want_k[:, :, S:], dtype)], 2))
     got_v_rows = got_v[:, :, S:]
-    assert _nan_aware_equal(got_v_rows, codec.decode_tail(want_v[:, :, S:], dtype))
+    assert torch.allclose(got_v_rows, codec.decode_tail(want_v[:, :, S:], dtype), rtol=0, atol=0, equal_nan=True)
     assert got_v_rows[~finite[:, :, S:]].isnan().all() and not got_v_rows[finite[:, :, S:]].isnan().any()
     assert torch.equal(got_v[:, :, :S], sink_v)
     no_sinks = decode_rows(rows_k, rows_v, dtype)[0]
